@@ -1,0 +1,142 @@
+"""Settings: one object per process, built once from flags and ``PDSERVE_*`` variables.
+
+Fields every service shares live on :class:`ServiceSettings` and read the same variables in
+every process (``PDSERVE_CLUSTER_NAME``, ``PDSERVE_REDIS_URL``, ``PDSERVE_NODE_ID``,
+``PDSERVE_LOG_LEVEL``, ...). Each service subclasses it with its own prefix for its own
+fields (``PDSERVE_KVSTORE_DRAM_CAPACITY_BYTES``). Settings are frozen and validated when
+built; values discovered at run time belong in a state object, not here.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+S = TypeVar("S", bound="ServiceSettings")
+
+
+def _shared(default: Any, name: str, description: str) -> Any:
+    """A field read from ``PDSERVE_<NAME>`` whatever the subclass's prefix."""
+    return Field(
+        default,
+        validation_alias=AliasChoices(name, f"PDSERVE_{name.upper()}"),
+        description=description,
+    )
+
+
+class ServiceSettings(BaseSettings):
+    """Fields common to every pdserve process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PDSERVE_", frozen=True, extra="ignore", populate_by_name=True
+    )
+
+    cluster_name: str = _shared("pdserve", "cluster_name", "namespace of every Redis key")
+    redis_url: str = _shared(
+        "redis://127.0.0.1:6379/0",
+        "redis_url",
+        "control-plane Redis; redis://[:password@]host:port/db, rediss:// for TLS",
+    )
+    redis_ca_file: Path | None = _shared(None, "redis_ca_file", "CA bundle for rediss://")
+    node_id: str = _shared(socket.gethostname(), "node_id", "name of this host in the cluster")
+    log_level: LogLevel = _shared("info", "log_level", "structlog level")
+    log_json: bool = _shared(True, "log_json", "JSON log lines (false: human-readable)")
+    heartbeat_interval_s: float = _shared(2.0, "heartbeat_interval_s", "registry refresh period")
+    heartbeat_ttl_s: float = _shared(10.0, "heartbeat_ttl_s", "a worker silent this long is out")
+
+    @model_validator(mode="after")
+    def _check_common(self) -> ServiceSettings:
+        if not self.cluster_name or ":" in self.cluster_name:
+            raise ValueError(
+                f"cluster_name must be non-empty without ':' (got {self.cluster_name!r})"
+            )
+        if not self.node_id or ":" in self.node_id:
+            raise ValueError(f"node_id must be non-empty without ':' (got {self.node_id!r})")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"redis_url must start with redis://, rediss:// or unix:// (got {self.redis_url!r})"
+            )
+        if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"heartbeat_ttl_s ({self.heartbeat_ttl_s}) must exceed heartbeat_interval_s "
+                f"({self.heartbeat_interval_s})"
+            )
+        return self
+
+    @classmethod
+    def from_args(cls: type[S], argv: list[str] | None = None, **overrides: Any) -> S:
+        """Build from ``--kebab-case`` flags (``argv``, default ``sys.argv[1:]``) over the environment."""
+        args = sys.argv[1:] if argv is None else argv
+        return cls(
+            _cli_parse_args=args, _cli_kebab_case=True, _cli_prog_name=cls.__name__, **overrides
+        )
+
+
+class KVStoreSettings(ServiceSettings):
+    """The tiered KV block store daemon (``python -m services.kvstore``)."""
+
+    model_config = SettingsConfigDict(env_prefix="PDSERVE_KVSTORE_")
+
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 50081
+    http_port: int = Field(9081, description="Prometheus /metrics; 0 disables it")
+    advertise_address: str | None = Field(
+        None, description="host:port peers dial; default node_id:grpc_port"
+    )
+    grpc_workers: int = Field(16, ge=1, description="server threads (concurrent RPCs)")
+    max_message_bytes: int = Field(64 << 20, ge=1 << 20, description="gRPC send/receive limit")
+    chunk_bytes: int = Field(1 << 20, ge=4096, description="bytes per streamed chunk")
+
+    block_size_bytes: int = Field(737_280, gt=0, description="every block is exactly this long")
+    hbm_capacity_bytes: int = Field(0, ge=0, description="CUDA tier; ignored without CUDA")
+    dram_capacity_bytes: int = Field(1 << 30, ge=0, description="host pool, preallocated")
+    ssd_capacity_bytes: int = Field(0, ge=0, description="0 disables the SSD tier")
+    ssd_dir: Path | None = Field(None, description="SSD tier directory (required when enabled)")
+    ssd_fsync: bool = Field(
+        False, description="fsync each block file (checksums catch torn writes anyway)"
+    )
+    staging_blocks: int = Field(32, ge=1, description="blocks being written at once")
+    staging_timeout_s: float = Field(
+        30.0, gt=0, description="an unsealed block is dropped after this"
+    )
+    shm_enabled: bool = Field(
+        True, description="put the DRAM pool in shared memory for same-host peers"
+    )
+    shm_dir: Path = Field(Path("/dev/shm"), description="where the shared segment lives")
+
+    default_lease_ms: int = Field(30_000, gt=0)
+    max_lease_ms: int = Field(600_000, gt=0)
+
+    event_stream_maxlen: int = Field(
+        1_000_000, gt=0, description="approximate MAXLEN of the KV event stream"
+    )
+    event_buffer_max: int = Field(100_000, gt=0, description="events held while Redis is down")
+    shutdown_grace_s: float = Field(5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_kvstore(self) -> KVStoreSettings:
+        if self.ssd_capacity_bytes and self.ssd_dir is None:
+            raise ValueError("ssd_dir is required when ssd_capacity_bytes > 0")
+        for name in ("hbm_capacity_bytes", "dram_capacity_bytes", "ssd_capacity_bytes"):
+            value = getattr(self, name)
+            if 0 < value < self.block_size_bytes:
+                raise ValueError(
+                    f"{name} ({value}) is below one block ({self.block_size_bytes} bytes)"
+                )
+        if self.chunk_bytes + (64 << 10) > self.max_message_bytes:
+            raise ValueError(
+                f"chunk_bytes ({self.chunk_bytes}) must fit in max_message_bytes ({self.max_message_bytes})"
+            )
+        if self.default_lease_ms > self.max_lease_ms:
+            raise ValueError("default_lease_ms must not exceed max_lease_ms")
+        return self
+
+    @property
+    def address(self) -> str:
+        return self.advertise_address or f"{self.node_id}:{self.grpc_port}"
