@@ -1,0 +1,197 @@
+"""Paged KV block allocator with reference counts and a prefix cache. Pure Python.
+
+Invariants:
+- A block is *free* when its ref_count is 0. Free blocks live in exactly one of two places:
+  `_free_uncached` (hold nothing reusable; handed out first) or `_evictable` (hold a
+  registered full block; ordered least-recently-used first, evicted from the front).
+- `_cached` maps a block key to the one block holding it; that block's `token_ids` are the
+  block's tokens, compared on every hit so a key hit can never serve foreign tokens.
+- A sequence releases its blocks tail-first, so a prefix's head blocks outlive its tail
+  under eviction.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
+
+from pdserve.engine.block_hash import BlockKey, next_block_key
+from pdserve.engine.sequence import Sequence
+
+
+class OutOfBlocksError(RuntimeError):
+    """Raised when a request can never fit the pool, whatever is freed."""
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    key: BlockKey | None = None
+    token_ids: tuple[int, ...] | None = None
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be >= 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free_uncached: deque[int] = deque(range(num_blocks))
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._cached: dict[BlockKey, int] = {}
+        self.num_evictions = 0
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_uncached) + len(self._evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def lookup(self, key: BlockKey, token_ids: SequenceABC[int]) -> int | None:
+        block_id = self._cached.get(key)
+        if block_id is None:
+            return None
+        block = self.blocks[block_id]
+        return block_id if block.token_ids == tuple(token_ids) else None
+
+    def cached_prefix(self, seq: Sequence) -> list[tuple[BlockKey, int]]:
+        """(key, block id) of the longest cached prefix of `seq`, never covering its last token
+        (at least one token must be computed to produce logits)."""
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[tuple[BlockKey, int]] = []
+        parent = seq.root_key
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        for i in range(max_blocks):
+            tokens = seq.tokens_in_range(i * self.block_size, (i + 1) * self.block_size)
+            key = next_block_key(parent, tokens)
+            block_id = self.lookup(key, tokens)
+            if block_id is None:
+                break
+            hits.append((key, block_id))
+            parent = key
+        return hits
+
+    # -- allocation ------------------------------------------------------------------------
+    def _take_free_block(self) -> int:
+        if self._free_uncached:
+            return self._free_uncached.popleft()
+        block_id, _ = self._evictable.popitem(last=False)
+        block = self.blocks[block_id]
+        assert block.key is not None
+        del self._cached[block.key]
+        block.key, block.token_ids = None, None
+        self.num_evictions += 1
+        return block_id
+
+    def _acquire(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            self._evictable.pop(block_id, None)
+        block.ref_count += 1
+
+    def admit(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """First allocation of a waiting sequence: reuse its cached prefix, then allocate room
+        for `num_new_tokens` more. Sets num_computed_tokens to the cached length. All or
+        nothing: on False nothing changed."""
+        hits = self.cached_prefix(seq)
+        num_cached_tokens = len(hits) * self.block_size
+        num_new_tokens = min(num_new_tokens, seq.num_tokens - num_cached_tokens)
+        needed = self.blocks_needed(num_cached_tokens + num_new_tokens) - len(hits)
+        reusable_free = sum(1 for _, b in hits if self.blocks[b].ref_count == 0)
+        if needed > self.num_free_blocks - reusable_free:
+            return False
+        for key, block_id in hits:
+            self._acquire(block_id)
+            seq.block_table.append(block_id)
+            seq.block_keys.append(key)
+        for _ in range(needed):
+            block_id = self._take_free_block()
+            self.blocks[block_id].ref_count = 1
+            seq.block_table.append(block_id)
+        seq.num_computed_tokens = num_cached_tokens
+        seq.num_cached_tokens = num_cached_tokens
+        return True
+
+    def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
+        target = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)
+        return target - len(seq.block_table) <= self.num_free_blocks
+
+    def grow(self, seq: Sequence, num_new_tokens: int) -> None:
+        target = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)
+        for _ in range(target - len(seq.block_table)):
+            block_id = self._take_free_block()
+            self.blocks[block_id].ref_count = 1
+            seq.block_table.append(block_id)
+
+    def commit_full_blocks(self, seq: Sequence) -> None:
+        """Register every block that `num_computed_tokens` now fully covers in the prefix
+        cache (called after a step wrote their KV)."""
+        num_full = seq.num_computed_tokens // self.block_size
+        parent = seq.block_keys[-1] if seq.block_keys else seq.root_key
+        for i in range(len(seq.block_keys), num_full):
+            tokens = seq.tokens_in_range(i * self.block_size, (i + 1) * self.block_size)
+            key = next_block_key(parent, tokens)
+            seq.block_keys.append(key)
+            parent = key
+            if self.enable_prefix_caching and key not in self._cached:
+                block = self.blocks[seq.block_table[i]]
+                if block.key is None:
+                    block.key, block.token_ids = key, tuple(tokens)
+                    self._cached[key] = block.block_id
+
+    def free(self, seq: Sequence) -> None:
+        """Release every block of `seq`, tail first; resets its table."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count < 0:
+                raise AssertionError(f"block {block_id} released twice")
+            if block.ref_count == 0:
+                if block.key is None:
+                    self._free_uncached.append(block_id)
+                else:
+                    self._evictable[block_id] = None
+        seq.block_table = []
+        seq.block_keys = []
+
+    # -- handoff ---------------------------------------------------------------------------
+    def cached_block(self, key: BlockKey) -> int | None:
+        return self._cached.get(key)
+
+    def touch(self, block_id: int) -> None:
+        if block_id in self._evictable:
+            self._evictable.move_to_end(block_id)
+
+    def insert_cached_block(self, key: BlockKey, token_ids: SequenceABC[int]) -> int | None:
+        """Reserve a free block to hold an imported block under `key`; returns its id (the
+        caller writes the KV bytes) or None when the key is already cached or no block is
+        free. The block is left unreferenced and evictable."""
+        if key in self._cached or self.num_free_blocks == 0:
+            return None
+        block_id = self._take_free_block()
+        block = self.blocks[block_id]
+        block.key, block.token_ids = key, tuple(token_ids)
+        self._cached[key] = block_id
+        self._evictable[block_id] = None
+        return block_id
+
+    def check_invariants(self) -> None:
+        free = set(self._free_uncached) | set(self._evictable)
+        for block in self.blocks:
+            if (block.ref_count == 0) != (block.block_id in free):
+                raise AssertionError(f"block {block.block_id} ref_count/free mismatch")
+            if block.key is not None and self._cached.get(block.key) != block.block_id:
+                raise AssertionError(f"block {block.block_id} key not indexed")
+        if len(self._free_uncached) + len(self._evictable) != len(free):
+            raise AssertionError("a block is in both free lists")

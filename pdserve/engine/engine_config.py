@@ -1,0 +1,46 @@
+"""Engine configuration: validated once, never mutated. Values found at run time (how many
+blocks fit) live on the engine, not here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_BACKENDS = ("auto", "flash", "sdpa", "reference")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | Path | None = None  # GGUF file or safetensors directory; None = default model
+    dtype: str = "float32"
+    device: str = "auto"  # auto → cuda when available, else cpu
+    block_size: int = 16
+    kv_cache_bytes: int = 1 << 30
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # None → the model's context length
+    attention_backend: str = "auto"
+    enable_prefix_caching: bool = True
+    seed: int | None = None  # seeds unseeded sampling
+    num_threads: int | None = None  # CPU intra-op threads; None → torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.attention_backend not in _BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(_BACKENDS)}; got {self.attention_backend!r}"
+            )
+        if self.block_size < 1 or self.block_size > 1024:
+            raise ValueError(f"block_size must be in [1, 1024], got {self.block_size}")
+        if self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be >= 1, got {self.kv_cache_bytes}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")

@@ -1,0 +1,124 @@
+"""The one place where the scheduler's plan meets tensors: packs a step's chunks into a varlen
+batch, runs the model over the paged KV pool, and returns the logits of the rows to sample."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.engine.attention import AttentionMetadata, PrefillSegment, select_backend
+from pdserve.engine.scheduler import SchedulerPlan
+from pdserve.model.config import ModelConfig
+from pdserve.model.llama import LlamaModel
+
+
+def block_nbytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block across all layers: [layers, 2, block_size, kv_heads, head_dim]."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return config.num_layers * 2 * block_size * config.num_kv_heads * config.head_dim * itemsize
+
+
+@dataclass
+class StepOutput:
+    request_ids: list[str]  # sequences sampled this step, in logits row order
+    logits: torch.Tensor  # [len(request_ids), vocab] float32
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        attention_backend: str | None = None,
+    ):
+        self.config = config
+        self.block_size = block_size
+        self.device = device
+        self.dtype = dtype
+        self.backend = select_backend(attention_backend, device)
+        self.model = LlamaModel(config, weights, self.backend, device, dtype)
+        # [L, 2, num_blocks, block_size, KVH, D]
+        self.kv_pool = torch.zeros(
+            config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim,
+            dtype=dtype, device=device,
+        )
+
+    def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def prepare(self, plan: SchedulerPlan):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        prefills: list[PrefillSegment] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        sample_rows: list[int] = []
+        sample_ids: list[str] = []
+        for chunk in plan.chunks:
+            seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
+            row = len(input_ids)
+            input_ids.extend(seq.tokens_in_range(start, start + n))
+            positions.extend(range(start, start + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            if n == 1 and start > 0:
+                decode_rows.append(row)
+                decode_tables.append(table[: -(-(start + 1) // bs)])
+                decode_lens.append(start + 1)
+            else:
+                used = table[: -(-(start + n) // bs)]
+                prefills.append(PrefillSegment(row, n, start + n, self._tensor(used)))
+            if chunk.samples:
+                sample_rows.append(row + n - 1)
+                sample_ids.append(seq.request_id)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            prefills=prefills,
+            decode_token_index=self._tensor(decode_rows),
+            decode_block_tables=self._pad_tables(decode_tables),
+            decode_context_lens=self._tensor(decode_lens),
+            decode_mask=self._decode_mask(decode_tables, decode_lens),
+        )
+        return self._tensor(input_ids), self._tensor(positions), meta, sample_rows, sample_ids
+
+    def _pad_tables(self, tables: list[list[int]]) -> torch.Tensor:
+        width = max((len(t) for t in tables), default=0)
+        return self._tensor([t + [0] * (width - len(t)) for t in tables]).view(len(tables), width)
+
+    def _decode_mask(self, tables: list[list[int]], lens: list[int]) -> torch.Tensor | None:
+        if not tables:
+            return None
+        width = max(len(t) for t in tables) * self.block_size
+        key_positions = torch.arange(width, device=self.device)
+        return (key_positions.unsqueeze(0) < self._tensor(lens).unsqueeze(1)).view(len(lens), 1, 1, width)
+
+    def execute(self, plan: SchedulerPlan) -> StepOutput:
+        input_ids, positions, meta, sample_rows, sample_ids = self.prepare(plan)
+        hidden = self.model.forward(input_ids, positions, self.kv_pool, meta)
+        logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])
+        return StepOutput(sample_ids, logits)
+
+    # -- block export / import (the unit the KV store and the handoff move) -------------------
+    def read_block(self, block_id: int) -> bytes:
+        block = self.kv_pool[:, :, block_id].contiguous()  # [L, 2, block_size, KVH, D]
+        return block.cpu().view(torch.uint8).numpy().tobytes()
+
+    def write_block(self, block_id: int, payload: bytes) -> None:
+        shape = self.kv_pool[:, :, block_id].shape
+        expected = self.kv_pool[:, :, block_id].numel() * self.kv_pool.element_size()
+        if len(payload) != expected:
+            raise ValueError(f"KV block payload must be {expected} bytes, got {len(payload)}")
+        raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        self.kv_pool[:, :, block_id] = raw.view(self.dtype).view(shape).to(self.device)
+
+    def read_blocks(self, block_ids: SequenceABC[int]) -> list[bytes]:
+        return [self.read_block(b) for b in block_ids]

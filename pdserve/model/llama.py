@@ -1,0 +1,149 @@
+"""Llama-family decoder (RMSNorm, rotary embeddings incl. llama3 scaling, grouped-query
+attention, SwiGLU) over a paged KV pool. Numerics follow Hugging Face's LlamaModel so greedy
+tokens match it; projections sharing an input are fused (QKV, gate+up) to cut kernel calls.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.engine.attention import AttentionBackend, AttentionMetadata, softmax_scale
+from pdserve.model.config import ModelConfig
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    )
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    factor = float(scaling["factor"])
+    low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+    high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+    old_context = float(scaling.get("original_max_position_embeddings", 8192))
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are scaled down by `factor`, short ones kept, the band between blended.
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+class RotaryEmbedding:
+    def __init__(self, config: ModelConfig, device: torch.device):
+        inv_freq = rope_inv_freq(config).to(device)
+        positions = torch.arange(config.max_position_embeddings, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)  # [P, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype):
+        # → cos, sin: [T, 1, D] broadcast over heads
+        return (
+            self.cos.index_select(0, positions).unsqueeze(1).to(dtype),
+            self.sin.index_select(0, positions).unsqueeze(1).to(dtype),
+        )
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+class LlamaModel:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        backend: AttentionBackend,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.config = config
+        self.backend = backend
+        self.device = device
+        self.dtype = dtype
+        self.scale = softmax_scale(config.head_dim)
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(device=device, dtype=dtype).contiguous()
+
+        self.embed_tokens = w("model.embed_tokens.weight")
+        self.lm_head = self.embed_tokens if config.tie_word_embeddings else w("lm_head.weight")
+        self.norm = w("model.norm.weight")
+        self.layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            self.layers.append(
+                {
+                    "input_norm": w(p + "input_layernorm.weight"),
+                    "post_norm": w(p + "post_attention_layernorm.weight"),
+                    "qkv": torch.cat(
+                        [w(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
+                    ).contiguous(),
+                    "o": w(p + "self_attn.o_proj.weight"),
+                    "gate_up": torch.cat(
+                        [w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]
+                    ).contiguous(),
+                    "down": w(p + "mlp.down_proj.weight"),
+                }
+            )
+        self.rope = RotaryEmbedding(config, device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_pool: torch.Tensor,  # [L, 2, num_blocks, block_size, KVH, D]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        cfg = self.config
+        num_tokens = input_ids.shape[0]
+        q_size = cfg.num_heads * cfg.head_dim
+        kv_size = cfg.num_kv_heads * cfg.head_dim
+        cos, sin = self.rope(positions, self.dtype)
+        h = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
+        for i, layer in enumerate(self.layers):
+            x = rms_norm(h, layer["input_norm"], cfg.rms_norm_eps)
+            q, k, v = F.linear(x, layer["qkv"]).split([q_size, kv_size, kv_size], dim=-1)
+            q = q.view(num_tokens, cfg.num_heads, cfg.head_dim)
+            k = k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            v = v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            o = self.backend.forward(q, k, v.contiguous(), kv_pool[i, 0], kv_pool[i, 1], meta, self.scale)
+            h = h + F.linear(o.reshape(num_tokens, q_size), layer["o"])
+            x = rms_norm(h, layer["post_norm"], cfg.rms_norm_eps)
+            gate, up = F.linear(x, layer["gate_up"]).chunk(2, dim=-1)
+            h = h + F.linear(F.silu(gate) * up, layer["down"])
+        return rms_norm(h, self.norm, cfg.rms_norm_eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # [N, hidden] → [N, vocab] float32
+        return F.linear(hidden, self.lm_head).float()

@@ -1,0 +1,124 @@
+"""Every available backend agrees with `reference`: varlen prefill with and without a cached
+prefix, paged decode, grouped-query heads, lengths that straddle block boundaries."""
+
+import pytest
+import torch
+
+from pdserve.engine.attention import (
+    AttentionMetadata,
+    PrefillSegment,
+    ReferenceBackend,
+    SdpaBackend,
+    flash_available,
+    select_backend,
+)
+
+BLOCK_SIZE = 4
+HEADS, KV_HEADS, HEAD_DIM = 6, 2, 16
+
+
+def build_case(device, dtype, seed=0):
+    """Three sequences in one packed batch: a fresh prefill (7 tokens), a chunk of 5 tokens after
+    a cached prefix of 6, and two decodes at context lengths 9 and 13."""
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = 32
+    k_cache = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g).to(device, dtype)
+    v_cache = torch.randn(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g).to(device, dtype)
+    tables = {"fresh": [3, 7], "chunk": [1, 9, 4], "dec1": [5, 2, 11], "dec2": [8, 6, 10, 12]}
+    # (name, start, num_new)
+    layout = [("fresh", 0, 7), ("chunk", 6, 5), ("dec1", 8, 1), ("dec2", 12, 1)]
+    slots, prefills, dec_rows, dec_tables, dec_lens = [], [], [], [], []
+    row = 0
+    for name, start, n in layout:
+        table = tables[name]
+        slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, start + n)]
+        if n == 1:
+            dec_rows.append(row)
+            dec_tables.append(table)
+            dec_lens.append(start + 1)
+        else:
+            prefills.append(PrefillSegment(row, n, start + n, torch.tensor(table, device=device)))
+        row += n
+    width = max(len(t) for t in dec_tables)
+    padded = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], device=device)
+    lens = torch.tensor(dec_lens, device=device)
+    mask = (torch.arange(width * BLOCK_SIZE, device=device)[None] < lens[:, None]).view(len(lens), 1, 1, -1)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, device=device),
+        prefills=prefills,
+        decode_token_index=torch.tensor(dec_rows, device=device),
+        decode_block_tables=padded,
+        decode_context_lens=lens,
+        decode_mask=mask,
+    )
+    q = torch.randn(row, HEADS, HEAD_DIM, generator=g).to(device, dtype)
+    k = torch.randn(row, KV_HEADS, HEAD_DIM, generator=g).to(device, dtype)
+    v = torch.randn(row, KV_HEADS, HEAD_DIM, generator=g).to(device, dtype)
+    return q, k, v, k_cache, v_cache, meta
+
+
+def naive(q, k, v, k_cache, v_cache, meta):
+    """Attention written from scratch per token, independent of the backends' code."""
+    kc, vc = k_cache.clone(), v_cache.clone()
+    flat_k, flat_v = kc.view(-1, KV_HEADS, HEAD_DIM), vc.view(-1, KV_HEADS, HEAD_DIM)
+    flat_k[meta.slot_mapping] = k
+    flat_v[meta.slot_mapping] = v
+    out = torch.empty(q.shape, dtype=torch.float64)
+    seqs = [(s.token_start, s.num_tokens, s.context_len, s.block_table.tolist()) for s in meta.prefills]
+    for i, row in enumerate(meta.decode_token_index.tolist()):
+        n = int(meta.decode_context_lens[i])
+        seqs.append((row, 1, n, meta.decode_block_tables[i].tolist()))
+    for start, n, ctx, table in seqs:
+        slots = [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(ctx)]
+        keys, values = flat_k[slots].double(), flat_v[slots].double()
+        for j in range(n):
+            pos = ctx - n + j
+            for h in range(HEADS):
+                kv = h // (HEADS // KV_HEADS)
+                scores = keys[: pos + 1, kv] @ q[start + j, h].double() / HEAD_DIM**0.5
+                out[start + j, h] = scores.softmax(0) @ values[: pos + 1, kv]
+    return out
+
+
+def run(backend, case):
+    q, k, v, k_cache, v_cache, meta = case
+    return backend.forward(q, k, v, k_cache.clone(), v_cache.clone(), meta, HEAD_DIM**-0.5)
+
+
+def test_reference_matches_naive():
+    case = build_case("cpu", torch.float32)
+    torch.testing.assert_close(run(ReferenceBackend(), case).double(), naive(*case), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_sdpa_matches_reference_on_cpu(dtype, tol):
+    case = build_case("cpu", dtype)
+    torch.testing.assert_close(
+        run(SdpaBackend(), case).float(), run(ReferenceBackend(), case).float(), atol=tol, rtol=tol
+    )
+
+
+def test_backend_writes_new_kv_into_pool():
+    q, k, v, k_cache, v_cache, meta = build_case("cpu", torch.float32)
+    SdpaBackend().forward(q, k, v, k_cache, v_cache, meta, HEAD_DIM**-0.5)
+    torch.testing.assert_close(k_cache.view(-1, KV_HEADS, HEAD_DIM)[meta.slot_mapping], k)
+    torch.testing.assert_close(v_cache.view(-1, KV_HEADS, HEAD_DIM)[meta.slot_mapping], v)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["sdpa", "flash"])
+def test_cuda_backends_match_reference(name):
+    device = torch.device("cuda")
+    if name == "flash" and not flash_available(device):
+        pytest.skip("flash-attn not installed")
+    case = build_case(device, torch.float16)
+    expected = run(ReferenceBackend(), case).float()
+    torch.testing.assert_close(run(select_backend(name, device), case).float(), expected, atol=2e-3, rtol=2e-3)
+
+
+def test_unknown_backend_is_rejected_with_choices():
+    with pytest.raises(ValueError, match="flash, sdpa, reference"):
+        select_backend("magic", torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs CUDA"):
+        select_backend("flash", torch.device("cpu"))
