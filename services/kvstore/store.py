@@ -1,0 +1,872 @@
+"""Tiered KV block store: placement, LRU demotion/promotion, leases, staging, KV events.
+
+Lifecycle of a block::
+
+    staging (pieces arriving, invisible) --seal, checksum ok--> stored in the highest tier
+    with room --pressure--> demoted one tier down ... --> evicted from the last tier
+    a hit in a lower tier --> promoted one tier up;   Delete, or a failed checksum --> gone
+
+Invariants:
+- Each tier keeps its blocks in an OrderedDict in LRU order: least recently used at the
+  front. A hit moves a block to the back; a demoted or promoted block enters at the back.
+- A victim is the front-most block that is not pinned (unexpired lease), not being read and
+  not moving. Pinned blocks are never evicted, demoted or promoted, so a shared-memory
+  reader's offsets stay valid for its lease.
+- A block's slot passes to whoever planned the move out of it: the block that replaces it.
+- One directory lock (``_cond``) guards the maps and is held only for O(1) bookkeeping;
+  copies, checksums and file I/O run outside it. A reader holds a read reference (no lock)
+  while it copies; a mover owns its block exclusively (readers of a moving block wait).
+- Every tier change emits a :class:`KVEvent` (under the lock, so ``seq`` follows the order
+  of the changes); the sink must only enqueue.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+import mmap
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+import xxhash
+
+from pdserve.config import KVStoreSettings
+from pdserve.kv.blocks import BlockKey, PieceTracker, Tier, block_key, checksum
+from pdserve.kv.errors import (
+    BlockExistsError,
+    CapacityError,
+    ChecksumMismatchError,
+    ChunkOrderError,
+    InvalidBlockError,
+    LeaseNotFoundError,
+    StoreClosedError,
+)
+from pdserve.kv.shm import SharedSegment
+from pdserve.kv.transport import DeleteResult, Lease, LookupResult, PutResult, StoreStats, TierStats
+from services.kvstore.tiers import CorruptFileError, CudaSlabPool, SlabPool, SsdDir
+
+log = structlog.get_logger(__name__)
+
+
+class EventOp(str, enum.Enum):
+    STORED = "stored"
+    PROMOTED = "promoted"
+    DEMOTED = "demoted"
+    EVICTED = "evicted"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class KVEvent:
+    seq: int
+    op: EventOp
+    key: BlockKey
+    tier: Tier | None  # where the block is now; None: gone from this node
+    from_tier: Tier | None
+
+
+EventSink = Callable[[KVEvent], None]
+
+
+@dataclass(eq=False, slots=True)
+class _Entry:
+    key: BlockKey
+    tier: Tier
+    loc: int
+    checksum: int
+    leases: set[str] = field(default_factory=set)
+    readers: int = 0
+    moving: bool = False
+    corrupt: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Staged:
+    key: BlockKey
+    slot: int
+    tracker: PieceTracker
+    touched_at: float
+    writers: int = 0
+    sealing: bool = False
+
+
+@dataclass(slots=True)
+class _LeaseState:
+    expires_at: float
+    keys: set[BlockKey]
+
+
+@dataclass(eq=False, slots=True)
+class _Move:
+    """``entry`` leaves its tier for ``dst`` (None: evicted) into location ``dst_loc``."""
+
+    entry: _Entry
+    dst: _TierState | None
+    dst_loc: int
+
+
+@dataclass(eq=False, slots=True)
+class _Spare:
+    """A location the planner may hand on: the one a promoted block is vacating."""
+
+    index: int
+    loc: int
+    used: bool = False
+
+
+class _TierState:
+    """One tier: its backend, capacity and LRU order. Mutated under the directory lock."""
+
+    def __init__(self, tier: Tier, backend, capacity_blocks: int) -> None:
+        self.tier = tier
+        self.backend = backend
+        self.capacity_blocks = capacity_blocks
+        self.lru: collections.OrderedDict[BlockKey, _Entry] = collections.OrderedDict()
+        self._ssd_tokens = capacity_blocks  # SSD capacity is a count; slabs have free lists
+        self.num_evicted = self.num_promoted_in = self.num_demoted_in = 0
+
+    @property
+    def is_slab(self) -> bool:
+        return not isinstance(self.backend, SsdDir)
+
+    def take(self) -> int | None:
+        if self.is_slab:
+            return self.backend.allocate()
+        if self._ssd_tokens == 0:
+            return None
+        self._ssd_tokens -= 1
+        return 0
+
+    def give(self, loc: int) -> None:
+        if self.is_slab:
+            self.backend.free(loc)
+        else:
+            self._ssd_tokens += 1
+
+    def write(self, loc: int, key: BlockKey, data, block_checksum: int) -> None:
+        if self.is_slab:
+            self.backend.write(loc, data)
+        else:
+            self.backend.write(key, data, block_checksum)
+
+    def read(self, entry: _Entry):
+        """The block's bytes: a view into the slab, or an owned buffer read from disk."""
+        if self.is_slab:
+            return self.backend.read(entry.loc)
+        data, header_checksum = self.backend.read(entry.key)
+        if header_checksum != entry.checksum:
+            raise CorruptFileError(f"checksum in the header of {entry.key.hex()} changed")
+        return data
+
+
+class TieredStore:
+    """The store logic behind the kvstore service (no gRPC here). Thread-safe."""
+
+    def __init__(
+        self,
+        settings: KVStoreSettings,
+        *,
+        on_event: EventSink | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.block_size_bytes = settings.block_size_bytes
+        self._on_event = on_event or (lambda event: None)
+        self._clock = clock
+        self._cond = threading.Condition(threading.Lock())
+        self._entries: dict[BlockKey, _Entry] = {}
+        self._staging: dict[BlockKey, _Staged] = {}
+        self._leases: dict[str, _LeaseState] = {}
+        self._seq = 0
+        self._closed = False
+        self.num_hits = self.num_misses = self.num_corrupt = 0
+        self.segment, self._anon = self._make_segment()
+        self._tiers = self._make_tiers()
+        if not self._tiers:
+            raise ValueError(
+                "the kvstore has no tier: set dram_capacity_bytes or ssd_capacity_bytes"
+            )
+        self._reindex_ssd()
+
+    # ---- construction ----
+
+    def _dram_slots(self) -> int:
+        return self.settings.dram_capacity_bytes // self.block_size_bytes
+
+    def _make_segment(self) -> tuple[SharedSegment | None, mmap.mmap | None]:
+        s = self.settings
+        size = (self._dram_slots() + s.staging_blocks) * self.block_size_bytes
+        if s.shm_enabled and s.shm_dir.is_dir():
+            path = s.shm_dir / f"pdserve-{s.cluster_name}-{s.node_id}-{uuid.uuid4().hex[:8]}.kv"
+            return SharedSegment.create(path, size), None
+        anon = mmap.mmap(-1, size)
+        return None, anon
+
+    @property
+    def _buffer(self) -> memoryview:
+        return self.segment.view if self.segment else memoryview(self._anon)
+
+    def _make_tiers(self) -> list[_TierState]:
+        s, size = self.settings, self.block_size_bytes
+        tiers = []
+        if s.hbm_capacity_bytes and _cuda_available():
+            slots = s.hbm_capacity_bytes // size
+            tiers.append(_TierState(Tier.HBM, CudaSlabPool(slots, size), slots))
+        dram_slots = self._dram_slots()
+        if dram_slots:
+            tiers.append(
+                _TierState(Tier.DRAM, SlabPool(self._buffer, 0, dram_slots, size), dram_slots)
+            )
+        self._staging_pool = SlabPool(self._buffer, dram_slots * size, s.staging_blocks, size)
+        if s.ssd_capacity_bytes and s.ssd_dir is not None:
+            slots = s.ssd_capacity_bytes // size
+            tiers.append(_TierState(Tier.SSD, SsdDir(s.ssd_dir, size, fsync=s.ssd_fsync), slots))
+        return tiers
+
+    def _reindex_ssd(self) -> None:
+        """Adopt the block files a previous run left (oldest first = LRU first)."""
+        state = self._tier_state(Tier.SSD)
+        if state is None:
+            return
+        for record in state.backend.scan():
+            loc = state.take()
+            if loc is None:
+                state.backend.discard(record.key)
+                continue
+            entry = _Entry(record.key, Tier.SSD, loc, record.checksum)
+            self._entries[record.key] = entry
+            state.lru[record.key] = entry
+        if state.lru:
+            log.info(
+                "kvstore.ssd_reindexed", num_blocks=len(state.lru), dir=str(state.backend.root)
+            )
+
+    def _tier_state(self, tier: Tier) -> _TierState | None:
+        return next((t for t in self._tiers if t.tier == tier), None)
+
+    @property
+    def tiers(self) -> tuple[Tier, ...]:
+        return tuple(t.tier for t in self._tiers)
+
+    # ---- writing ----
+
+    def open_put(
+        self, *, skip_existing: bool = False, trace_context: Mapping[str, str] | None = None
+    ) -> PutSession:
+        return PutSession(self, skip_existing=skip_existing, trace_context=trace_context)
+
+    def put(self, key: bytes, data) -> Tier:
+        """Store one whole block (a convenience over write_piece + seal)."""
+        key = block_key(key)
+        self.write_piece(key, 0, data)
+        return self.seal(key, checksum(data))
+
+    def contains(self, key: bytes) -> bool:
+        return key in self._entries
+
+    def write_piece(self, key: BlockKey, offset: int, data) -> None:
+        """Copy ``data`` into the block's staging slot at ``offset``."""
+        with self._cond:
+            staged = self._stage(key)
+            try:
+                staged.tracker.add(offset, len(data))
+            except Exception:
+                if not staged.tracker.ranges:
+                    self._drop_staged(staged)
+                raise
+            staged.writers += 1
+        try:
+            self._staging_pool.write(staged.slot, data, offset)
+        finally:
+            with self._cond:
+                staged.writers -= 1
+                staged.touched_at = self._clock()
+
+    def reserve_shared(
+        self, keys: Sequence[bytes], *, skip_existing: bool = False
+    ) -> list[int | None]:
+        """Staging slots a same-host writer fills through shared memory, then seals.
+
+        Returns each key's byte offset in the segment, or None for a key skipped because it
+        is already stored.
+        """
+        if self.segment is None:
+            raise InvalidBlockError("shared memory is disabled on this kvstore")
+        offsets: list[int | None] = []
+        for raw in keys:
+            key = block_key(raw)
+            with self._cond:
+                if skip_existing and key in self._entries:
+                    offsets.append(None)
+                    continue
+                staged = self._stage(key)
+                if staged.tracker.ranges:
+                    raise ChunkOrderError(f"block {key.hex()} is already being written")
+                staged.tracker.fill()
+            offsets.append(self._staging_pool.offset(staged.slot))
+        return offsets
+
+    def _stage(self, key: BlockKey) -> _Staged:
+        """The staging record of ``key``, created on its first piece. Caller holds the lock."""
+        if self._closed:
+            raise StoreClosedError("the kvstore is shutting down")
+        if key in self._entries:
+            raise BlockExistsError(
+                f"block {key.hex()} is already stored (blocks are immutable; skip keys that "
+                "Lookup reports, or set skip_existing)"
+            )
+        staged = self._staging.get(key)
+        if staged is not None:
+            if staged.sealing:
+                raise BlockExistsError(f"block {key.hex()} is being stored by another writer")
+            return staged
+        slot = self._staging_pool.allocate()
+        if slot is None:
+            self._expire_staging(self._clock())
+            slot = self._staging_pool.allocate()
+        if slot is None:
+            raise CapacityError(
+                f"all {self.settings.staging_blocks} staging slots hold unsealed blocks; "
+                "seal blocks before starting more, or raise staging_blocks"
+            )
+        staged = _Staged(key, slot, PieceTracker.empty(key, self.block_size_bytes), self._clock())
+        self._staging[key] = staged
+        return staged
+
+    def seal(self, key: BlockKey, expected_checksum: int) -> Tier:
+        """Verify the staged block and store it; returns the tier it landed in."""
+        with self._cond:
+            staged = self._staging.get(key)
+            if staged is None:
+                if key in self._entries:
+                    raise BlockExistsError(f"block {key.hex()} is already stored")
+                raise ChunkOrderError(f"seal of block {key.hex()} before any of its bytes")
+            if staged.sealing:
+                raise ChunkOrderError(f"block {key.hex()} sealed twice")
+            if not staged.tracker.complete or staged.writers:
+                raise InvalidBlockError(
+                    f"seal of block {key.hex()} after {staged.tracker.num_received_bytes} bytes; "
+                    f"this store's block size is {self.block_size_bytes} bytes"
+                )
+            staged.sealing = True
+        data = self._staging_pool.view(staged.slot)
+        actual = checksum(data)
+        if actual != expected_checksum:
+            with self._cond:
+                self._drop_staged(staged)
+            raise ChecksumMismatchError(
+                f"block {key.hex()}: checksum of the bytes received is {actual:#018x}, "
+                f"the writer sent {expected_checksum:#018x}"
+            )
+        try:
+            return self._commit(staged, data, actual)
+        finally:
+            with self._cond:
+                self._drop_staged(staged)
+
+    def discard_staged(self, keys: Sequence[BlockKey]) -> None:
+        with self._cond:
+            for key in keys:
+                staged = self._staging.get(key)
+                if staged is not None and not staged.sealing:
+                    self._drop_staged(staged)
+
+    def _drop_staged(self, staged: _Staged) -> None:
+        if self._staging.get(staged.key) is staged:
+            del self._staging[staged.key]
+            self._staging_pool.free(staged.slot)
+
+    def _commit(self, staged: _Staged, data, block_checksum: int) -> Tier:
+        with self._cond:
+            plan = None
+            for index in range(len(self._tiers)):
+                plan = self._plan_room(index)
+                if plan is not None:
+                    break
+            if plan is None:
+                raise CapacityError("every tier is full of pinned blocks; unpin or add capacity")
+            dst, loc, moves = plan
+        self._run_moves(moves)
+        try:
+            dst.write(loc, staged.key, data, block_checksum)
+        except OSError:
+            with self._cond:
+                dst.give(loc)
+            raise
+        with self._cond:
+            entry = _Entry(staged.key, dst.tier, loc, block_checksum)
+            self._entries[staged.key] = entry
+            dst.lru[staged.key] = entry
+            self._emit(EventOp.STORED, staged.key, dst.tier, None)
+        return dst.tier
+
+    # ---- moving between tiers ----
+
+    def _plan_room(
+        self, index: int, spare: _Spare | None = None
+    ) -> tuple[_TierState, int, list[_Move]] | None:
+        """Reserve a location in tier ``index``, demoting LRU victims down the chain.
+
+        ``spare`` is a location the caller is vacating and may hand on.
+        Returns (tier, loc, moves) with moves ordered top-down, or None when the tier is full
+        of blocks that may not move. Caller holds the lock.
+        """
+        top = self._tiers[index]
+        loc = self._take(index, spare)
+        if loc is not None:
+            return top, loc, []
+        victim = self._pick_victim(top)
+        if victim is None:
+            return None
+        moves: list[_Move] = []
+        first_loc = victim.loc
+        level = index
+        while True:
+            victim.moving = True
+            below = level + 1
+            if below == len(self._tiers):
+                moves.append(_Move(victim, None, 0))
+                break
+            lower = self._tiers[below]
+            dst_loc = self._take(below, spare)
+            if dst_loc is not None:
+                moves.append(_Move(victim, lower, dst_loc))
+                break
+            next_victim = self._pick_victim(lower)
+            if next_victim is None:  # the lower tier is all pinned: drop this victim instead
+                moves.append(_Move(victim, None, 0))
+                break
+            moves.append(_Move(victim, lower, next_victim.loc))
+            victim, level = next_victim, below
+        return top, first_loc, moves
+
+    def _take(self, index: int, spare: _Spare | None) -> int | None:
+        if spare is not None and spare.index == index and not spare.used:
+            spare.used = True
+            return spare.loc
+        return self._tiers[index].take()
+
+    def _pick_victim(self, state: _TierState) -> _Entry | None:
+        now = self._clock()
+        for entry in state.lru.values():
+            if not entry.moving and not entry.readers and not self._is_pinned(entry, now):
+                return entry
+        return None
+
+    def _run_moves(self, moves: list[_Move]) -> None:
+        """Carry out planned moves bottom-up, so each destination is free when written."""
+        for move in reversed(moves):
+            entry = move.entry
+            src = self._tier_state(entry.tier)
+            if move.dst is not None:
+                try:
+                    move.dst.write(move.dst_loc, entry.key, src.read(entry), entry.checksum)
+                except (OSError, CorruptFileError) as exc:
+                    log.warning("kvstore.demote_failed", key=entry.key.hex(), error=str(exc))
+                    with self._cond:
+                        move.dst.give(move.dst_loc)
+                    move = _Move(entry, None, 0)
+            with self._cond:
+                del src.lru[entry.key]
+                src.num_evicted += 1
+                if move.dst is None:
+                    del self._entries[entry.key]
+                    if not src.is_slab:
+                        src.backend.discard(entry.key)
+                    self._emit(EventOp.EVICTED, entry.key, None, src.tier)
+                else:
+                    entry.tier, entry.loc = move.dst.tier, move.dst_loc
+                    move.dst.lru[entry.key] = entry
+                    move.dst.num_demoted_in += 1
+                    self._emit(EventOp.DEMOTED, entry.key, move.dst.tier, src.tier)
+                entry.moving = False
+                self._cond.notify_all()
+
+    def _promote(self, entry: _Entry, data) -> None:
+        """Move a block that was just read from a lower tier one tier up (best effort)."""
+        with self._cond:
+            index = next(i for i, t in enumerate(self._tiers) if t.tier == entry.tier)
+            if (
+                index == 0
+                or self._entries.get(entry.key) is not entry
+                or entry.moving
+                or entry.readers
+                or self._is_pinned(entry, self._clock())
+            ):
+                return
+            entry.moving = True
+            spare = _Spare(index, entry.loc)
+            plan = self._plan_room(index - 1, spare)
+            if plan is None:
+                entry.moving = False
+                self._cond.notify_all()
+                return
+            dst, loc, moves = plan
+        self._run_moves(moves)
+        dst.write(loc, entry.key, data, entry.checksum)
+        with self._cond:
+            src = self._tier_state(entry.tier)
+            del src.lru[entry.key]
+            if not spare.used:
+                src.give(entry.loc)
+            if not src.is_slab:
+                src.backend.discard(entry.key)
+            entry.tier, entry.loc = dst.tier, loc
+            dst.lru[entry.key] = entry
+            dst.num_promoted_in += 1
+            self._emit(EventOp.PROMOTED, entry.key, dst.tier, src.tier)
+            entry.moving = False
+            self._cond.notify_all()
+
+    # ---- reading ----
+
+    @contextlib.contextmanager
+    def _reading(self, key: bytes) -> Iterator[tuple[_Entry, object] | None]:
+        """Hold a read reference on ``key`` and yield (entry, raw bytes) or None."""
+        with self._cond:
+            entry = self._entries.get(key)
+            while entry is not None and entry.moving:
+                self._cond.wait()
+                entry = self._entries.get(key)
+            if entry is None or entry.corrupt:
+                self.num_misses += 1
+                entry = None
+            else:
+                entry.readers += 1
+                self._tier_state(entry.tier).lru.move_to_end(key)
+        if entry is None:
+            yield None
+            return
+        try:
+            try:
+                raw = self._tier_state(entry.tier).read(entry)
+            except FileNotFoundError:
+                raw = None
+            except CorruptFileError:
+                entry.corrupt = True
+                raw = None
+            yield (entry, raw) if raw is not None else None
+        finally:
+            with self._cond:
+                entry.readers -= 1
+                if entry.corrupt:
+                    self._drop_corrupt(entry)
+
+    def get(self, key: bytes) -> tuple[bytearray, Tier, int] | None:
+        """A verified copy of the block, its tier and checksum; None for a miss."""
+        with self._reading(key) as found:
+            if found is None:
+                return None
+            entry, raw = found
+            data = raw if isinstance(raw, bytearray) else bytearray(raw)
+            tier = entry.tier
+            if len(data) != self.block_size_bytes or checksum(data) != entry.checksum:
+                entry.corrupt = True
+        return self._finish_read(entry, data, tier)
+
+    def get_chunks(self, key: bytes, chunk_bytes: int) -> tuple[list[bytes], Tier, int] | None:
+        """A verified copy of the block as ``chunk_bytes`` pieces (one copy, for gRPC)."""
+        with self._reading(key) as found:
+            if found is None:
+                return None
+            entry, raw = found
+            view, hasher = memoryview(raw), xxhash.xxh3_64()
+            chunks = [bytes(view[i : i + chunk_bytes]) for i in range(0, len(view), chunk_bytes)]
+            for chunk in chunks:
+                hasher.update(chunk)
+            tier = entry.tier
+            if len(view) != self.block_size_bytes or hasher.intdigest() != entry.checksum:
+                entry.corrupt = True
+            owned = raw if isinstance(raw, bytearray) else None
+        if tier != self._tiers[0].tier and owned is None:
+            owned = b"".join(chunks)  # promotion needs a copy that outlives the slot
+        if self._finish_read(entry, owned, tier) is None:
+            return None
+        return chunks, tier, entry.checksum
+
+    def _finish_read(self, entry: _Entry, data, tier: Tier):
+        if entry.corrupt:
+            with self._cond:
+                self.num_corrupt += 1
+                self.num_misses += 1
+            log.warning("kvstore.corrupt_block", key=entry.key.hex(), tier=tier.label)
+            return None
+        with self._cond:
+            self.num_hits += 1
+        if tier != self._tiers[0].tier:
+            self._promote(entry, data)
+        return data, tier, entry.checksum
+
+    def _drop_corrupt(self, entry: _Entry) -> None:
+        """Remove a block that failed its check once nobody reads it. Caller holds the lock."""
+        if entry.readers or entry.moving or self._entries.get(entry.key) is not entry:
+            return
+        self._remove(entry, EventOp.DELETED)
+
+    def _remove(self, entry: _Entry, op: EventOp) -> None:
+        state = self._tier_state(entry.tier)
+        del self._entries[entry.key]
+        del state.lru[entry.key]
+        state.give(entry.loc)
+        if not state.is_slab:
+            state.backend.discard(entry.key)
+        for lease_id in entry.leases:
+            lease = self._leases.get(lease_id)
+            if lease is not None:
+                lease.keys.discard(entry.key)
+        self._emit(op, entry.key, None, state.tier)
+
+    def map_shared(self, keys: Sequence[bytes], ttl_s: float | None) -> tuple[str, list]:
+        """Pin blocks in the shared DRAM pool; per key (offset, checksum, tier) or None.
+
+        A block in a lower tier is read (and so promoted) first; one that cannot be placed
+        in DRAM is a miss here, and the reader falls back to Get.
+        """
+        if self.segment is None:
+            raise InvalidBlockError("shared memory is disabled on this kvstore")
+        lease = self.pin([], ttl_s, None)
+        out: list = []
+        dram = self._tier_state(Tier.DRAM)
+        if dram is None:
+            return lease.lease_id, [None] * len(keys)
+        for raw in keys:
+            key = block_key(raw)
+            if key in self._entries and self._entries[key].tier != Tier.DRAM:
+                self.get(key)
+            with self._cond:
+                entry = self._entries.get(key)
+                if entry is None or entry.tier != Tier.DRAM or entry.moving or entry.corrupt:
+                    out.append(None)
+                    continue
+                entry.leases.add(lease.lease_id)
+                self._leases[lease.lease_id].keys.add(key)
+                dram.lru.move_to_end(key)
+                out.append((dram.backend.offset(entry.loc), entry.checksum, entry.tier))
+        return lease.lease_id, out
+
+    # ---- queries ----
+
+    def lookup(self, keys: Sequence[bytes]) -> LookupResult:
+        tiers: list[Tier | None] = []
+        with self._cond:
+            for raw in keys:
+                entry = self._entries.get(block_key(raw))
+                tiers.append(entry.tier if entry is not None and not entry.corrupt else None)
+        prefix = next((i for i, t in enumerate(tiers) if t is None), len(tiers))
+        return LookupResult(tuple(tiers), prefix)
+
+    def inventory(self) -> tuple[int, dict[BlockKey, Tier]]:
+        """(last event seq, key -> tier) of every stored block, taken atomically."""
+        with self._cond:
+            return self._seq, {k: e.tier for k, e in self._entries.items()}
+
+    def stats(self) -> StoreStats:
+        with self._cond:
+            now = self._clock()
+            tiers = tuple(
+                TierStats(
+                    tier=t.tier,
+                    capacity_bytes=t.capacity_blocks * self.block_size_bytes,
+                    used_bytes=len(t.lru) * self.block_size_bytes,
+                    num_blocks=len(t.lru),
+                    num_evicted=t.num_evicted,
+                    num_promoted_in=t.num_promoted_in,
+                    num_demoted_in=t.num_demoted_in,
+                )
+                for t in self._tiers
+            )
+            pinned = sum(1 for e in self._entries.values() if e.leases and self._is_pinned(e, now))
+            return StoreStats(
+                node_id=self.settings.node_id,
+                block_size_bytes=self.block_size_bytes,
+                tiers=tiers,
+                num_pinned_blocks=pinned,
+                num_staging_blocks=len(self._staging),
+                num_hits=self.num_hits,
+                num_misses=self.num_misses,
+                num_corrupt=self.num_corrupt,
+            )
+
+    # ---- leases, deletion ----
+
+    def pin(self, keys: Sequence[bytes], ttl_s: float | None, lease_id: str | None) -> Lease:
+        s = self.settings
+        ttl_s = min(ttl_s if ttl_s else s.default_lease_ms / 1000, s.max_lease_ms / 1000)
+        pinned, missing = [], []
+        with self._cond:
+            now = self._clock()
+            if lease_id:
+                lease = self._leases.get(lease_id)
+                if lease is None or lease.expires_at <= now:
+                    raise LeaseNotFoundError(f"lease {lease_id!r} is unknown or expired")
+            else:
+                lease_id, lease = uuid.uuid4().hex, _LeaseState(0.0, set())
+                self._leases[lease_id] = lease
+            lease.expires_at = now + ttl_s
+            for raw in keys:
+                key = block_key(raw)
+                entry = self._entries.get(key)
+                while entry is not None and entry.moving:
+                    self._cond.wait()
+                    entry = self._entries.get(key)
+                if entry is None or entry.corrupt:
+                    missing.append(key)
+                    continue
+                entry.leases.add(lease_id)
+                lease.keys.add(key)
+                pinned.append(key)
+        expires_ms = int((time.time() + ttl_s) * 1000)
+        return Lease(lease_id, tuple(pinned), tuple(missing), expires_ms)
+
+    def unpin(self, lease_id: str) -> int:
+        """Release a lease; 0 when it is unknown (already released or expired)."""
+        with self._cond:
+            lease = self._leases.pop(lease_id, None)
+            if lease is None:
+                return 0
+            return self._release_lease(lease_id, lease)
+
+    def _release_lease(self, lease_id: str, lease: _LeaseState) -> int:
+        for key in lease.keys:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.leases.discard(lease_id)
+        return len(lease.keys)
+
+    def _is_pinned(self, entry: _Entry, now: float) -> bool:
+        for lease_id in list(entry.leases):
+            lease = self._leases.get(lease_id)
+            if lease is not None and lease.expires_at > now:
+                return True
+            entry.leases.discard(lease_id)
+        return False
+
+    def expire(self) -> None:
+        """Drop expired leases and abandoned staging blocks (called periodically)."""
+        now = self._clock()
+        with self._cond:
+            for lease_id, lease in list(self._leases.items()):
+                if lease.expires_at <= now:
+                    del self._leases[lease_id]
+                    self._release_lease(lease_id, lease)
+            self._expire_staging(now)
+
+    def _expire_staging(self, now: float) -> None:
+        timeout = self.settings.staging_timeout_s
+        for staged in list(self._staging.values()):
+            if not staged.sealing and not staged.writers and now - staged.touched_at > timeout:
+                log.info("kvstore.staging_expired", key=staged.key.hex())
+                self._drop_staged(staged)
+
+    def delete(self, keys: Sequence[bytes]) -> DeleteResult:
+        deleted, busy = 0, []
+        with self._cond:
+            now = self._clock()
+            for raw in keys:
+                key = block_key(raw)
+                entry = self._entries.get(key)
+                if entry is None:
+                    continue
+                if entry.moving or entry.readers or self._is_pinned(entry, now):
+                    busy.append(key)
+                    continue
+                self._remove(entry, EventOp.DELETED)
+                deleted += 1
+        return DeleteResult(deleted, tuple(busy))
+
+    # ---- events, shutdown ----
+
+    def _emit(self, op: EventOp, key: BlockKey, tier: Tier | None, from_tier: Tier | None) -> None:
+        self._seq += 1
+        self._on_event(KVEvent(self._seq, op, key, tier, from_tier))
+
+    def set_event_sink(self, sink: EventSink) -> None:
+        with self._cond:
+            self._on_event = sink
+
+    def close(self) -> None:
+        """Stop accepting writes, report volatile blocks as evicted, free shared memory."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            for state in self._tiers:
+                if state.tier == Tier.SSD:
+                    continue
+                for entry in list(state.lru.values()):
+                    del self._entries[entry.key]
+                    self._emit(EventOp.EVICTED, entry.key, None, state.tier)
+                state.lru.clear()
+        if self.segment is not None:
+            self.segment.close()
+
+    @property
+    def shm_path(self) -> Path | None:
+        return self.segment.path if self.segment else None
+
+
+class PutSession:
+    """One Put stream: chunks and seals in protocol order; see kvstore.proto ``Put``.
+
+    Blocks sealed here stay stored whatever happens later; ``abort`` drops the unsealed
+    blocks this session wrote to. Unsealed blocks survive ``finish`` so a block's pieces
+    may span several streams (they expire after ``staging_timeout_s``).
+    """
+
+    def __init__(self, store: TieredStore, *, skip_existing: bool, trace_context) -> None:
+        self._store = store
+        self.skip_existing = skip_existing
+        self.trace_context = dict(trace_context or {})
+        self._touched: set[BlockKey] = set()
+        self._sealed: set[BlockKey] = set()
+        self._skipped: set[BlockKey] = set()
+        self._tiers: list[Tier] = []
+
+    def chunk(self, key: bytes, offset: int, data) -> None:
+        key = block_key(key)
+        if key in self._sealed:
+            raise ChunkOrderError(f"chunk for block {key.hex()} after its seal")
+        if key in self._skipped:
+            return
+        if self.skip_existing and self._store.contains(key) and key not in self._touched:
+            self._skipped.add(key)
+            return
+        self._store.write_piece(key, offset, data)
+        self._touched.add(key)
+
+    def seal(self, key: bytes, block_checksum: int) -> None:
+        key = block_key(key)
+        if key in self._sealed:
+            raise ChunkOrderError(f"block {key.hex()} sealed twice")
+        if key in self._skipped or (self.skip_existing and self._store.contains(key)):
+            self._skipped.add(key)
+            return
+        self._tiers.append(self._store.seal(key, block_checksum))
+        self._sealed.add(key)
+        self._touched.discard(key)
+
+    def finish(self) -> PutResult:
+        return PutResult(len(self._sealed), len(self._skipped), tuple(self._tiers))
+
+    def abort(self) -> None:
+        self._store.discard_staged(list(self._touched))
+        self._touched.clear()
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    if not torch.cuda.is_available():
+        log.warning(
+            "kvstore.no_cuda", detail="hbm_capacity_bytes is set but CUDA is absent; no HBM tier"
+        )
+        return False
+    return True
