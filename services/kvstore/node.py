@@ -1,0 +1,86 @@
+"""One kvstore node: the store plus its control-plane duties (no gRPC here).
+
+Lifecycle: ``start`` (publish the full inventory, start heartbeats and the lease sweeper)
+→ serving → ``stop`` (refuse writes, report volatile blocks gone, flush events, deregister).
+Redis being down never stops serving: events wait in a bounded buffer and the inventory is
+republished when Redis answers again.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import structlog
+
+from pdserve.config import KVStoreSettings
+from pdserve.kv.metadata import (
+    Heartbeat,
+    KVEventPublisher,
+    RedisLayout,
+    WorkerInfo,
+    WorkerRegistry,
+    connect,
+)
+from services.kvstore.store import TieredStore
+
+log = structlog.get_logger(__name__)
+
+
+class KVStoreNode:
+    def __init__(self, settings: KVStoreSettings, *, address: str | None = None) -> None:
+        self.settings = settings
+        self.address = address or settings.address
+        self._started_ms = int(time.time() * 1000)
+        self.worker_id = f"kvstore-{settings.node_id}-{os.getpid()}-{settings.grpc_port}"
+        self.store = TieredStore(settings)
+        self.layout = RedisLayout(settings.cluster_name)
+        ca = str(settings.redis_ca_file) if settings.redis_ca_file else None
+        self.redis = connect(settings.redis_url, ca_file=ca)
+        self.publisher = KVEventPublisher(
+            self.redis,
+            self.layout,
+            settings.node_id,
+            self.store.inventory,
+            buffer_max=settings.event_buffer_max,
+            stream_maxlen=settings.event_stream_maxlen,
+        )
+        self.store.set_event_sink(self.publisher.enqueue)
+        registry = WorkerRegistry(self.redis, self.layout, settings.heartbeat_ttl_s)
+        self.heartbeat = Heartbeat(registry, self.worker_info, settings.heartbeat_interval_s)
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, name="kv-sweeper", daemon=True)
+
+    def worker_info(self) -> WorkerInfo:
+        stats = self.store.stats()
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            role="kvstore",
+            address=self.address,
+            node_id=self.settings.node_id,
+            capacity={t.tier.label: t.capacity_bytes for t in stats.tiers},
+            load={t.tier.label: t.used_bytes / max(t.capacity_bytes, 1) for t in stats.tiers},
+            started_unix_ms=self._started_ms,
+        )
+
+    def start(self) -> None:
+        self.publisher.start()
+        self.heartbeat.start()
+        self._sweeper.start()
+        log.info(
+            "kvstore.started", node=self.settings.node_id, tiers=[t.label for t in self.store.tiers]
+        )
+
+    def _sweep(self) -> None:
+        while not self._stop.wait(0.5):
+            self.store.expire()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.store.close()
+        flushed = self.publisher.flush(self.settings.shutdown_grace_s)
+        self.publisher.stop(timeout_s=1.0)
+        self.heartbeat.stop(deregister=True)
+        self.redis.close()
+        log.info("kvstore.stopped", node=self.settings.node_id, events_flushed=flushed)
