@@ -30,25 +30,69 @@ DEFAULT_ALIGNMENT = 32
 
 # ggml type ids (gguf.GGMLQuantizationType) -> name
 GGML_TYPE_NAMES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
-    10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
-    17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
-    23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
-    30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    6: "Q5_0",
+    7: "Q5_1",
+    8: "Q8_0",
+    9: "Q8_1",
+    10: "Q2_K",
+    11: "Q3_K",
+    12: "Q4_K",
+    13: "Q5_K",
+    14: "Q6_K",
+    15: "Q8_K",
+    16: "IQ2_XXS",
+    17: "IQ2_XS",
+    18: "IQ3_XXS",
+    19: "IQ1_S",
+    20: "IQ4_NL",
+    21: "IQ3_S",
+    22: "IQ2_S",
+    23: "IQ4_XS",
+    24: "I8",
+    25: "I16",
+    26: "I32",
+    27: "I64",
+    28: "F64",
+    29: "IQ1_M",
+    30: "BF16",
+    34: "TQ1_0",
+    35: "TQ2_0",
+    39: "MXFP4",
 }
 F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 13, 14, 30
 
 # ggml type -> (elements per block, bytes per block), for the types this module reads
 BLOCK_LAYOUT = {
-    F32: (1, 4), F16: (1, 2), BF16: (1, 2),
-    Q4_0: (32, 18), Q4_1: (32, 20), Q8_0: (32, 34),
-    Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210),
+    F32: (1, 4),
+    F16: (1, 2),
+    BF16: (1, 2),
+    Q4_0: (32, 18),
+    Q4_1: (32, 20),
+    Q8_0: (32, 34),
+    Q4_K: (256, 144),
+    Q5_K: (256, 176),
+    Q6_K: (256, 210),
 }
 SUPPORTED_TYPES = tuple(GGML_TYPE_NAMES[t] for t in BLOCK_LAYOUT)
 
 # metadata value type id -> struct format of one scalar
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
-                   10: "Q", 11: "q", 12: "d"}
+_SCALAR_FORMATS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -174,12 +218,16 @@ _Q4_1_BLOCK = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
 _Q8_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
 
 
-def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], name: str = "?") -> np.ndarray:
+def dequantize(
+    raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], name: str = "?"
+) -> np.ndarray:
     """Raw tensor bytes (uint8) -> float32 array of `shape` (torch order)."""
     info = TensorInfo(name, tuple(shape), ggml_type, 0)
     block_elements, block_bytes = _layout(info)
     if shape and shape[-1] % block_elements:
-        raise ValueError(f"tensor {name!r}: row of {shape[-1]} is not a multiple of {block_elements}")
+        raise ValueError(
+            f"tensor {name!r}: row of {shape[-1]} is not a multiple of {block_elements}"
+        )
     if raw.size != info.num_bytes:
         raise ValueError(f"tensor {name!r}: {raw.size} bytes, expected {info.num_bytes}")
     raw = raw.reshape(-1)
@@ -354,22 +402,31 @@ def _rope_scaling(gguf: GGUFFile, arch: str, rope_theta: float, head_dim: int) -
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
         scaling = {"rope_type": "yarn", "factor": float(factor)}
-        optional = {"original_max_position_embeddings": original,
-                    "attention_factor": md.get(f"{arch}.rope.scaling.attn_factor"),
-                    "beta_fast": md.get(f"{arch}.rope.scaling.yarn_beta_fast"),
-                    "beta_slow": md.get(f"{arch}.rope.scaling.yarn_beta_slow")}
+        optional = {
+            "original_max_position_embeddings": original,
+            "attention_factor": md.get(f"{arch}.rope.scaling.attn_factor"),
+            "beta_fast": md.get(f"{arch}.rope.scaling.yarn_beta_fast"),
+            "beta_slow": md.get(f"{arch}.rope.scaling.yarn_beta_slow"),
+        }
         scaling.update({k: v for k, v in optional.items() if v is not None})
         return scaling
     raise ValueError(f"{gguf.path}: rope scaling type {kind!r} is not supported")
 
 
-def llama3_rope_factors(rope_theta: float, head_dim: int, factor: float, low_freq_factor: float,
-                        high_freq_factor: float, original_max_position_embeddings: int) -> np.ndarray:
+def llama3_rope_factors(
+    rope_theta: float,
+    head_dim: int,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> np.ndarray:
     """The divisors llama.cpp's converter writes as `rope_freqs.weight` for llama3 rope scaling."""
     inv_freq = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     wavelen = 2 * np.pi / inv_freq
     smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (
-        high_freq_factor - low_freq_factor)
+        high_freq_factor - low_freq_factor
+    )
     factors = 1.0 / ((1 - smooth) / factor + smooth)
     factors = np.where(wavelen < original_max_position_embeddings / high_freq_factor, 1.0, factors)
     return np.where(wavelen > original_max_position_embeddings / low_freq_factor, factor, factors)
@@ -394,11 +451,16 @@ def llama3_rope_scaling_from_factors(
         smooth = (1 / factors[between] - 1 / factor) / (1 - 1 / factor)
         slope, intercept = np.polyfit(smooth, x[between], 1)
         low, high = round(float(intercept), 4), round(float(intercept + slope), 4)
-    scaling = {"rope_type": "llama3", "factor": round(factor, 6), "low_freq_factor": low,
-               "high_freq_factor": high,
-               "original_max_position_embeddings": int(original_max_position_embeddings)}
-    expected = llama3_rope_factors(rope_theta, head_dim, **{k: v for k, v in scaling.items()
-                                                            if k != "rope_type"})
+    scaling = {
+        "rope_type": "llama3",
+        "factor": round(factor, 6),
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": int(original_max_position_embeddings),
+    }
+    expected = llama3_rope_factors(
+        rope_theta, head_dim, **{k: v for k, v in scaling.items() if k != "rope_type"}
+    )
     if factors.shape != expected.shape or not np.allclose(factors, expected, rtol=1e-4):
         raise ValueError("rope_freqs.weight does not follow llama3 rope scaling; not supported")
     return scaling

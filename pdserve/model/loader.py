@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pdserve.model import safetensors_dir
@@ -113,7 +113,9 @@ def _resolve_gguf(source: Path) -> Path:
         source = found[0]
     with open(source, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise ValueError(f"{source} is neither a GGUF file nor a safetensors checkpoint directory")
+            raise ValueError(
+                f"{source} is neither a GGUF file nor a safetensors checkpoint directory"
+            )
     return source.resolve()
 
 
@@ -157,7 +159,7 @@ def _read_gguf_entry(entry: Path, dtype: torch.dtype, progress: bool) -> Checkpo
                     if advance is not None:
                         advance(name)
         safetensors_dir.check_weights(weights, config, entry)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         logger.warning("ignoring unreadable model cache entry %s: %s", entry, exc)
         return None
     return Checkpoint(config, weights, tokenizer, meta["fingerprint"])
@@ -205,7 +207,8 @@ def compute_fingerprint(config: ModelConfig, dtype: torch.dtype, source_digest: 
     fields.pop("name")  # a display name (a directory's name differs between machines)
     payload = json.dumps(
         {"config": fields, "dtype": DTYPE_NAMES[dtype], "source": source_digest},
-        sort_keys=True, separators=(",", ":"),
+        sort_keys=True,
+        separators=(",", ":"),
     )
     return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
 
@@ -215,17 +218,24 @@ def _entry_name(stem: str, files: list[Path], dtype: torch.dtype) -> str:
         {"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
         for f in files
     ]
-    payload = json.dumps({"files": identity, "dtype": DTYPE_NAMES[dtype],
-                          "format": CACHE_FORMAT_VERSION}, sort_keys=True)
+    payload = json.dumps(
+        {"files": identity, "dtype": DTYPE_NAMES[dtype], "format": CACHE_FORMAT_VERSION},
+        sort_keys=True,
+    )
     key = hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
     return f"{stem}-{DTYPE_NAMES[dtype]}-{key}"
 
 
-def _write_meta(directory: Path, config: ModelConfig, dtype: torch.dtype, source_digest: str,
-                fingerprint: str) -> None:
-    meta = {"format": CACHE_FORMAT_VERSION, "dtype": DTYPE_NAMES[dtype],
-            "source_digest": source_digest, "fingerprint": fingerprint,
-            "config": dataclasses.asdict(config)}
+def _write_meta(
+    directory: Path, config: ModelConfig, dtype: torch.dtype, source_digest: str, fingerprint: str
+) -> None:
+    meta = {
+        "format": CACHE_FORMAT_VERSION,
+        "dtype": DTYPE_NAMES[dtype],
+        "source_digest": source_digest,
+        "fingerprint": fingerprint,
+        "config": dataclasses.asdict(config),
+    }
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
@@ -278,8 +288,12 @@ def _progress_bar(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(description, total=total)
         yield lambda _name: bar.advance(task)

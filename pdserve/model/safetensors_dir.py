@@ -39,7 +39,9 @@ def read_config(directory: Path) -> ModelConfig:
     rope_parameters = raw.get("rope_parameters") or {}  # transformers >= 5 keeps theta in here
     rope_theta = float(raw.get("rope_theta", rope_parameters.get("rope_theta", 10000.0)))
     eos = generation.get("eos_token_id", raw.get("eos_token_id"))
-    eos_ids = () if eos is None else tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
+    eos_ids = (
+        () if eos is None else tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
+    )
     bos = raw.get("bos_token_id", generation.get("bos_token_id"))
     return ModelConfig(
         vocab_size=int(raw["vocab_size"]),
@@ -78,17 +80,19 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
     for layer in range(config.num_layers):
         prefix = f"model.layers.{layer}."
-        shapes.update({
-            prefix + "input_layernorm.weight": (h,),
-            prefix + "post_attention_layernorm.weight": (h,),
-            prefix + "self_attn.q_proj.weight": (config.num_heads * d, h),
-            prefix + "self_attn.k_proj.weight": (config.num_kv_heads * d, h),
-            prefix + "self_attn.v_proj.weight": (config.num_kv_heads * d, h),
-            prefix + "self_attn.o_proj.weight": (h, config.num_heads * d),
-            prefix + "mlp.gate_proj.weight": (i, h),
-            prefix + "mlp.up_proj.weight": (i, h),
-            prefix + "mlp.down_proj.weight": (h, i),
-        })
+        shapes.update(
+            {
+                prefix + "input_layernorm.weight": (h,),
+                prefix + "post_attention_layernorm.weight": (h,),
+                prefix + "self_attn.q_proj.weight": (config.num_heads * d, h),
+                prefix + "self_attn.k_proj.weight": (config.num_kv_heads * d, h),
+                prefix + "self_attn.v_proj.weight": (config.num_kv_heads * d, h),
+                prefix + "self_attn.o_proj.weight": (h, config.num_heads * d),
+                prefix + "mlp.gate_proj.weight": (i, h),
+                prefix + "mlp.up_proj.weight": (i, h),
+                prefix + "mlp.down_proj.weight": (h, i),
+            }
+        )
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, h)
     return shapes
@@ -103,12 +107,17 @@ def check_weights(weights: dict[str, Any], config: ModelConfig, source: Path) ->
         raise ValueError(
             f"{source}: weights do not match the config"
             + (f"; missing {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "")
-            + (f"; unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-               if unexpected else "")
+            + (
+                f"; unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+                if unexpected
+                else ""
+            )
         )
     for name, shape in expected.items():
         if tuple(weights[name].shape) != shape:
-            raise ValueError(f"{source}: {name} has shape {tuple(weights[name].shape)}, expected {shape}")
+            raise ValueError(
+                f"{source}: {name} has shape {tuple(weights[name].shape)}, expected {shape}"
+            )
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -127,7 +136,9 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 def load_weights(
-    directory: Path, config: ModelConfig, dtype: torch.dtype,
+    directory: Path,
+    config: ModelConfig,
+    dtype: torch.dtype,
     on_tensor: Callable[[str], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
@@ -147,8 +158,14 @@ def load_weights(
 
 def source_files(directory: Path) -> list[Path]:
     """Every file whose contents define the model (for the content digest)."""
-    names = [CONFIG_FILE, GENERATION_CONFIG_FILE, "tokenizer.json", "tokenizer_config.json",
-             "chat_template.jinja", INDEX_FILE]
+    names = [
+        CONFIG_FILE,
+        GENERATION_CONFIG_FILE,
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        INDEX_FILE,
+    ]
     files = [directory / n for n in names if (directory / n).is_file()]
     return files + weight_files(directory)
 

@@ -43,8 +43,19 @@ _LLAMA3_SPLIT = (
 )
 _PRE_TOKENIZER_SPLITS = {
     name: _LLAMA3_SPLIT
-    for name in ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0",
-                 "lfm2", "jina-v5-nano", "dbrx", "smaug-bpe")
+    for name in (
+        "llama3",
+        "llama-v3",
+        "llama-bpe",
+        "falcon3",
+        "falcon-h1",
+        "pixtral",
+        "midm-2.0",
+        "lfm2",
+        "jina-v5-nano",
+        "dbrx",
+        "smaug-bpe",
+    )
 }
 
 
@@ -83,10 +94,14 @@ class Tokenizer:
         return self._backend.encode(text, add_special_tokens=True).ids
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        text = self._backend.decode([int(i) for i in token_ids], skip_special_tokens=skip_special_tokens)
+        text = self._backend.decode(
+            [int(i) for i in token_ids], skip_special_tokens=skip_special_tokens
+        )
         return _clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
 
-    def convert_ids_to_tokens(self, token_ids: int | Sequence[int]) -> str | None | list[str | None]:
+    def convert_ids_to_tokens(
+        self, token_ids: int | Sequence[int]
+    ) -> str | None | list[str | None]:
         if isinstance(token_ids, int):
             return self._backend.id_to_token(token_ids)
         return [self._backend.id_to_token(int(i)) for i in token_ids]
@@ -96,7 +111,9 @@ class Tokenizer:
 
     # ---- chat ---------------------------------------------------------------------------
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         """The chat template applied to `messages`, as text."""
         _validate_messages(messages)
         if self.chat_template is None:
@@ -129,7 +146,9 @@ class Tokenizer:
             "chat_template": self.chat_template,
             **self.special_tokens,
         }
-        (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        (directory / TOKENIZER_CONFIG_FILE).write_text(
+            json.dumps(config, indent=2, ensure_ascii=False)
+        )
 
     @classmethod
     def from_directory(
@@ -166,9 +185,13 @@ class Tokenizer:
         md = gguf.metadata
         tokens: list[str] = md["tokenizer.ggml.tokens"]
         special = {}
-        for name, key in zip(SPECIAL_TOKEN_NAMES, ("bos", "eos", "unknown", "padding"), strict=True):
+        for name, key in zip(
+            SPECIAL_TOKEN_NAMES, ("bos", "eos", "unknown", "padding"), strict=True
+        ):
             token_id = md.get(f"tokenizer.ggml.{key}_token_id")
-            special[name] = tokens[token_id] if token_id is not None and token_id < len(tokens) else None
+            special[name] = (
+                tokens[token_id] if token_id is not None and token_id < len(tokens) else None
+            )
         if md.get("tokenizer.ggml.model") == "gpt2":
             backend = _byte_level_bpe_from_gguf(md, special)
         else:
@@ -203,7 +226,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars), strict=True))
 
 
-def _byte_level_bpe_from_gguf(md: dict[str, Any], special: dict[str, str | None]) -> BackendTokenizer:
+def _byte_level_bpe_from_gguf(
+    md: dict[str, Any], special: dict[str, str | None]
+) -> BackendTokenizer:
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     tokens: list[str] = md["tokenizer.ggml.tokens"]
@@ -214,31 +239,52 @@ def _byte_level_bpe_from_gguf(md: dict[str, Any], special: dict[str, str | None]
     }
     merges = [tuple(m.split(" ", 1)) for m in md.get("tokenizer.ggml.merges", [])]
     backend = BackendTokenizer(
-        models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                   end_of_word_suffix="", fuse_unk=False)
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
     )
     split = _PRE_TOKENIZER_SPLITS.get(md.get("tokenizer.ggml.pre", ""))
     if split is None:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     backend.decoder = decoders.ByteLevel()
 
     token_types = md.get("tokenizer.ggml.token_type")
     token_types = list(token_types) if token_types is not None else [0] * len(tokens)
     named = {t for t in special.values() if t is not None and t in vocab}
-    control = [t for t, kind in zip(tokens, token_types, strict=True) if kind == _CONTROL and set(t) <= alphabet]
+    control = [
+        t
+        for t, kind in zip(tokens, token_types, strict=True)
+        if kind == _CONTROL and set(t) <= alphabet
+    ]
     backend.add_special_tokens(
-        [AddedToken(t, normalized=False, special=True) for t in dict.fromkeys(control + sorted(named))]
+        [
+            AddedToken(t, normalized=False, special=True)
+            for t in dict.fromkeys(control + sorted(named))
+        ]
     )
-    user_defined = [t for t, kind in zip(tokens, token_types, strict=True) if kind == _USER_DEFINED and t in vocab]
+    user_defined = [
+        t
+        for t, kind in zip(tokens, token_types, strict=True)
+        if kind == _USER_DEFINED and t in vocab
+    ]
     if user_defined:
         backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user_defined])
     backend.post_processor = _template_processing(
-        special, vocab, bool(md.get("tokenizer.ggml.add_bos_token", False)),
+        special,
+        vocab,
+        bool(md.get("tokenizer.ggml.add_bos_token", False)),
         bool(md.get("tokenizer.ggml.add_eos_token", False)),
     )
     return backend
@@ -253,7 +299,9 @@ def _template_processing(
     add_eos = add_eos and eos is not None
     single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
     pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
-    special_tokens = ([(bos, vocab[bos])] if add_bos else []) + ([(eos, vocab[eos])] if add_eos else [])
+    special_tokens = ([(bos, vocab[bos])] if add_bos else []) + (
+        [(eos, vocab[eos])] if add_eos else []
+    )
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special_tokens)
 
 
@@ -298,7 +346,9 @@ def _compile_template(source: str):
         def parse(self, parser):
             lineno = next(parser.stream).lineno
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(
+                lineno
+            )
 
         def _render(self, caller):
             return caller()
@@ -308,8 +358,9 @@ def _compile_template(source: str):
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         # transformers' override: jinja's own tojson escapes HTML characters
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols]
@@ -338,8 +389,17 @@ def _token_content(value: Any) -> str | None:
 
 def _clean_up_tokenization(text: str) -> str:
     """transformers' `clean_up_tokenization` (only used when the tokenizer config asks for it)."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
-                          (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
-                          (" 're", "'re")):
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(before, after)
     return text
