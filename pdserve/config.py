@@ -91,7 +91,7 @@ class KVStoreSettings(ServiceSettings):
     )
     grpc_workers: int = Field(16, ge=1, description="server threads (concurrent RPCs)")
     max_message_bytes: int = Field(64 << 20, ge=1 << 20, description="gRPC send/receive limit")
-    chunk_bytes: int = Field(1 << 20, ge=4096, description="bytes per streamed chunk")
+    chunk_bytes: int = Field(1 << 20, ge=1024, description="bytes per streamed chunk")
 
     block_size_bytes: int = Field(737_280, gt=0, description="every block is exactly this long")
     hbm_capacity_bytes: int = Field(0, ge=0, description="CUDA tier; ignored without CUDA")

@@ -192,18 +192,20 @@ class OpenSharedMemoryRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class OpenSharedMemoryResponse(_message.Message):
-    __slots__ = ("available", "path", "size_bytes", "host_id", "block_size_bytes")
+    __slots__ = ("available", "path", "size_bytes", "host_id", "block_size_bytes", "staging_blocks")
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STAGING_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     available: bool
     path: str
     size_bytes: int
     host_id: str
     block_size_bytes: int
-    def __init__(self, available: _Optional[bool] = ..., path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., host_id: _Optional[str] = ..., block_size_bytes: _Optional[int] = ...) -> None: ...
+    staging_blocks: int
+    def __init__(self, available: _Optional[bool] = ..., path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., host_id: _Optional[str] = ..., block_size_bytes: _Optional[int] = ..., staging_blocks: _Optional[int] = ...) -> None: ...
 
 class ReserveSharedRequest(_message.Message):
     __slots__ = ("keys", "skip_existing")

@@ -1,0 +1,351 @@
+"""gRPC clients of the kvstore: chunked streaming (any peer) and shared memory (same host)."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grpc
+
+from pdserve._proto.pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from pdserve.kv.blocks import BlockKey, Tier, checksum, iter_chunks
+from pdserve.kv.errors import BY_GRPC_CODE, KVError
+from pdserve.kv.shm import SharedSegment, host_id
+from pdserve.kv.transport import (
+    BlockWriter,
+    Buffer,
+    DeleteResult,
+    KVTransport,
+    Lease,
+    LookupResult,
+    PutResult,
+    StoreStats,
+    TierStats,
+    TraceContext,
+)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Message limits sized for KV blocks (the 4 MiB default breaks on large chunks)."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def error_from_rpc(exc: grpc.RpcError) -> KVError:
+    """The typed error a status stands for (the inverse of the server's mapping)."""
+    code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+    err = BY_GRPC_CODE.get(code, KVError)(
+        f"{code}: {exc.details() if hasattr(exc, 'details') else exc}"
+    )
+    err.grpc_code = code
+    return err
+
+
+def _trace(ctx: TraceContext | None) -> common_pb2.TraceContext | None:
+    return common_pb2.TraceContext(entries=dict(ctx)) if ctx else None
+
+
+def _tier(value: int) -> Tier | None:
+    return Tier(value) if value else None
+
+
+class _StreamWriter(BlockWriter):
+    """Feeds one long-lived client-streaming Put from a queue (grpc drains it on its thread)."""
+
+    _END = object()
+
+    def __init__(
+        self, stub, chunk_bytes: int, header: kvstore_pb2.PutHeader, timeout_s: float
+    ) -> None:
+        self._chunk_bytes = chunk_bytes
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue.put(kvstore_pb2.PutRequest(header=header))
+        self._future = stub.Put.future(self._requests(), timeout=timeout_s)
+        self._result: PutResult | None = None
+
+    def _requests(self) -> Iterator[kvstore_pb2.PutRequest]:
+        while (item := self._queue.get()) is not self._END:
+            yield item
+
+    def _check(self) -> None:
+        if self._future.done():  # the server ended the stream early: surface its error now
+            self.close()
+
+    def write(self, key: BlockKey, offset: int, data: Buffer) -> None:
+        self._check()
+        for start, piece in iter_chunks(memoryview(data), self._chunk_bytes):
+            chunk = kvstore_pb2.BlockChunk(key=key, offset=offset + start, data=bytes(piece))
+            self._queue.put(kvstore_pb2.PutRequest(chunk=chunk))
+
+    def seal(self, key: BlockKey, checksum: int) -> None:
+        self._check()
+        self._queue.put(
+            kvstore_pb2.PutRequest(seal=kvstore_pb2.BlockSeal(key=key, checksum=checksum))
+        )
+
+    def close(self) -> PutResult:
+        if self._result is None:
+            self._queue.put(self._END)
+            try:
+                r = self._future.result()
+            except grpc.RpcError as exc:
+                raise error_from_rpc(exc) from None
+            self._result = PutResult(r.num_stored, r.num_skipped, tuple(Tier(t) for t in r.tiers))
+        return self._result
+
+    def abort(self) -> None:
+        self._future.cancel()
+        self._queue.put(self._END)
+
+
+class GrpcTransport(KVTransport):
+    """Blocks stream in ``chunk_bytes`` pieces over one HTTP/2 connection."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        chunk_bytes: int = 1 << 20,
+        max_message_bytes: int = 64 << 20,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
+        self._chunk_bytes = chunk_bytes
+        self._timeout_s = timeout_s
+        self._block_size: int | None = None
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self._timeout_s)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    @property
+    def block_size_bytes(self) -> int:
+        if self._block_size is None:
+            self._block_size = self.stats().block_size_bytes
+        return self._block_size
+
+    def open_writer(self, *, trace_context=None, skip_existing=False) -> BlockWriter:
+        header = kvstore_pb2.PutHeader(
+            trace_context=_trace(trace_context), skip_existing=skip_existing
+        )
+        return _StreamWriter(self._stub, self._chunk_bytes, header, self._timeout_s)
+
+    def get_blocks(self, keys: Sequence[BlockKey], *, trace_context=None) -> list[Buffer | None]:
+        request = kvstore_pb2.GetRequest(
+            keys=list(keys), trace_context=_trace(trace_context), chunk_bytes=self._chunk_bytes
+        )
+        found: dict[bytes, Buffer] = {}
+        parts: list[bytes] = []
+        try:
+            for response in self._stub.Get(request, timeout=self._timeout_s):
+                if response.WhichOneof("kind") == "chunk":
+                    parts.append(response.chunk.data)
+                    continue
+                end, data = response.end, b"".join(parts)
+                parts = []
+                if end.found and checksum(data) == end.checksum:
+                    found[end.key] = data
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return [found.get(k) for k in keys]
+
+    def lookup(self, keys: Sequence[BlockKey]) -> LookupResult:
+        r = self._call(self._stub.Lookup, kvstore_pb2.LookupRequest(keys=list(keys)))
+        return LookupResult(tuple(_tier(t) for t in r.tiers), r.prefix_blocks)
+
+    def pin(self, keys, *, ttl_s=None, lease_id=None) -> Lease:
+        request = kvstore_pb2.PinRequest(
+            keys=list(keys), ttl_ms=int((ttl_s or 0) * 1000), lease_id=lease_id or ""
+        )
+        r = self._call(self._stub.Pin, request)
+        return Lease(r.lease_id, tuple(r.pinned), tuple(r.missing), r.expires_unix_ms)
+
+    def unpin(self, lease_id: str) -> int:
+        return self._call(
+            self._stub.Unpin, kvstore_pb2.UnpinRequest(lease_id=lease_id)
+        ).num_released
+
+    def delete(self, keys) -> DeleteResult:
+        r = self._call(self._stub.Delete, kvstore_pb2.DeleteRequest(keys=list(keys)))
+        return DeleteResult(r.num_deleted, tuple(r.pinned))
+
+    def stats(self) -> StoreStats:
+        r = self._call(self._stub.Stats, kvstore_pb2.StatsRequest())
+        tiers = tuple(
+            TierStats(
+                Tier(t.tier),
+                t.capacity_bytes,
+                t.used_bytes,
+                t.num_blocks,
+                t.num_evicted,
+                t.num_promoted_in,
+                t.num_demoted_in,
+            )
+            for t in r.tiers
+        )
+        return StoreStats(
+            r.node_id,
+            r.block_size_bytes,
+            tiers,
+            r.num_pinned_blocks,
+            r.num_staging_blocks,
+            r.num_hits,
+            r.num_misses,
+            r.num_corrupt,
+        )
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class _SharedWriter(BlockWriter):
+    """Writes bytes straight into reserved slots of the store's segment; seals over gRPC."""
+
+    def __init__(
+        self, transport: SharedMemoryTransport, sealer: _StreamWriter, skip_existing: bool
+    ) -> None:
+        self._t = transport
+        self._sealer = sealer
+        self._skip_existing = skip_existing
+        self._offsets: dict[bytes, int | None] = {}
+        self._num_skipped = 0
+
+    def reserve(self, keys: Sequence[BlockKey]) -> None:
+        todo = [k for k in keys if k not in self._offsets]
+        if todo:
+            self._offsets.update(zip(todo, self._t.reserve(todo, self._skip_existing), strict=True))
+
+    def write(self, key: BlockKey, offset: int, data: Buffer) -> None:
+        self.reserve([key])
+        base = self._offsets[key]
+        if base is not None:
+            start = base + offset
+            self._t.segment.view[start : start + len(data)] = data
+
+    def seal(self, key: BlockKey, checksum: int) -> None:
+        self.reserve([key])
+        if self._offsets.pop(key) is None:
+            self._num_skipped += 1
+        else:
+            self._sealer.seal(key, checksum)
+
+    def close(self) -> PutResult:
+        result = self._sealer.close()
+        return PutResult(result.num_stored, result.num_skipped + self._num_skipped, result.tiers)
+
+    def abort(self) -> None:
+        self._sealer.abort()
+
+
+class SharedMemoryTransport(GrpcTransport):
+    """Same-host path: control messages over gRPC, bytes through the mapped DRAM pool.
+
+    Falls back to plain gRPC streaming (``self.shared`` is False) when the store is on
+    another host or has shared memory off. Blocks outside the DRAM pool (HBM) or that the
+    store could not map are fetched over gRPC.
+    """
+
+    def __init__(self, address: str, **kwargs) -> None:
+        super().__init__(address, **kwargs)
+        self.segment: SharedSegment | None = None
+        info = self._call(self._stub.OpenSharedMemory, kvstore_pb2.OpenSharedMemoryRequest())
+        if info.available and info.host_id == host_id() and Path(info.path).exists():
+            self.segment = SharedSegment.attach(Path(info.path), info.size_bytes)
+            self._block_size = info.block_size_bytes
+        self._batch_blocks = max(1, info.staging_blocks // 2)
+
+    @property
+    def shared(self) -> bool:
+        return self.segment is not None
+
+    def reserve(self, keys: Sequence[BlockKey], skip_existing: bool) -> list[int | None]:
+        r = self._call(
+            self._stub.ReserveShared,
+            kvstore_pb2.ReserveSharedRequest(keys=list(keys), skip_existing=skip_existing),
+        )
+        return [s.offset if s.length else None for s in r.slots]
+
+    def open_writer(self, *, trace_context=None, skip_existing=False) -> BlockWriter:
+        sealer = super().open_writer(trace_context=trace_context, skip_existing=skip_existing)
+        if not self.shared:
+            return sealer
+        return _SharedWriter(self, sealer, skip_existing)
+
+    def put_blocks(self, blocks, *, trace_context=None, skip_existing=False) -> PutResult:
+        """Copy into reserved slots and seal, in batches that fit the store's staging area."""
+        if not self.shared:
+            return super().put_blocks(
+                blocks, trace_context=trace_context, skip_existing=skip_existing
+            )
+        stored, skipped, tiers = 0, 0, []
+        for start in range(0, len(blocks), self._batch_blocks):
+            batch = blocks[start : start + self._batch_blocks]
+            with self.open_writer(
+                trace_context=trace_context, skip_existing=skip_existing
+            ) as writer:
+                writer.reserve([k for k, _ in batch])
+                for key, data in batch:
+                    writer.put(key, data)
+            result = writer.close()
+            stored, skipped = stored + result.num_stored, skipped + result.num_skipped
+            tiers.extend(result.tiers)
+        return PutResult(stored, skipped, tuple(tiers))
+
+    def _map(self, keys, ttl_s: float, trace_context) -> kvstore_pb2.MapSharedResponse:
+        request = kvstore_pb2.MapSharedRequest(
+            keys=list(keys), ttl_ms=int(ttl_s * 1000), trace_context=_trace(trace_context)
+        )
+        return self._call(self._stub.MapShared, request)
+
+    def _view(self, slot: kvstore_pb2.SharedSlot) -> memoryview | None:
+        if slot.length != self.block_size_bytes:
+            return None
+        return self.segment.view[slot.offset : slot.offset + slot.length].toreadonly()
+
+    @contextlib.contextmanager
+    def mapped(
+        self, keys: Sequence[BlockKey], *, ttl_s: float = 30.0, trace_context=None
+    ) -> Iterator[list[memoryview | None]]:
+        """Zero-copy: verified read-only views into the store's memory, pinned until exit."""
+        r = self._map(keys, ttl_s, trace_context)
+        try:
+            views = [self._view(slot) for slot in r.slots]
+            yield [
+                v if v is not None and checksum(v) == slot.checksum else None
+                for v, slot in zip(views, r.slots, strict=True)
+            ]
+        finally:
+            self._call(self._stub.Unpin, kvstore_pb2.UnpinRequest(lease_id=r.lease_id))
+
+    def get_blocks(self, keys, *, trace_context=None) -> list[Buffer | None]:
+        if not self.shared:
+            return super().get_blocks(keys, trace_context=trace_context)
+        out: list[Buffer | None] = [None] * len(keys)
+        r = self._map(keys, 30.0, trace_context)
+        try:
+            for i, slot in enumerate(r.slots):
+                view = self._view(slot)
+                if view is not None:
+                    copy = bytearray(view)  # one memcpy; then verify what we actually hold
+                    out[i] = copy if checksum(copy) == slot.checksum else None
+        finally:
+            self._call(self._stub.Unpin, kvstore_pb2.UnpinRequest(lease_id=r.lease_id))
+        missing = [i for i, v in enumerate(out) if v is None]
+        if missing:  # in HBM, or not placeable in the pool: the gRPC path
+            fetched = super().get_blocks([keys[i] for i in missing], trace_context=trace_context)
+            for i, data in zip(missing, fetched, strict=True):
+                out[i] = data
+        return out
+
+    def close(self) -> None:
+        if self.segment is not None:
+            self.segment.close()
+        super().close()

@@ -1,0 +1,242 @@
+"""gRPC wiring of the kvstore: messages in, store calls, messages out. No logic here.
+
+Every typed store error is mapped to a status in one place (:func:`_edge`).
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pdserve._proto.pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+from pdserve.config import KVStoreSettings
+from pdserve.kv.blocks import block_key
+from pdserve.kv.errors import ChunkOrderError, KVError
+from pdserve.kv.grpc_transport import channel_options
+from pdserve.kv.shm import host_id
+from pdserve.kv.transport import PutResult
+from services.kvstore.node import KVStoreNode
+from services.kvstore.store import PutSession, TieredStore
+
+log = structlog.get_logger(__name__)
+SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
+
+
+def _edge(method):
+    """Map typed store errors to gRPC statuses (unary and server-streaming handlers)."""
+
+    def abort(context, exc: KVError):
+        context.abort(grpc.StatusCode[exc.grpc_code], str(exc))
+
+    if method.__name__ == "Get":
+
+        @functools.wraps(method)
+        def streaming(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except KVError as exc:
+                abort(context, exc)
+
+        return streaming
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except KVError as exc:
+            abort(context, exc)
+
+    return unary
+
+
+def _trace(msg) -> dict[str, str]:
+    return dict(msg.trace_context.entries) if msg.HasField("trace_context") else {}
+
+
+class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
+    def __init__(self, store: TieredStore, settings: KVStoreSettings) -> None:
+        self._store = store
+        self._settings = settings
+
+    @_edge
+    def Put(self, request_iterator, context):
+        session: PutSession | None = None
+        try:
+            for request in request_iterator:
+                kind = request.WhichOneof("kind")
+                if kind == "header":
+                    if session is not None:
+                        raise ChunkOrderError("PutHeader must be the first message of a Put stream")
+                    session = self._store.open_put(
+                        skip_existing=request.header.skip_existing,
+                        trace_context=_trace(request.header),
+                    )
+                    continue
+                session = session or self._store.open_put()
+                if kind == "chunk":
+                    session.chunk(request.chunk.key, request.chunk.offset, request.chunk.data)
+                elif kind == "seal":
+                    session.seal(request.seal.key, request.seal.checksum)
+                else:
+                    raise ChunkOrderError("empty PutRequest: set header, chunk or seal")
+        except KVError:
+            if session is not None:
+                session.abort()
+            raise
+        result = session.finish() if session else PutResult(0, 0, ())
+        return kvstore_pb2.PutResponse(
+            num_stored=result.num_stored, num_skipped=result.num_skipped, tiers=list(result.tiers)
+        )
+
+    @_edge
+    def Get(self, request, context):
+        chunk_bytes = min(
+            request.chunk_bytes or self._settings.chunk_bytes, self._settings.chunk_bytes
+        )
+        for key in request.keys:
+            found = self._store.get_chunks(block_key(key), chunk_bytes)
+            if found is None:
+                yield kvstore_pb2.GetResponse(end=kvstore_pb2.GetBlockEnd(key=key, found=False))
+                continue
+            chunks, tier, block_checksum = found
+            offset = 0
+            for data in chunks:
+                yield kvstore_pb2.GetResponse(
+                    chunk=kvstore_pb2.BlockChunk(key=key, offset=offset, data=data)
+                )
+                offset += len(data)
+            end = kvstore_pb2.GetBlockEnd(key=key, found=True, checksum=block_checksum, tier=tier)
+            yield kvstore_pb2.GetResponse(end=end)
+
+    @_edge
+    def Lookup(self, request, context):
+        result = self._store.lookup(request.keys)
+        return kvstore_pb2.LookupResponse(
+            tiers=[t or 0 for t in result.tiers], prefix_blocks=result.prefix_blocks
+        )
+
+    @_edge
+    def Pin(self, request, context):
+        lease = self._store.pin(
+            request.keys, request.ttl_ms / 1000 or None, request.lease_id or None
+        )
+        return kvstore_pb2.PinResponse(
+            lease_id=lease.lease_id,
+            pinned=lease.pinned,
+            missing=lease.missing,
+            expires_unix_ms=lease.expires_unix_ms,
+        )
+
+    @_edge
+    def Unpin(self, request, context):
+        return kvstore_pb2.UnpinResponse(num_released=self._store.unpin(request.lease_id))
+
+    @_edge
+    def Delete(self, request, context):
+        result = self._store.delete(request.keys)
+        return kvstore_pb2.DeleteResponse(num_deleted=result.num_deleted, pinned=result.pinned)
+
+    @_edge
+    def Stats(self, request, context):
+        s = self._store.stats()
+        tiers = [
+            kvstore_pb2.TierStats(
+                tier=t.tier, capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes, num_blocks=t.num_blocks,
+                num_evicted=t.num_evicted, num_promoted_in=t.num_promoted_in, num_demoted_in=t.num_demoted_in,
+            )
+            for t in s.tiers
+        ]  # fmt: skip
+        return kvstore_pb2.StatsResponse(
+            node_id=s.node_id, block_size_bytes=s.block_size_bytes, tiers=tiers,
+            num_pinned_blocks=s.num_pinned_blocks, num_staging_blocks=s.num_staging_blocks,
+            num_hits=s.num_hits, num_misses=s.num_misses, num_corrupt=s.num_corrupt,
+        )  # fmt: skip
+
+    @_edge
+    def OpenSharedMemory(self, request, context):
+        path = self._store.shm_path
+        return kvstore_pb2.OpenSharedMemoryResponse(
+            available=path is not None,
+            path=str(path or ""),
+            size_bytes=self._store.segment.size_bytes if path else 0,
+            host_id=host_id(),
+            block_size_bytes=self._store.block_size_bytes,
+            staging_blocks=self._settings.staging_blocks,
+        )
+
+    @_edge
+    def ReserveShared(self, request, context):
+        offsets = self._store.reserve_shared(request.keys, skip_existing=request.skip_existing)
+        size = self._store.block_size_bytes
+        slots = [
+            kvstore_pb2.SharedSlot(key=k, offset=o or 0, length=size if o is not None else 0)
+            for k, o in zip(request.keys, offsets, strict=True)
+        ]
+        return kvstore_pb2.ReserveSharedResponse(slots=slots)
+
+    @_edge
+    def MapShared(self, request, context):
+        lease_id, found = self._store.map_shared(request.keys, request.ttl_ms / 1000 or None)
+        size = self._store.block_size_bytes
+        slots = [
+            kvstore_pb2.SharedSlot(key=k)
+            if f is None
+            else kvstore_pb2.SharedSlot(key=k, offset=f[0], length=size, checksum=f[1], tier=f[2])
+            for k, f in zip(request.keys, found, strict=True)
+        ]
+        return kvstore_pb2.MapSharedResponse(lease_id=lease_id, slots=slots)
+
+
+class KVStoreServer:
+    """The gRPC server around one node, with health and reflection."""
+
+    def __init__(self, settings: KVStoreSettings) -> None:
+        self.settings = settings
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=settings.grpc_workers, thread_name_prefix="kvstore-rpc"
+            ),
+            options=channel_options(settings.max_message_bytes),
+        )
+        self.port = self.server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        address = settings.advertise_address or f"{settings.node_id}:{self.port}"
+        self.node = KVStoreNode(settings, address=address)
+        kvstore_pb2_grpc.add_KVStoreServicer_to_server(
+            KVStoreServicer(self.node.store, settings), self.server
+        )
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+
+    def start(self) -> None:
+        self.node.start()
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("kvstore.listening", port=self.port, address=self.node.address)
+
+    def stop(self) -> None:
+        """Drain: report NOT_SERVING, finish in-flight RPCs, then flush and deregister."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.settings.shutdown_grace_s).wait()
+        self.node.stop()
+
+
+def serve(settings: KVStoreSettings) -> None:
+    server = KVStoreServer(settings)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    server.start()
+    done.wait()
+    log.info("kvstore.shutting_down")
+    server.stop()
