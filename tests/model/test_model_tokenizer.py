@@ -32,11 +32,13 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
-    from transformers import AutoTokenizer
+    # The tokenizer AutoTokenizer gives for this GGUF (same converter, same class); asked for by
+    # class, so transformers skips a second GGUF parse for a config, which costs ~5 s.
+    from transformers import PreTrainedTokenizerFast
 
     directory = tmp_path_factory.mktemp("hf-gguf")
     (directory / default_gguf.name).symlink_to(default_gguf)
-    return AutoTokenizer.from_pretrained(str(directory), gguf_file=default_gguf.name)
+    return PreTrainedTokenizerFast.from_pretrained(str(directory), gguf_file=default_gguf.name)
 
 
 @pytest.fixture(scope="module")
