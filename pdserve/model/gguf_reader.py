@@ -396,10 +396,12 @@ def _rope_scaling(gguf: GGUFFile, arch: str, rope_theta: float, head_dim: int) -
     if freqs is not None:  # llama3-style: llama.cpp stores the per-frequency divisors instead
         factors = gguf.dequantize(freqs).astype(np.float64)
         return llama3_rope_scaling_from_factors(factors, rope_theta, head_dim, original or 8192)
-    if kind in (None, "none") or factor in (None, 0.0, 1.0) and kind == "linear":
+    if kind in (None, "none"):
         return None
+    if factor is None:
+        raise ValueError(f"{gguf.path}: rope scaling {kind!r} without {arch}.rope.scaling.factor")
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(factor)}
+        return None if factor == 1.0 else {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
         scaling = {"rope_type": "yarn", "factor": float(factor)}
         optional = {
