@@ -133,10 +133,8 @@ def bench_block_size(
         shm.put_blocks(blocks)
         out["shm_put"] = nbytes / (time.perf_counter() - start)
 
-        def shm_handoff():  # map, verify, copy into the reader's (preallocated) KV cache
-            with shm.mapped(keys) as views:
-                for v, d in zip(views, dst, strict=True):
-                    memoryview(d)[:] = v
+        def shm_handoff():  # map, copy into the reader's (preallocated) KV cache, verify
+            assert all(shm.get_blocks_into(keys, dst))
 
         out["shm_get"] = best_rate(shm_handoff, nbytes, repeats)
         assert all(bytes(d) == s for d, s in zip(dst, src, strict=True))

@@ -265,3 +265,13 @@ def test_sigterm_flushes_and_deregisters(tmp_path, redis_url, cluster_name):
     ops = [f[b"op"] for _, f in client.xrange(layout.events)]
     assert ops[-2:] == [b"stored", b"evicted"]
     assert list(tmp_path.glob("pdserve-*")) == []  # shared memory unlinked
+
+
+def test_shared_memory_get_into_caller_buffers(server):
+    kv = SharedMemoryTransport(f"127.0.0.1:{server.port}")
+    kv.put_blocks([(key(1), payload(1)), (key(2), payload(2))])
+    server.node.store.segment.view[server.node.store.map_shared([key(2)], 1)[1][0][0]] ^= 1
+    out = [bytearray(BLOCK) for _ in range(3)]
+    assert kv.get_blocks_into([key(1), key(2), key(3)], out) == [True, False, False]
+    assert out[0] == payload(1)
+    kv.close()
