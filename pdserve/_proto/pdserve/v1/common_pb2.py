@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/common.proto\x12\npdserve.v1\"v\n\x0cTraceContext\x12\x36\n\x07\x65ntries\x18\x01 \x03(\x0b\x32%.pdserve.v1.TraceContext.EntriesEntry\x1a.\n\x0c\x45ntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*G\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_HBM\x10\x01\x12\r\n\tTIER_DRAM\x10\x02\x12\x0c\n\x08TIER_SSD\x10\x03*\x8b\x01\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKER_ROLE_ROUTER\x10\x01\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x02\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x03\x12\x17\n\x13WORKER_ROLE_KVSTORE\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/common.proto\x12\npdserve.v1\"v\n\x0cTraceContext\x12\x36\n\x07\x65ntries\x18\x01 \x03(\x0b\x32%.pdserve.v1.TraceContext.EntriesEntry\x1a.\n\x0c\x45ntriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x92\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\t\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x0e \x01(\x08H\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"H\n\x08KVSource\x12\x12\n\nblock_keys\x18\x01 \x03(\x0c\x12\x17\n\x0fkvstore_address\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\"G\n\x0c\x43\x61\x63hedTokens\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0b\n\x03hbm\x18\x02 \x01(\x05\x12\x0c\n\x04\x64ram\x18\x03 \x01(\x05\x12\x0b\n\x03ssd\x18\x04 \x01(\x05\"\x89\x02\n\x10RouteExplanation\x12\x16\n\x0eprefill_worker\x18\x01 \x01(\t\x12\x15\n\rdecode_worker\x18\x02 \x01(\t\x12\x15\n\rdisaggregated\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x17\n\x0funcached_tokens\x18\x06 \x01(\x05\x12(\n\x06\x63\x61\x63hed\x18\x07 \x03(\x0b\x32\x18.pdserve.v1.CachedTokens\x12\x14\n\x0c\x64\x65\x63ode_score\x18\x08 \x01(\x01\x12\x15\n\rprefill_score\x18\t \x01(\x01\x12\x18\n\x10prefill_attempts\x18\n \x01(\x05*G\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_HBM\x10\x01\x12\r\n\tTIER_DRAM\x10\x02\x12\x0c\n\x08TIER_SSD\x10\x03*\x8b\x01\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKER_ROLE_ROUTER\x10\x01\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x02\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x03\x12\x17\n\x13WORKER_ROLE_KVSTORE\x10\x04*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRACECONTEXT_ENTRIESENTRY']._loaded_options = None
   _globals['_TRACECONTEXT_ENTRIESENTRY']._serialized_options = b'8\001'
-  _globals['_TIER']._serialized_start=159
-  _globals['_TIER']._serialized_end=230
-  _globals['_WORKERROLE']._serialized_start=233
-  _globals['_WORKERROLE']._serialized_end=372
+  _globals['_TIER']._serialized_start=1326
+  _globals['_TIER']._serialized_end=1397
+  _globals['_WORKERROLE']._serialized_start=1400
+  _globals['_WORKERROLE']._serialized_end=1539
+  _globals['_FINISHREASON']._serialized_start=1542
+  _globals['_FINISHREASON']._serialized_end=1687
   _globals['_TRACECONTEXT']._serialized_start=39
   _globals['_TRACECONTEXT']._serialized_end=157
   _globals['_TRACECONTEXT_ENTRIESENTRY']._serialized_start=111
   _globals['_TRACECONTEXT_ENTRIESENTRY']._serialized_end=157
+  _globals['_SAMPLINGPARAMS']._serialized_start=160
+  _globals['_SAMPLINGPARAMS']._serialized_end=690
+  _globals['_TOPLOGPROB']._serialized_start=692
+  _globals['_TOPLOGPROB']._serialized_end=739
+  _globals['_TOKENLOGPROB']._serialized_start=741
+  _globals['_TOKENLOGPROB']._serialized_end=827
+  _globals['_USAGE']._serialized_start=829
+  _globals['_USAGE']._serialized_end=909
+  _globals['_KVSOURCE']._serialized_start=911
+  _globals['_KVSOURCE']._serialized_end=983
+  _globals['_CACHEDTOKENS']._serialized_start=985
+  _globals['_CACHEDTOKENS']._serialized_end=1056
+  _globals['_ROUTEEXPLANATION']._serialized_start=1059
+  _globals['_ROUTEEXPLANATION']._serialized_end=1324
 # @@protoc_insertion_point(module_scope)
