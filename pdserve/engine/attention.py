@@ -38,7 +38,9 @@ class AttentionMetadata:
     decode_token_index: torch.Tensor  # [Bd] rows of the packed batch that are decodes
     decode_block_tables: torch.Tensor  # [Bd, max_blocks] int64 (padded with 0)
     decode_context_lens: torch.Tensor  # [Bd] int64
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] bool, True = attend
+    # [Bd, 1, 1, decode_max_len] bool, True = attend; None when every decode has that length
+    decode_mask: torch.Tensor | None
+    decode_max_len: int = 0
 
     @property
     def num_decodes(self) -> int:
@@ -94,8 +96,10 @@ class _GatheringBackend(AttentionBackend):
             bd, max_blocks = meta.decode_block_tables.shape
             _, block_size, kv_heads, head_dim = k_cache.shape
             # [Bd, L, KVH, D] → [Bd, KVH, L, D]
-            ctx_k = k_cache[meta.decode_block_tables].view(bd, -1, kv_heads, head_dim).transpose(1, 2)
-            ctx_v = v_cache[meta.decode_block_tables].view(bd, -1, kv_heads, head_dim).transpose(1, 2)
+            length = meta.decode_max_len
+            ctx_k = k_cache[meta.decode_block_tables].view(bd, -1, kv_heads, head_dim)[:, :length]
+            ctx_v = v_cache[meta.decode_block_tables].view(bd, -1, kv_heads, head_dim)[:, :length]
+            ctx_k, ctx_v = ctx_k.transpose(1, 2), ctx_v.transpose(1, 2)
             q_dec = q.index_select(0, meta.decode_token_index).unsqueeze(2)  # [Bd, H, 1, D]
             o = self.decode(q_dec, ctx_k, ctx_v, meta.decode_mask, scale)  # [Bd, H, 1, D]
             out.index_copy_(0, meta.decode_token_index, o.squeeze(2))
@@ -107,7 +111,7 @@ class _GatheringBackend(AttentionBackend):
 
     @abstractmethod
     def decode(self, q, k, v, mask, scale) -> torch.Tensor:
-        """q [B, H, 1, D], k/v [B, KVH, L, D], mask [B, 1, 1, L] bool."""
+        """q [B, H, 1, D], k/v [B, KVH, L, D], mask [B, 1, 1, L] bool or None (attend all)."""
 
 
 def _causal_mask(num_queries: int, num_keys: int, device) -> torch.Tensor:
@@ -145,7 +149,8 @@ class ReferenceBackend(_GatheringBackend):
         k = k.repeat_interleave(group, dim=-3)
         v = v.repeat_interleave(group, dim=-3)
         scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~mask, float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         return (scores.softmax(-1) @ v.float()).to(q.dtype)
 
     def prefill(self, q, k, v, scale):

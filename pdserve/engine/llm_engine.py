@@ -8,7 +8,7 @@ Every path to finished releases the request's blocks through `Scheduler.finish`.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence as SequenceABC
+from collections.abc import Callable, Iterator, Sequence as SequenceABC
 from dataclasses import dataclass, field
 
 import torch
@@ -101,6 +101,7 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
         self._request_ids = itertools.count()
+        self._prefilled: list[tuple[str, SampledToken]] = []
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids or self.tokenizer.eos_token_ids)
 
     # -- requests --------------------------------------------------------------------------
@@ -143,7 +144,10 @@ class LLMEngine:
         messages: list[dict] | None = None,
         request_id: str | None = None,
         cache_salt: str | None = None,
+        first_token: SampledToken | None = None,
     ) -> str:
+        """Queue a request. `first_token` is a token already sampled for this prompt elsewhere
+        (disaggregated prefill): it is emitted by the next `step` and decoding continues from it."""
         params = params or SamplingParams()
         token_ids = self.encode_prompt(prompt, messages)
         self.validate_prompt(token_ids, params)
@@ -161,6 +165,11 @@ class LLMEngine:
             seq, params, make_generator(params.seed),
             IncrementalDetokenizer(self.tokenizer, token_ids, params),
         )
+        if first_token is not None:
+            if not 0 <= first_token.token_id < self.model_config.vocab_size:
+                raise ValueError(f"first token id must be in [0, {self.model_config.vocab_size})")
+            seq.output_token_ids.append(first_token.token_id)
+            self._prefilled.append((request_id, first_token))
         self.scheduler.add(seq)
         return request_id
 
@@ -181,18 +190,34 @@ class LLMEngine:
         return len(self._requests)
 
     # -- the loop --------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(
+        self, on_layer_done: Callable[[int, SchedulerPlan], None] | None = None
+    ) -> list[RequestOutput]:
+        """One iteration: schedule, execute, update. `on_layer_done(layer, plan)` is called as
+        each layer finishes writing this step's KV (the pipelined-handoff hook)."""
+        pending = self._emit_prefilled()
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return self._fail_unschedulable()
+            return pending + self._fail_unschedulable()
+        hook = None if on_layer_done is None else (lambda layer: on_layer_done(layer, plan))
         try:
-            result = self.runner.execute(plan)
+            result = self.runner.execute(plan, hook)
             rows = [self._sampling_row(rid) for rid in result.request_ids]
             sampled = self.sampler.sample(result.logits, rows)
         except Exception:
             self._fail(plan)
             raise
-        return self._update(plan, dict(zip(result.request_ids, sampled)))
+        return pending + self._update(plan, dict(zip(result.request_ids, sampled)))
+
+    def _emit_prefilled(self) -> list[RequestOutput]:
+        """Outputs for first tokens sampled elsewhere (by a prefill worker), once each."""
+        outputs = []
+        while self._prefilled:
+            request_id, token = self._prefilled.pop()
+            request = self._requests.get(request_id)
+            if request is not None:
+                outputs.append(self._postprocess(request, token))
+        return outputs
 
     def _sampling_row(self, request_id: str) -> SamplingRow:
         request = self._requests[request_id]

@@ -3,7 +3,7 @@ batch, runs the model over the paged KV pool, and returns the logits of the rows
 
 from __future__ import annotations
 
-from collections.abc import Sequence as SequenceABC
+from collections.abc import Callable, Sequence as SequenceABC
 from dataclasses import dataclass
 
 import torch
@@ -86,7 +86,8 @@ class ModelRunner:
             decode_token_index=self._tensor(decode_rows),
             decode_block_tables=self._pad_tables(decode_tables),
             decode_context_lens=self._tensor(decode_lens),
-            decode_mask=self._decode_mask(decode_tables, decode_lens),
+            decode_mask=self._decode_mask(decode_lens),
+            decode_max_len=max(decode_lens, default=0),
         )
         return self._tensor(input_ids), self._tensor(positions), meta, sample_rows, sample_ids
 
@@ -94,16 +95,18 @@ class ModelRunner:
         width = max((len(t) for t in tables), default=0)
         return self._tensor([t + [0] * (width - len(t)) for t in tables]).view(len(tables), width)
 
-    def _decode_mask(self, tables: list[list[int]], lens: list[int]) -> torch.Tensor | None:
-        if not tables:
+    def _decode_mask(self, lens: list[int]) -> torch.Tensor | None:
+        if not lens or min(lens) == max(lens):
             return None
-        width = max(len(t) for t in tables) * self.block_size
+        width = max(lens)
         key_positions = torch.arange(width, device=self.device)
         return (key_positions.unsqueeze(0) < self._tensor(lens).unsqueeze(1)).view(len(lens), 1, 1, width)
 
-    def execute(self, plan: SchedulerPlan) -> StepOutput:
+    def execute(
+        self, plan: SchedulerPlan, on_layer_done: Callable[[int], None] | None = None
+    ) -> StepOutput:
         input_ids, positions, meta, sample_rows, sample_ids = self.prepare(plan)
-        hidden = self.model.forward(input_ids, positions, self.kv_pool, meta)
+        hidden = self.model.forward(input_ids, positions, self.kv_pool, meta, on_layer_done)
         logits = self.model.compute_logits(hidden[self._tensor(sample_rows)])
         return StepOutput(sample_ids, logits)
 
@@ -122,3 +125,14 @@ class ModelRunner:
 
     def read_blocks(self, block_ids: SequenceABC[int]) -> list[bytes]:
         return [self.read_block(b) for b in block_ids]
+
+    def read_layer(self, layer: int, block_ids: SequenceABC[int]) -> list[bytes]:
+        """One layer's slice of each block: [2, block_size, KVH, D] bytes, which sits at byte
+        offset `layer * layer_nbytes` of the whole block's payload."""
+        index = torch.tensor(list(block_ids), device=self.device)
+        slices = self.kv_pool[layer].index_select(1, index).transpose(0, 1).contiguous().cpu()
+        return [s.view(torch.uint8).numpy().tobytes() for s in slices]
+
+    @property
+    def layer_nbytes(self) -> int:
+        return self.kv_pool[0, :, 0].numel() * self.kv_pool.element_size()

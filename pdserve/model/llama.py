@@ -6,6 +6,7 @@ tokens match it; projections sharing an input are fused (QKV, gate+up) to cut ke
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +122,10 @@ class LlamaModel:
         positions: torch.Tensor,  # [T]
         kv_pool: torch.Tensor,  # [L, 2, num_blocks, block_size, KVH, D]
         meta: AttentionMetadata,
+        on_layer_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor:  # [T, hidden]
+        """`on_layer_done(i)` runs once layer i has written this step's KV into the pool, so a
+        caller can ship that layer's slice of finished blocks while later layers compute."""
         cfg = self.config
         num_tokens = input_ids.shape[0]
         q_size = cfg.num_heads * cfg.head_dim
@@ -141,6 +145,8 @@ class LlamaModel:
             x = rms_norm(h, layer["post_norm"], cfg.rms_norm_eps)
             gate, up = F.linear(x, layer["gate_up"]).chunk(2, dim=-1)
             h = h + F.linear(F.silu(gate) * up, layer["down"])
+            if on_layer_done is not None:
+                on_layer_done(i)
         return rms_norm(h, self.norm, cfg.rms_norm_eps)
 
     @torch.inference_mode()

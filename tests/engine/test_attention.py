@@ -42,7 +42,8 @@ def build_case(device, dtype, seed=0):
     width = max(len(t) for t in dec_tables)
     padded = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], device=device)
     lens = torch.tensor(dec_lens, device=device)
-    mask = (torch.arange(width * BLOCK_SIZE, device=device)[None] < lens[:, None]).view(len(lens), 1, 1, -1)
+    max_len = max(dec_lens)
+    mask = (torch.arange(max_len, device=device)[None] < lens[:, None]).view(len(lens), 1, 1, -1)
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots, device=device),
         prefills=prefills,
@@ -50,6 +51,7 @@ def build_case(device, dtype, seed=0):
         decode_block_tables=padded,
         decode_context_lens=lens,
         decode_mask=mask,
+        decode_max_len=max_len,
     )
     q = torch.randn(row, HEADS, HEAD_DIM, generator=g).to(device, dtype)
     k = torch.randn(row, KV_HEADS, HEAD_DIM, generator=g).to(device, dtype)

@@ -1,0 +1,70 @@
+"""The `pdserve` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="pdserve: disaggregated LLM serving")
+
+
+@app.callback()
+def _main() -> None:
+    """pdserve: LLM serving with prefill/decode disaggregation."""
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="prompt text (a user message with --chat)")],
+    chat: Annotated[bool, typer.Option("--chat", help="wrap PROMPT in the model's chat template")] = False,
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="GGUF file or safetensors directory")] = None,
+    dtype: Annotated[str, typer.Option("--dtype")] = "float32",
+    attention_backend: Annotated[str, typer.Option("--attention-backend")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object at the end")] = False,
+) -> None:
+    """Generate text offline with the in-process engine, streaming to the terminal."""
+    from pdserve.engine.engine_config import EngineConfig
+    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.sampling_params import SamplingParams
+    from pdserve.model.loader import load_checkpoint
+
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        config = EngineConfig(model=model, dtype=dtype, attention_backend=attention_backend)
+        import torch
+
+        show_progress = not as_json and sys.stderr.isatty()
+        checkpoint = load_checkpoint(model, dtype=getattr(torch, dtype), progress=show_progress)
+        engine = LLMEngine(config, checkpoint=checkpoint)
+        request = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+        text, token_ids, finish_reason = "", [], None
+        for out in engine.stream(params=params, **request):
+            text += out.text_delta
+            token_ids.extend(out.new_token_ids)
+            finish_reason = out.finish_reason
+            if not as_json:
+                sys.stdout.write(out.text_delta)
+                sys.stdout.flush()
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps({"text": text, "token_ids": token_ids, "finish_reason": finish_reason}))
+    else:
+        sys.stdout.write("\n")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
