@@ -83,7 +83,7 @@ class _GatheringBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if meta.prefills else q
         for seg in meta.prefills:
             rows = slice(seg.token_start, seg.token_start + seg.num_tokens)
             if seg.context_len == seg.num_tokens:
@@ -102,6 +102,8 @@ class _GatheringBackend(AttentionBackend):
             ctx_k, ctx_v = ctx_k.transpose(1, 2), ctx_v.transpose(1, 2)
             q_dec = q.index_select(0, meta.decode_token_index).unsqueeze(2)  # [Bd, H, 1, D]
             o = self.decode(q_dec, ctx_k, ctx_v, meta.decode_mask, scale)  # [Bd, H, 1, D]
+            if not meta.prefills:  # a pure decode step: rows are the decodes, in order
+                return o.squeeze(2)
             out.index_copy_(0, meta.decode_token_index, o.squeeze(2))
         return out
 

@@ -134,13 +134,15 @@ class LlamaModel:
         h = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer["input_norm"], cfg.rms_norm_eps)
-            q, k, v = F.linear(x, layer["qkv"]).split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(num_tokens, cfg.num_heads, cfg.head_dim)
-            k = k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            qk, v = F.linear(x, layer["qkv"]).split([q_size + kv_size, kv_size], dim=-1)
+            # Rotate q and k heads together: one set of elementwise kernels instead of two.
+            qk = qk.view(num_tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
             v = v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            o = self.backend.forward(q, k, v.contiguous(), kv_pool[i, 0], kv_pool[i, 1], meta, self.scale)
+            o = self.backend.forward(
+                q, k.contiguous(), v.contiguous(), kv_pool[i, 0], kv_pool[i, 1], meta, self.scale
+            )
             h = h + F.linear(o.reshape(num_tokens, q_size), layer["o"])
             x = rms_norm(h, layer["post_norm"], cfg.rms_norm_eps)
             gate, up = F.linear(x, layer["gate_up"]).chunk(2, dim=-1)
