@@ -1,0 +1,67 @@
+"""Router settings (``PDSERVE_ROUTER_*`` variables or ``--kebab-case`` flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from pdserve.config import ServiceSettings
+
+
+class RouterSettings(ServiceSettings):
+    """The front door: gRPC ``Router`` + OpenAI-compatible HTTP on one process."""
+
+    model_config = SettingsConfigDict(env_prefix="PDSERVE_ROUTER_")
+
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8000, ge=0, le=65535, description="OpenAI API, /health; 0 disables")
+    api_key: str | None = Field(
+        None, description="when set, every call needs 'authorization: Bearer <api_key>'"
+    )
+
+    # The model: only its tokenizer and fingerprint are used (weights stay memory-mapped).
+    model: Path | None = Field(None, description="GGUF file or safetensors dir; default model")
+    model_name: str = Field("SmolLM2-135M-Instruct", description="name served on /v1/models")
+    dtype: str = Field("float32", description="the workers' dtype: part of the KV fingerprint")
+    block_size: int = Field(16, ge=1, le=1024, description="the workers' KV block size, tokens")
+    max_model_len: int = Field(8192, ge=2, description="prompt + max_tokens cap, tokens")
+
+    # Policy (see services/router/policy.py for the formulas).
+    disagg_threshold_tokens: int = Field(
+        128, ge=0, description="prefill on the decode worker when the uncached part is shorter"
+    )
+    overlap_weight: float = Field(1.0, ge=0, description="weight of the cached-prefix ratio")
+    load_weight: float = Field(1.0, ge=0, description="weight of the load ratio")
+    max_inflight_requests: int = Field(256, ge=1, description="admitted at once; then 429")
+    max_inflight_per_worker: int = Field(64, ge=1, description="the load ratio's denominator")
+    prefill_tokens_per_s: float = Field(
+        2000.0, gt=0, description="prior for the TTFT prediction; refined by observation"
+    )
+    default_deadline_s: float = Field(120.0, gt=0, description="when the caller sets none")
+
+    # Resilience.
+    prefill_timeout_s: float = Field(60.0, gt=0, description="one Prefill RPC")
+    prefill_attempts: int = Field(2, ge=1, description="a failed prefill is retried elsewhere")
+    decode_first_chunk_timeout_s: float = Field(60.0, gt=0)
+    decode_stall_timeout_s: float = Field(
+        10.0, gt=0, description="a decode stream silent this long is declared dead"
+    )
+    kv_fetch_timeout_s: float = Field(0.0, ge=0, description="passed to decode; 0 = its default")
+    registry_refresh_s: float = Field(0.5, gt=0, description="worker list refresh period")
+    affinity_capacity_blocks: int = Field(
+        200_000, ge=0, description="block keys remembered per routing decision (LRU)"
+    )
+    max_message_bytes: int = Field(16 << 20, ge=1 << 20)
+    shutdown_grace_s: float = Field(5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_router(self) -> RouterSettings:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16 (got {self.dtype!r})")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key must be non-empty when set")
+        return self

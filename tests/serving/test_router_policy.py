@@ -1,0 +1,116 @@
+"""Router policy: pure functions, exact expectations on tiny inputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.router.affinity import PrefixAffinity
+from services.router.policy import (
+    PrefillMode,
+    Weights,
+    WorkerLoad,
+    admit,
+    choose_worker,
+    decide_disaggregation,
+    plan_route,
+    predict_ttft_s,
+    score,
+)
+
+W = Weights(overlap=1.0, load=1.0)
+
+
+def test_score_is_cached_share_minus_load_ratio():
+    w = WorkerLoad("d0", num_inflight=16, capacity=64, cached_tokens=768)
+    assert score(w, 1024, W) == pytest.approx(0.75 - 0.25)
+    assert score(w, 1024, Weights(overlap=2.0, load=0.5)) == pytest.approx(1.5 - 0.125)
+    # cached tokens are capped at the prompt length; an empty prompt has no overlap
+    assert score(WorkerLoad("d", 0, 8, cached_tokens=99), 10, W) == 1.0
+    assert score(WorkerLoad("d", 4, 8), 0, W) == -0.5
+
+
+def test_choose_prefers_prefix_holder_unless_overloaded():
+    a = WorkerLoad("a", num_inflight=2, capacity=64, cached_tokens=0)
+    b = WorkerLoad("b", num_inflight=10, capacity=64, cached_tokens=512)
+    choice = choose_worker([a, b], 1024, W)
+    assert (choice.worker_id, choice.cached_tokens) == ("b", 512)
+    assert choice.score == pytest.approx(0.5 - 10 / 64)
+    busy_b = WorkerLoad("b", num_inflight=60, capacity=64, cached_tokens=512)
+    assert choose_worker([a, busy_b], 1024, W).worker_id == "a"
+
+
+def test_choose_ties_break_on_load_then_id_and_exclude():
+    a = WorkerLoad("a", 1, 4)
+    b = WorkerLoad("b", 1, 4)
+    c = WorkerLoad("c", 0, 4)
+    assert choose_worker([b, a], 100, W).worker_id == "a"
+    assert choose_worker([b, a, c], 100, W).worker_id == "c"
+    assert choose_worker([a, b], 100, W, exclude=["a"]).worker_id == "b"
+    assert choose_worker([a], 100, W, exclude=["a"]) is None
+    assert choose_worker([], 100, W) is None
+    # equal score, different load ratio: the score already includes load, so craft one
+    x = WorkerLoad("x", 2, 4, cached_tokens=50)  # 0.5 - 0.5 = 0
+    y = WorkerLoad("y", 0, 4, cached_tokens=0)  # 0 - 0 = 0
+    assert choose_worker([x, y], 100, W).worker_id == "y"
+
+
+def test_disaggregation_threshold_and_colocated():
+    d = decide_disaggregation(100, 0, 128, num_prefill_workers=1)
+    assert (d.mode, d.uncached_tokens, d.reason) == (
+        PrefillMode.LOCAL, 100, "uncached suffix 100 < threshold 128",
+    )  # fmt: skip
+    d = decide_disaggregation(1000, 0, 128, 1)
+    assert (d.mode, d.uncached_tokens, d.reason) == (
+        PrefillMode.REMOTE, 1000, "uncached suffix 1000 >= threshold 128",
+    )  # fmt: skip
+    d = decide_disaggregation(1000, 960, 128, 1)
+    assert (d.mode, d.uncached_tokens) == (PrefillMode.LOCAL, 40)
+    assert d.reason == "uncached suffix 40 < threshold 128; decode worker holds 960 tokens"
+    d = decide_disaggregation(5000, 0, 128, 0)
+    assert (d.mode, d.reason) == (PrefillMode.LOCAL, "colocated: no prefill workers")
+    assert decide_disaggregation(128, 0, 128, 2).mode is PrefillMode.REMOTE
+
+
+def test_plan_route_end_to_end():
+    decode = [WorkerLoad("d0", 0, 64), WorkerLoad("d1", 0, 64, cached_tokens=1024)]
+    prefill = [WorkerLoad("p0", 0, 64), WorkerLoad("p1", 0, 64, cached_tokens=512)]
+    plan = plan_route(decode, prefill, 2048, W, 128)
+    assert plan.decode.worker_id == "d1"
+    assert plan.disaggregation.mode is PrefillMode.REMOTE
+    assert plan.prefill.worker_id == "p1"
+    assert plan.uncached_tokens == 2048 - 512
+    # the first prefill worker failed: the retry excludes it
+    plan = plan_route(decode, prefill, 2048, W, 128, exclude_prefill=["p1"])
+    assert plan.prefill.worker_id == "p0"
+    assert plan.uncached_tokens == 2048
+    # every prefill worker excluded: prefill on the decode worker
+    plan = plan_route(decode, prefill, 2048, W, 128, exclude_prefill=["p0", "p1"])
+    assert plan.prefill is None and plan.uncached_tokens == 1024
+    assert plan_route([], prefill, 10, W, 128) is None
+
+
+def test_admission():
+    assert admit(3, 4, 0.5, 10.0, 1000, 2000.0).admitted
+    full = admit(4, 4, 0.5, 10.0, 5000, 2000.0)
+    assert (full.admitted, full.reason, full.retry_after_s) == (
+        False, "router is full (4/4 requests)", 3,
+    )  # fmt: skip
+    late = admit(0, 4, predict_ttft_s(9000, 1000, 2000.0), 2.0, 9000, 2000.0)
+    assert (late.admitted, late.retry_after_s) == (False, 5)
+    assert late.reason == "predicted time to first token 5.00s exceeds the deadline 2.00s"
+    assert admit(0, 4, 0.0, 1.0, 0, 2000.0).retry_after_s == 0
+
+
+def test_prefix_affinity_lru():
+    aff = PrefixAffinity(capacity_blocks=3)
+    k = [bytes([i]) * 16 for i in range(5)]
+    aff.record("d0", k[:2])
+    aff.record("d1", k[:1])
+    assert aff.prefix_blocks("d0", k) == 2
+    assert aff.prefix_blocks("d1", k) == 1
+    assert aff.prefix_blocks("d2", k) == 0
+    aff.record("d1", k[2:4])  # k0 was refreshed by d1; k1 is now the least recent: evicted
+    assert len(aff) == 3
+    assert aff.prefix_blocks("d0", k) == 1
+    aff.forget_worker("d0")
+    assert aff.prefix_blocks("d0", k) == 0
