@@ -1,0 +1,168 @@
+"""Router process wiring: grpc.aio ``Router`` service + aiohttp OpenAI API on one event loop.
+
+Lifecycle: load the tokenizer and fingerprint → start discovery (Redis registry, location
+index) → serve gRPC (health SERVING) and HTTP → on SIGTERM/SIGINT report NOT_SERVING, stop
+accepting, let in-flight streams finish for ``shutdown_grace_s``, deregister.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import os
+import signal
+import time
+
+import grpc
+import structlog
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pdserve._proto.pdserve.v1 import router_pb2, router_pb2_grpc
+from pdserve.kv.metadata import Heartbeat, WorkerInfo
+from services.router.errors import RouterError, Unauthenticated
+from services.router.openai_api import make_app
+from services.router.router import ModelInfo, Router
+from services.router.settings import RouterSettings
+from services.router.workers import WorkerClients, WorkerDirectory
+
+log = structlog.get_logger(__name__)
+SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+
+
+def check_bearer(settings: RouterSettings, header: str | None) -> None:
+    """Raise Unauthenticated unless ``header`` is ``Bearer <api_key>`` (no key: all pass)."""
+    if settings.api_key is None:
+        return
+    expected = f"Bearer {settings.api_key}"
+    if header is None or not hmac.compare_digest(header.encode(), expected.encode()):
+        raise Unauthenticated("missing or invalid bearer token")
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: RouterError) -> None:
+    if exc.retry_after_s:
+        context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
+    await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    async def Generate(self, request, context):
+        try:
+            metadata = dict(context.invocation_metadata() or ())
+            check_bearer(self._router.settings, metadata.get("authorization"))
+            async for chunk in self._router.generate(request, context.time_remaining()):
+                yield chunk
+        except RouterError as exc:
+            await abort_with(context, exc)
+
+    async def ListModels(self, request, context):
+        try:
+            metadata = dict(context.invocation_metadata() or ())
+            check_bearer(self._router.settings, metadata.get("authorization"))
+        except RouterError as exc:
+            await abort_with(context, exc)
+        return router_pb2.ListModelsResponse(models=[self._router.model.name])
+
+
+def load_model_info(settings: RouterSettings) -> ModelInfo:
+    import torch
+
+    from pdserve.model.loader import load_checkpoint
+
+    checkpoint = load_checkpoint(settings.model, dtype=getattr(torch, settings.dtype))
+    config = checkpoint.config
+    return ModelInfo(
+        name=settings.model_name,
+        tokenizer=checkpoint.tokenizer,
+        fingerprint=checkpoint.fingerprint,
+        vocab_size=config.vocab_size,
+        max_model_len=min(settings.max_model_len, config.max_position_embeddings),
+    )
+
+
+class RouterServer:
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        self.model = load_model_info(settings)
+        self.directory = WorkerDirectory(
+            settings.redis_url, settings.cluster_name, settings.heartbeat_ttl_s,
+            settings.registry_refresh_s,
+        )  # fmt: skip
+        self.clients = WorkerClients(settings.max_message_bytes)
+        self.router = Router(settings, self.model, self.directory, self.clients)
+        self.worker_id = f"router-{settings.node_id}-{os.getpid()}"
+        self._heartbeat: Heartbeat | None = None
+        self._runner: web.AppRunner | None = None
+        self.grpc_port = 0
+        self.http_port = 0
+
+    async def start(self) -> None:
+        s = self.settings
+        self.directory.start()
+        options = [
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+        ]
+        self.server = grpc.aio.server(options=options)
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.router), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.grpc_port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        await self.server.start()
+        if s.http_port:
+            self._runner = web.AppRunner(make_app(self.router), access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, s.http_host, s.http_port)
+            await site.start()
+            self.http_port = self._runner.addresses[0][1]
+        self._heartbeat = Heartbeat(self.directory.registry, self._info, s.heartbeat_interval_s)
+        self._heartbeat.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("router.listening", grpc_port=self.grpc_port, http_port=self.http_port)
+
+    def _info(self) -> WorkerInfo:
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            role="router",
+            address=f"{self.settings.node_id}:{self.grpc_port}",
+            node_id=self.settings.node_id,
+            capacity={"max_inflight_requests": self.settings.max_inflight_requests},
+            load={"running": self.router.num_inflight},
+            started_unix_ms=int(time.time() * 1000),
+        )
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.server.stop(self.settings.shutdown_grace_s)
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        self.directory.stop()
+        await self.clients.close()
+
+
+async def serve_async(settings: RouterSettings) -> None:
+    server = RouterServer(settings)
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    await server.start()
+    await done.wait()
+    log.info("router.shutting_down")
+    with contextlib.suppress(Exception):
+        await server.stop()
+
+
+def serve(settings: RouterSettings) -> None:
+    asyncio.run(serve_async(settings))
