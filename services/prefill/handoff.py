@@ -1,0 +1,187 @@
+"""Pipelined KV handoff: new blocks go to the kvstore one layer at a time while later layers
+are still computing.
+
+Lifecycle of one engine step's blocks::
+
+    begin_step (engine thread, after layer 0 wrote its KV)  → one BlockWriter opened
+    write_layer(l) for every layer (engine thread copies the layer's slices; the writer
+        thread writes them at byte offset l * layer_nbytes and hashes them in order)
+    end_step → each block sealed with the xxh3-64 of all its layers, the writer closed,
+        each block's future resolved: True = stored (or already there), False = not stored
+
+Invariants:
+- The engine thread only copies bytes and enqueues; it never waits on the kvstore.
+- One writer thread, one queue: a step's items are handled in order, so a block is sealed
+  only after its last layer was written, and steps never interleave.
+- ``inflight(key)`` is the future of a block some step is writing now: a second request
+  that needs the same block waits on it instead of writing it twice (the kvstore refuses
+  two writers of one key).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+
+import structlog
+import xxhash
+
+from pdserve.kv.transport import BlockWriter, KVTransport
+
+log = structlog.get_logger(__name__)
+_STOP = object()
+
+
+class HandoffStats:
+    def __init__(self) -> None:
+        self.num_blocks_stored = 0
+        self.num_blocks_failed = 0
+        self.num_bytes_written = 0
+
+
+class _Step:
+    def __init__(self, keys: list[bytes]) -> None:
+        self.keys = keys
+        self.hashers = [xxhash.xxh3_64() for _ in keys]
+        self.futures: list[Future] = [Future() for _ in keys]
+        self.writer: BlockWriter | None = None
+        self.error: Exception | None = None
+
+
+class KVHandoff:
+    """Writes blocks to one kvstore from a dedicated thread. See the module docstring."""
+
+    def __init__(self, transport: Callable[[], KVTransport], layer_nbytes: int) -> None:
+        self._transport = transport  # returns a live transport or raises
+        self._layer_nbytes = layer_nbytes
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._inflight: dict[bytes, Future] = {}
+        self._lock = threading.Lock()
+        self._current: _Step | None = None  # engine thread's view
+        self.stats = HandoffStats()
+        self._thread = threading.Thread(target=self._run, name="kv-handoff", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+
+    def inflight(self, key: bytes) -> Future | None:
+        with self._lock:
+            return self._inflight.get(key)
+
+    # ---- engine thread ----
+
+    def begin_step(self, keys: Sequence[bytes]) -> list[Future]:
+        """Start writing these blocks (all computed in the current step); their futures."""
+        step = _Step(list(keys))
+        with self._lock:
+            for key, fut in zip(step.keys, step.futures, strict=True):
+                self._inflight[key] = fut
+        self._current = step
+        self._queue.put(("begin", step))
+        return step.futures
+
+    def write_layer(self, layer: int, payloads: Sequence[bytes]) -> None:
+        """One layer's slice of each block of the current step, in ``begin_step`` order."""
+        self._queue.put(("layer", self._current, layer, payloads))
+
+    def end_step(self) -> None:
+        """Every layer was written: seal the blocks."""
+        step, self._current = self._current, None
+        self._queue.put(("end", step))
+
+    def abort_step(self) -> None:
+        """The step failed part-way: drop its unsealed blocks."""
+        step, self._current = self._current, None
+        if step is not None:
+            step.error = step.error or RuntimeError("the engine step failed")
+            self._queue.put(("end", step))
+
+    def put_whole(self, blocks: Sequence[tuple[bytes, bytes]]) -> list[Future]:
+        """Whole blocks (cached in the engine but absent from the kvstore), written as a step."""
+        futures = self.begin_step([k for k, _ in blocks])
+        step = self._current
+        self._current = None
+        self._queue.put(("whole", step, [data for _, data in blocks]))
+        return futures
+
+    # ---- writer thread ----
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not _STOP:
+            kind, step = item[0], item[1]
+            try:
+                if kind == "begin":
+                    self._open(step)
+                elif kind == "layer":
+                    self._write_layer(step, item[2], item[3])
+                elif kind == "whole":
+                    self._open(step)
+                    self._write_whole(step, item[2])
+                    self._finish(step)
+                else:
+                    self._finish(step)
+            except Exception as exc:  # noqa: BLE001 - a failed write is a miss downstream
+                if step.error is None:
+                    log.warning("prefill.handoff_failed", error=str(exc), num_blocks=len(step.keys))
+                step.error = step.error or exc
+                if kind in ("end", "whole"):
+                    self._finish(step)
+
+    def _open(self, step: _Step) -> None:
+        if step.error is not None:
+            return
+        step.writer = self._transport().open_writer(skip_existing=True)
+        reserve = getattr(step.writer, "reserve", None)
+        if reserve is not None:  # shared memory: one round trip for every slot of the step
+            reserve(step.keys)
+
+    def _write_layer(self, step: _Step, layer: int, payloads: Sequence[bytes]) -> None:
+        if step.error is not None or step.writer is None:
+            return
+        offset = layer * self._layer_nbytes
+        for key, hasher, data in zip(step.keys, step.hashers, payloads, strict=True):
+            step.writer.write(key, offset, data)
+            hasher.update(data)
+            self.stats.num_bytes_written += len(data)
+
+    def _write_whole(self, step: _Step, payloads: Sequence[bytes]) -> None:
+        if step.error is not None or step.writer is None:
+            return
+        for key, hasher, data in zip(step.keys, step.hashers, payloads, strict=True):
+            step.writer.write(key, 0, data)
+            hasher.update(data)
+            self.stats.num_bytes_written += len(data)
+
+    def _finish(self, step: _Step) -> None:
+        ok = False
+        try:
+            if step.error is None and step.writer is not None:
+                for key, hasher in zip(step.keys, step.hashers, strict=True):
+                    step.writer.seal(key, hasher.intdigest())
+                step.writer.close()
+                ok = True
+        except Exception as exc:  # noqa: BLE001
+            log.warning("prefill.handoff_failed", error=str(exc), num_blocks=len(step.keys))
+            step.error = exc
+        finally:
+            if not ok and step.writer is not None:
+                step.writer.abort()
+            self._resolve(step, ok)
+
+    def _resolve(self, step: _Step, ok: bool) -> None:
+        with self._lock:
+            for key, fut in zip(step.keys, step.futures, strict=True):
+                if self._inflight.get(key) is fut:
+                    del self._inflight[key]
+        for fut in step.futures:
+            fut.set_result(ok)
+        if ok:
+            self.stats.num_blocks_stored += len(step.keys)
+        else:
+            self.stats.num_blocks_failed += len(step.keys)

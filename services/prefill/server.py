@@ -1,0 +1,158 @@
+"""gRPC wiring of the prefill worker (grpc.aio): messages in, worker calls, messages out.
+
+Errors are mapped to statuses here and only here: ValueError → INVALID_ARGUMENT,
+OverloadedError → RESOURCE_EXHAUSTED, deadline → DEADLINE_EXCEEDED, cancel → CANCELLED,
+anything else → INTERNAL. A client that cancels (or whose deadline passes) has its request
+aborted in the engine at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from pdserve import wire
+from pdserve._proto.pdserve.v1 import prefill_pb2, prefill_pb2_grpc
+from pdserve.kv.grpc_transport import channel_options
+from pdserve.model.loader import Checkpoint
+from services.prefill.settings import PrefillSettings
+from services.prefill.worker import (
+    CancelledError,
+    DeadlineExceededError,
+    OverloadedError,
+    PrefillWorker,
+)
+
+log = structlog.get_logger(__name__)
+SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, worker: PrefillWorker) -> None:
+        self.worker = worker
+
+    async def Prefill(self, request, context):
+        request_id = request.request_id or uuid.uuid4().hex
+        try:
+            sampling = request.sampling if request.HasField("sampling") else None
+            params = wire.sampling_from_proto(sampling)
+            prompt = wire.prompt_from_proto(
+                request.prompt_token_ids, self.worker.engine.model_config.vocab_size
+            )
+            future = self.worker.submit(
+                prompt,
+                params,
+                request_id=request_id,
+                cache_salt=request.cache_salt or None,
+                timeout_s=context.time_remaining(),
+            )
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OverloadedError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        try:
+            result = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self.worker.cancel(request_id)
+            raise
+        except DeadlineExceededError as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except CancelledError as exc:
+            await context.abort(grpc.StatusCode.CANCELLED, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the status says why
+            log.exception("prefill.failed", request_id=request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
+        return _response(result, params)
+
+    async def Stats(self, request, context):
+        load = self.worker.load
+        return prefill_pb2.PrefillStatsResponse(
+            worker_id=self.worker.worker_id,
+            running=load.running,
+            waiting=load.waiting,
+            num_prompt_tokens_computed=load.num_prompt_tokens_computed,
+            num_prompt_tokens_cached=load.num_prompt_tokens_cached,
+        )
+
+
+def _response(result, params) -> prefill_pb2.PrefillResponse:
+    msg = prefill_pb2.PrefillResponse(
+        first_token_id=result.first_token.token_id,
+        kv=wire.kv_source_to_proto(result.kv),
+        num_cached_tokens=result.num_cached_tokens,
+        num_computed_tokens=result.num_computed_tokens,
+        worker_id=result.worker_id,
+    )
+    if params.logprobs is not None:
+        msg.first_logprob.CopyFrom(wire.logprob_to_proto(result.first_token))
+    return msg
+
+
+class PrefillServer:
+    """The worker behind a grpc.aio server, with health, reflection and message limits.
+
+    ``await start()`` binds (``grpc_port=0`` picks a free port; see ``port``), loads the
+    engine and registers in Redis; ``await stop()`` drains and deregisters.
+    """
+
+    def __init__(self, settings: PrefillSettings, *, checkpoint: Checkpoint | None = None):
+        self.settings = settings
+        self._checkpoint = checkpoint
+        self.port = 0
+        self.worker: PrefillWorker | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self.server = grpc.aio.server(options=channel_options(s.max_message_bytes))
+        self.port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        address = s.advertise_address or f"{s.node_id}:{self.port}"
+        worker_id = f"prefill-{s.node_id}-{self.port}"
+        self.worker = await asyncio.to_thread(
+            PrefillWorker, s, checkpoint=self._checkpoint, worker_id=worker_id, address=address
+        )
+        prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(self.worker), self.server)
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.worker.start()
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if s.http_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(s.http_port, addr=s.grpc_host)
+        log.info("prefill.listening", port=self.port, address=address, worker_id=worker_id)
+
+    async def stop(self) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(self.settings.shutdown_grace_s)
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.stop)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve(settings: PrefillSettings) -> None:
+    server = PrefillServer(settings)
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    await server.start()
+    await done.wait()
+    log.info("prefill.shutting_down")
+    await server.stop()

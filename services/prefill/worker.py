@@ -1,0 +1,490 @@
+"""The prefill worker: batched prompt passes whose KV blocks are handed to the kvstore.
+
+Lifecycle of a request (:class:`PrefillState`)::
+
+    LOADING (fetch pool: Lookup in the node's kvstore, Get the stored prefix)
+      → COMPUTING (engine thread: prefix imported, prompt queued, chunked prefill steps;
+                   each step's completed blocks stream to the kvstore layer by layer)
+      → HANDING_OFF (first token sampled; waiting for the last blocks to be sealed)
+      → DONE | ABORTED (cancelled, deadline) | FAILED
+
+Invariants:
+- The engine is driven by one thread (``engine-prefill``); other threads hand it work with
+  ``_call_soon`` and never touch it (except ``block_manager.cached_block``, a single dict
+  read used as a hint: a stale answer only costs a fetch or a recompute).
+- Every full block of the prompt is in the kvstore when DONE, except blocks whose write
+  failed; the returned KVSource lists the longest stored prefix, so a reader never looks for
+  a block that is not there.
+- Aborting a request frees its engine blocks at once (``LLMEngine.abort``); blocks already
+  sealed in the kvstore stay (they are correct, and reusable by the next prompt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+
+import structlog
+
+from pdserve.engine.llm_engine import LLMEngine, RequestOutput
+from pdserve.engine.sampler import SampledToken
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import SchedulerPlan
+from pdserve.kv.grpc_transport import GrpcTransport, SharedMemoryTransport
+from pdserve.kv.metadata import Heartbeat, RedisLayout, WorkerInfo, WorkerRegistry, connect
+from pdserve.kv.transport import KVTransport
+from pdserve.model.loader import Checkpoint
+from pdserve.wire import KVSource
+from services.prefill.handoff import KVHandoff
+from services.prefill.settings import PrefillSettings
+
+log = structlog.get_logger(__name__)
+
+
+class PrefillState(enum.Enum):
+    LOADING = "loading"
+    COMPUTING = "computing"
+    HANDING_OFF = "handing_off"
+    DONE = "done"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+class OverloadedError(RuntimeError):
+    """Too many requests queued; the caller should retry elsewhere (RESOURCE_EXHAUSTED)."""
+
+
+class CancelledError(RuntimeError):
+    """The request was cancelled or ran past its deadline."""
+
+
+class DeadlineExceededError(CancelledError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillResult:
+    first_token: SampledToken
+    kv: KVSource
+    num_prompt_tokens: int
+    num_cached_tokens: int  # loaded from a cache (kvstore or the worker's own) instead of computed
+    num_computed_tokens: int
+    worker_id: str
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    cache_salt: str | None
+    keys: list[bytes]  # chain keys of every full block of the prompt
+    deadline: float | None  # time.monotonic()
+    future: Future = dataclasses.field(default_factory=Future)
+    state: PrefillState = PrefillState.LOADING
+    stored: set[bytes] = dataclasses.field(default_factory=set)  # in the kvstore at lookup
+    block_futures: dict[bytes, Future] = dataclasses.field(default_factory=dict)
+
+    def settle(self, state: PrefillState, result=None, error: Exception | None = None) -> None:
+        self.state = state
+        with contextlib.suppress(InvalidStateError):
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillLoad:
+    """A snapshot the engine thread publishes after every iteration (read by Stats/heartbeat)."""
+
+    running: int = 0
+    waiting: int = 0
+    num_free_blocks: int = 0
+    num_prompt_tokens_computed: int = 0
+    num_prompt_tokens_cached: int = 0
+
+
+class KVConnection:
+    """A lazily (re)built transport to one kvstore; thread-safe."""
+
+    def __init__(self, address: str, *, allow_shm: bool, timeout_s: float) -> None:
+        self.address = address
+        self._allow_shm = allow_shm
+        self._timeout_s = timeout_s
+        self._transport: KVTransport | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> KVTransport:
+        with self._lock:
+            if self._transport is None:
+                cls = SharedMemoryTransport if self._allow_shm else GrpcTransport
+                self._transport = cls(self.address, timeout_s=self._timeout_s)
+            return self._transport
+
+    def reset(self) -> None:
+        """Forget the transport after an error (the store may have restarted with a new segment)."""
+        with self._lock:
+            self._transport = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._transport is not None:
+                self._transport.close()
+            self._transport = None
+
+
+class PrefillWorker:
+    def __init__(
+        self,
+        settings: PrefillSettings,
+        *,
+        checkpoint: Checkpoint | None = None,
+        worker_id: str,
+        address: str,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.address = address
+        self.engine = LLMEngine(settings.engine_config(), checkpoint=checkpoint)
+        self.block_size = settings.block_size
+        self.kv = KVConnection(
+            settings.kvstore_address,
+            allow_shm=settings.kv_transport == "auto",
+            timeout_s=settings.kv_timeout_s,
+        )
+        self.handoff = KVHandoff(self.kv.get, self.engine.runner.layer_nbytes)
+        self.load = PrefillLoad(num_free_blocks=self.engine.block_manager.num_free_blocks)
+        self._jobs: dict[str, _Job] = {}
+        self._num_active = 0  # jobs not yet settled; guarded by _lock
+        self._lock = threading.Lock()
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._step_blocks: list[tuple[bytes, int]] = []  # (key, block id) written this step
+        self._num_cached = 0
+        self._fetch_pool = ThreadPoolExecutor(4, thread_name_prefix="prefill-fetch")
+        self._thread = threading.Thread(target=self._run, name="engine-prefill", daemon=True)
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        self.handoff.start()
+        self._thread.start()
+        self._heartbeat = self._make_heartbeat()
+        self._heartbeat.start()
+
+    def _make_heartbeat(self) -> Heartbeat:
+        s = self.settings
+        ca = str(s.redis_ca_file) if s.redis_ca_file else None
+        registry = WorkerRegistry(
+            connect(s.redis_url, ca_file=ca), RedisLayout(s.cluster_name), s.heartbeat_ttl_s
+        )
+        return Heartbeat(registry, self.worker_info, s.heartbeat_interval_s)
+
+    def worker_info(self) -> WorkerInfo:
+        """This worker's registry entry (role prefill; load from the last snapshot)."""
+        load = self.load
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            role="prefill",
+            address=self.address,
+            node_id=self.settings.node_id,
+            capacity={
+                "num_blocks": self.engine.block_manager.num_blocks,
+                "max_num_batched_tokens": self.settings.max_num_batched_tokens,
+            },
+            load={
+                "running": load.running,
+                "waiting": load.waiting,
+                "num_free_blocks": load.num_free_blocks,
+            },
+        )
+
+    def stop(self) -> None:
+        self._heartbeat.stop(deregister=True)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(10)
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self.handoff.stop()
+        self.kv.close()
+
+    # ---- the API (any thread) ----
+
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        *,
+        request_id: str,
+        cache_salt: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Future:
+        """Start a prefill; the future resolves to a :class:`PrefillResult` or raises
+        CancelledError / DeadlineExceededError / RuntimeError.
+
+        Raises ValueError for a bad prompt and OverloadedError when the queue is full."""
+        if not request_id:
+            raise ValueError("request_id must not be empty")
+        prompt = self.engine.encode_prompt(list(prompt))
+        self.engine.validate_prompt(prompt, dataclasses.replace(params, max_tokens=1))
+        num_full = len(prompt) // self.block_size
+        keys = self.engine.block_keys(prompt[: num_full * self.block_size], cache_salt)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        job = _Job(request_id, prompt, params, cache_salt, list(keys), deadline)
+        with self._lock:
+            if request_id in self._jobs:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            if self._num_active >= self.settings.max_queued_requests:
+                raise OverloadedError(
+                    f"{self._num_active} prefills in progress (max_queued_requests)"
+                )
+            self._jobs[request_id] = job
+            self._num_active += 1
+        job.future.add_done_callback(lambda _: self._forget(job))
+        self._fetch_pool.submit(self._load_prefix, job)
+        return job.future
+
+    def cancel(self, request_id: str) -> None:
+        """Abort a request in any state; its engine blocks are freed at once."""
+        self._call_soon(lambda: self._abort(request_id, CancelledError("cancelled")))
+
+    def _forget(self, job: _Job) -> None:
+        with self._lock:
+            if self._jobs.get(job.request_id) is job:
+                del self._jobs[job.request_id]
+            self._num_active -= 1
+
+    def _snapshot_jobs(self) -> list[_Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def _call_soon(self, fn: Callable[[], None]) -> None:
+        self._inbox.put(fn)
+        self._wake.set()
+
+    # ---- LOADING (fetch pool) ----
+
+    def _load_prefix(self, job: _Job) -> None:
+        """Which blocks does the kvstore hold? Fetch the stored prefix we lack."""
+        usable = (len(job.prompt) - 1) // self.block_size  # the last token is always computed
+        first, payloads = 0, []
+        try:
+            kv = self.kv.get()
+            lookup = kv.lookup(job.keys) if job.keys else None
+            if lookup is not None:
+                job.stored = {k for k, t in zip(job.keys, lookup.tiers, strict=True) if t}
+                usable = min(usable, lookup.prefix_blocks)
+                bm = self.engine.block_manager
+                while first < usable and bm.cached_block(job.keys[first]) is not None:
+                    first += 1  # already in our own cache (a hint; see the module docstring)
+                if first < usable:
+                    got = kv.get_blocks(job.keys[first:usable])
+                    payloads = list(itertools.takewhile(lambda b: b is not None, got))
+        except Exception as exc:  # noqa: BLE001 - the kvstore is an optimization here
+            log.warning("prefill.kv_lookup_failed", request_id=job.request_id, error=str(exc))
+            self.kv.reset()
+            job.stored, payloads = set(), []
+        self._call_soon(lambda: self._admit(job, first, payloads))
+
+    # ---- engine thread ----
+
+    def _admit(self, job: _Job, first: int, payloads: list) -> None:
+        if job.state is not PrefillState.LOADING:
+            return  # aborted while loading
+        bs = self.block_size
+        try:
+            if payloads:
+                keys = job.keys[first : first + len(payloads)]
+                self.engine.import_blocks(job.prompt[first * bs :], keys, payloads)
+            self.engine.add_request(
+                job.prompt,
+                dataclasses.replace(job.params, max_tokens=1),
+                request_id=job.request_id,
+                cache_salt=job.cache_salt,
+            )
+        except ValueError as exc:
+            job.settle(PrefillState.FAILED, error=exc)
+            return
+        job.state = PrefillState.COMPUTING
+
+    def _abort(self, request_id: str, error: Exception) -> None:
+        job = self._jobs.get(request_id)
+        if job is None or job.state in (PrefillState.DONE, PrefillState.FAILED):
+            return
+        if job.state is PrefillState.COMPUTING:
+            self.engine.abort(request_id)
+        job.settle(PrefillState.ABORTED, error=error)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            self._expire_deadlines()
+            if self.engine.has_unfinished:
+                self._step()
+            else:
+                self._wake.wait(0.05)
+                self._wake.clear()
+            self._publish_load()
+        for job in self._snapshot_jobs():
+            self._abort(job.request_id, CancelledError("the prefill worker is shutting down"))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                fn = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            fn()
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        for job in self._snapshot_jobs():
+            if job.deadline is not None and now > job.deadline:
+                self._abort(job.request_id, DeadlineExceededError("deadline exceeded"))
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step(on_layer_done=self._on_layer_done)
+        except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+            log.exception("prefill.step_failed")
+            self.handoff.abort_step()
+            self._step_blocks = []
+            for job in self._snapshot_jobs():
+                if job.state is PrefillState.COMPUTING:
+                    self.engine.abort(job.request_id)
+                    job.settle(PrefillState.FAILED, error=RuntimeError(f"prefill failed: {exc}"))
+            return
+        if self._step_blocks:
+            self.handoff.end_step()
+            self._step_blocks = []
+        for out in outputs:
+            self._on_output(out)
+
+    def _on_layer_done(self, layer: int, plan: SchedulerPlan) -> None:
+        if layer == 0:
+            self._begin_handoff(plan)
+        if self._step_blocks:
+            block_ids = [block_id for _, block_id in self._step_blocks]
+            self.handoff.write_layer(layer, self.engine.runner.read_layer(layer, block_ids))
+
+    def _begin_handoff(self, plan: SchedulerPlan) -> None:
+        """Pick the blocks this step completes that the kvstore lacks and nobody is writing;
+        every job of the step that needs one of them waits on its future."""
+        bs = self.block_size
+        step: dict[bytes, int] = {}  # key -> block id, in write order
+        needs: list[tuple[_Job, bytes]] = []
+        for chunk in plan.chunks:
+            job = self._jobs.get(chunk.seq.request_id)
+            if job is None:
+                continue
+            for i in range(
+                chunk.start // bs, min((chunk.start + chunk.num_tokens) // bs, len(job.keys))
+            ):
+                key = job.keys[i]
+                if key in job.stored or key in job.block_futures:
+                    continue
+                pending = self.handoff.inflight(key)
+                if pending is not None:
+                    job.block_futures[key] = pending
+                    continue
+                step.setdefault(key, chunk.seq.block_table[i])  # shared by two prompts: once
+                needs.append((job, key))
+        self._step_blocks = list(step.items())
+        if step:
+            futures = dict(zip(step, self.handoff.begin_step(list(step)), strict=True))
+            for job, key in needs:
+                job.block_futures[key] = futures[key]
+
+    def _on_output(self, out: RequestOutput) -> None:
+        job = self._jobs.get(out.request_id)
+        if job is None or job.state is not PrefillState.COMPUTING:
+            return
+        if out.finish_reason == "error" or not out.new_token_ids:
+            job.settle(PrefillState.FAILED, error=RuntimeError("the prompt could not be scheduled"))
+            return
+        token = (
+            out.new_logprobs[0]
+            if out.new_logprobs
+            else SampledToken(out.new_token_ids[0], None, None)
+        )
+        self._num_cached += out.num_cached_tokens
+        job.state = PrefillState.HANDING_OFF
+        self._put_missing(job)
+        result = dict(first_token=token, num_cached_tokens=out.num_cached_tokens)
+        _when_all(list(job.block_futures.values()), lambda: self._complete(job, **result))
+
+    def _put_missing(self, job: _Job) -> None:
+        """Blocks served from our own cache that the kvstore lacks: export and write them."""
+        missing = []
+        for key in job.keys:
+            if key in job.stored or key in job.block_futures:
+                continue
+            pending = self.handoff.inflight(key)
+            if pending is not None:
+                job.block_futures[key] = pending
+            else:
+                missing.append(key)
+        if not missing:
+            return
+        try:
+            payloads = self.engine.export_blocks(missing)
+        except KeyError:
+            return  # evicted meanwhile: the KVSource prefix ends before them
+        futures = self.handoff.put_whole(list(zip(missing, payloads, strict=True)))
+        job.block_futures.update(zip(missing, futures, strict=True))
+
+    def _complete(self, job: _Job, first_token: SampledToken, num_cached_tokens: int) -> None:
+        """Runs on whichever thread resolved the last block future."""
+        stored = []
+        for key in job.keys:
+            fut = job.block_futures.get(key)
+            if key in job.stored or (fut is not None and fut.result()):
+                stored.append(key)
+            else:
+                break
+        kv = KVSource(tuple(stored), self.settings.kvstore_address, self.settings.kv_node_id)
+        n = len(job.prompt)
+        result = PrefillResult(
+            first_token, kv, n, num_cached_tokens, n - num_cached_tokens, self.worker_id
+        )
+        if job.state is PrefillState.HANDING_OFF:
+            job.settle(PrefillState.DONE, result)
+
+    def _publish_load(self) -> None:
+        sched, stats = self.engine.scheduler, self.engine.stats
+        self.load = PrefillLoad(
+            running=len(sched.running),
+            waiting=len(sched.waiting)
+            + sum(j.state is PrefillState.LOADING for j in self._snapshot_jobs()),
+            num_free_blocks=self.engine.block_manager.num_free_blocks,
+            num_prompt_tokens_computed=stats.num_prompt_tokens_computed,
+            num_prompt_tokens_cached=self._num_cached,
+        )
+
+
+def _when_all(futures: list[Future], callback: Callable[[], None]) -> None:
+    """Call ``callback`` once every future is done (at once when there are none)."""
+    remaining = [len(futures)]
+    lock = threading.Lock()
+    if not futures:
+        callback()
+        return
+
+    def one_done(_: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            callback()
+
+    for fut in futures:
+        fut.add_done_callback(one_done)
