@@ -1,0 +1,305 @@
+"""The router process logic against fake prefill/decode workers (real gRPC, real Redis).
+
+The fakes are tiny grpc.aio servicers registered in the Redis worker registry, so these tests
+exercise routing, retries, failure handling, admission and both HTTP and gRPC edges without
+running a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import grpc
+import pytest
+
+from pdserve._proto.pdserve.v1 import (
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+)
+from pdserve.client import Client, InvalidArgument, ResourceExhausted, Unavailable
+from pdserve.kv.metadata import RedisLayout, WorkerInfo, WorkerRegistry, connect
+from services.router.server import RouterServer
+from services.router.settings import RouterSettings
+
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout_s: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class FakePrefill(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.requests: list[prefill_pb2.PrefillRequest] = []
+        self.fail = False
+
+    async def Prefill(self, request, context):
+        self.requests.append(request)
+        if self.fail:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill crashed")
+        kv = common_pb2.KVSource(block_keys=[b"k" * 16], kvstore_address="127.0.0.1:1", node_id="n")
+        n = len(request.prompt_token_ids)
+        return prefill_pb2.PrefillResponse(
+            first_token_id=7, kv=kv, num_cached_tokens=16, num_computed_tokens=n - 16,
+            worker_id=self.worker_id,
+        )  # fmt: skip
+
+
+class FakeDecode(decode_pb2_grpc.DecodeServicer):
+    """Streams max_tokens tokens "t0 t1 ..."; ``mode``: ok | die (after 2 chunks) | hang."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.requests: list[decode_pb2.DecodeRequest] = []
+        self.mode = "ok"
+
+    async def Decode(self, request, context):
+        self.requests.append(request)
+        n = request.sampling.max_tokens
+        for i in range(n):
+            if self.mode == "die" and i == 2:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker crashed")
+            if self.mode == "hang" and i == 1:
+                await asyncio.sleep(3600)
+            tid = request.first_token_id if i == 0 and request.HasField("first_token_id") else 100 + i
+            chunk = decode_pb2.DecodeChunk(token_ids=[tid], text=f"t{i} ")
+            if i == n - 1:
+                chunk.finish_reason = common_pb2.FINISH_REASON_LENGTH
+                chunk.usage.CopyFrom(common_pb2.Usage(
+                    prompt_tokens=len(request.prompt_token_ids), completion_tokens=n,
+                    cached_tokens=32))  # fmt: skip
+            yield chunk
+            await asyncio.sleep(0.001)
+
+
+@pytest.fixture(scope="module")
+def env(redis_server):
+    cluster = f"rt{uuid.uuid4().hex[:8]}"
+    loop = LoopThread()
+    registry = WorkerRegistry(connect(redis_server.url), RedisLayout(cluster), ttl_s=60)
+    fakes: dict[str, object] = {}
+    servers = []
+
+    async def start_fake(servicer, adder, role):
+        server = grpc.aio.server()
+        adder(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        registry.heartbeat(WorkerInfo(servicer.worker_id, role, f"127.0.0.1:{port}", "nodeA"))
+        fakes[servicer.worker_id] = servicer
+
+    for wid in ("p0", "p1"):
+        loop.run(start_fake(FakePrefill(wid), prefill_pb2_grpc.add_PrefillServicer_to_server, "prefill"))
+    for wid in ("d0", "d1"):
+        loop.run(start_fake(FakeDecode(wid), decode_pb2_grpc.add_DecodeServicer_to_server, "decode"))
+    settings = RouterSettings(
+        redis_url=redis_server.url, cluster_name=cluster, grpc_host="127.0.0.1", grpc_port=0,
+        http_host="127.0.0.1", http_port=_free_port(), disagg_threshold_tokens=64,
+        decode_stall_timeout_s=1.0, heartbeat_ttl_s=3.0, heartbeat_interval_s=1.0,
+        registry_refresh_s=0.1,
+    )  # fmt: skip
+    router = RouterServer(settings)
+    loop.run(router.start())
+    yield type("Env", (), dict(router=router, fakes=fakes, loop=loop,
+                               grpc=f"127.0.0.1:{router.grpc_port}",
+                               http=f"http://127.0.0.1:{router.http_port}"))  # fmt: skip
+    loop.run(router.stop())
+    for server in servers:
+        loop.run(server.stop(0))
+    loop.close()
+
+
+def _free_port() -> int:
+    from pdserve.launcher import pick_port
+
+    return pick_port()
+
+
+@pytest.fixture(autouse=True)
+def reset(env):
+    for fake in env.fakes.values():
+        fake.requests.clear()
+        if hasattr(fake, "mode"):
+            fake.mode = "ok"
+        if hasattr(fake, "fail"):
+            fake.fail = False
+    env.router.router._down_until.clear()
+    env.router.router.affinity = type(env.router.router.affinity)(1000)
+
+
+def post(env, path: str, body, headers=None) -> tuple[int, dict, dict | str]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(env.http + path, data=data, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            raw = resp.read().decode()
+            status, hdrs = resp.status, dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        raw, status, hdrs = exc.read().decode(), exc.code, dict(exc.headers)
+    try:
+        return status, hdrs, json.loads(raw)
+    except json.JSONDecodeError:
+        return status, hdrs, raw
+
+
+LONG = " ".join(["word"] * 200)
+
+
+def test_short_prompt_prefills_locally_long_prompt_disaggregates(env):
+    with Client(env.grpc) as client:
+        short = client.generate("Hi", max_tokens=3)
+        long = client.generate(LONG, max_tokens=3)
+    assert short.text == "t0 t1 t2 " and short.finish_reason == "length"
+    assert not short.route.disaggregated and short.route.prefill_worker == ""
+    assert short.route.reason.startswith("uncached suffix ") and "< threshold 64" in short.route.reason
+    assert long.route.disaggregated and long.route.prefill_worker in ("p0", "p1")
+    assert long.token_ids[0] == 7  # the prefill worker's first token rides to decode
+    decode_req = env.fakes[long.route.decode_worker].requests[-1]
+    assert decode_req.first_token_id == 7 and decode_req.kv.block_keys == [b"k" * 16]
+    # usage.cached_tokens is what the prefill loaded instead of computing
+    assert long.usage.cached_tokens == 16
+    assert long.route.uncached_tokens == long.route.prompt_tokens - 16
+
+
+def test_repeated_prefix_goes_to_the_same_decode_worker(env):
+    with Client(env.grpc) as client:
+        first = client.generate(LONG, max_tokens=2)
+        again = [client.generate(LONG + f" tail{i}", max_tokens=2) for i in range(3)]
+    assert {c.route.decode_worker for c in again} == {first.route.decode_worker}
+    # the decode worker now holds the prefix: the suffix is short, so no remote prefill
+    assert not any(c.route.disaggregated for c in again)
+    assert "decode worker holds" in again[0].route.reason
+
+
+def test_failed_prefill_is_retried_on_another_worker(env):
+    env.fakes["p0"].fail = True
+    env.fakes["p1"].fail = False
+    with Client(env.grpc) as client:
+        done = [client.generate(f"x{i} " + LONG, max_tokens=2) for i in range(2)]
+    assert all(d.route.prefill_worker == "p1" for d in done)
+    retried = [d for d in done if d.route.prefill_attempts == 2]
+    assert retried and "prefill on p0 failed (unavailable)" in retried[0].route.reason
+
+
+def test_all_prefill_workers_failing_falls_back_to_local_prefill(env):
+    env.fakes["p0"].fail = env.fakes["p1"].fail = True
+    with Client(env.grpc) as client:
+        done = client.generate(LONG + " fallback", max_tokens=2)
+    assert not done.route.disaggregated and done.route.prefill_attempts == 2
+    assert done.text == "t0 t1 "
+
+
+def test_decode_death_mid_stream_is_a_clear_error_and_next_requests_succeed(env):
+    env.fakes["d0"].mode = env.fakes["d1"].mode = "die"
+    with Client(env.grpc, max_retries=0) as client:
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match=r"decode worker d\d failed after 2 chunks"):
+            client.generate("Hi there", max_tokens=5)
+        assert time.monotonic() - started < 5
+        env.fakes["d0"].mode = env.fakes["d1"].mode = "ok"
+        assert client.generate("Hi there", max_tokens=2).text == "t0 t1 "
+
+
+def test_stalled_decode_stream_fails_within_the_stall_timeout(env):
+    env.fakes["d0"].mode = env.fakes["d1"].mode = "hang"
+    with Client(env.grpc, max_retries=0) as client:
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="sent nothing for 1.0s"):
+            client.generate("Hello", max_tokens=3)
+    assert time.monotonic() - started < 4
+
+
+def test_admission_rejects_when_predicted_ttft_exceeds_deadline(env):
+    env.router.router.prefill_tokens_per_s = 2000.0  # the fakes "prefill" absurdly fast
+    with Client(env.grpc, max_retries=0) as client:
+        with pytest.raises(ResourceExhausted, match="exceeds the deadline") as info:
+            client.generate(LONG * 10, max_tokens=2, timeout_s=0.2)
+    assert info.value.retry_after_s >= 1
+    status, headers, body = post(env, "/v1/completions", {"prompt": LONG * 10, "max_tokens": 2},
+                                 {"x-pdserve-deadline-s": "0.2"})  # fmt: skip
+    assert status == 429 and int(headers["Retry-After"]) >= 1
+    assert body["error"]["type"] == "rate_limit_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"prompt": ""}, "prompt must not be empty"),
+        ({"prompt": "x", "max_tokens": -1}, "max_tokens must be >= 1"),
+        ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+        ({"prompt": "x", "temperature": "hot"}, "temperature"),
+        ({"prompt": "x", "model": "gpt-9"}, "model 'gpt-9' is not served here"),
+        ({"prompt": "x " * 9000}, "exceeds the model's context"),
+        ({"max_tokens": 3}, "prompt"),
+        (b"{not json", "not valid JSON"),
+        ([1, 2], "must be a JSON object"),
+    ],
+)
+def test_bad_completions_input_is_400(env, body, message):
+    status, _, reply = post(env, "/v1/completions", body)
+    assert status == 400, reply
+    assert message in reply["error"]["message"]
+    assert reply["error"]["type"] == "invalid_request_error"
+
+
+def test_bad_chat_input_is_400_and_grpc_invalid_argument(env):
+    status, _, reply = post(env, "/v1/chat/completions", {"messages": []})
+    assert status == 400 and "messages" in reply["error"]["message"]
+    status, _, reply = post(env, "/v1/chat/completions",
+                            {"messages": [{"role": "wizard", "content": "x"}]})  # fmt: skip
+    assert status == 400
+    with Client(env.grpc) as client:
+        with pytest.raises(InvalidArgument, match="temperature must be"):
+            client.generate("x", temperature=-1.0)
+        with pytest.raises(InvalidArgument, match="prompt token ids must be in"):
+            client.generate([10**9])
+        assert client.generate("still fine", max_tokens=1).text == "t0 "
+
+
+def test_openai_http_shapes(env):
+    status, headers, body = post(env, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+    assert status == 200 and body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == "t0 t1 " and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 2
+    route = json.loads(headers["x-pdserve-route"])
+    assert route == body["pdserve_route"] and route["decode_worker"] in ("d0", "d1")
+    status, headers, raw = post(env, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True,
+        "stream_options": {"include_usage": True}})  # fmt: skip
+    assert status == 200 and "x-pdserve-route" in headers
+    events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "t0 t1 t2 "
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_streaming_error_after_first_token_is_reported_in_band(env):
+    env.fakes["d0"].mode = env.fakes["d1"].mode = "die"
+    status, _, raw = post(env, "/v1/completions", {"prompt": "Hi", "max_tokens": 5, "stream": True})
+    assert status == 200
+    events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert "failed after 2 chunks" in json.loads(events[-2])["error"]["message"]
