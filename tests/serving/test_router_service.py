@@ -303,3 +303,22 @@ def test_streaming_error_after_first_token_is_reported_in_band(env):
     events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert "failed after 2 chunks" in json.loads(events[-2])["error"]["message"]
+
+
+def test_official_openai_package(env):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=env.http + "/v1", api_key="unused", max_retries=0)
+    done = client.completions.create(model="SmolLM2-135M-Instruct", prompt="Hi", max_tokens=2)
+    assert done.choices[0].text == "t0 t1 " and done.usage.completion_tokens == 2
+    chat = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    assert chat.choices[0].message.content == "t0 t1 "
+    stream = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3, stream=True,
+    )  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "t0 t1 t2 "
+    assert [m.id for m in client.models.list()] == ["SmolLM2-135M-Instruct"]
+    with pytest.raises(openai.BadRequestError, match="not served here"):
+        client.completions.create(model="nope", prompt="Hi", max_tokens=2)
