@@ -1,0 +1,205 @@
+"""End to end: the real stack (`pdserve up`'s launcher: Redis, kvstore, 2 prefill, 2 decode,
+router as child processes) against the offline engine, the SDK and the official openai package.
+
+One stack for the module; fault-injection tests run last (they kill workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from pdserve.client import AsyncClient, Client, InvalidArgument, PdserveError
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv.metadata import RedisLayout, WorkerRegistry, connect
+from pdserve.launcher import Stack, StackConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+THRESHOLD = 64
+BLOCK_BYTES = 737_280
+STACK_ENV = {
+    "PDSERVE_ROUTER_DISAGG_THRESHOLD_TOKENS": str(THRESHOLD),
+    "PDSERVE_ROUTER_DECODE_STALL_TIMEOUT_S": "20",
+    "PDSERVE_HEARTBEAT_INTERVAL_S": "0.5",
+    "PDSERVE_HEARTBEAT_TTL_S": "3",
+    "PDSERVE_PREFILL_KV_CACHE_BYTES": str(160 * BLOCK_BYTES),
+    "PDSERVE_DECODE_KV_CACHE_BYTES": str(400 * BLOCK_BYTES),
+    "PDSERVE_KVSTORE_DRAM_CAPACITY_BYTES": str(600 * BLOCK_BYTES),
+    "PDSERVE_PREFILL_NUM_THREADS": "1",
+    "PDSERVE_DECODE_NUM_THREADS": "1",
+    "PDSERVE_LOG_LEVEL": "info",
+}
+LONG_PREFIX = (
+    "The history of the printing press begins in the fifteenth century, when movable type "
+    "changed how knowledge travelled across Europe. "
+) * 12
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    if os.environ.get("PDSERVE_E2E", "1") != "1":
+        pytest.skip("PDSERVE_E2E=0")
+    config = StackConfig(
+        num_prefill=2, num_decode=2, default_ports=False, env=STACK_ENV,
+        log_dir=tmp_path_factory.mktemp("stack-logs"), startup_timeout_s=240,
+        cluster_name="e2e",
+    )  # fmt: skip
+    with Stack(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    with Client(stack.grpc_address, timeout_s=120) as c:
+        yield c
+
+
+def greedy(oracle, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return oracle.generate([prompt_ids], params)[0].token_ids
+
+
+def worker_ids(stack) -> dict[str, str]:
+    """Child name (prefill-0, decode-1, ...) -> registry worker id."""
+    registry = WorkerRegistry(connect(stack.redis_url), RedisLayout("e2e"), 10)
+    by_port = {int(w.address.rsplit(":", 1)[1]): w.worker_id for w in registry.workers()}
+    return {c.name: by_port[c.grpc_port] for c in stack.children if c.grpc_port in by_port}
+
+
+def test_greedy_tokens_equal_offline_engine_for_1_and_1000_plus_tokens(client, oracle):
+    tok = oracle.tokenizer
+    long_ids = tok.encode(LONG_PREFIX * 2)[:1100]
+    assert len(long_ids) == 1100
+    for ids in ([tok.encode("Hello")[0]], long_ids):
+        done = client.generate(list(ids), max_tokens=8, temperature=0.0, ignore_eos=True)
+        assert done.token_ids == greedy(oracle, list(ids), 8), done.route
+        assert done.usage.prompt_tokens == len(ids) and done.usage.completion_tokens == 8
+        if len(ids) == 1:
+            assert not done.route.disaggregated and "< threshold" in done.route.reason
+        else:
+            assert done.route.disaggregated and done.route.prefill_worker
+            assert ">= threshold" in done.route.reason
+
+
+def test_shared_prefix_prefills_only_the_suffix_on_the_decode_worker_holding_it(client, oracle):
+    tok = oracle.tokenizer
+    first = client.generate(LONG_PREFIX + " Question one: who built it?", max_tokens=4,
+                            temperature=0.0)  # fmt: skip
+    assert first.route.disaggregated
+    suffix = " Now a long new question. " + "Describe the workshop in detail. " * 12
+    second = client.generate(LONG_PREFIX + suffix, max_tokens=4, temperature=0.0)
+    prefix_tokens = len(tok.encode(LONG_PREFIX)) // 16 * 16
+    assert second.route.decode_worker == first.route.decode_worker
+    assert second.usage.cached_tokens >= prefix_tokens - 16, second.route
+    assert second.route.uncached_tokens <= second.route.prompt_tokens - prefix_tokens + 32
+    ids = tok.encode(LONG_PREFIX + suffix)
+    assert second.token_ids == greedy(oracle, ids, 4)[: len(second.token_ids)]
+
+
+def test_64_concurrent_streams_all_correct(stack, oracle):
+    prompts = [f"Count to ten in language number {i}:" for i in range(8)]
+    expected = {p: greedy(oracle, oracle.tokenizer.encode(p), 4) for p in prompts}
+
+    async def one(client, prompt):
+        tokens = []
+        async for chunk in client.stream(prompt, max_tokens=4, temperature=0.0, ignore_eos=True):
+            tokens.extend(chunk.token_ids)
+        return prompt, tokens
+
+    async def main():
+        async with AsyncClient(stack.grpc_address, timeout_s=240) as client:
+            return await asyncio.gather(*(one(client, prompts[i % 8]) for i in range(64)))
+
+    results = asyncio.run(main())
+    assert len(results) == 64
+    for prompt, tokens in results:
+        assert tokens == expected[prompt]
+
+
+def test_official_openai_package_completes_and_streams(stack):
+    openai = pytest.importorskip("openai")
+    api = openai.OpenAI(base_url=stack.http_url + "/v1", api_key="x", max_retries=0)
+    model = api.models.list().data[0].id
+    done = api.completions.create(model=model, prompt="The capital of France is", max_tokens=5,
+                                  temperature=0)  # fmt: skip
+    assert done.choices[0].text and done.usage.completion_tokens <= 5
+    parts = list(api.completions.create(model=model, prompt="The capital of France is",
+                                        max_tokens=5, temperature=0, stream=True))  # fmt: skip
+    assert "".join(p.choices[0].text for p in parts if p.choices) == done.choices[0].text
+    chat = api.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Say hi"}], max_tokens=6,
+        temperature=0, seed=1,
+    )  # fmt: skip
+    streamed = api.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Say hi"}], max_tokens=6,
+        temperature=0, seed=1, stream=True,
+    )  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == chat.choices[0].message.content and text
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_bad_input_is_rejected_and_the_stack_stays_healthy(stack, client):
+    bad = [
+        b'{"prompt": ""}', b'{"prompt": "x" , "max_tokens": -3}', b'{"prompt": 5}',
+        b'{"prompt": "x", "model": "nope"}', b"{oops", b'{"prompt": "x", "top_p": 7}',
+    ]  # fmt: skip
+    for body in bad:
+        status, reply = _post(stack.http_url + "/v1/completions", body)
+        assert status == 400, (body, reply)
+        assert reply["error"]["message"] and reply["error"]["type"] == "invalid_request_error"
+    status, reply = _post(stack.http_url + "/v1/chat/completions", b'{"messages": "hi"}')
+    assert status == 400
+    for kwargs in ({"max_tokens": -1}, {"temperature": -2.0}, {"model": "nope"}):
+        with pytest.raises(InvalidArgument):
+            client.generate("x", **kwargs)
+    with pytest.raises(InvalidArgument, match="context"):
+        client.generate("hello " * 9000, max_tokens=4)
+    assert client.generate("Still alive?", max_tokens=2).usage.completion_tokens == 2
+    with urllib.request.urlopen(stack.http_url + "/health", timeout=10) as resp:
+        assert json.loads(resp.read())["status"] == "ok"
+
+
+def test_killed_prefill_worker_is_retried_elsewhere(stack, client, oracle):
+    ids = worker_ids(stack)
+    stack.kill("prefill-0")
+    survivor = ids["prefill-1"]
+    for i in range(2):
+        prompt = f"Request {i} after a crash. " + LONG_PREFIX
+        done = client.generate(prompt, max_tokens=4, temperature=0.0, ignore_eos=True)
+        assert done.route.disaggregated and done.route.prefill_worker == survivor, done.route
+        assert done.token_ids == greedy(oracle, oracle.tokenizer.encode(prompt), 4)
+
+
+def test_killed_decode_worker_mid_stream_fails_fast_and_next_requests_succeed(stack, client):
+    ids = worker_ids(stack)
+    by_id = {v: k for k, v in ids.items()}
+    stream = client.stream("Tell a long story.", max_tokens=400, temperature=0.0,
+                           ignore_eos=True, timeout_s=60)  # fmt: skip
+    first = next(stream)
+    started = time.monotonic()
+    stack.kill(by_id[first.route.decode_worker])
+    with pytest.raises(PdserveError) as info:
+        for _ in stream:
+            pass
+    assert time.monotonic() - started < 25
+    assert info.value.code == "UNAVAILABLE" and "decode worker" in info.value.message
+    for i in range(3):
+        done = client.generate(f"After the crash {i}", max_tokens=3)
+        assert done.usage.completion_tokens == 3
