@@ -9,14 +9,16 @@ Invariants:
   every token whose logit >= the k-th largest; top-p keeps every token whose probability >=
   that of the last token of the smallest prefix (sorted by probability) with mass >= top_p;
   min-p keeps tokens with p >= min_p * p_max. A sampled token is always inside all three sets.
-- Sampling is the exponential race argmax(p / E), E ~ Exp(1) i.i.d. over the vocabulary,
-  which draws exactly from p.
-- A seeded row's noise comes from a generator re-seeded with f(seed, len(output_token_ids))
-  at every step, so its tokens depend only on (seed, prompt, outputs so far): not on batch
-  composition, nor on which process sampled the earlier tokens (prefill vs decode node),
-  nor on preemption and recompute. No generator state ever needs to travel.
-- Logprobs are log_softmax of the raw logits (before penalties, temperature and filters),
-  as vLLM returns by default; see docs/sampling.md.
+- Sampling is inverse-CDF with ONE float64 uniform per row per step: the first token whose
+  running (float64) sum of weights exceeds u * total, in vocabulary order. A zero-weight
+  (filtered) token can never be chosen: the running sum does not grow across it.
+- A seeded row's uniform comes from a generator re-seeded with f(seed, len(output_token_ids))
+  at every step, and every per-row computation is independent of the other rows, so its
+  tokens depend only on (seed, logits, params): not on batch composition, nor on which
+  process sampled the earlier tokens (prefill vs decode node), nor on preemption. No
+  generator state ever needs to travel.
+- Logprobs are log_softmax of the raw logits (before penalties, temperature and filters), as
+  vLLM returns by default; see docs/sampling.md.
 """
 
 from __future__ import annotations
@@ -24,16 +26,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pdserve.engine.sampling_params import SamplingParams
 
+# Top-p first looks for its boundary among this many largest values (one topk); rows whose
+# nucleus is wider fall back to a full sort.
+TOP_P_CANDIDATES = 256
+# Above this many values a full sort beats torch.topk.
+MAX_PARTIAL_WIDTH = 1024
 _MASK64 = (1 << 64) - 1
+_NEG_INF = float("-inf")
 
 
 @dataclass
 class SamplingRow:
-    """One request's view for this step."""
+    """One request's view for this step.
+
+    Token lists may be Python sequences or 1-D integer tensors (cheaper for long prompts
+    when repetition_penalty is on: they are turned into tensors at every step).
+    """
 
     params: SamplingParams
     # Seeded rows (params.seed set): a reusable generator, re-seeded every step (None: the
@@ -61,7 +74,7 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 def step_seed(seed: int, step: int) -> int:
-    """Seed for the noise of output position `step` of a request seeded with `seed`.
+    """Seed for the draw at output position `step` of a request seeded with `seed`.
 
     splitmix64 of (seed, step): neighbouring seeds and steps give unrelated streams.
     """
@@ -88,19 +101,22 @@ class Sampler:
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {list(logits.shape)}")
         if not any(_needs_work(r.params) for r in rows):
             return [SampledToken(t, None, None) for t in logits.argmax(dim=-1).tolist()]
-        token_ids = self._choose(apply_penalties(logits, rows), rows)  # [B]
+        token_ids = self._choose(apply_penalties(logits, rows), rows)
         return _with_logprobs(logits, rows, token_ids)
 
     def _choose(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
         # logits: [B, V], penalized
-        token_ids = logits.argmax(dim=-1)  # [B]; right for greedy rows, overwritten for others
         random_idx = [i for i, r in enumerate(rows) if not r.params.is_greedy]
-        if random_idx:
-            sub_rows = [rows[i] for i in random_idx]
-            x = apply_filters(logits[random_idx], [r.params for r in sub_rows])
-            probs = torch.softmax(x, dim=-1)  # [R, V]
-            noise = self._exponential_noise(sub_rows, probs.shape[1], probs.device)
-            token_ids[random_idx] = probs.div_(noise).argmax(dim=-1)
+        if not random_idx:
+            return logits.argmax(dim=-1).tolist()
+        greedy_idx = [i for i, r in enumerate(rows) if r.params.is_greedy]
+        token_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        if greedy_idx:
+            token_ids[greedy_idx] = logits[greedy_idx].argmax(dim=-1)
+        random_rows = [rows[i] for i in random_idx]
+        uniform = self._uniforms(random_rows, logits.device)  # [R] float64
+        sub = logits if len(random_idx) == len(rows) else logits[random_idx]
+        token_ids[random_idx] = sample_rows(sub, [r.params for r in random_rows], uniform)
         return token_ids.tolist()
 
     def _own_generator(self, device: torch.device) -> torch.Generator:
@@ -114,16 +130,14 @@ class Sampler:
             self._generators[device] = gen
         return gen
 
-    def _exponential_noise(
-        self, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device
-    ) -> torch.Tensor:
-        """[R, V] Exp(1) noise, clamped away from 0 so that p / E is never 0 / 0."""
-        noise = torch.empty(len(rows), vocab_size, device=device)
+    def _uniforms(self, rows: Sequence[SamplingRow], device: torch.device) -> torch.Tensor:
+        """[R] float64 in [0, 1): exactly one draw per row, from that row's generator if any."""
+        uniform = torch.empty(len(rows), dtype=torch.float64, device=device)
         shared = [i for i, r in enumerate(rows) if r.params.seed is None and r.generator is None]
-        if shared:  # one draw for all of them
-            gen = self._own_generator(noise.device)
-            noise[shared] = torch.empty(len(shared), vocab_size, device=device).exponential_(
-                generator=gen
+        if shared:
+            gen = self._own_generator(uniform.device)
+            uniform[shared] = torch.rand(
+                len(shared), dtype=torch.float64, device=device, generator=gen
             )
         for i, row in enumerate(rows):
             if row.params.seed is None and row.generator is None:
@@ -131,95 +145,193 @@ class Sampler:
             gen = row.generator if row.generator is not None else torch.Generator(device)
             if row.params.seed is not None:
                 gen.manual_seed(step_seed(row.params.seed, len(row.output_token_ids)))
-            draw = torch.empty(vocab_size, device=gen.device).exponential_(generator=gen)
-            noise[i] = draw.to(device)
-        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+            draw = torch.rand(1, dtype=torch.float64, device=gen.device, generator=gen)
+            uniform[i] = draw.to(device)[0]
+        return uniform
 
 
-def _token_tensor(rows: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(row index, token id) pairs of a ragged batch, as two flat int64 tensors."""
-    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    row_idx = torch.repeat_interleave(torch.arange(len(rows)), lengths).to(device)
-    tokens = [torch.as_tensor(r, dtype=torch.long).reshape(-1) for r in rows]
-    return row_idx, torch.cat(tokens).to(device) if tokens else torch.empty(0, dtype=torch.long)
+# -- penalties -----------------------------------------------------------------------------
+
+
+def _flat_token_index(
+    token_lists: Sequence[Sequence[int]], row_ids: Sequence[int], vocab_size: int
+) -> torch.Tensor:
+    """row * vocab_size + token for every token of a ragged batch: [N] int64 (CPU)."""
+    tokens = [torch.as_tensor(t, dtype=torch.long).reshape(-1).cpu() for t in token_lists]
+    lengths = torch.tensor([len(t) for t in tokens], dtype=torch.long)
+    offsets = torch.repeat_interleave(torch.tensor(row_ids, dtype=torch.long) * vocab_size, lengths)
+    return torch.cat(tokens) + offsets if tokens else offsets
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Penalized copy of logits [B, V] (the input itself when no row has penalties).
 
-    repetition (HF/vLLM, over prompt + output tokens): positive logits are divided by the
-    penalty, negative ones multiplied. presence/frequency (OpenAI, output tokens only):
-    logit -= presence * [count > 0] + frequency * count.
+    repetition (HF/vLLM, over prompt + output tokens, each token once): positive logits are
+    divided by the penalty, negative ones multiplied. presence/frequency (OpenAI, output
+    tokens only): logit -= presence * [count > 0] + frequency * count. Only the logits of
+    tokens that occurred are touched, so the cost is one copy plus O(tokens so far).
     """
-    idx = [i for i, r in enumerate(rows) if r.params.has_penalties]
-    if not idx:
+    if not any(r.params.has_penalties for r in rows):
         return logits
-    sub = [rows[i] for i in idx]
-    x = logits[idx]  # [P, V], a copy
-    device = x.device
+    out = logits.clone(memory_format=torch.contiguous_format)
+    flat_view, vocab_size = out.view(-1), out.shape[1]
 
-    counts = torch.zeros_like(x)  # [P, V] occurrences in the output
-    row_idx, tok = _token_tensor([r.output_token_ids for r in sub], device)
-    counts.index_put_((row_idx, tok), torch.ones_like(tok, dtype=x.dtype), accumulate=True)
+    rep_rows = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    if rep_rows:
+        seen = torch.cat(
+            [
+                _flat_token_index(
+                    [rows[i].prompt_token_ids for i in rep_rows], rep_rows, vocab_size
+                ),
+                _flat_token_index(
+                    [rows[i].output_token_ids for i in rep_rows], rep_rows, vocab_size
+                ),
+            ]
+        ).unique()
+        penalty = torch.tensor([r.params.repetition_penalty for r in rows])[seen // vocab_size]
+        seen, penalty = seen.to(out.device), penalty.to(out.device, out.dtype)
+        values = flat_view[seen]
+        flat_view[seen] = torch.where(values > 0, values / penalty, values * penalty)
 
-    rep = torch.tensor([r.params.repetition_penalty for r in sub], device=device)[:, None]
-    if bool((rep != 1.0).any()):
-        seen = counts > 0  # [P, V] in prompt or output
-        row_idx, tok = _token_tensor([r.prompt_token_ids for r in sub], device)
-        seen[row_idx, tok] = True
-        penalized = torch.where(x > 0, x / rep, x * rep)
-        x = torch.where(seen, penalized, x)
-
-    presence = torch.tensor([r.params.presence_penalty for r in sub], device=device)[:, None]
-    frequency = torch.tensor([r.params.frequency_penalty for r in sub], device=device)[:, None]
-    x -= frequency * counts + presence * (counts > 0).to(x.dtype)
-    out = logits.clone()
-    out[idx] = x
+    pf_rows = [
+        i
+        for i, r in enumerate(rows)
+        if r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0
+    ]
+    if pf_rows:
+        flat = _flat_token_index([rows[i].output_token_ids for i in pf_rows], pf_rows, vocab_size)
+        flat, counts = flat.unique(return_counts=True)
+        row = flat // vocab_size
+        presence = torch.tensor([r.params.presence_penalty for r in rows])[row]
+        frequency = torch.tensor([r.params.frequency_penalty for r in rows])[row]
+        delta = (frequency * counts + presence).to(out.device, out.dtype)
+        flat = flat.to(out.device)
+        flat_view[flat] = flat_view[flat] - delta
     return out
 
 
-def apply_filters(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p on logits [R, V]; filtered-out tokens get -inf.
+# -- filters and the draw ------------------------------------------------------------------
 
-    Returns a new tensor. Every row keeps at least its argmax token.
+
+def sample_rows(
+    logits: torch.Tensor, params: Sequence[SamplingParams], uniform: torch.Tensor
+) -> torch.Tensor:
+    """One token per row of logits [R, V] (non-greedy rows), given uniforms [R] -> [R] int64.
+
+    temperature -> one threshold per row (top-k, then top-p, then min-p) -> one draw.
     """
-    device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
+    temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
     # Subtracting the max first keeps tiny temperatures from overflowing to +inf.
-    x = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # [R, V], max is 0
-    threshold = _top_k_top_p_threshold(x, params)  # [R, 1]
-    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
-    # p >= min_p * p_max  <=>  x >= log(min_p) + x_max, and x_max == 0 here; log(0) = -inf.
-    threshold = torch.maximum(threshold, torch.log(min_p))
-    return x.masked_fill_(x < threshold, float("-inf"))
+    x = torch.sub(logits, logits.amax(dim=-1, keepdim=True)).div_(temperature)  # [R, V], max 0
+    if any(p.top_k or p.top_p < 1.0 or p.min_p for p in params):
+        x.masked_fill_(x < filter_threshold(x, params), _NEG_INF)
+    return _inverse_cdf(x.exp_(), uniform)
 
 
-def _top_k_top_p_threshold(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Per-row logit threshold [R, 1] implementing top-k then top-p (-inf where disabled)."""
+def filter_threshold(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """[R, 1]: the tokens kept by top-k, top-p and min-p are exactly those with x >= it.
+
+    x [R, V] = log(p / p_max) after temperature (row maxima 0).
+    """
+    kth = _top_k_threshold(x, params)
+    threshold = torch.maximum(kth, _top_p_threshold(x, kth, params))
+    min_p = torch.tensor([p.min_p for p in params], device=x.device)[:, None]
+    # p >= min_p * p_max  <=>  x >= log(min_p); log(0) = -inf keeps everything.
+    return torch.maximum(threshold, min_p.log_())
+
+
+def _sorted_top(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The `width` largest values of each row of x [R, V], descending: [R, width]."""
+    if width < min(x.shape[1], MAX_PARTIAL_WIDTH):
+        return torch.topk(x, width, dim=-1).values
+    if x.device.type == "cpu":
+        # torch's CPU sort (which also builds indices) is ~10x slower than numpy's.
+        return torch.from_numpy(np.sort(x.neg().numpy(), axis=-1)[:, :width]).neg_()
+    return torch.sort(x, dim=-1, descending=True).values[:, :width]
+
+
+def _top_k_threshold(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """[R, 1] k-th largest value of each row (-inf where top-k is off); ties with it stay."""
     rows, vocab_size = x.shape
-    disabled = torch.full((rows, 1), float("-inf"), device=x.device)
-    k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
-    use_top_k = min(k) < vocab_size
-    use_top_p = any(p.top_p < 1.0 for p in params)
-    if not (use_top_k or use_top_p):
-        return disabled
-    k_index = torch.tensor(k, device=x.device)[:, None] - 1  # [R, 1]
-    if not use_top_p:  # top-k alone: a partial top-k instead of a full sort
-        max_k = max(n for n in k if n < vocab_size)
-        values = torch.topk(x, max_k, dim=-1).values  # [R, max_k], descending
-        kth = values.gather(1, k_index.clamp(max=max_k - 1))
-        return torch.where(k_index < vocab_size - 1, kth, disabled)
+    k = [p.top_k if 0 < p.top_k < vocab_size else 0 for p in params]
+    kth = torch.full((rows, 1), _NEG_INF, device=x.device)
+    if not any(k):
+        return kth
+    ordered = _sorted_top(x, max(k))
+    k_index = torch.tensor(k, device=x.device)[:, None]
+    return torch.where(k_index > 0, ordered.gather(1, (k_index - 1).clamp(min=0)), kth)
 
-    ordered = torch.sort(x, dim=-1, descending=True).values  # [R, V]
-    kth = ordered.gather(1, k_index)  # [R, 1]; the minimum when top-k is off
-    ordered.masked_fill_(ordered < kth, float("-inf"))
-    probs = torch.softmax(ordered, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1).sub_(probs)  # [R, V], non-decreasing
-    top_p = torch.tensor([p.top_p for p in params], device=x.device)[:, None]
-    num_kept = (mass_before < top_p).sum(dim=-1, keepdim=True)  # >= 1 since top_p > 0
-    top_p_threshold = ordered.gather(1, num_kept - 1)
-    # top_p == 1 must keep the whole top-k set even when float cumsum reaches 1 early.
-    return torch.where(top_p < 1.0, torch.maximum(kth, top_p_threshold), kth)
+
+def _top_p_threshold(
+    x: torch.Tensor, kth: torch.Tensor, params: Sequence[SamplingParams]
+) -> torch.Tensor:
+    """[R, 1] value of the last token of the shortest mass >= top_p prefix (by value).
+
+    Probabilities are those after top-k (tokens with x >= kth). The prefix is first looked
+    for among the TOP_P_CANDIDATES largest values and, for rows where those do not reach
+    top_p, among all of them. Either way the sums are the same float64 ones (a full-row
+    total, a left-to-right prefix sum), so the result never depends on the batch.
+    """
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64, device=x.device)
+    threshold = torch.full((x.shape[0], 1), _NEG_INF, device=x.device)
+    rows = torch.nonzero(top_p < 1.0).flatten().tolist()
+    if not rows:
+        return threshold
+    kept = x[rows]  # [P, V], a copy
+    kept.masked_fill_(kept < kth[rows], _NEG_INF)
+    total = kept.exp().sum(dim=-1, keepdim=True, dtype=torch.float64)  # [P, 1]
+    target = top_p[rows, None] * total
+    found, reached = _mass_boundary(_sorted_top(kept, min(TOP_P_CANDIDATES, x.shape[1])), target)
+    missing = torch.nonzero(~reached).flatten().tolist()
+    if missing:
+        found[missing] = _mass_boundary(_sorted_top(kept[missing], x.shape[1]), target[missing])[0]
+    threshold[rows] = found
+    return threshold
+
+
+def _mass_boundary(
+    ordered: torch.Tensor, target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For values sorted descending [P, W] and target masses [P, 1] (float64): the value of
+    the first token whose running mass reaches the target [P, 1], and whether it was reached
+    within these W values [P]."""
+    weights = ordered.exp()
+    cumulative = torch.cumsum(weights, dim=-1, dtype=torch.float64)
+    num_kept = (cumulative - weights < target).sum(dim=-1, keepdim=True)  # >= 1: target > 0
+    reached = cumulative[:, -1:] >= target
+    return ordered.gather(1, num_kept - 1), reached[:, 0]
+
+
+def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Index [R] drawn from unnormalized weights [R, N] >= 0 with uniforms [R] in [0, 1).
+
+    Two levels, float64 sums: pick the block whose running sum first exceeds u * total,
+    then the token inside it likewise. "First running sum > target" can never land on a
+    zero weight (the running sum does not grow there), so filtered tokens are never chosen.
+    Costs one pass over the weights plus O(N / block + block) per row.
+    """
+    rows, n = weights.shape
+    if n % block:
+        weights = torch.nn.functional.pad(weights, (0, block - n % block))  # zeros
+    blocks = weights.view(rows, -1, block)  # [R, NB, block]
+    block_cum = blocks.sum(dim=-1, dtype=torch.float64).cumsum_(dim=-1)  # [R, NB]
+    target = _below(uniform[:, None] * block_cum[:, -1:], block_cum[:, -1:])
+    b = torch.searchsorted(block_cum, target, right=True).clamp_(max=blocks.shape[1] - 1)
+    before = torch.where(b > 0, block_cum.gather(1, (b - 1).clamp(min=0)), 0.0)
+    inner = blocks.gather(1, b[:, :, None].expand(rows, 1, block))[:, 0]  # [R, block]
+    inner_cum = inner.cumsum(dim=-1, dtype=torch.float64)
+    inner_target = _below((target - before).clamp_(min=0.0), inner_cum[:, -1:])
+    i = torch.searchsorted(inner_cum, inner_target, right=True).clamp_(max=block - 1)
+    # Only a row with no finite logit at all (a model bug) could land past its end.
+    return (b * block + i)[:, 0].clamp_(max=n - 1)
+
+
+def _below(value: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """min(value, largest float64 below bound): keeps a target strictly under a total."""
+    return torch.minimum(value, torch.nextafter(bound, torch.zeros_like(bound)))
+
+
+# -- logprobs ------------------------------------------------------------------------------
 
 
 def _with_logprobs(

@@ -1,10 +1,13 @@
+import contextlib
 import math
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pdserve.engine import sampler as sampler_module
 from pdserve.engine.sampler import (
     SampledToken,
     Sampler,
@@ -46,8 +49,13 @@ def test_penalties_exact_values():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [2.0, -1.0, 0.5, 3.0]])
     original = logits.clone()
     rows = [
-        row(prompt=[0], output=[1, 1, 2], repetition_penalty=2.0, frequency_penalty=0.5,
-            presence_penalty=0.25),
+        row(
+            prompt=[0],
+            output=[1, 1, 2],
+            repetition_penalty=2.0,
+            frequency_penalty=0.5,
+            presence_penalty=0.25,
+        ),
         row(prompt=[0], output=[1, 1, 2]),
     ]
     out = apply_penalties(logits, rows)
@@ -71,18 +79,23 @@ def test_greedy_uses_penalized_logits():
     assert Sampler().sample(logits, rows)[0].token_id == 1
 
 
-def test_top_p_exact_set():
-    assert sampled_set(LOG_PROBS, 3000, top_p=0.45) == {0}
-    assert sampled_set(LOG_PROBS, 3000, top_p=0.55) == {0, 1}
-    assert sampled_set(LOG_PROBS, 3000, top_p=0.9) == {0, 1, 2}
-    assert sampled_set(LOG_PROBS, 3000, top_p=1.0) == {0, 1, 2, 3}
+@pytest.mark.parametrize("cap", [0, 2])
+def test_top_p_exact_set(cap):
+    with candidates(cap):
+        assert sampled_set(LOG_PROBS, 3000, top_p=0.45) == {0}
+        assert sampled_set(LOG_PROBS, 3000, top_p=0.55) == {0, 1}
+        assert sampled_set(LOG_PROBS, 3000, top_p=0.9) == {0, 1, 2}
+        assert sampled_set(LOG_PROBS, 3000, top_p=1.0) == {0, 1, 2, 3}
 
 
-def test_top_k_exact_set_and_ties_kept():
-    assert sampled_set(LOG_PROBS, 3000, top_k=2) == {0, 1}
-    # Every token tied with the k-th largest logit is kept.
-    assert sampled_set([3.0, 2.0, 2.0, 0.0], 3000, top_k=2) == {0, 1, 2}
-    assert sampled_set([3.0, 2.0, 2.0, 0.0], 3000, top_k=10) == {0, 1, 2, 3}
+@pytest.mark.parametrize("cap", [0, 2])
+def test_top_k_exact_set_and_ties_kept(cap):
+    with candidates(cap):
+        assert sampled_set(LOG_PROBS, 3000, top_k=2) == {0, 1}
+        # Every token tied with the k-th largest logit is kept.
+        assert sampled_set([3.0, 2.0, 2.0, 0.0], 3000, top_k=2) == {0, 1, 2}
+        assert sampled_set([3.0, 2.0, 2.0, 0.0], 3000, top_k=10) == {0, 1, 2, 3}
+        assert sampled_set([3.0, 2.0, 2.0, 2.0, 0.0], 3000, top_k=3, top_p=0.99) == {0, 1, 2, 3}
 
 
 def test_min_p_exact_set():
@@ -121,11 +134,18 @@ def test_rows_must_match_logits():
 
 
 def generate(sampler, seeded: SamplingRow, neighbours: int, steps: int, vocab: int = 257):
-    """Run `steps` decode steps of `seeded` beside `neighbours` random rows; its tokens."""
+    """Run `steps` decode steps of `seeded` beside `neighbours` other rows; its tokens."""
     torch.manual_seed(neighbours)
     for _ in range(steps):
         others = [
-            row(output=[1] * i, temperature=0.5 + i % 3, top_k=i % 4, seed=(i if i % 2 else None))
+            row(
+                output=[1] * i,
+                temperature=0.5 + i % 3,
+                top_k=[0, 3, 40, 1][i % 4],
+                top_p=[1.0, 0.8][i % 2],
+                seed=(i if i % 2 else None),
+                repetition_penalty=1.0 + i % 2,
+            )
             for i in range(neighbours)
         ]
         logits_gen = torch.Generator().manual_seed(len(seeded.output_token_ids))
@@ -136,14 +156,22 @@ def generate(sampler, seeded: SamplingRow, neighbours: int, steps: int, vocab: i
     return list(seeded.output_token_ids)
 
 
-def test_same_seed_same_tokens_regardless_of_batch():
-    alone = generate(Sampler(seed=1), row(seed=1234, top_p=0.9), neighbours=0, steps=12)
-    in_batch = generate(Sampler(seed=2), row(seed=1234, top_p=0.9), neighbours=7, steps=12)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"top_p": 0.9},
+        {"top_k": 20, "top_p": 0.9, "min_p": 0.01},  # the top-k candidate path
+        {"temperature": 0.7, "presence_penalty": 0.5},
+    ],
+)
+def test_same_seed_same_tokens_regardless_of_batch(kwargs):
+    alone = generate(Sampler(seed=1), row(seed=1234, **kwargs), neighbours=0, steps=12)
+    in_batch = generate(Sampler(seed=2), row(seed=1234, **kwargs), neighbours=7, steps=12)
     with_gen = generate(
-        Sampler(), row(seed=1234, top_p=0.9, generator=make_generator(1234)), neighbours=3, steps=12
+        Sampler(), row(seed=1234, generator=make_generator(1234), **kwargs), neighbours=3, steps=12
     )
     assert alone == in_batch == with_gen
-    other_seed = generate(Sampler(seed=1), row(seed=1235, top_p=0.9), neighbours=0, steps=12)
+    other_seed = generate(Sampler(seed=1), row(seed=1235, **kwargs), neighbours=0, steps=12)
     assert other_seed != alone
 
 
@@ -152,6 +180,14 @@ def test_seeded_row_can_resume_elsewhere():
     full = generate(Sampler(), row(seed=7), neighbours=2, steps=6)
     resumed = generate(Sampler(), row(seed=7, output=full[:3]), neighbours=5, steps=3)
     assert resumed == full
+
+
+def test_unseeded_rows_reproducible_from_sampler_seed():
+    logits = torch.randn(8, 100)
+    rows = [row(top_p=0.9) for _ in range(8)]
+    first = Sampler(seed=5).sample(logits, rows)
+    assert Sampler(seed=5).sample(logits, rows) == first
+    assert Sampler(seed=6).sample(logits, rows) != first
 
 
 def test_step_seed_is_a_valid_torch_seed():
@@ -211,15 +247,31 @@ def allowed_tokens(logits: list[float], p: SamplingParams) -> set[int]:
     return set(torch.nonzero(keep).flatten().tolist())
 
 
-def assert_only_allowed_tokens(logits: list[float], **kwargs) -> None:
-    # Two seeded rows (one generator each) and many unseeded ones (one shared draw): many
-    # draws per example, so a filter that leaks even a low-probability token gets caught.
+@contextlib.contextmanager
+def candidates(width: int):
+    """width 0: every top-k and top-p goes through a full sort; else top-p first tries the
+    `width` largest values (torch.topk), then falls back to the sort for wider nuclei."""
+    if width:
+        with mock.patch.object(sampler_module, "TOP_P_CANDIDATES", width):
+            yield
+        return
+    with (
+        mock.patch.object(sampler_module, "TOP_P_CANDIDATES", 1),
+        mock.patch.object(sampler_module, "MAX_PARTIAL_WIDTH", 1),
+    ):
+        yield
+
+
+def assert_only_allowed_tokens(logits: list[float], candidate_width: int = 3, **kwargs) -> None:
+    # Two seeded rows (one generator each) and many unseeded ones: many draws per example,
+    # so a filter that leaks even a low-probability token gets caught.
     seed = kwargs.pop("seed")
     seeds = [seed, (seed + 1) % 2**63] + [None] * 126
     params = [SamplingParams(seed=s, **kwargs) for s in seeds]
     allowed = allowed_tokens(logits, params[0])
     batch = torch.tensor(logits, dtype=torch.float32).repeat(len(params), 1)
-    out = Sampler(seed=seed).sample(batch, [SamplingRow(p, None, [], []) for p in params])
+    with candidates(candidate_width):
+        out = Sampler(seed=seed).sample(batch, [SamplingRow(p, None, [], []) for p in params])
     assert {t.token_id for t in out} <= allowed
 
 
@@ -234,31 +286,65 @@ seeds = st.integers(0, 2**63 - 1)
     top_p=st.one_of(st.just(1.0), st.floats(1e-3, 1.0)),
     min_p=st.one_of(st.just(0.0), st.floats(0.0, 1.0)),
     seed=seeds,
+    cap=st.sampled_from([0, 3]),
 )
-def test_sampled_token_always_allowed(logits, temperature, top_k, top_p, min_p, seed):
+def test_sampled_token_always_allowed(logits, temperature, top_k, top_p, min_p, seed, cap):
     assert_only_allowed_tokens(
-        logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed
+        logits, cap, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed
     )
 
 
 @settings(max_examples=150, deadline=None)
-@given(logits=logit_lists, temperature=st.floats(0.5, 3.0), data=st.data(), seed=seeds)
-def test_top_k_alone_never_leaks(logits, temperature, data, seed):
+@given(
+    logits=logit_lists,
+    temperature=st.floats(0.5, 3.0),
+    data=st.data(),
+    seed=seeds,
+    cap=st.sampled_from([0, 3]),
+)
+def test_top_k_alone_never_leaks(logits, temperature, data, seed, cap):
     top_k = data.draw(st.integers(1, len(logits) - 1))
-    assert_only_allowed_tokens(logits, temperature=temperature, top_k=top_k, seed=seed)
+    assert_only_allowed_tokens(logits, cap, temperature=temperature, top_k=top_k, seed=seed)
 
 
 @settings(max_examples=150, deadline=None)
-@given(
-    logits=logit_lists, temperature=st.floats(0.5, 3.0), top_p=st.floats(0.01, 0.99), seed=seeds
-)
+@given(logits=logit_lists, temperature=st.floats(0.5, 3.0), top_p=st.floats(0.01, 0.99), seed=seeds)
 def test_top_p_alone_never_leaks(logits, temperature, top_p, seed):
     assert_only_allowed_tokens(logits, temperature=temperature, top_p=top_p, seed=seed)
 
 
 @settings(max_examples=150, deadline=None)
-@given(
-    logits=logit_lists, temperature=st.floats(0.5, 3.0), min_p=st.floats(0.01, 0.99), seed=seeds
-)
+@given(logits=logit_lists, temperature=st.floats(0.5, 3.0), min_p=st.floats(0.01, 0.99), seed=seeds)
 def test_min_p_alone_never_leaks(logits, temperature, min_p, seed):
     assert_only_allowed_tokens(logits, temperature=temperature, min_p=min_p, seed=seed)
+
+
+@pytest.mark.parametrize("block", [1, 2, 256])
+def test_inverse_cdf_never_picks_zero_weight(block):
+    weights = torch.tensor([[0.0, 0.0, 1.0, 0.0, 2.0]] * 4)
+    uniform = torch.tensor([0.0, 1.0 / 3.0, 0.5, 1.0 - 2**-53], dtype=torch.float64)
+    # cumsum [0, 0, 1, 1, 3]: u * 3 = 0 -> 2; exactly 1 -> 4 (first sum > 1); 1.5 -> 4; ~3 -> 4.
+    assert sampler_module._inverse_cdf(weights, uniform, block).tolist() == [2, 4, 4, 4]
+
+
+@pytest.mark.parametrize("block", [3, 256])
+def test_inverse_cdf_matches_the_distribution(block):
+    weights = torch.tensor([[0.5, 0.0, 2.0, 1.0, 0.0, 0.5, 0.0]])
+    uniform = torch.linspace(0, 1, 4001, dtype=torch.float64)[:-1]
+    chosen = sampler_module._inverse_cdf(weights.repeat(4000, 1), uniform, block)
+    counts = torch.bincount(chosen, minlength=7).tolist()
+    assert counts == [500, 0, 2000, 1000, 0, 500, 0]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"top_p": 0.9}, {"top_k": 40, "top_p": 0.8}, {"top_k": 7, "min_p": 0.1}]
+)
+def test_threshold_does_not_depend_on_the_search_path(kwargs):
+    """topk-then-fallback and full sort select the same values, so the same tokens."""
+    logits = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * 2
+    rows = [row(seed=i, **kwargs) for i in range(64)]
+    results = []
+    for width in (0, 2, 16, 256):
+        with candidates(width):
+            results.append([t.token_id for t in Sampler().sample(logits, rows)])
+    assert results[0] == results[1] == results[2] == results[3]
