@@ -25,6 +25,12 @@ from services.kvstore.server import KVStoreServer
 BLOCK_BYTES = 737_280  # SmolLM2-135M, float32, 16 tokens
 ENGINE_BLOCKS = 96
 NODE = "localhost"  # node id that is also a dialable host name
+PASSAGE = (
+    "In distributed systems, consensus protocols such as Raft and Paxos let a group of machines "
+    "agree on a sequence of values even when some of them fail. A compiler translates source "
+    "code into machine code in stages: lexing, parsing, semantic analysis, optimisation and "
+    "code generation."
+)
 
 
 class ServerThread:
@@ -123,7 +129,6 @@ def make_prefill(redis_server, serving_cluster, checkpoint):
 @pytest.fixture(scope="session")
 def make_decode(redis_server, serving_cluster, checkpoint):
     from services.decode.server import DecodeServer
-
     from services.decode.settings import DecodeSettings
 
     started: list[ServerThread] = []

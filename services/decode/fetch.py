@@ -1,0 +1,79 @@
+"""Reading a request's KV blocks from a kvstore, on the fetch thread pool.
+
+Source order (fastest first): the decode engine's own prefix cache (checked on the engine
+thread before a fetch is started), the node's kvstore through shared memory (same node:
+the blocks are pinned by a lease while they are copied out, then verified), a remote
+kvstore over gRPC streaming. Every block is checked (length, xxh3-64) by the transport; a
+missing or corrupt block ends the usable prefix, it is never imported.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from pdserve.kv.grpc_transport import GrpcTransport, SharedMemoryTransport
+from pdserve.kv.transport import KVTransport
+from pdserve.wire import KVSource
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    payloads: list  # the verified blocks, a prefix of the keys asked for
+    error: str | None
+    seconds: float
+    transport: str  # "shm" | "grpc" | ""
+
+
+class KVFetcher:
+    """Connections to kvstores by address (built lazily, dropped after an error)."""
+
+    def __init__(self, node_id: str, *, allow_shm: bool, timeout_s: float) -> None:
+        self._node_id = node_id
+        self._allow_shm = allow_shm
+        self._timeout_s = timeout_s
+        self._transports: dict[str, KVTransport] = {}
+        self._lock = threading.Lock()
+
+    def _transport(self, source: KVSource) -> KVTransport:
+        with self._lock:
+            transport = self._transports.get(source.kvstore_address)
+        if transport is not None:
+            return transport
+        same_node = self._allow_shm and source.node_id == self._node_id
+        cls = SharedMemoryTransport if same_node else GrpcTransport
+        transport = cls(source.kvstore_address, timeout_s=self._timeout_s)
+        with self._lock:
+            return self._transports.setdefault(source.kvstore_address, transport)
+
+    def _drop(self, address: str) -> None:
+        with self._lock:
+            self._transports.pop(address, None)  # the old one is left to the GC
+
+    def fetch(self, source: KVSource, keys: Sequence[bytes]) -> FetchResult:
+        """The longest verified prefix of ``keys`` that the source's kvstore holds."""
+        start = time.perf_counter()
+        name = ""
+        try:
+            transport = self._transport(source)
+            name = "shm" if getattr(transport, "shared", False) else "grpc"
+            got = transport.get_blocks(list(keys))
+        except Exception as exc:  # noqa: BLE001 - any failure is a miss; the caller recomputes
+            self._drop(source.kvstore_address)
+            log.warning("decode.kv_fetch_failed", address=source.kvstore_address, error=str(exc))
+            return FetchResult([], str(exc), time.perf_counter() - start, name)
+        payloads = list(itertools.takewhile(lambda b: b is not None, got))
+        return FetchResult(payloads, None, time.perf_counter() - start, name)
+
+    def close(self) -> None:
+        with self._lock:
+            transports, self._transports = list(self._transports.values()), {}
+        for transport in transports:
+            transport.close()

@@ -1,0 +1,171 @@
+"""gRPC wiring of the decode worker (grpc.aio): messages in, worker calls, chunks out.
+
+Errors are mapped here and only here: ValueError → INVALID_ARGUMENT, OverloadedError →
+RESOURCE_EXHAUSTED, a failed request → INTERNAL (after the chunks already sent). A client
+that cancels the stream (or whose deadline passes) has its sequence aborted at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from pdserve import wire
+from pdserve._proto.pdserve.v1 import decode_pb2, decode_pb2_grpc
+from pdserve.kv.grpc_transport import channel_options
+from pdserve.model.loader import Checkpoint
+from services.decode.settings import DecodeSettings
+from services.decode.worker import DecodeEvent, DecodeSpec, DecodeWorker, OverloadedError
+
+log = structlog.get_logger(__name__)
+SERVICE_NAME = decode_pb2.DESCRIPTOR.services_by_name["Decode"].full_name
+
+
+def spec_from_proto(request: decode_pb2.DecodeRequest, vocab_size: int) -> DecodeSpec:
+    """ValueError on any bad field."""
+    sampling = request.sampling if request.HasField("sampling") else None
+    first_token = None
+    if request.HasField("first_token_id"):
+        logprob = request.first_logprob if request.HasField("first_logprob") else None
+        first_token = wire.sampled_token_from_proto(
+            request.first_token_id, logprob, vocab_size=vocab_size
+        )
+    if request.kv_fetch_timeout_s < 0:
+        raise ValueError(f"kv_fetch_timeout_s must be >= 0, got {request.kv_fetch_timeout_s}")
+    return DecodeSpec(
+        request_id=request.request_id or uuid.uuid4().hex,
+        prompt=wire.prompt_from_proto(request.prompt_token_ids, vocab_size),
+        params=wire.sampling_from_proto(sampling),
+        cache_salt=request.cache_salt or None,
+        first_token=first_token,
+        kv=wire.kv_source_from_proto(request.kv if request.HasField("kv") else None),
+        kv_fetch_timeout_s=request.kv_fetch_timeout_s or None,
+    )
+
+
+def chunk_to_proto(event: DecodeEvent, first: bool) -> decode_pb2.DecodeChunk:
+    chunk = decode_pb2.DecodeChunk(
+        token_ids=event.token_ids,
+        text=event.text,
+        logprobs=[wire.logprob_to_proto(t) for t in event.logprobs],
+        finish_reason=wire.finish_reason_to_proto(event.finish_reason),
+    )
+    if first:
+        chunk.num_kv_blocks_fetched = event.num_kv_blocks_fetched
+        chunk.recomputed = event.recomputed
+    if event.finish_reason is not None:
+        chunk.usage.CopyFrom(
+            wire.usage_to_proto(
+                event.num_prompt_tokens, event.num_completion_tokens, event.num_cached_tokens
+            )
+        )
+    return chunk
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, worker: DecodeWorker) -> None:
+        self.worker = worker
+
+    async def Decode(self, request, context):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[DecodeEvent] = asyncio.Queue()
+        try:
+            spec = spec_from_proto(request, self.worker.engine.model_config.vocab_size)
+            self.worker.submit(spec, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OverloadedError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        finished, first = False, True
+        try:
+            while not finished:
+                event = await events.get()
+                finished = event.is_last
+                if event.error is not None:
+                    await context.abort(grpc.StatusCode.INTERNAL, event.error)
+                yield chunk_to_proto(event, first)
+                first = False
+        finally:
+            if not finished:  # cancelled, deadline, or the client went away
+                self.worker.cancel(spec.request_id)
+
+    async def Stats(self, request, context):
+        load = self.worker.load
+        return decode_pb2.DecodeStatsResponse(
+            worker_id=self.worker.worker_id,
+            running=load.running,
+            waiting=load.waiting,
+            num_free_blocks=load.num_free_blocks,
+            num_total_blocks=load.num_total_blocks,
+            num_cached_blocks=load.num_cached_blocks,
+            num_prompt_tokens_computed=load.num_prompt_tokens_computed,
+            num_generation_tokens=load.num_generation_tokens,
+        )
+
+
+class DecodeServer:
+    """The worker behind a grpc.aio server, with health, reflection and message limits.
+
+    ``await start()`` binds (``grpc_port=0`` picks a free port; see ``port``), loads the
+    engine and registers in Redis; ``await stop()`` drains and deregisters.
+    """
+
+    def __init__(self, settings: DecodeSettings, *, checkpoint: Checkpoint | None = None):
+        self.settings = settings
+        self._checkpoint = checkpoint
+        self.port = 0
+        self.worker: DecodeWorker | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        self.server = grpc.aio.server(options=channel_options(s.max_message_bytes))
+        self.port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        address = s.advertise_address or f"{s.node_id}:{self.port}"
+        worker_id = f"decode-{s.node_id}-{self.port}"
+        self.worker = await asyncio.to_thread(
+            DecodeWorker, s, checkpoint=self._checkpoint, worker_id=worker_id, address=address
+        )
+        decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(self.worker), self.server)
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.worker.start()
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if s.http_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(s.http_port, addr=s.grpc_host)
+        log.info("decode.listening", port=self.port, address=address, worker_id=worker_id)
+
+    async def stop(self) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(self.settings.shutdown_grace_s)
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.stop)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve(settings: DecodeSettings) -> None:
+    server = DecodeServer(settings)
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    await server.start()
+    await done.wait()
+    log.info("decode.shutting_down")
+    await server.stop()

@@ -1,0 +1,445 @@
+"""The decode worker: continuous batching over the paged KV pool, fed by KV handoffs.
+
+Lifecycle of a request (:class:`DecodeState`)::
+
+    WAITING_FOR_KV (its blocks are being fetched on the fetch pool; the running batch
+                    keeps stepping)  → at most kv_fetch_timeout_s, then recompute locally
+      → ADMITTED (blocks imported into the prefix cache; queued in the engine with the
+                  prefill worker's first token)
+      → RUNNING (first chunk sent; one chunk per engine step)
+      → FINISHED (stop, length) | ABORTED (client cancelled, worker stopping) | failed
+
+A request without a KV source skips WAITING_FOR_KV: the engine prefills it locally,
+chunked under the token budget and interleaved with the running decodes.
+
+Invariants:
+- One thread (``engine-decode``) drives the engine; the gRPC side and the fetch pool hand
+  it closures through ``_call_soon``. Sinks are called on that thread and must not block.
+- Every path out releases the request: FINISHED/failed by the engine itself, ABORTED by
+  ``LLMEngine.abort`` (blocks freed at once); a late fetch result for a request that is no
+  longer WAITING_FOR_KV is dropped.
+- A fetch never blocks the batch: imported blocks enter the prefix cache on the engine
+  thread between two steps, in one call, just before the request is queued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import structlog
+
+from pdserve.engine.llm_engine import LLMEngine, RequestOutput
+from pdserve.engine.sampler import SampledToken
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv.metadata import Heartbeat, RedisLayout, WorkerInfo, WorkerRegistry, connect
+from pdserve.model.loader import Checkpoint
+from pdserve.wire import KVSource
+from services.decode.fetch import FetchResult, KVFetcher
+from services.decode.hbm import HbmPublisher
+from services.decode.settings import DecodeSettings
+
+log = structlog.get_logger(__name__)
+
+
+class DecodeState(enum.Enum):
+    WAITING_FOR_KV = "waiting_for_kv"
+    ADMITTED = "admitted"
+    RUNNING = "running"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+class OverloadedError(RuntimeError):
+    """Too many requests in the worker (RESOURCE_EXHAUSTED)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """A validated request (wire values already converted)."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    cache_salt: str | None = None
+    first_token: SampledToken | None = None  # sampled by a prefill worker
+    kv: KVSource | None = None
+    kv_fetch_timeout_s: float | None = None  # None: the worker's default
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeEvent:
+    """One chunk of the stream; the last one has finish_reason (and usage) or error."""
+
+    token_ids: list[int]
+    text: str = ""
+    logprobs: list[SampledToken] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_completion_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_kv_blocks_fetched: int = 0  # first chunk only
+    recomputed: bool = False  # first chunk only
+    error: str | None = None
+
+    @property
+    def is_last(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+Sink = Callable[[DecodeEvent], None]
+
+
+@dataclasses.dataclass(eq=False)
+class _Job:
+    spec: DecodeSpec
+    sink: Sink
+    state: DecodeState = DecodeState.WAITING_FOR_KV
+    keys: list[bytes] = dataclasses.field(default_factory=list)  # our own chain keys
+    first_fetch: int = 0  # index of the first key fetched (the ones before: own cache)
+    kv_deadline: float = 0.0
+    num_fetched: int = 0
+    recomputed: bool = False
+    num_completion_tokens: int = 0
+    sent_first: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLoad:
+    """Published by the engine thread after every iteration (read by Stats and heartbeat).
+
+    ``num_free_blocks`` counts blocks no running sequence holds, cached ones included (they
+    are evicted on demand)."""
+
+    running: int = 0
+    waiting: int = 0
+    num_free_blocks: int = 0
+    num_total_blocks: int = 0
+    num_cached_blocks: int = 0
+    num_prompt_tokens_computed: int = 0
+    num_generation_tokens: int = 0
+    num_kv_blocks_fetched: int = 0
+    num_recomputed: int = 0
+
+
+class DecodeWorker:
+    def __init__(
+        self,
+        settings: DecodeSettings,
+        *,
+        checkpoint: Checkpoint | None = None,
+        worker_id: str,
+        address: str,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.address = address
+        self.engine = LLMEngine(settings.engine_config(), checkpoint=checkpoint)
+        self.block_size = settings.block_size
+        self.fetcher = KVFetcher(
+            settings.node_id,
+            allow_shm=settings.kv_transport == "auto",
+            timeout_s=settings.kv_timeout_s,
+        )
+        self._fetch_pool = ThreadPoolExecutor(
+            settings.kv_fetch_threads, thread_name_prefix="decode-fetch"
+        )
+        self._jobs: dict[str, _Job] = {}
+        self._lock = threading.Lock()
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._num_fetched = 0
+        self._num_recomputed = 0
+        self.load = DecodeLoad()
+        self._publish_load()
+        ca = str(settings.redis_ca_file) if settings.redis_ca_file else None
+        self._redis = connect(settings.redis_url, ca_file=ca)
+        layout = RedisLayout(settings.cluster_name)
+        registry = WorkerRegistry(self._redis, layout, settings.heartbeat_ttl_s)
+        self._heartbeat = Heartbeat(registry, self.worker_info, settings.heartbeat_interval_s)
+        self._hbm = None
+        if settings.hbm_publish_interval_s > 0:
+            self._hbm = HbmPublisher(
+                self._redis, layout, worker_id, settings.hbm_publish_interval_s
+            )
+        self._thread = threading.Thread(target=self._run, name="engine-decode", daemon=True)
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        if self._hbm is not None:
+            self._hbm.start()
+        self._thread.start()
+        self._heartbeat.start()
+
+    def stop(self) -> None:
+        self._heartbeat.stop(deregister=True)
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(10)
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        if self._hbm is not None:
+            self._hbm.stop()
+        self.fetcher.close()
+
+    def worker_info(self) -> WorkerInfo:
+        load = self.load
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            role="decode",
+            address=self.address,
+            node_id=self.settings.node_id,
+            capacity={
+                "num_blocks": load.num_total_blocks,
+                "max_num_seqs": self.settings.max_num_seqs,
+            },
+            load={
+                "running": load.running,
+                "waiting": load.waiting,
+                "num_free_blocks": load.num_free_blocks,
+                "num_cached_blocks": load.num_cached_blocks,
+            },
+        )
+
+    # ---- the API (any thread) ----
+
+    def submit(self, spec: DecodeSpec, sink: Sink) -> None:
+        """Queue a request; its chunks go to ``sink`` (on the engine thread).
+
+        Raises ValueError for bad input and OverloadedError when the worker is full."""
+        if not spec.request_id:
+            raise ValueError("request_id must not be empty")
+        prompt = self.engine.encode_prompt(spec.prompt)
+        self.engine.validate_prompt(prompt, spec.params)
+        vocab = self.engine.model_config.vocab_size
+        if spec.first_token is not None and not 0 <= spec.first_token.token_id < vocab:
+            raise ValueError(f"first_token_id must be in [0, {vocab})")
+        if spec.kv_fetch_timeout_s is not None and spec.kv_fetch_timeout_s < 0:
+            raise ValueError("kv_fetch_timeout_s must be >= 0")
+        job = _Job(dataclasses.replace(spec, prompt=prompt), sink)
+        with self._lock:
+            if spec.request_id in self._jobs:
+                raise ValueError(f"request_id {spec.request_id!r} is already in use")
+            if len(self._jobs) >= self.settings.max_queued_requests:
+                raise OverloadedError(
+                    f"{len(self._jobs)} requests in progress (max_queued_requests)"
+                )
+            self._jobs[spec.request_id] = job
+        self._call_soon(lambda: self._start(job))
+
+    def cancel(self, request_id: str) -> None:
+        """Abort at any state; engine blocks are freed before the next step."""
+        self._call_soon(lambda: self._abort(request_id))
+
+    def _call_soon(self, fn: Callable[[], None]) -> None:
+        self._inbox.put(fn)
+        self._wake.set()
+
+    # ---- WAITING_FOR_KV (engine thread, then the fetch pool) ----
+
+    def _start(self, job: _Job) -> None:
+        spec = job.spec
+        if spec.kv is None or not spec.kv.block_keys:
+            self._admit(job, [])
+            return
+        bs, n = self.block_size, len(spec.prompt)
+        usable = n // bs if spec.first_token is not None else (n - 1) // bs
+        job.keys = self.engine.block_keys(spec.prompt[: usable * bs], spec.cache_salt)
+        offered = min(len(spec.kv.block_keys), usable)
+        if list(spec.kv.block_keys[:offered]) != job.keys[:offered]:
+            log.warning("decode.kv_keys_mismatch", request_id=spec.request_id)
+            job.recomputed = True  # another model, block size or salt: never import those
+            self._admit(job, [])
+            return
+        bm = self.engine.block_manager
+        while job.first_fetch < offered and bm.cached_block(job.keys[job.first_fetch]) is not None:
+            job.first_fetch += 1
+        job.keys = job.keys[:offered]
+        if job.first_fetch == offered:
+            self._admit(job, [])
+            return
+        timeout_s = spec.kv_fetch_timeout_s or self.settings.kv_fetch_timeout_s
+        job.kv_deadline = time.monotonic() + timeout_s
+        keys = job.keys[job.first_fetch :]
+        self._fetch_pool.submit(self._fetch, job, spec.kv, keys)
+
+    def _fetch(self, job: _Job, source: KVSource, keys: Sequence[bytes]) -> None:
+        result = self.fetcher.fetch(source, keys)
+        self._call_soon(lambda: self._on_fetched(job, result))
+
+    def _on_fetched(self, job: _Job, result: FetchResult) -> None:
+        if job.state is not DecodeState.WAITING_FOR_KV:
+            return  # timed out (already recomputing) or cancelled
+        log.debug(
+            "decode.kv_fetched",
+            request_id=job.spec.request_id,
+            blocks=len(result.payloads),
+            seconds=round(result.seconds, 4),
+            transport=result.transport,
+        )
+        self._admit(job, result.payloads)
+
+    def _expire_fetches(self) -> None:
+        now = time.monotonic()
+        for job in self._snapshot_jobs():
+            if (
+                job.state is DecodeState.WAITING_FOR_KV
+                and job.kv_deadline
+                and now > job.kv_deadline
+            ):
+                log.warning("decode.kv_fetch_timeout", request_id=job.spec.request_id)
+                self._admit(job, [])
+
+    # ---- ADMITTED → RUNNING → FINISHED (engine thread) ----
+
+    def _admit(self, job: _Job, payloads: list) -> None:
+        spec, bs = job.spec, self.block_size
+        if payloads:
+            first = job.first_fetch
+            keys = job.keys[first : first + len(payloads)]
+            self.engine.import_blocks(spec.prompt[first * bs :], keys, payloads)
+            job.num_fetched = len(payloads)
+            self._num_fetched += len(payloads)
+        if spec.kv is not None and job.first_fetch + len(payloads) < len(job.keys):
+            job.recomputed = True
+        self._num_recomputed += job.recomputed
+        try:
+            self.engine.add_request(
+                spec.prompt,
+                spec.params,
+                request_id=spec.request_id,
+                cache_salt=spec.cache_salt,
+                first_token=spec.first_token,
+            )
+        except ValueError as exc:
+            self._end(job, DecodeEvent([], error=str(exc)))
+            return
+        job.state = DecodeState.ADMITTED
+
+    def _abort(self, request_id: str) -> None:
+        with self._lock:
+            job = self._jobs.get(request_id)
+        if job is None:
+            return
+        if job.state in (DecodeState.ADMITTED, DecodeState.RUNNING):
+            self.engine.abort(request_id)
+        job.state = DecodeState.ABORTED
+        self._end(job, DecodeEvent([], finish_reason="abort"))
+
+    def _end(self, job: _Job, event: DecodeEvent) -> None:
+        with self._lock:
+            self._jobs.pop(job.spec.request_id, None)
+        if job.state is not DecodeState.ABORTED:
+            job.state = DecodeState.FINISHED
+        self._send(job, event)
+
+    def _send(self, job: _Job, event: DecodeEvent) -> None:
+        if not job.sent_first:
+            job.sent_first = True
+            event = dataclasses.replace(
+                event, num_kv_blocks_fetched=job.num_fetched, recomputed=job.recomputed
+            )
+        try:
+            job.sink(event)
+        except Exception:  # noqa: BLE001 - a gone consumer must not stop the batch
+            log.warning("decode.sink_failed", request_id=job.spec.request_id)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            self._expire_fetches()
+            if self.engine.has_unfinished:
+                self._step()
+            else:
+                self._wake.wait(self._idle_wait_s())
+                self._wake.clear()
+            self._publish_load()
+            if self._hbm is not None and self._hbm.due():
+                bm = self.engine.block_manager
+                self._hbm.sync(b.key for b in bm.blocks if b.key is not None)
+        for job in self._snapshot_jobs():
+            self._abort(job.spec.request_id)
+
+    def _idle_wait_s(self) -> float:
+        deadlines = [j.kv_deadline for j in self._snapshot_jobs() if j.kv_deadline]
+        return max(0.0, min([0.05, *(d - time.monotonic() for d in deadlines)]))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                fn = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            fn()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+            log.exception("decode.step_failed")
+            for job in self._snapshot_jobs():
+                if job.state in (DecodeState.ADMITTED, DecodeState.RUNNING):
+                    self.engine.abort(job.spec.request_id)
+                    self._end(job, DecodeEvent([], error=f"decode step failed: {exc}"))
+            return
+        by_request: dict[str, list[RequestOutput]] = {}
+        for out in outputs:
+            by_request.setdefault(out.request_id, []).append(out)
+        for request_id, outs in by_request.items():
+            with self._lock:
+                job = self._jobs.get(request_id)
+            if job is not None:
+                self._deliver(job, outs)
+
+    def _deliver(self, job: _Job, outs: list[RequestOutput]) -> None:
+        """One chunk for this step's outputs of one request (the prefilled first token and
+        the next one arrive in the same step)."""
+        last = outs[-1]
+        tokens = [t for o in outs for t in o.new_token_ids]
+        job.num_completion_tokens += len(tokens)
+        job.state = DecodeState.RUNNING
+        event = DecodeEvent(
+            token_ids=tokens,
+            text="".join(o.text_delta for o in outs),
+            logprobs=[lp for o in outs for lp in o.new_logprobs],
+            finish_reason=last.finish_reason if last.finished else None,
+            num_prompt_tokens=last.num_prompt_tokens,
+            num_completion_tokens=job.num_completion_tokens,
+            num_cached_tokens=last.num_cached_tokens,
+        )
+        if last.finish_reason == "error":
+            self._end(
+                job,
+                dataclasses.replace(
+                    event, finish_reason=None, error="the request cannot fit this worker's KV cache"
+                ),
+            )
+        elif last.finished:
+            self._end(job, event)
+        else:
+            self._send(job, event)
+
+    def _snapshot_jobs(self) -> list[_Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def _publish_load(self) -> None:
+        bm, sched, stats = self.engine.block_manager, self.engine.scheduler, self.engine.stats
+        fetching = sum(j.state is DecodeState.WAITING_FOR_KV for j in self._snapshot_jobs())
+        self.load = DecodeLoad(
+            running=len(sched.running),
+            waiting=len(sched.waiting) + fetching,
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+            num_cached_blocks=bm.num_cached_blocks,
+            num_prompt_tokens_computed=stats.num_prompt_tokens_computed,
+            num_generation_tokens=stats.num_generation_tokens,
+            num_kv_blocks_fetched=self._num_fetched,
+            num_recomputed=self._num_recomputed,
+        )
