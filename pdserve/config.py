@@ -46,7 +46,23 @@ class ServiceSettings(BaseSettings):
     redis_ca_file: Path | None = _shared(None, "redis_ca_file", "CA bundle for rediss://")
     node_id: str = _shared(socket.gethostname(), "node_id", "name of this host in the cluster")
     log_level: LogLevel = _shared("info", "log_level", "structlog level")
-    log_json: bool = _shared(True, "log_json", "JSON log lines (false: human-readable)")
+    log_json: bool | None = _shared(
+        None, "log_json", "JSON log lines; false: human-readable; unset: JSON unless stderr is a TTY"
+    )
+    log_prompts: bool = _shared(False, "log_prompts", "allow prompt and completion text in logs")
+    trace_sampling_ratio: float = _shared(
+        1.0, "trace_sampling_ratio", "share of new traces recorded (a sampled parent is kept)"
+    )
+    trace_dir: Path | None = _shared(
+        None, "trace_dir", "local span files when no OTLP endpoint is set; default ./runs/traces"
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "otlp_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", "PDSERVE_OTLP_ENDPOINT"
+        ),
+        description="OTLP gRPC collector (e.g. http://jaeger:4317); unset: local span files",
+    )
     heartbeat_interval_s: float = _shared(2.0, "heartbeat_interval_s", "registry refresh period")
     heartbeat_ttl_s: float = _shared(10.0, "heartbeat_ttl_s", "a worker silent this long is out")
 
@@ -61,6 +77,10 @@ class ServiceSettings(BaseSettings):
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(
                 f"redis_url must start with redis://, rediss:// or unix:// (got {self.redis_url!r})"
+            )
+        if not 0.0 <= self.trace_sampling_ratio <= 1.0:
+            raise ValueError(
+                f"trace_sampling_ratio must be in [0, 1] (got {self.trace_sampling_ratio})"
             )
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError(

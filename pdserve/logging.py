@@ -1,22 +1,11 @@
-"""structlog set-up shared by services (pdserve/telemetry.py will extend it)."""
+"""structlog set-up: kept for existing callers; the implementation is pdserve/telemetry.py.
+
+Services should call ``pdserve.telemetry.setup_from_settings`` instead, which configures
+logging and tracing together and adds the service name to every line.
+"""
 
 from __future__ import annotations
 
-import logging
+from pdserve.telemetry import configure_logging
 
-import structlog
-
-
-def configure_logging(level: str = "info", *, json: bool = True) -> None:
-    renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
-    )
+__all__ = ["configure_logging"]
