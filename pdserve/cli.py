@@ -94,6 +94,31 @@ def up(
     raise typer.Exit(run_up(config, demo=demo))
 
 
+@app.command()
+def trace(
+    request_id: Annotated[
+        str | None, typer.Argument(help="request id (or trace id prefix); default: --last")
+    ] = None,
+    last: Annotated[bool, typer.Option("--last", help="the most recent request")] = False,
+    trace_dir: Annotated[
+        Path | None,
+        typer.Option("--dir", help="span files directory", envvar="PDSERVE_TRACE_DIR"),
+    ] = None,
+) -> None:
+    """Show one request's spans from the local span files as a waterfall."""
+    from pdserve.span_file import DEFAULT_TRACE_DIR
+    from pdserve.trace_view import TraceNotFound, show
+
+    if request_id is not None and last:
+        typer.echo("error: give a REQUEST_ID or --last, not both", err=True)
+        raise typer.Exit(2)
+    try:
+        show(trace_dir or DEFAULT_TRACE_DIR, request_id)
+    except TraceNotFound as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
 def main() -> None:
     app()
 
