@@ -75,7 +75,7 @@ def worker_ids(stack) -> dict[str, str]:
 
 def test_greedy_tokens_equal_offline_engine_for_1_and_1000_plus_tokens(client, oracle):
     tok = oracle.tokenizer
-    long_ids = tok.encode(LONG_PREFIX * 2)[:1100]
+    long_ids = tok.encode(LONG_PREFIX * 5)[:1100]
     assert len(long_ids) == 1100
     for ids in ([tok.encode("Hello")[0]], long_ids):
         done = client.generate(list(ids), max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -174,6 +174,22 @@ def test_bad_input_is_rejected_and_the_stack_stays_healthy(stack, client):
     assert client.generate("Still alive?", max_tokens=2).usage.completion_tokens == 2
     with urllib.request.urlopen(stack.http_url + "/health", timeout=10) as resp:
         assert json.loads(resp.read())["status"] == "ok"
+
+
+def test_docs_sdk_examples_run(stack, capsys):
+    """The Python examples in docs/serving.md, pointed at this stack."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "serving.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 3
+    for code in blocks:
+        code = code.replace("127.0.0.1:50051", stack.grpc_address)
+        code = code.replace("http://127.0.0.1:8000", stack.http_url)
+        exec(compile(code, "docs/serving.md", "exec"), {"__name__": "docs_example"})
+    out = capsys.readouterr().out
+    assert "stop" in out or "length" in out
 
 
 def test_killed_prefill_worker_is_retried_elsewhere(stack, client, oracle):
