@@ -318,9 +318,9 @@ def setup_telemetry(
     previous, _SWITCH.delegate = _SWITCH.delegate, provider
     if isinstance(previous, TracerProvider):
         previous.shutdown()
-    structlog.get_logger("pdserve.telemetry").debug(
-        "telemetry.ready", exporter="otlp" if otlp_endpoint else "file",
-        target=otlp_endpoint or str(span_file), sampling_ratio=sampling_ratio,
+    _log.debug(
+        "telemetry ready: exporter=%s target=%s sampling_ratio=%s",
+        "otlp" if otlp_endpoint else "file", otlp_endpoint or span_file, sampling_ratio,
     )  # fmt: skip
     return Telemetry(
         service_name, provider, resource, span_file, otlp_endpoint or None, log_prompts
