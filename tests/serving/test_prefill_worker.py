@@ -125,3 +125,23 @@ def test_deadline_aborts_and_frees_blocks(oracle, prefill, prefill_stub):
         time.sleep(0.05)
     assert worker.load.running == worker.load.waiting == 0
     assert worker.load.num_free_blocks == worker.engine.block_manager.num_blocks
+
+
+def test_unreachable_kvstore_still_returns_the_first_token(oracle, make_prefill):
+    """No kvstore: nothing can be handed off, so the KV source lists no blocks (the decode
+    worker recomputes), but the first token is still right."""
+    from pdserve._proto.pdserve.v1 import prefill_pb2_grpc
+    from tests.conftest import free_port
+
+    prefill = make_prefill(f"127.0.0.1:{free_port()}")
+    channel = grpc.insecure_channel(prefill.address)
+    prompt = _ids(oracle, "Glaciers advance and retreat with the climate. " * 5)
+    r = prefill_pb2_grpc.PrefillStub(channel).Prefill(
+        prefill_pb2.PrefillRequest(request_id="nokv", prompt_token_ids=prompt, sampling=GREEDY),
+        timeout=60,
+    )
+    channel.close()
+    [expected] = oracle.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1))
+    assert r.first_token_id == expected.token_ids[0]
+    assert list(r.kv.block_keys) == []
+    assert r.num_computed_tokens == len(prompt)
