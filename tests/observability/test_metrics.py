@@ -85,3 +85,13 @@ def test_aiohttp_handler_renders_the_default_registry():
     body = response.body.decode()
     assert response.content_type == "text/plain"
     assert 'pdserve_service_info{node="n1",role="router"} 1.0' in body
+
+
+def test_every_metric_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "observability.md").read_text()
+    families = metrics._pdserve_families(metrics.REGISTRY)
+    suffix = {"counter": "_total", "info": "_info"}
+    missing = [f.name for f in families if f"`{f.name}{suffix.get(f.type, '')}`" not in doc]
+    assert len(families) >= 30 and not missing, f"undocumented: {missing}"
