@@ -221,3 +221,45 @@ def test_dockerfile_builds_the_cpu_image_by_default():
     assert (DEPLOY / compose_build["context"] / compose_build["dockerfile"]).resolve() == (
         DEPLOY / "Dockerfile"
     ).resolve()
+
+
+def _k8s_documents() -> list[dict]:
+    docs = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def test_kubernetes_manifests_name_real_entry_points_settings_and_ports():
+    docs = _k8s_documents()
+    kustomization = next(d for d in docs if d["kind"] == "Kustomization")
+    for resource in kustomization["resources"]:
+        assert (DEPLOY / "k8s" / resource).is_file(), resource
+    common = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    workloads = [d for d in docs if d["kind"] in ("Deployment", "DaemonSet")]
+    roles = set()
+    for workload in workloads:
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            command = container.get("command") or []
+            if command[:2] != ["python", "-m"]:
+                continue
+            module = command[2]
+            roles.add(module)
+            assert importlib.util.find_spec(f"{module}.__main__") is not None
+            cls = settings_class(module)
+            known = env_names(cls)
+            names = [e["name"] for e in container.get("env", [])] + list(common)
+            unknown = [n for n in names if n.startswith("PDSERVE_") and n.upper() not in known]
+            assert not unknown, f"{module}: {unknown} are not fields of {cls.__name__}"
+            assert (
+                container["readinessProbe"]["grpc"]["port"] == cls.model_fields["grpc_port"].default
+            )
+            http = container["livenessProbe"]["httpGet"]
+            assert (http["path"], http["port"]) == (
+                "/health",
+                cls.model_fields["http_port"].default,
+            )
+            annotations = workload["spec"]["template"]["metadata"]["annotations"]
+            assert int(annotations["prometheus.io/port"]) == cls.model_fields["http_port"].default
+    assert roles == set(SETTINGS)
+    assert next(d for d in docs if d["kind"] == "DaemonSet")["metadata"]["name"] == "kvstore"
