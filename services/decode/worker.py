@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
+from pdserve import metrics
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
@@ -107,6 +108,7 @@ class _Job:
     recomputed: bool = False
     num_completion_tokens: int = 0
     sent_first: bool = False
+    last_token_at: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +256,7 @@ class DecodeWorker:
         offered = min(len(spec.kv.block_keys), usable)
         if list(spec.kv.block_keys[:offered]) != job.keys[:offered]:
             log.warning("decode.kv_keys_mismatch", request_id=spec.request_id)
+            metrics.KV_FETCH_FALLBACKS.labels("mismatch").inc()
             job.recomputed = True  # another model, block size or salt: never import those
             self._admit(job, [])
             return
@@ -276,6 +279,9 @@ class DecodeWorker:
     def _on_fetched(self, job: _Job, result: FetchResult) -> None:
         if job.state is not DecodeState.WAITING_FOR_KV:
             return  # timed out (already recomputing) or cancelled
+        _observe_fetch(result, self.engine.block_bytes)
+        if len(result.payloads) < len(job.keys) - job.first_fetch:
+            metrics.KV_FETCH_FALLBACKS.labels("error" if result.error else "miss").inc()
         log.debug(
             "decode.kv_fetched",
             request_id=job.spec.request_id,
@@ -294,12 +300,16 @@ class DecodeWorker:
                 and now > job.kv_deadline
             ):
                 log.warning("decode.kv_fetch_timeout", request_id=job.spec.request_id)
+                metrics.KV_FETCH_FALLBACKS.labels("timeout").inc()
                 self._admit(job, [])
 
     # ---- ADMITTED → RUNNING → FINISHED (engine thread) ----
 
     def _admit(self, job: _Job, payloads: list) -> None:
         spec, bs = job.spec, self.block_size
+        metrics.PREFIX_CACHE_QUERY_TOKENS.inc(len(spec.prompt))
+        if job.first_fetch:
+            metrics.PREFIX_CACHE_HIT_TOKENS.labels("hbm").inc(job.first_fetch * bs)
         if payloads:
             first = job.first_fetch
             keys = job.keys[first : first + len(payloads)]
@@ -379,8 +389,10 @@ class DecodeWorker:
             fn()
 
     def _step(self) -> None:
+        start = time.perf_counter()
         try:
             outputs = self.engine.step()
+            metrics.STEP_DURATION.labels("decode").observe(time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
             log.exception("decode.step_failed")
             for job in self._snapshot_jobs():
@@ -402,6 +414,11 @@ class DecodeWorker:
         the next one arrive in the same step)."""
         last = outs[-1]
         tokens = [t for o in outs for t in o.new_token_ids]
+        now = time.perf_counter()
+        if job.last_token_at and tokens:
+            for _ in tokens:
+                metrics.INTER_TOKEN_LATENCY.observe((now - job.last_token_at) / len(tokens))
+        job.last_token_at = now
         job.num_completion_tokens += len(tokens)
         job.state = DecodeState.RUNNING
         event = DecodeEvent(
@@ -443,3 +460,16 @@ class DecodeWorker:
             num_kv_blocks_fetched=self._num_fetched,
             num_recomputed=self._num_recomputed,
         )
+        metrics.QUEUE_DEPTH.labels("decode_waiting").set(len(sched.waiting))
+        metrics.QUEUE_DEPTH.labels("decode_kv_fetching").set(fetching)
+        metrics.RUNNING_BATCH_SIZE.set(len(sched.running))
+        metrics.KV_CACHE_USAGE.set(1 - bm.num_free_blocks / bm.num_blocks)
+
+
+def _observe_fetch(result: FetchResult, block_bytes: int) -> None:
+    if not result.transport:
+        return
+    labels = ("get", result.transport, "dram" if result.transport == "shm" else "")
+    metrics.KV_TRANSFER_BLOCKS.labels(*labels).inc(len(result.payloads))
+    metrics.KV_TRANSFER_BYTES.labels(*labels).inc(len(result.payloads) * block_bytes)
+    metrics.KV_TRANSFER_DURATION.labels(*labels).observe(result.seconds)

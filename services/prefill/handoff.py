@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 import structlog
 import xxhash
 
+from pdserve import metrics
 from pdserve.kv.transport import BlockWriter, KVTransport
 
 log = structlog.get_logger(__name__)
@@ -48,6 +50,9 @@ class _Step:
         self.futures: list[Future] = [Future() for _ in keys]
         self.writer: BlockWriter | None = None
         self.error: Exception | None = None
+        self.transport = "grpc"
+        self.num_bytes = 0
+        self.started = time.perf_counter()
 
 
 class KVHandoff:
@@ -136,7 +141,9 @@ class KVHandoff:
     def _open(self, step: _Step) -> None:
         if step.error is not None:
             return
-        step.writer = self._transport().open_writer(skip_existing=True)
+        transport = self._transport()
+        step.transport = "shm" if getattr(transport, "shared", False) else "grpc"
+        step.writer = transport.open_writer(skip_existing=True)
         reserve = getattr(step.writer, "reserve", None)
         if reserve is not None:  # shared memory: one round trip for every slot of the step
             reserve(step.keys)
@@ -148,7 +155,7 @@ class KVHandoff:
         for key, hasher, data in zip(step.keys, step.hashers, payloads, strict=True):
             step.writer.write(key, offset, data)
             hasher.update(data)
-            self.stats.num_bytes_written += len(data)
+            step.num_bytes += len(data)
 
     def _write_whole(self, step: _Step, payloads: Sequence[bytes]) -> None:
         if step.error is not None or step.writer is None:
@@ -156,7 +163,7 @@ class KVHandoff:
         for key, hasher, data in zip(step.keys, step.hashers, payloads, strict=True):
             step.writer.write(key, 0, data)
             hasher.update(data)
-            self.stats.num_bytes_written += len(data)
+            step.num_bytes += len(data)
 
     def _finish(self, step: _Step) -> None:
         ok = False
@@ -164,8 +171,9 @@ class KVHandoff:
             if step.error is None and step.writer is not None:
                 for key, hasher in zip(step.keys, step.hashers, strict=True):
                     step.writer.seal(key, hasher.intdigest())
-                step.writer.close()
+                result = step.writer.close()
                 ok = True
+                self._observe(step, result.tiers)
         except Exception as exc:  # noqa: BLE001
             log.warning("prefill.handoff_failed", error=str(exc), num_blocks=len(step.keys))
             step.error = exc
@@ -173,6 +181,13 @@ class KVHandoff:
             if not ok and step.writer is not None:
                 step.writer.abort()
             self._resolve(step, ok)
+
+    def _observe(self, step: _Step, tiers) -> None:
+        self.stats.num_bytes_written += step.num_bytes
+        labels = ("put", step.transport, tiers[0].label if tiers else "dram")
+        metrics.KV_TRANSFER_BYTES.labels(*labels).inc(step.num_bytes)
+        metrics.KV_TRANSFER_BLOCKS.labels(*labels).inc(len(tiers))
+        metrics.KV_TRANSFER_DURATION.labels(*labels).observe(time.perf_counter() - step.started)
 
     def _resolve(self, step: _Step, ok: bool) -> None:
         with self._lock:

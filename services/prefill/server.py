@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from pdserve import wire
+from pdserve import metrics, wire
 from pdserve._proto.pdserve.v1 import prefill_pb2, prefill_pb2_grpc
 from pdserve.kv.grpc_transport import channel_options
 from pdserve.model.loader import Checkpoint
@@ -108,6 +108,8 @@ class PrefillServer:
         self.settings = settings
         self._checkpoint = checkpoint
         self.port = 0
+        self.metrics: metrics.MetricsServer | None = None
+        self._stopping = False
         self.worker: PrefillWorker | None = None
 
     async def start(self) -> None:
@@ -129,18 +131,21 @@ class PrefillServer:
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if s.http_port:
-            from prometheus_client import start_http_server
-
-            start_http_server(s.http_port, addr=s.grpc_host)
+        self.metrics = metrics.start_metrics_server(
+            s.http_port, s.grpc_host, health=lambda: not self._stopping
+        )
+        metrics.set_service_info(role="prefill", node=s.node_id, worker_id=worker_id)
         log.info("prefill.listening", port=self.port, address=address, worker_id=worker_id)
 
     async def stop(self) -> None:
+        self._stopping = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(self.settings.shutdown_grace_s)
         if self.worker is not None:
             await asyncio.to_thread(self.worker.stop)
+        if self.metrics is not None:
+            self.metrics.stop()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()

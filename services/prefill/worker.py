@@ -33,6 +33,7 @@ from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 
 import structlog
 
+from pdserve import metrics
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
@@ -289,6 +290,9 @@ class PrefillWorker:
                 if first < usable:
                     got = kv.get_blocks(job.keys[first:usable])
                     payloads = list(itertools.takewhile(lambda b: b is not None, got))
+                _count_prefix_hits(
+                    first, lookup.tiers[first : first + len(payloads)], self.block_size
+                )
         except Exception as exc:  # noqa: BLE001 - the kvstore is an optimization here
             log.warning("prefill.kv_lookup_failed", request_id=job.request_id, error=str(exc))
             self.kv.reset()
@@ -298,6 +302,7 @@ class PrefillWorker:
     # ---- engine thread ----
 
     def _admit(self, job: _Job, first: int, payloads: list) -> None:
+        metrics.PREFIX_CACHE_QUERY_TOKENS.inc(len(job.prompt))
         if job.state is not PrefillState.LOADING:
             return  # aborted while loading
         bs = self.block_size
@@ -352,8 +357,10 @@ class PrefillWorker:
                 self._abort(job.request_id, DeadlineExceededError("deadline exceeded"))
 
     def _step(self) -> None:
+        start = time.perf_counter()
         try:
             outputs = self.engine.step(on_layer_done=self._on_layer_done)
+            metrics.STEP_DURATION.labels("prefill").observe(time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
             log.exception("prefill.step_failed")
             self.handoff.abort_step()
@@ -469,6 +476,19 @@ class PrefillWorker:
             num_prompt_tokens_computed=stats.num_prompt_tokens_computed,
             num_prompt_tokens_cached=self._num_cached,
         )
+        metrics.QUEUE_DEPTH.labels("prefill_waiting").set(self.load.waiting)
+        metrics.RUNNING_BATCH_SIZE.set(self.load.running)
+        bm = self.engine.block_manager
+        metrics.KV_CACHE_USAGE.set(1 - bm.num_free_blocks / bm.num_blocks)
+
+
+def _count_prefix_hits(num_own_blocks: int, fetched_tiers, block_size: int) -> None:
+    """Prompt tokens loaded instead of computed: own cache (hbm) and kvstore (by tier)."""
+    if num_own_blocks:
+        metrics.PREFIX_CACHE_HIT_TOKENS.labels("hbm").inc(num_own_blocks * block_size)
+    for tier in fetched_tiers:
+        if tier is not None:
+            metrics.PREFIX_CACHE_HIT_TOKENS.labels(tier.label).inc(block_size)
 
 
 def _when_all(futures: list[Future], callback: Callable[[], None]) -> None:

@@ -10,6 +10,7 @@ import time
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from pdserve._proto.pdserve.v1 import common_pb2, decode_pb2, prefill_pb2
 from pdserve.engine.sampling_params import SamplingParams
@@ -72,6 +73,10 @@ def test_disaggregated_tokens_equal_offline_engine(oracle, prefill_stub, decode_
     assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (length, MAX_TOKENS)
     assert "".join(c.text for c in chunks) == oracle.tokenizer.decode(expected)
+    if length >= 16:  # both halves of the handoff went through shared memory
+        for direction in ("put", "get"):
+            labels = {"direction": direction, "transport": "shm", "tier": "dram"}
+            assert REGISTRY.get_sample_value("pdserve_kv_transfer_blocks_total", labels) > 0
 
 
 def test_second_prompt_sharing_a_prefix(oracle, prefill_stub, decode_stub, ids):
