@@ -30,7 +30,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,9 @@ __all__ = [
     "extract_context",
     "get_tracer",
     "inject_context",
+    "itl_attributes",
     "links_from",
+    "request_span",
     "setup_from_settings",
     "setup_telemetry",
 ]
@@ -384,6 +386,50 @@ def current_trace_id() -> str | None:
     """The current span's trace id as 32 hex digits, None outside a span."""
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+@contextlib.contextmanager
+def request_span(
+    name: str,
+    request_id: str,
+    *,
+    context: otel_context.Context | None = None,
+    links: Sequence[trace.Link] = (),
+    kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+    **attributes: Any,
+) -> Iterator[trace.Span]:
+    """A span carrying ``pdserve.request.id`` (what ``pdserve trace ID`` finds), with
+    ``request_id`` bound into every log line inside it. ``attributes`` use Attr names::
+
+        with request_span("router.request", rid, **{Attr.MAX_TOKENS: 64}) as span: ...
+    """
+    attrs = {Attr.REQUEST_ID: request_id, **attributes}
+    tracer = get_tracer("pdserve")
+    with (
+        tracer.start_as_current_span(name, context=context, kind=kind, links=links, attributes=attrs) as span,
+        structlog.contextvars.bound_contextvars(request_id=request_id),
+    ):  # fmt: skip
+        yield span
+
+
+def itl_attributes(token_times_s: Sequence[float]) -> dict[str, float | int]:
+    """Decode-loop summary attributes from the monotonic times tokens were emitted."""
+    gaps_ms = sorted(
+        (b - a) * 1000.0 for a, b in zip(token_times_s, token_times_s[1:], strict=False)
+    )
+    out: dict[str, float | int] = {Attr.DECODE_TOKENS: len(token_times_s)}
+    if gaps_ms:
+
+        def pick(q: float) -> float:
+            return round(gaps_ms[min(len(gaps_ms) - 1, int(q * len(gaps_ms)))], 3)
+
+        out |= {
+            Attr.ITL_MEAN_MS: round(sum(gaps_ms) / len(gaps_ms), 3),
+            Attr.ITL_P50_MS: pick(0.5),
+            Attr.ITL_P99_MS: pick(0.99),
+            Attr.ITL_MAX_MS: round(gaps_ms[-1], 3),
+        }
+    return out
 
 
 # --- logging -------------------------------------------------------------------------------

@@ -474,3 +474,35 @@ def test_pdserve_trace_last_renders_a_waterfall(setup, tmp_path):
     assert missing.exit_code == 1 and "no trace for request 'nope'" in missing.output
     empty = runner.invoke(app, ["trace", "--last", "--dir", str(tmp_path / "none")])
     assert empty.exit_code == 1
+
+
+# --- helpers for the services ---------------------------------------------------------------
+
+
+def test_request_span_tags_the_span_and_the_logs(setup, capsys):
+    from pdserve.telemetry import request_span
+
+    t = setup("router", log_level="info", log_json=True)
+    with request_span("router.request", "req-42", **{Attr.MAX_TOKENS: 64}) as span:
+        structlog.get_logger("tests").info("router.admitted")
+    structlog.get_logger("tests").info("after")
+    spans = spans_by_name(t)
+    assert spans["router.request"]["attributes"] == {Attr.REQUEST_ID: "req-42", Attr.MAX_TOKENS: 64}
+    lines = {json.loads(x)["event"]: json.loads(x) for x in capsys.readouterr().err.splitlines()}
+    assert lines["router.admitted"]["request_id"] == "req-42"
+    assert lines["router.admitted"]["trace_id"] == format(span.get_span_context().trace_id, "032x")
+    assert "request_id" not in lines["after"]
+
+
+def test_itl_attributes_summarise_the_decode_loop():
+    from pdserve.telemetry import itl_attributes
+
+    times = [0.0, 0.010, 0.030, 0.040, 0.140]  # gaps 10, 20, 10, 100 ms
+    assert itl_attributes(times) == {
+        Attr.DECODE_TOKENS: 5,
+        Attr.ITL_MEAN_MS: 35.0,
+        Attr.ITL_P50_MS: 20.0,
+        Attr.ITL_P99_MS: 100.0,
+        Attr.ITL_MAX_MS: 100.0,
+    }
+    assert itl_attributes([1.0]) == {Attr.DECODE_TOKENS: 1}
