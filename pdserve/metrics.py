@@ -145,7 +145,7 @@ KV_TRANSFER_DURATION = Histogram(
 )  # fmt: skip
 KV_FETCH_FALLBACKS = Counter(
     "pdserve_kv_fetch_fallbacks",
-    "Decode KV fetches abandoned for local recompute (timeout, miss, checksum, error).",
+    "Decode KV fetches abandoned for local recompute (timeout, miss, mismatch, error).",
     ["reason"],
 )
 PREFIX_CACHE_QUERY_TOKENS = Counter(
