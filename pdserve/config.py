@@ -121,7 +121,9 @@ class KVStoreSettings(ServiceSettings):
     ssd_fsync: bool = Field(
         False, description="fsync each block file (checksums catch torn writes anyway)"
     )
-    staging_blocks: int = Field(32, ge=1, description="blocks being written at once")
+    staging_blocks: int = Field(
+        128, ge=1, description="blocks being written at once (one prefill step of 512 tokens = 32)"
+    )
     staging_timeout_s: float = Field(
         30.0, gt=0, description="an unsealed block is dropped after this"
     )
