@@ -31,10 +31,13 @@ import torch
 
 from pdserve.engine.sampling_params import SamplingParams
 
-# Top-p first looks for its boundary among this many largest values (one topk); rows whose
-# nucleus is wider fall back to a full sort.
+# Rows with top-p or min-p (and no top-k) look at this many largest values first (one
+# torch.topk); those whose kept set is wider fall back to a sort / a full-vocabulary draw.
 TOP_P_CANDIDATES = 256
-# Above this many values a full sort beats torch.topk.
+# Where those do not reach top_p: the top-p boundary is then looked for among this many
+# largest values (a partial sort), then among all of them.
+TOP_P_FALLBACK_WIDTH = 4096
+# Above this many values numpy's partition + sort beats torch.topk on CPU.
 MAX_PARTIAL_WIDTH = 1024
 _MASK64 = (1 << 64) - 1
 _NEG_INF = float("-inf")
@@ -218,88 +221,186 @@ def sample_rows(
 ) -> torch.Tensor:
     """One token per row of logits [R, V] (non-greedy rows), given uniforms [R] -> [R] int64.
 
-    temperature -> one threshold per row (top-k, then top-p, then min-p) -> one draw.
+    temperature -> one threshold per row (top-k, then top-p, then min-p) -> one draw that
+    walks the kept tokens in vocabulary order.
     """
+    num_rows, vocab_size = logits.shape
+    if vocab_size == 1:
+        return torch.zeros(num_rows, dtype=torch.long, device=logits.device)
     temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
     # Subtracting the max first keeps tiny temperatures from overflowing to +inf.
     x = torch.sub(logits, logits.amax(dim=-1, keepdim=True)).div_(temperature)  # [R, V], max 0
-    if any(p.top_k or p.top_p < 1.0 or p.min_p for p in params):
-        x.masked_fill_(x < filter_threshold(x, params), _NEG_INF)
-    return _inverse_cdf(x.exp_(), uniform)
+    filtered = [i for i, p in enumerate(params) if _has_filter(p, vocab_size)]
+    if not filtered:
+        return _inverse_cdf(x.exp_(), uniform)
+    token_ids = torch.empty(num_rows, dtype=torch.long, device=logits.device)
+    plain = sorted(set(range(num_rows)) - set(filtered))
+    if plain:
+        token_ids[plain] = _inverse_cdf(x[plain].exp_(), uniform[plain])
+    sub = x if not plain else x[filtered]
+    token_ids[filtered] = _sample_filtered(sub, [params[i] for i in filtered], uniform[filtered])
+    return token_ids
 
 
-def filter_threshold(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """[R, 1]: the tokens kept by top-k, top-p and min-p are exactly those with x >= it.
+def _has_filter(p: SamplingParams, vocab_size: int) -> bool:
+    return 0 < p.top_k < vocab_size or p.top_p < 1.0 or p.min_p > 0.0
 
-    x [R, V] = log(p / p_max) after temperature (row maxima 0).
+
+def _sample_filtered(
+    x: torch.Tensor, params: Sequence[SamplingParams], uniform: torch.Tensor
+) -> torch.Tensor:
+    """Rows with a filter; x [F, V] = log(p / p_max). -> [F] token ids.
+
+    Each row has its own candidate window (its top-k, else the TOP_P_CANDIDATES largest
+    values). When the first value past that window is filtered out, every kept token is
+    inside it and the draw touches only the window; otherwise it runs over the vocabulary.
     """
-    kth = _top_k_threshold(x, params)
-    threshold = torch.maximum(kth, _top_p_threshold(x, kth, params))
+    num_rows, vocab_size = x.shape
+    window = [
+        min(p.top_k if 0 < p.top_k < vocab_size else TOP_P_CANDIDATES, vocab_size - 1)
+        for p in params
+    ]
+    values, indices = _top_with_indices(x, max(window) + 1)  # [F, W + 1], descending
+    own = torch.tensor(window, device=x.device)[:, None]  # [F, 1]
+    threshold = _thresholds(x, values, own, params)  # [F, 1]
+    inside = (values.gather(1, own) < threshold)[:, 0]
+    token_ids = torch.empty(num_rows, dtype=torch.long, device=x.device)
+    rows_in = torch.nonzero(inside).flatten().tolist()
+    rows_out = torch.nonzero(~inside).flatten().tolist()
+    if rows_in:
+        token_ids[rows_in] = _draw_among(
+            values[rows_in], indices[rows_in], threshold[rows_in], uniform[rows_in]
+        )
+    if rows_out:
+        x_out = x[rows_out]  # [O, V], a copy
+        keep = x_out >= threshold[rows_out]
+        token_ids[rows_out] = _inverse_cdf(x_out.exp_().mul_(keep), uniform[rows_out])
+    return token_ids
+
+
+def _top_with_indices(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `width` largest values of each row of x [R, V] and their token ids, descending."""
+    if width <= MAX_PARTIAL_WIDTH or x.device.type != "cpu":
+        values, indices = torch.topk(x, width, dim=-1)
+        return values, indices
+    # numpy's partition and sort are several times faster than torch's on CPU.
+    negated = x.neg().numpy()
+    top = np.argpartition(negated, width - 1, axis=-1)[:, :width]
+    order = np.argsort(np.take_along_axis(negated, top, axis=-1), axis=-1)
+    indices = torch.from_numpy(np.take_along_axis(top, order, axis=-1))
+    return x.gather(1, indices), indices
+
+
+def _top_values(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The `width` largest values of each row of x [R, V], descending: [R, width]."""
+    if x.device.type != "cpu":
+        if width < x.shape[1]:
+            return torch.topk(x, width, dim=-1).values
+        return torch.sort(x, dim=-1, descending=True).values
+    # numpy's partition and sort are several times faster than torch's on CPU.
+    negated = x.neg().numpy()
+    if width < x.shape[1]:
+        negated = np.partition(negated, width - 1, axis=-1)[:, :width]
+    return torch.from_numpy(np.sort(negated, axis=-1)).neg_()
+
+
+def _thresholds(
+    x: torch.Tensor, values: torch.Tensor, own: torch.Tensor, params: Sequence[SamplingParams]
+) -> torch.Tensor:
+    """[F, 1]: the tokens kept by top-k, top-p and min-p are exactly those with x >= it.
+
+    values [F, W + 1]: the largest values of x, descending; own [F, 1]: each row's window.
+    """
+    vocab_size = x.shape[1]
+    k = torch.tensor([p.top_k if 0 < p.top_k < vocab_size else 0 for p in params], device=x.device)
+    k = k[:, None]
+    kth = torch.where(k > 0, values.gather(1, (k - 1).clamp(min=0)), _NEG_INF)  # ties stay
+    threshold = torch.maximum(kth, _top_p_threshold(x, values, own, kth, params))
     min_p = torch.tensor([p.min_p for p in params], device=x.device)[:, None]
     # p >= min_p * p_max  <=>  x >= log(min_p); log(0) = -inf keeps everything.
     return torch.maximum(threshold, min_p.log_())
 
 
-def _sorted_top(x: torch.Tensor, width: int) -> torch.Tensor:
-    """The `width` largest values of each row of x [R, V], descending: [R, width]."""
-    if width < min(x.shape[1], MAX_PARTIAL_WIDTH):
-        return torch.topk(x, width, dim=-1).values
-    if x.device.type == "cpu":
-        # torch's CPU sort (which also builds indices) is ~10x slower than numpy's.
-        return torch.from_numpy(np.sort(x.neg().numpy(), axis=-1)[:, :width]).neg_()
-    return torch.sort(x, dim=-1, descending=True).values[:, :width]
-
-
-def _top_k_threshold(x: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """[R, 1] k-th largest value of each row (-inf where top-k is off); ties with it stay."""
-    rows, vocab_size = x.shape
-    k = [p.top_k if 0 < p.top_k < vocab_size else 0 for p in params]
-    kth = torch.full((rows, 1), _NEG_INF, device=x.device)
-    if not any(k):
-        return kth
-    ordered = _sorted_top(x, max(k))
-    k_index = torch.tensor(k, device=x.device)[:, None]
-    return torch.where(k_index > 0, ordered.gather(1, (k_index - 1).clamp(min=0)), kth)
-
-
 def _top_p_threshold(
-    x: torch.Tensor, kth: torch.Tensor, params: Sequence[SamplingParams]
+    x: torch.Tensor,
+    values: torch.Tensor,
+    own: torch.Tensor,
+    kth: torch.Tensor,
+    params: Sequence[SamplingParams],
 ) -> torch.Tensor:
-    """[R, 1] value of the last token of the shortest mass >= top_p prefix (by value).
+    """[F, 1] value of the last token of the shortest prefix (by value) with mass >= top_p.
 
-    Probabilities are those after top-k (tokens with x >= kth). The prefix is first looked
-    for among the TOP_P_CANDIDATES largest values and, for rows where those do not reach
-    top_p, among all of them. Either way the sums are the same float64 ones (a full-row
-    total, a left-to-right prefix sum), so the result never depends on the batch.
+    Mass is that of the distribution after top-k (tokens with x >= kth). The prefix is
+    looked for in the row's own window, then (rows where the window does not reach top_p)
+    among the TOP_P_FALLBACK_WIDTH largest values, then among all; each stage sees the same
+    leading values in the same order, so it finds the same boundary. Sums are left-to-right over the row's own values and the total follows
+    a rule fixed by the row alone, so the result never depends on the rest of the batch.
     """
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64, device=x.device)
     threshold = torch.full((x.shape[0], 1), _NEG_INF, device=x.device)
     rows = torch.nonzero(top_p < 1.0).flatten().tolist()
     if not rows:
         return threshold
-    kept = x[rows]  # [P, V], a copy
-    kept.masked_fill_(kept < kth[rows], _NEG_INF)
-    total = kept.exp().sum(dim=-1, keepdim=True, dtype=torch.float64)  # [P, 1]
+    v, o, kth = values[rows], own[rows], kth[rows]  # [P, W + 1], [P, 1], [P, 1]
+    positions = torch.arange(v.shape[1], device=x.device)[None, :]
+    weights = v.exp().masked_fill_((v < kth) | (positions >= o), 0.0)
+    cumulative = torch.cumsum(weights, dim=-1, dtype=torch.float64)
+    window_mass = cumulative.gather(1, o - 1)
+    # A top-k row whose kept set (ties included) ends inside its window: that is the total.
+    closed = (kth > _NEG_INF) & (v.gather(1, o) < kth)
+    total = window_mass.clone()
+    open_rows = torch.nonzero(~closed[:, 0]).flatten().tolist()
+    if open_rows:
+        x_open = x if len(open_rows) == x.shape[0] else x[[rows[i] for i in open_rows]]
+        kept = x_open.exp()  # [O, V]
+        kth_open = kth[open_rows]
+        if bool((kth_open > _NEG_INF).any()):  # top-k rows with ties past their window
+            kept.masked_fill_(x_open < kth_open, 0.0)
+        total[open_rows] = kept.sum(dim=-1, keepdim=True).double()
     target = top_p[rows, None] * total
-    found, reached = _mass_boundary(_sorted_top(kept, min(TOP_P_CANDIDATES, x.shape[1])), target)
+    found, reached = _mass_boundary(v, weights, cumulative, target)
     missing = torch.nonzero(~reached).flatten().tolist()
-    if missing:
-        found[missing] = _mass_boundary(_sorted_top(kept[missing], x.shape[1]), target[missing])[0]
+    for width in (min(TOP_P_FALLBACK_WIDTH, x.shape[1]), x.shape[1]):
+        if not missing:
+            break
+        x_missing = x[[rows[i] for i in missing]]
+        x_missing.masked_fill_(x_missing < kth[missing], _NEG_INF)
+        ordered = _top_values(x_missing, width)
+        weights = ordered.exp()
+        cumulative = torch.cumsum(weights, dim=-1, dtype=torch.float64)
+        found[missing], reached = _mass_boundary(ordered, weights, cumulative, target[missing])
+        missing = [missing[j] for j in torch.nonzero(~reached).flatten().tolist()]
     threshold[rows] = found
     return threshold
 
 
 def _mass_boundary(
-    ordered: torch.Tensor, target: torch.Tensor
+    ordered: torch.Tensor, weights: torch.Tensor, cumulative: torch.Tensor, target: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For values sorted descending [P, W] and target masses [P, 1] (float64): the value of
-    the first token whose running mass reaches the target [P, 1], and whether it was reached
-    within these W values [P]."""
-    weights = ordered.exp()
-    cumulative = torch.cumsum(weights, dim=-1, dtype=torch.float64)
+    """Values sorted descending [P, N] with their weights and float64 running sums, and
+    target masses [P, 1]: the value of the first token whose running mass reaches the
+    target [P, 1], and whether that happens within these N values [P]."""
     num_kept = (cumulative - weights < target).sum(dim=-1, keepdim=True)  # >= 1: target > 0
-    reached = cumulative[:, -1:] >= target
-    return ordered.gather(1, num_kept - 1), reached[:, 0]
+    reached = (cumulative[:, -1:] >= target)[:, 0]
+    return ordered.gather(1, num_kept.clamp(max=ordered.shape[1]) - 1), reached
+
+
+def _draw_among(
+    values: torch.Tensor, indices: torch.Tensor, threshold: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
+    """Draw among candidates [I, W] (values, token ids) holding every kept token -> [I].
+
+    Kept candidates are put in vocabulary order first, so the draw is the one
+    `_inverse_cdf` makes over the whole vocabulary, whatever order topk left ties in.
+    """
+    keep = values >= threshold
+    vocab_order = indices.masked_fill(~keep, torch.iinfo(indices.dtype).max).argsort(dim=-1)
+    token_ids = indices.gather(1, vocab_order)
+    weights = values.gather(1, vocab_order).exp().mul_(keep.gather(1, vocab_order))
+    cumulative = torch.cumsum(weights, dim=-1, dtype=torch.float64)
+    target = _below(uniform[:, None] * cumulative[:, -1:], cumulative[:, -1:])
+    chosen = torch.searchsorted(cumulative, target, right=True).clamp_(max=values.shape[1] - 1)
+    return token_ids.gather(1, chosen)[:, 0]
 
 
 def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor, block: int = 256) -> torch.Tensor:
@@ -314,7 +415,8 @@ def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor, block: int = 256)
     if n % block:
         weights = torch.nn.functional.pad(weights, (0, block - n % block))  # zeros
     blocks = weights.view(rows, -1, block)  # [R, NB, block]
-    block_cum = blocks.sum(dim=-1, dtype=torch.float64).cumsum_(dim=-1)  # [R, NB]
+    # Block sums in float32 (exact enough over `block` values, and > 0 iff a weight is).
+    block_cum = blocks.sum(dim=-1).double().cumsum_(dim=-1)  # [R, NB]
     target = _below(uniform[:, None] * block_cum[:, -1:], block_cum[:, -1:])
     b = torch.searchsorted(block_cum, target, right=True).clamp_(max=blocks.shape[1] - 1)
     before = torch.where(b > 0, block_cum.gather(1, (b - 1).clamp(min=0)), 0.0)

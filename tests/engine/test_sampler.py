@@ -4,7 +4,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from pdserve.engine import sampler as sampler_module
@@ -104,10 +104,15 @@ def test_min_p_exact_set():
     assert sampled_set(LOG_PROBS, 3000, min_p=1.0) == {0}
 
 
-def test_top_p_applies_after_top_k():
-    # Within top-2 the renormalized probabilities are 0.625 / 0.375: top_p=0.6 keeps one.
-    assert sampled_set(LOG_PROBS, 3000, top_k=2, top_p=0.6) == {0}
-    assert sampled_set(LOG_PROBS, 3000, top_k=2, top_p=0.7) == {0, 1}
+@pytest.mark.parametrize("cap", [0, 2])
+def test_top_p_applies_after_top_k(cap):
+    with candidates(cap):
+        # Within top-2 the renormalized probabilities are 0.625 / 0.375.
+        assert sampled_set(LOG_PROBS, 3000, top_k=2, top_p=0.6) == {0}
+        assert sampled_set(LOG_PROBS, 3000, top_k=2, top_p=0.7) == {0, 1}
+        # Within top-3: 0.526 / 0.316 / 0.158, running mass 0.526 / 0.842 / 1.
+        assert sampled_set(LOG_PROBS, 3000, top_k=3, top_p=0.83) == {0, 1}
+        assert sampled_set(LOG_PROBS, 3000, top_k=3, top_p=0.85) == {0, 1, 2}
 
 
 def test_samples_follow_the_tempered_distribution():
@@ -348,3 +353,65 @@ def test_threshold_does_not_depend_on_the_search_path(kwargs):
         with candidates(width):
             results.append([t.token_id for t in Sampler().sample(logits, rows)])
     assert results[0] == results[1] == results[2] == results[3]
+
+
+def expected_distribution(logits: list[float], p: SamplingParams) -> list[float] | None:
+    """Exact sampling distribution in float64 (None when a boundary is too close to call).
+
+    Logits on a quarter grid and power-of-two temperatures keep float32 arithmetic exact,
+    so ties are ties in both.
+    """
+    z = torch.tensor(logits, dtype=torch.float64)
+    z = (z - z.max()) / p.temperature
+    keep = torch.ones_like(z, dtype=torch.bool)
+    if 0 < p.top_k < len(logits):
+        keep &= z >= torch.sort(z, descending=True).values[p.top_k - 1]
+    if p.top_p < 1.0:
+        probs = torch.softmax(z.masked_fill(~keep, -math.inf), dim=0)
+        ordered = torch.sort(probs[keep], descending=True).values
+        mass = torch.cumsum(ordered, dim=0)
+        if bool(((mass - p.top_p).abs() < 1e-4).any()):
+            return None
+        boundary = ordered[int((mass < p.top_p).sum())]
+        keep &= probs >= boundary
+    if p.min_p > 0.0:
+        ratio = torch.exp(z)
+        if bool(((ratio - p.min_p).abs() < 1e-4).any()):
+            return None
+        keep &= ratio >= p.min_p
+    probs = torch.softmax(z.masked_fill(~keep, -math.inf), dim=0)
+    return probs.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    logits=st.integers(2, 12).flatmap(
+        lambda v: st.lists(st.integers(-16, 8).map(lambda i: i / 4), min_size=v, max_size=v)
+    ),
+    temperature=st.sampled_from([0.5, 1.0, 2.0]),
+    top_k=st.one_of(st.just(0), st.integers(1, 12)),
+    top_p=st.one_of(st.just(1.0), st.floats(0.05, 0.99)),
+    min_p=st.one_of(st.just(0.0), st.floats(0.01, 0.9)),
+    width=st.sampled_from([0, 1, 2, 256]),
+)
+def test_draw_follows_the_filtered_distribution_exactly(
+    logits, temperature, top_k, top_p, min_p, width
+):
+    """Uniforms on a regular grid: each token gets its probability's share of the grid."""
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    expected = expected_distribution(logits, params)
+    assume(expected is not None)
+    n = 4096
+    uniform = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    batch = torch.tensor(logits).repeat(n, 1)
+    with candidates(width):
+        chosen = sampler_module.sample_rows(batch, [params] * n, uniform)
+    counts = torch.bincount(chosen, minlength=len(logits)).tolist()
+    for count, p in zip(counts, expected, strict=True):
+        assert abs(count - n * p) <= 2, (counts, [round(n * q, 1) for q in expected])
+
+
+def test_ties_past_the_window_all_kept():
+    # top_k=2 keeps the four tokens tied at 2.0, more than the window of 2 plus one column.
+    assert sampled_set([3.0, 2.0, 2.0, 2.0, 2.0, 0.0], 3000, top_k=2) == {0, 1, 2, 3, 4}
+    assert sampled_set([3.0, 2.0, 2.0, 2.0, 2.0, 0.0], 3000, top_k=2, top_p=0.99) == {0, 1, 2, 3, 4}
