@@ -8,8 +8,8 @@ Decode worker score (higher wins)::
     score(w) = overlap_weight * cached_tokens(w) / prompt_tokens
              - load_weight    * inflight(w) / capacity(w)
 
-``cached_tokens(w)`` is the prompt prefix ``w`` can read without a remote transfer (its own
-HBM prefix cache, or its node's KV store). The first term is in [0, 1] (the prompt share
+``cached_tokens(w)`` is the prompt prefix held in ``w``'s own KV cache (its published HBM
+blocks, or the prefixes the router sent it), which its local prefill reuses. The first term is in [0, 1] (the prompt share
 that need not be recomputed), the second is the worker's load ratio (can exceed 1). Ties go
 to the less loaded worker, then the smaller worker id, so decisions are deterministic.
 

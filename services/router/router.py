@@ -171,10 +171,10 @@ class Router:
         decode, prefill = self._alive("decode"), self._alive("prefill")
         cached: dict[str, int] = {}
         for w in decode:
+            # Only the worker's own cache counts: its local-prefill path reuses that and
+            # nothing else (blocks in its node's store are reached through a handoff).
             blocks = max(
-                self.affinity.prefix_blocks(w.worker_id, keys),
-                by_node.get(w.node_id, 0),
-                by_node.get(w.worker_id, 0),
+                self.affinity.prefix_blocks(w.worker_id, keys), by_node.get(w.worker_id, 0)
             )
             cached[w.worker_id] = blocks * bs
         for w in prefill:

@@ -40,6 +40,9 @@ LONG_PREFIX = (
     "The history of the printing press begins in the fifteenth century, when movable type "
     "changed how knowledge travelled across Europe. "
 ) * 12
+SHARED_PREFIX = (
+    "Rivers carve valleys over millions of years, and mountains rise where plates collide. "
+) * 12
 
 
 @pytest.fixture(scope="module")
@@ -90,16 +93,16 @@ def test_greedy_tokens_equal_offline_engine_for_1_and_1000_plus_tokens(client, o
 
 def test_shared_prefix_prefills_only_the_suffix_on_the_decode_worker_holding_it(client, oracle):
     tok = oracle.tokenizer
-    first = client.generate(LONG_PREFIX + " Question one: who built it?", max_tokens=4,
+    first = client.generate(SHARED_PREFIX + " Question one: who built it?", max_tokens=4,
                             temperature=0.0)  # fmt: skip
     assert first.route.disaggregated
     suffix = " Now a long new question. " + "Describe the workshop in detail. " * 12
-    second = client.generate(LONG_PREFIX + suffix, max_tokens=4, temperature=0.0)
-    prefix_tokens = len(tok.encode(LONG_PREFIX)) // 16 * 16
+    second = client.generate(SHARED_PREFIX + suffix, max_tokens=4, temperature=0.0)
+    prefix_tokens = len(tok.encode(SHARED_PREFIX)) // 16 * 16
     assert second.route.decode_worker == first.route.decode_worker
     assert second.usage.cached_tokens >= prefix_tokens - 16, second.route
     assert second.route.uncached_tokens <= second.route.prompt_tokens - prefix_tokens + 32
-    ids = tok.encode(LONG_PREFIX + suffix)
+    ids = tok.encode(SHARED_PREFIX + suffix)
     assert second.token_ids == greedy(oracle, ids, 4)[: len(second.token_ids)]
 
 
