@@ -1,4 +1,9 @@
-"""gRPC clients of the kvstore: chunked streaming (any peer) and shared memory (same host)."""
+"""gRPC clients of the kvstore: chunked streaming (any peer) and shared memory (same host).
+
+Every call carries the W3C trace context of the current span in its metadata (the tracing
+client interceptor: a CLIENT span per call); the ``trace_context`` arguments put the
+caller's request span into the Put/Get headers as well, so the store links its work to it.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import grpc
 import xxhash
 
 from pdserve._proto.pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from pdserve.grpc_tracing import client_interceptors
 from pdserve.kv.blocks import BlockKey, Tier, checksum, iter_chunks
 from pdserve.kv.errors import BY_GRPC_CODE, KVError
 from pdserve.kv.shm import SharedSegment, host_id
@@ -117,7 +123,10 @@ class GrpcTransport(KVTransport):
         timeout_s: float = 60.0,
     ) -> None:
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self._raw_channel = grpc.insecure_channel(
+            address, options=channel_options(max_message_bytes)
+        )
+        self._channel = grpc.intercept_channel(self._raw_channel, *client_interceptors())
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
         self._chunk_bytes = chunk_bytes
         self._timeout_s = timeout_s
@@ -163,10 +172,16 @@ class GrpcTransport(KVTransport):
         return PutResult(r.num_stored, r.num_skipped, tuple(Tier(t) for t in r.tiers))
 
     def get_blocks(self, keys: Sequence[BlockKey], *, trace_context=None) -> list[Buffer | None]:
+        got = self.get_blocks_tiered(keys, trace_context=trace_context)
+        return [None if g is None else g[0] for g in got]
+
+    def get_blocks_tiered(
+        self, keys: Sequence[BlockKey], *, trace_context=None
+    ) -> list[tuple[Buffer, Tier] | None]:
         request = kvstore_pb2.GetRequest(
             keys=list(keys), trace_context=_trace(trace_context), chunk_bytes=self._chunk_bytes
         )
-        found: dict[bytes, Buffer] = {}
+        found: dict[bytes, tuple[Buffer, Tier]] = {}
         parts: list[bytes] = []
         try:
             for response in self._stub.Get(request, timeout=self._timeout_s):
@@ -176,7 +191,7 @@ class GrpcTransport(KVTransport):
                 end, data = response.end, b"".join(parts)
                 parts = []
                 if end.found and checksum(data) == end.checksum:
-                    found[end.key] = data
+                    found[end.key] = (data, _tier(end.tier) or Tier.DRAM)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return [found.get(k) for k in keys]
@@ -227,7 +242,7 @@ class GrpcTransport(KVTransport):
         )
 
     def close(self) -> None:
-        self._channel.close()
+        self._raw_channel.close()
 
 
 class _SharedWriter(BlockWriter):
@@ -378,23 +393,30 @@ class SharedMemoryTransport(GrpcTransport):
         return ok
 
     def get_blocks(self, keys, *, trace_context=None) -> list[Buffer | None]:
+        got = self.get_blocks_tiered(keys, trace_context=trace_context)
+        return [None if g is None else g[0] for g in got]
+
+    def get_blocks_tiered(self, keys, *, trace_context=None) -> list[tuple[Buffer, Tier] | None]:
         if not self.shared:
-            return super().get_blocks(keys, trace_context=trace_context)
-        out: list[Buffer | None] = [None] * len(keys)
+            return super().get_blocks_tiered(keys, trace_context=trace_context)
+        out: list[tuple[Buffer, Tier] | None] = [None] * len(keys)
         r = self._map(keys, 30.0, trace_context)
         try:
             for i, slot in enumerate(r.slots):
                 view = self._view(slot)
                 if view is not None:
                     copy = bytearray(view)  # one memcpy; then verify what we actually hold
-                    out[i] = copy if checksum(copy) == slot.checksum else None
+                    if checksum(copy) == slot.checksum:
+                        out[i] = (copy, _tier(slot.tier) or Tier.DRAM)
         finally:
             self._call(self._stub.Unpin, kvstore_pb2.UnpinRequest(lease_id=r.lease_id))
         missing = [i for i, v in enumerate(out) if v is None]
         if missing:  # in HBM, or not placeable in the pool: the gRPC path
-            fetched = super().get_blocks([keys[i] for i in missing], trace_context=trace_context)
-            for i, data in zip(missing, fetched, strict=True):
-                out[i] = data
+            fetched = super().get_blocks_tiered(
+                [keys[i] for i in missing], trace_context=trace_context
+            )
+            for i, found in zip(missing, fetched, strict=True):
+                out[i] = found
         return out
 
     def close(self) -> None:

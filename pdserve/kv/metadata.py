@@ -31,7 +31,6 @@ empty) and then goes on streaming.
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import threading
 import time
@@ -42,6 +41,7 @@ from dataclasses import dataclass, field
 import redis
 import structlog
 
+from pdserve import metrics
 from pdserve.kv.blocks import BlockKey, Tier
 
 log = structlog.get_logger(__name__)
@@ -182,8 +182,10 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            with contextlib.suppress(*REDIS_ERRORS):
+            try:
                 self._registry.heartbeat(self._info())
+            except REDIS_ERRORS:
+                metrics.REDIS_ERRORS.labels("heartbeat").inc()
             self._stop.wait(self._interval_s)
 
     def stop(self, *, deregister: bool = True) -> None:
@@ -191,8 +193,10 @@ class Heartbeat:
         if self._thread.is_alive():
             self._thread.join()
         if deregister:
-            with contextlib.suppress(*REDIS_ERRORS):
+            try:
                 self._registry.deregister(self.worker_id)
+            except REDIS_ERRORS:
+                metrics.REDIS_ERRORS.labels("deregister").inc()
 
 
 # ---- KV events: the publishing side ----
@@ -282,6 +286,7 @@ class KVEventPublisher:
                 self._drain()
                 self.connected = True
             except REDIS_ERRORS as exc:
+                metrics.REDIS_ERRORS.labels("publish").inc()
                 if self.connected:
                     log.warning("kv_events.redis_down", error=str(exc))
                 self.connected = False
@@ -498,6 +503,7 @@ class LocationIndex:
                 self.poll(self._poll_block_ms)
                 self.healthy = True
             except REDIS_ERRORS as exc:
+                metrics.REDIS_ERRORS.labels("stream").inc()
                 if self.healthy:
                     log.warning("location_index.redis_down", error=str(exc))
                 self.healthy = False

@@ -126,6 +126,15 @@ class KVTransport(abc.ABC):
     ) -> list[Buffer | None]:
         """The blocks in key order; None for a miss (absent, or failed its checksum)."""
 
+    def get_blocks_tiered(
+        self, keys: Sequence[BlockKey], *, trace_context: TraceContext | None = None
+    ) -> list[tuple[Buffer, Tier] | None]:
+        """Like :meth:`get_blocks`, with the tier that served each block (for telemetry)."""
+        return [
+            None if data is None else (data, Tier.DRAM)
+            for data in self.get_blocks(keys, trace_context=trace_context)
+        ]
+
     @abc.abstractmethod
     def lookup(self, keys: Sequence[BlockKey]) -> LookupResult: ...
 
@@ -225,10 +234,13 @@ class InProcessTransport(KVTransport):
         )
 
     def get_blocks(self, keys, *, trace_context=None) -> list[Buffer | None]:
-        out: list[Buffer | None] = []
+        return [None if f is None else f[0] for f in self.get_blocks_tiered(keys)]
+
+    def get_blocks_tiered(self, keys, *, trace_context=None) -> list[tuple[Buffer, Tier] | None]:
+        out: list[tuple[Buffer, Tier] | None] = []
         for key in keys:
             found = self._store.get(key)
-            out.append(None if found is None else found[0])
+            out.append(None if found is None else (found[0], found[1]))
         return out
 
     def lookup(self, keys) -> LookupResult:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 from pdserve.config import KVStoreSettings
-from pdserve.logging import configure_logging
+from pdserve.telemetry import setup_from_settings
 from services.kvstore.server import serve
 
 
 def main() -> None:
     settings = KVStoreSettings.from_args()
-    configure_logging(settings.log_level, json=settings.log_json)
-    serve(settings)
+    worker_id = f"kvstore-{settings.node_id}-{os.getpid()}-{settings.grpc_port}"  # as registered
+    telemetry = setup_from_settings(settings, "kvstore", worker_id=worker_id)
+    try:
+        serve(settings)
+    finally:
+        telemetry.shutdown()  # flush the last spans
 
 
 if __name__ == "__main__":

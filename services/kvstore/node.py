@@ -14,6 +14,7 @@ import time
 
 import structlog
 
+from pdserve import metrics
 from pdserve.config import KVStoreSettings
 from pdserve.kv.metadata import (
     Heartbeat,
@@ -73,8 +74,17 @@ class KVStoreNode:
         )
 
     def _sweep(self) -> None:
+        self.publish_metrics()
         while not self._stop.wait(0.5):
             self.store.expire()
+            self.publish_metrics()
+
+    def publish_metrics(self) -> None:
+        """Tier occupancy gauges from the store's stats (every sweep: 0.5 s)."""
+        for t in self.store.stats().tiers:
+            metrics.KV_TIER_USED_BYTES.labels(t.tier.label).set(t.used_bytes)
+            metrics.KV_TIER_CAPACITY_BYTES.labels(t.tier.label).set(t.capacity_bytes)
+            metrics.KV_TIER_BLOCKS.labels(t.tier.label).set(t.num_blocks)
 
     def stop(self) -> None:
         self._stop.set()

@@ -1,13 +1,23 @@
 """gRPC wiring of the kvstore: messages in, store calls, messages out. No logic here.
 
 Every typed store error is mapped to a status in one place (:func:`_edge`).
+
+Telemetry: every RPC is a SERVER span (the tracing interceptor, parented on the caller's
+``traceparent``); Put, Get and MapShared open a ``kv.put`` / ``kv.get`` span inside it,
+linked to the request span named in the message header's trace context, with bytes, blocks,
+tier, transport and node, and count the same in the KV transfer metrics.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
+import itertools
 import signal
 import threading
+import time
+from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
@@ -15,17 +25,20 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdserve import metrics
 from pdserve._proto.pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 from pdserve.config import KVStoreSettings
-from pdserve.kv.blocks import block_key
+from pdserve.grpc_tracing import ServerTracingInterceptor
+from pdserve.kv.blocks import Tier, block_key
 from pdserve.kv.errors import ChunkOrderError, KVError
 from pdserve.kv.grpc_transport import channel_options
 from pdserve.kv.shm import host_id
-from pdserve.kv.transport import PutResult
 from services.kvstore.node import KVStoreNode
-from services.kvstore.store import PutSession, TieredStore
+from pdserve.telemetry import Attr, get_tracer, links_from
+from services.kvstore.store import TieredStore
 
 log = structlog.get_logger(__name__)
+tracer = get_tracer(__name__)
 SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 
 
@@ -65,32 +78,45 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         self._store = store
         self._settings = settings
 
+    @contextlib.contextmanager
+    def _kv_span(self, direction: str, trace_context: dict[str, str]) -> Iterator[_Transfer]:
+        """``kv.<direction>`` under the RPC's SERVER span, linked to the header's request."""
+        transfer = _Transfer(direction, self._settings.node_id, self._store.block_size_bytes)
+        attributes = {Attr.KV_DIRECTION: direction, Attr.KV_NODE: self._settings.node_id}
+        with tracer.start_as_current_span(
+            f"kv.{direction}", links=links_from(trace_context), attributes=attributes
+        ) as span:
+            yield transfer
+            transfer.finish(span)
+
     @_edge
     def Put(self, request_iterator, context):
-        session: PutSession | None = None
-        try:
-            for request in request_iterator:
-                kind = request.WhichOneof("kind")
-                if kind == "header":
-                    if session is not None:
+        requests = iter(request_iterator)
+        first = next(requests, None)
+        has_header = first is not None and first.WhichOneof("kind") == "header"
+        header = first.header if has_header else kvstore_pb2.PutHeader()
+        pending = [] if has_header or first is None else [first]
+        with self._kv_span("put", _trace(header)) as transfer:
+            session = self._store.open_put(
+                skip_existing=header.skip_existing, trace_context=_trace(header)
+            )
+            try:
+                for request in itertools.chain(pending, requests):
+                    kind = request.WhichOneof("kind")
+                    if kind == "chunk":
+                        session.chunk(request.chunk.key, request.chunk.offset, request.chunk.data)
+                        transfer.transport = "grpc"  # bytes came over the stream
+                    elif kind == "seal":
+                        session.seal(request.seal.key, request.seal.checksum)
+                    elif kind == "header":
                         raise ChunkOrderError("PutHeader must be the first message of a Put stream")
-                    session = self._store.open_put(
-                        skip_existing=request.header.skip_existing,
-                        trace_context=_trace(request.header),
-                    )
-                    continue
-                session = session or self._store.open_put()
-                if kind == "chunk":
-                    session.chunk(request.chunk.key, request.chunk.offset, request.chunk.data)
-                elif kind == "seal":
-                    session.seal(request.seal.key, request.seal.checksum)
-                else:
-                    raise ChunkOrderError("empty PutRequest: set header, chunk or seal")
-        except KVError:
-            if session is not None:
+                    else:
+                        raise ChunkOrderError("empty PutRequest: set header, chunk or seal")
+            except KVError:
                 session.abort()
-            raise
-        result = session.finish() if session else PutResult(0, 0, ())
+                raise
+            result = session.finish()
+            transfer.tiers.extend(result.tiers)
         return kvstore_pb2.PutResponse(
             num_stored=result.num_stored, num_skipped=result.num_skipped, tiers=list(result.tiers)
         )
@@ -100,20 +126,23 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         chunk_bytes = min(
             request.chunk_bytes or self._settings.chunk_bytes, self._settings.chunk_bytes
         )
-        for key in request.keys:
-            found = self._store.get_chunks(block_key(key), chunk_bytes)
-            if found is None:
-                yield kvstore_pb2.GetResponse(end=kvstore_pb2.GetBlockEnd(key=key, found=False))
-                continue
-            chunks, tier, block_checksum = found
-            offset = 0
-            for data in chunks:
-                yield kvstore_pb2.GetResponse(
-                    chunk=kvstore_pb2.BlockChunk(key=key, offset=offset, data=data)
-                )
-                offset += len(data)
-            end = kvstore_pb2.GetBlockEnd(key=key, found=True, checksum=block_checksum, tier=tier)
-            yield kvstore_pb2.GetResponse(end=end)
+        with self._kv_span("get", _trace(request)) as transfer:
+            transfer.transport = "grpc"
+            for key in request.keys:
+                found = self._store.get_chunks(block_key(key), chunk_bytes)
+                if found is None:
+                    yield kvstore_pb2.GetResponse(end=kvstore_pb2.GetBlockEnd(key=key, found=False))
+                    continue
+                chunks, tier, block_checksum = found
+                offset = 0
+                for data in chunks:
+                    yield kvstore_pb2.GetResponse(
+                        chunk=kvstore_pb2.BlockChunk(key=key, offset=offset, data=data)
+                    )
+                    offset += len(data)
+                end = kvstore_pb2.GetBlockEnd(key=key, found=True, checksum=block_checksum, tier=tier)
+                transfer.tiers.append(Tier(tier))
+                yield kvstore_pb2.GetResponse(end=end)
 
     @_edge
     def Lookup(self, request, context):
@@ -183,7 +212,10 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     @_edge
     def MapShared(self, request, context):
-        lease_id, found = self._store.map_shared(request.keys, request.ttl_ms / 1000 or None)
+        with self._kv_span("get", _trace(request)) as transfer:
+            transfer.transport = "shm"
+            lease_id, found = self._store.map_shared(request.keys, request.ttl_ms / 1000 or None)
+            transfer.tiers.extend(Tier(f[2]) for f in found if f is not None)
         size = self._store.block_size_bytes
         slots = [
             kvstore_pb2.SharedSlot(key=k)
@@ -194,8 +226,37 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         return kvstore_pb2.MapSharedResponse(lease_id=lease_id, slots=slots)
 
 
+class _Transfer:
+    """What one Put/Get moved; ``finish`` puts it on the span and in the metrics.
+
+    A Put whose bytes came through shared memory carries only seals: transport ``shm``.
+    """
+
+    def __init__(self, direction: str, node_id: str, block_size_bytes: int) -> None:
+        self.direction, self.node_id, self.block_size_bytes = direction, node_id, block_size_bytes
+        self.transport = "shm"
+        self.tiers: list[Tier] = []
+        self.started = time.perf_counter()
+
+    def finish(self, span) -> None:
+        by_tier = collections.Counter(t.label for t in self.tiers)
+        main_tier = by_tier.most_common(1)[0][0] if by_tier else "dram"
+        num_bytes = len(self.tiers) * self.block_size_bytes
+        span.set_attributes({
+            Attr.KV_BYTES: num_bytes, Attr.KV_BLOCKS: len(self.tiers), Attr.KV_TIER: main_tier,
+            Attr.KV_TRANSPORT: self.transport,
+        })  # fmt: skip
+        for tier, count in by_tier.items():
+            labels = (self.direction, self.transport, tier)
+            metrics.KV_TRANSFER_BLOCKS.labels(*labels).inc(count)
+            metrics.KV_TRANSFER_BYTES.labels(*labels).inc(count * self.block_size_bytes)
+        metrics.KV_TRANSFER_DURATION.labels(self.direction, self.transport, main_tier).observe(
+            time.perf_counter() - self.started
+        )
+
+
 class KVStoreServer:
-    """The gRPC server around one node, with health and reflection."""
+    """The gRPC server around one node, with health, reflection, tracing and ``/metrics``."""
 
     def __init__(self, settings: KVStoreSettings) -> None:
         self.settings = settings
@@ -204,7 +265,10 @@ class KVStoreServer:
                 max_workers=settings.grpc_workers, thread_name_prefix="kvstore-rpc"
             ),
             options=channel_options(settings.max_message_bytes),
+            interceptors=[ServerTracingInterceptor()],
         )
+        self.metrics: metrics.MetricsServer | None = None
+        self._stopping = False
         self.port = self.server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
         address = settings.advertise_address or f"{settings.node_id}:{self.port}"
         self.node = KVStoreNode(settings, address=address)
@@ -222,13 +286,24 @@ class KVStoreServer:
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("kvstore.listening", port=self.port, address=self.node.address)
+        s = self.settings
+        self.metrics = metrics.start_metrics_server(
+            s.http_port, s.grpc_host, health=lambda: not self._stopping
+        )
+        metrics.set_service_info(role="kvstore", node=s.node_id, worker_id=self.node.worker_id)
+        log.info(
+            "kvstore.listening", port=self.port, address=self.node.address,
+            metrics_port=self.metrics.port if self.metrics else None,
+        )  # fmt: skip
 
     def stop(self) -> None:
         """Drain: report NOT_SERVING, finish in-flight RPCs, then flush and deregister."""
+        self._stopping = True
         self.health.enter_graceful_shutdown()
         self.server.stop(self.settings.shutdown_grace_s).wait()
         self.node.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
 
 
 def serve(settings: KVStoreSettings) -> None:

@@ -36,6 +36,7 @@ from pathlib import Path
 import structlog
 import xxhash
 
+from pdserve import metrics
 from pdserve.config import KVStoreSettings
 from pdserve.kv.blocks import BlockKey, PieceTracker, Tier, block_key, checksum
 from pdserve.kv.errors import (
@@ -476,6 +477,7 @@ class TieredStore:
                 del src.lru[entry.key]
                 src.num_evicted += 1
                 if move.dst is None:
+                    metrics.KV_EVICTIONS.labels(src.tier.label).inc()
                     del self._entries[entry.key]
                     if not src.is_slab:
                         src.backend.discard(entry.key)
@@ -484,6 +486,7 @@ class TieredStore:
                     entry.tier, entry.loc = move.dst.tier, move.dst_loc
                     move.dst.lru[entry.key] = entry
                     move.dst.num_demoted_in += 1
+                    metrics.KV_DEMOTIONS.labels(src.tier.label).inc()
                     self._emit(EventOp.DEMOTED, entry.key, move.dst.tier, src.tier)
                 entry.moving = False
                 self._cond.notify_all()
@@ -520,6 +523,7 @@ class TieredStore:
             entry.tier, entry.loc = dst.tier, loc
             dst.lru[entry.key] = entry
             dst.num_promoted_in += 1
+            metrics.KV_PROMOTIONS.labels(src.tier.label).inc()
             self._emit(EventOp.PROMOTED, entry.key, dst.tier, src.tier)
             entry.moving = False
             self._cond.notify_all()
