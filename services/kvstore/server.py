@@ -33,8 +33,8 @@ from pdserve.kv.blocks import Tier, block_key
 from pdserve.kv.errors import ChunkOrderError, KVError
 from pdserve.kv.grpc_transport import channel_options
 from pdserve.kv.shm import host_id
-from services.kvstore.node import KVStoreNode
 from pdserve.telemetry import Attr, get_tracer, links_from
+from services.kvstore.node import KVStoreNode
 from services.kvstore.store import TieredStore
 
 log = structlog.get_logger(__name__)
@@ -140,7 +140,9 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
                         chunk=kvstore_pb2.BlockChunk(key=key, offset=offset, data=data)
                     )
                     offset += len(data)
-                end = kvstore_pb2.GetBlockEnd(key=key, found=True, checksum=block_checksum, tier=tier)
+                end = kvstore_pb2.GetBlockEnd(
+                    key=key, found=True, checksum=block_checksum, tier=tier
+                )
                 transfer.tiers.append(Tier(tier))
                 yield kvstore_pb2.GetResponse(end=end)
 
