@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 
-from pdserve.logging import configure_logging
+from pdserve.telemetry import setup_from_settings
 from services.prefill.server import serve
 from services.prefill.settings import PrefillSettings
 
 
 def main() -> None:
     settings = PrefillSettings.from_args()
-    configure_logging(settings.log_level, json=settings.log_json)
-    asyncio.run(serve(settings))
+    telemetry = setup_from_settings(settings, "prefill")
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        telemetry.shutdown()  # flush the last spans
 
 
 if __name__ == "__main__":
