@@ -16,6 +16,10 @@ Invariants:
 - ``inflight(key)`` is the future of a block some step is writing now: a second request
   that needs the same block waits on it instead of writing it twice (the kvstore refuses
   two writers of one key).
+
+Telemetry: each step is one ``kv.put`` span (bytes, blocks, tier, transport, node), child of
+the first request's span in ``trace_contexts`` and linked to the others'; its context rides
+the Put stream's metadata and header, so the kvstore's spans join the request's trace.
 """
 
 from __future__ import annotations
@@ -23,16 +27,21 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 
 import structlog
 import xxhash
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from pdserve import metrics
 from pdserve.kv.transport import BlockWriter, KVTransport
+from pdserve.telemetry import Attr, extract_context, get_tracer, inject_context, links_from
 
 log = structlog.get_logger(__name__)
+tracer = get_tracer(__name__)
+TraceContexts = Sequence[Mapping[str, str]]
 _STOP = object()
 
 
@@ -44,8 +53,10 @@ class HandoffStats:
 
 
 class _Step:
-    def __init__(self, keys: list[bytes]) -> None:
+    def __init__(self, keys: list[bytes], trace_contexts: TraceContexts) -> None:
         self.keys = keys
+        self.trace_contexts = list(trace_contexts)
+        self.span: trace.Span | None = None
         self.hashers = [xxhash.xxh3_64() for _ in keys]
         self.futures: list[Future] = [Future() for _ in keys]
         self.writer: BlockWriter | None = None
@@ -58,8 +69,11 @@ class _Step:
 class KVHandoff:
     """Writes blocks to one kvstore from a dedicated thread. See the module docstring."""
 
-    def __init__(self, transport: Callable[[], KVTransport], layer_nbytes: int) -> None:
+    def __init__(
+        self, transport: Callable[[], KVTransport], layer_nbytes: int, *, node_id: str = ""
+    ) -> None:
         self._transport = transport  # returns a live transport or raises
+        self._node_id = node_id  # the kvstore's node (span attribute)
         self._layer_nbytes = layer_nbytes
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._inflight: dict[bytes, Future] = {}
@@ -81,9 +95,11 @@ class KVHandoff:
 
     # ---- engine thread ----
 
-    def begin_step(self, keys: Sequence[bytes]) -> list[Future]:
-        """Start writing these blocks (all computed in the current step); their futures."""
-        step = _Step(list(keys))
+    def begin_step(self, keys: Sequence[bytes], trace_contexts: TraceContexts = ()) -> list[Future]:
+        """Start writing these blocks (all computed in the current step); their futures.
+
+        ``trace_contexts``: the requests the blocks belong to (the first is the span parent)."""
+        step = _Step(list(keys), trace_contexts)
         with self._lock:
             for key, fut in zip(step.keys, step.futures, strict=True):
                 self._inflight[key] = fut
@@ -107,9 +123,11 @@ class KVHandoff:
             step.error = step.error or RuntimeError("the engine step failed")
             self._queue.put(("end", step))
 
-    def put_whole(self, blocks: Sequence[tuple[bytes, bytes]]) -> list[Future]:
+    def put_whole(
+        self, blocks: Sequence[tuple[bytes, bytes]], trace_contexts: TraceContexts = ()
+    ) -> list[Future]:
         """Whole blocks (cached in the engine but absent from the kvstore), written as a step."""
-        futures = self.begin_step([k for k, _ in blocks])
+        futures = self.begin_step([k for k, _ in blocks], trace_contexts)
         step = self._current
         self._current = None
         self._queue.put(("whole", step, [data for _, data in blocks]))
@@ -141,9 +159,20 @@ class KVHandoff:
     def _open(self, step: _Step) -> None:
         if step.error is not None:
             return
-        transport = self._transport()
-        step.transport = "shm" if getattr(transport, "shared", False) else "grpc"
-        step.writer = transport.open_writer(skip_existing=True)
+        parent, *others = step.trace_contexts or [{}]
+        step.span = tracer.start_span(
+            "kv.put",
+            context=extract_context(parent),
+            links=links_from(*others),
+            attributes={
+                Attr.KV_DIRECTION: "put", Attr.KV_NODE: self._node_id,
+                Attr.KV_BLOCKS: len(step.keys),
+            },
+        )  # fmt: skip
+        with trace.use_span(step.span, end_on_exit=False):  # the Put RPC's parent
+            transport = self._transport()
+            step.transport = "shm" if getattr(transport, "shared", False) else "grpc"
+            step.writer = transport.open_writer(skip_existing=True, trace_context=inject_context())
         reserve = getattr(step.writer, "reserve", None)
         if reserve is not None:  # shared memory: one round trip for every slot of the step
             reserve(step.keys)
@@ -175,16 +204,29 @@ class KVHandoff:
                 ok = True
                 self._observe(step, result.tiers)
         except Exception as exc:  # noqa: BLE001
-            log.warning("prefill.handoff_failed", error=str(exc), num_blocks=len(step.keys))
+            with _current(step.span):
+                log.warning("prefill.handoff_failed", error=str(exc), num_blocks=len(step.keys))
             step.error = exc
         finally:
             if not ok and step.writer is not None:
                 step.writer.abort()
+            self._end_span(step)
             self._resolve(step, ok)
+
+    def _end_span(self, step: _Step) -> None:
+        if step.span is None:
+            return
+        step.span.set_attribute(Attr.KV_TRANSPORT, step.transport)
+        if step.error is not None:
+            step.span.record_exception(step.error)
+            step.span.set_status(Status(StatusCode.ERROR, f"kv put failed: {step.error}"))
+        step.span.end()
 
     def _observe(self, step: _Step, tiers) -> None:
         self.stats.num_bytes_written += step.num_bytes
         labels = ("put", step.transport, tiers[0].label if tiers else "dram")
+        if step.span is not None:
+            step.span.set_attributes({Attr.KV_BYTES: step.num_bytes, Attr.KV_TIER: labels[2]})
         metrics.KV_TRANSFER_BYTES.labels(*labels).inc(step.num_bytes)
         metrics.KV_TRANSFER_BLOCKS.labels(*labels).inc(len(tiers))
         metrics.KV_TRANSFER_DURATION.labels(*labels).observe(time.perf_counter() - step.started)
@@ -200,3 +242,8 @@ class KVHandoff:
             self.stats.num_blocks_stored += len(step.keys)
         else:
             self.stats.num_blocks_failed += len(step.keys)
+
+
+def _current(span: trace.Span | None):
+    """Make ``span`` current (for log lines); a no-op context when there is none."""
+    return trace.use_span(span or trace.INVALID_SPAN, end_on_exit=False)

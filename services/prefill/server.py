@@ -4,6 +4,11 @@ Errors are mapped to statuses here and only here: ValueError → INVALID_ARGUMEN
 OverloadedError → RESOURCE_EXHAUSTED, deadline → DEADLINE_EXCEEDED, cancel → CANCELLED,
 anything else → INTERNAL. A client that cancels (or whose deadline passes) has its request
 aborted in the engine at once.
+
+Telemetry: the server runs under the tracing interceptor (one SERVER span per RPC); each
+Prefill opens ``prefill.request`` inside it (request id bound into the log lines), hands its
+context to the engine thread, and returns it in ``PrefillResponse.trace`` so the decode
+worker's KV fetch can link to it.
 """
 
 from __future__ import annotations
@@ -17,11 +22,15 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from pdserve import metrics, wire
 from pdserve._proto.pdserve.v1 import prefill_pb2, prefill_pb2_grpc
+from pdserve.grpc_tracing import AioServerTracingInterceptor
 from pdserve.kv.grpc_transport import channel_options
 from pdserve.model.loader import Checkpoint
+from pdserve.telemetry import Attr, inject_context, links_from, request_span
 from services.prefill.settings import PrefillSettings
 from services.prefill.worker import (
     CancelledError,
@@ -40,38 +49,57 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     async def Prefill(self, request, context):
         request_id = request.request_id or uuid.uuid4().hex
+        attributes = {
+            Attr.OPERATION: "text_completion", Attr.SYSTEM: "pdserve", Attr.ROLE: "prefill",
+            Attr.INPUT_TOKENS: len(request.prompt_token_ids),
+        }  # fmt: skip
+        with request_span(
+            "prefill.request", request_id, links=_links(request), **attributes
+        ) as span:
+            result, params = await self._prefill(request, request_id, context, span)
+            span.set_attributes({
+                Attr.CACHED_TOKENS: result.num_cached_tokens,
+                Attr.COMPUTED_TOKENS: result.num_computed_tokens,
+                Attr.KV_BLOCKS: len(result.kv.block_keys), Attr.KV_NODE: result.kv.node_id,
+            })  # fmt: skip
+            response = _response(result, params)
+            response.trace.CopyFrom(wire.trace_to_proto(inject_context()))
+            return response
+
+    async def _prefill(self, request, request_id: str, context, span: trace.Span):
         try:
             sampling = request.sampling if request.HasField("sampling") else None
             params = wire.sampling_from_proto(sampling)
             prompt = wire.prompt_from_proto(
                 request.prompt_token_ids, self.worker.engine.model_config.vocab_size
             )
+            span.set_attribute(Attr.MAX_TOKENS, params.max_tokens)
             future = self.worker.submit(
                 prompt,
                 params,
                 request_id=request_id,
                 cache_salt=request.cache_salt or None,
                 timeout_s=context.time_remaining(),
+                trace_context=inject_context(),
             )
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _abort(context, span, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except OverloadedError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            await _abort(context, span, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:
-            result = await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(future), params
         except asyncio.CancelledError:
             self.worker.cancel(request_id)
             raise
         except DeadlineExceededError as exc:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+            await _abort(context, span, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         except CancelledError as exc:
-            await context.abort(grpc.StatusCode.CANCELLED, str(exc))
+            await _abort(context, span, grpc.StatusCode.CANCELLED, str(exc))
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _abort(context, span, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # noqa: BLE001 - the status says why
-            log.exception("prefill.failed", request_id=request_id)
-            await context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
-        return _response(result, params)
+            log.exception("prefill.failed")
+            await _abort(context, span, grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
 
     async def Stats(self, request, context):
         load = self.worker.load
@@ -82,6 +110,21 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             num_prompt_tokens_computed=load.num_prompt_tokens_computed,
             num_prompt_tokens_cached=load.num_prompt_tokens_cached,
         )
+
+
+def _links(request) -> list[trace.Link]:
+    """A link to ``PrefillRequest.trace`` when it names another trace than the metadata's."""
+    entries = wire.trace_from_proto(request.trace) if request.HasField("trace") else {}
+    current = trace.get_current_span().get_span_context().trace_id
+    return [link for link in links_from(entries) if link.context.trace_id != current]
+
+
+async def _abort(context, span: trace.Span, code: grpc.StatusCode, message: str) -> None:
+    """Record the status on the request span, then end the RPC with it (raises)."""
+    span.set_attribute(Attr.RPC_STATUS, code.value[0])
+    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
+    log.info("prefill.rejected", status=code.name, detail=message)
+    await context.abort(code, message)
 
 
 def _response(result, params) -> prefill_pb2.PrefillResponse:
@@ -114,7 +157,10 @@ class PrefillServer:
 
     async def start(self) -> None:
         s = self.settings
-        self.server = grpc.aio.server(options=channel_options(s.max_message_bytes))
+        self.server = grpc.aio.server(
+            options=channel_options(s.max_message_bytes),
+            interceptors=[AioServerTracingInterceptor()],
+        )
         self.port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
         address = s.advertise_address or f"{s.node_id}:{self.port}"
         worker_id = f"prefill-{s.node_id}-{self.port}"

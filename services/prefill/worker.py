@@ -17,6 +17,13 @@ Invariants:
   a block that is not there.
 - Aborting a request frees its engine blocks at once (``LLMEngine.abort``); blocks already
   sealed in the kvstore stay (they are correct, and reusable by the next prompt).
+
+Telemetry (spans under the request context handed to ``submit``; contextvars do not cross
+threads, so each job carries it): ``prefill.load_prefix`` (LOADING), ``prefill.queue``
+(admitted → first scheduled), ``prefill.compute`` (first scheduled → first token: prompt,
+cached and computed tokens), ``prefill.batch`` per engine step (child of its first request's
+compute span, linked to the others'), ``kv.put`` per handoff step (handoff.py) and
+``prefill.handoff`` (first token → every block sealed). Every span is ended on every path.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from pdserve import metrics
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
@@ -42,11 +51,13 @@ from pdserve.kv.grpc_transport import GrpcTransport, SharedMemoryTransport
 from pdserve.kv.metadata import Heartbeat, RedisLayout, WorkerInfo, WorkerRegistry, connect
 from pdserve.kv.transport import KVTransport
 from pdserve.model.loader import Checkpoint
+from pdserve.telemetry import Attr, extract_context, get_tracer, inject_context
 from pdserve.wire import KVSource
 from services.prefill.handoff import KVHandoff
 from services.prefill.settings import PrefillSettings
 
 log = structlog.get_logger(__name__)
+tracer = get_tracer(__name__)
 
 
 class PrefillState(enum.Enum):
@@ -92,8 +103,19 @@ class _Job:
     state: PrefillState = PrefillState.LOADING
     stored: set[bytes] = dataclasses.field(default_factory=set)  # in the kvstore at lookup
     block_futures: dict[bytes, Future] = dataclasses.field(default_factory=dict)
+    trace_context: dict[str, str] = dataclasses.field(default_factory=dict)  # the RPC's span
+    admitted_ns: int = 0  # time.time_ns() when queued in the engine
+    admitted_at: float = 0.0  # time.monotonic(), same moment
+    compute_span: trace.Span | None = None
+    handoff_span: trace.Span | None = None
+
+    def context(self) -> dict[str, str]:
+        """The innermost open span of this job, for children made on other threads."""
+        span = self.handoff_span or self.compute_span
+        return inject_context(trace.set_span_in_context(span)) if span else self.trace_context
 
     def settle(self, state: PrefillState, result=None, error: Exception | None = None) -> None:
+        _end_spans(self, error)
         self.state = state
         with contextlib.suppress(InvalidStateError):
             if error is not None:
@@ -161,7 +183,9 @@ class PrefillWorker:
             allow_shm=settings.kv_transport == "auto",
             timeout_s=settings.kv_timeout_s,
         )
-        self.handoff = KVHandoff(self.kv.get, self.engine.runner.layer_nbytes)
+        self.handoff = KVHandoff(
+            self.kv.get, self.engine.runner.layer_nbytes, node_id=settings.kv_node_id
+        )
         self.load = PrefillLoad(num_free_blocks=self.engine.block_manager.num_free_blocks)
         self._jobs: dict[str, _Job] = {}
         self._num_active = 0  # jobs not yet settled; guarded by _lock
@@ -170,6 +194,8 @@ class PrefillWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._step_blocks: list[tuple[bytes, int]] = []  # (key, block id) written this step
+        self._step_started_ns = 0
+        self._batch_span: trace.Span | None = None
         self._num_cached = 0
         self._fetch_pool = ThreadPoolExecutor(4, thread_name_prefix="prefill-fetch")
         self._thread = threading.Thread(target=self._run, name="engine-prefill", daemon=True)
@@ -228,11 +254,13 @@ class PrefillWorker:
         request_id: str,
         cache_salt: str | None = None,
         timeout_s: float | None = None,
+        trace_context: dict[str, str] | None = None,
     ) -> Future:
         """Start a prefill; the future resolves to a :class:`PrefillResult` or raises
         CancelledError / DeadlineExceededError / RuntimeError.
 
-        Raises ValueError for a bad prompt and OverloadedError when the queue is full."""
+        Raises ValueError for a bad prompt and OverloadedError when the queue is full.
+        ``trace_context`` (``inject_context()`` of the caller's span) parents the job's spans."""
         if not request_id:
             raise ValueError("request_id must not be empty")
         prompt = self.engine.encode_prompt(list(prompt))
@@ -241,6 +269,7 @@ class PrefillWorker:
         keys = self.engine.block_keys(prompt[: num_full * self.block_size], cache_salt)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         job = _Job(request_id, prompt, params, cache_salt, list(keys), deadline)
+        job.trace_context = dict(trace_context or {})
         with self._lock:
             if request_id in self._jobs:
                 raise ValueError(f"request_id {request_id!r} is already in use")
@@ -276,28 +305,50 @@ class PrefillWorker:
 
     def _load_prefix(self, job: _Job) -> None:
         """Which blocks does the kvstore hold? Fetch the stored prefix we lack."""
+        first, payloads = 0, []
+        with (
+            tracer.start_as_current_span(
+                "prefill.load_prefix",
+                context=extract_context(job.trace_context),
+                attributes={Attr.REQUEST_ID: job.request_id, Attr.KV_DIRECTION: "get"},
+            ) as span,
+            structlog.contextvars.bound_contextvars(request_id=job.request_id),
+        ):
+            try:
+                first, payloads = self._fetch_stored_prefix(job, span)
+            except Exception as exc:  # noqa: BLE001 - the kvstore is an optimization here
+                log.warning("prefill.kv_lookup_failed", error=str(exc))
+                span.set_status(Status(StatusCode.ERROR, f"kv lookup failed: {exc}"))
+                self.kv.reset()
+                job.stored, payloads = set(), []
+        self._call_soon(lambda: self._admit(job, first, payloads))
+
+    def _fetch_stored_prefix(self, job: _Job, span: trace.Span) -> tuple[int, list]:
+        """(blocks found in our own cache, payloads fetched from the kvstore after them)."""
         usable = (len(job.prompt) - 1) // self.block_size  # the last token is always computed
         first, payloads = 0, []
-        try:
-            kv = self.kv.get()
-            lookup = kv.lookup(job.keys) if job.keys else None
-            if lookup is not None:
-                job.stored = {k for k, t in zip(job.keys, lookup.tiers, strict=True) if t}
-                usable = min(usable, lookup.prefix_blocks)
-                bm = self.engine.block_manager
-                while first < usable and bm.cached_block(job.keys[first]) is not None:
-                    first += 1  # already in our own cache (a hint; see the module docstring)
-                if first < usable:
-                    got = kv.get_blocks(job.keys[first:usable])
-                    payloads = list(itertools.takewhile(lambda b: b is not None, got))
-                _count_prefix_hits(
-                    first, lookup.tiers[first : first + len(payloads)], self.block_size
-                )
-        except Exception as exc:  # noqa: BLE001 - the kvstore is an optimization here
-            log.warning("prefill.kv_lookup_failed", request_id=job.request_id, error=str(exc))
-            self.kv.reset()
-            job.stored, payloads = set(), []
-        self._call_soon(lambda: self._admit(job, first, payloads))
+        kv = self.kv.get()
+        lookup = kv.lookup(job.keys) if job.keys else None
+        if lookup is None:
+            return first, payloads
+        job.stored = {k for k, t in zip(job.keys, lookup.tiers, strict=True) if t}
+        usable = min(usable, lookup.prefix_blocks)
+        bm = self.engine.block_manager
+        while first < usable and bm.cached_block(job.keys[first]) is not None:
+            first += 1  # already in our own cache (a hint; see the module docstring)
+        if first < usable:
+            got = kv.get_blocks(job.keys[first:usable], trace_context=inject_context())
+            payloads = list(itertools.takewhile(lambda b: b is not None, got))
+        tiers = lookup.tiers[first : first + len(payloads)]
+        _count_prefix_hits(first, tiers, self.block_size)
+        span.set_attributes({
+            Attr.KV_BLOCKS: len(payloads), Attr.KV_BYTES: sum(len(b) for b in payloads),
+            Attr.KV_TIER: tiers[0].label if tiers and tiers[0] else "none",
+            Attr.KV_TRANSPORT: "shm" if getattr(kv, "shared", False) else "grpc",
+            Attr.KV_NODE: self.settings.kv_node_id,
+            Attr.CACHED_TOKENS: (first + len(payloads)) * self.block_size,
+        })  # fmt: skip
+        return first, payloads
 
     # ---- engine thread ----
 
@@ -320,6 +371,7 @@ class PrefillWorker:
             job.settle(PrefillState.FAILED, error=exc)
             return
         job.state = PrefillState.COMPUTING
+        job.admitted_ns, job.admitted_at = time.time_ns(), time.monotonic()
 
     def _abort(self, request_id: str, error: Exception) -> None:
         job = self._jobs.get(request_id)
@@ -358,11 +410,13 @@ class PrefillWorker:
 
     def _step(self) -> None:
         start = time.perf_counter()
+        self._step_started_ns = time.time_ns()
         try:
             outputs = self.engine.step(on_layer_done=self._on_layer_done)
             metrics.STEP_DURATION.labels("prefill").observe(time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
             log.exception("prefill.step_failed")
+            self._end_batch_span(exc)
             self.handoff.abort_step()
             self._step_blocks = []
             for job in self._snapshot_jobs():
@@ -370,6 +424,7 @@ class PrefillWorker:
                     self.engine.abort(job.request_id)
                     job.settle(PrefillState.FAILED, error=RuntimeError(f"prefill failed: {exc}"))
             return
+        self._end_batch_span(None)
         if self._step_blocks:
             self.handoff.end_step()
             self._step_blocks = []
@@ -378,6 +433,7 @@ class PrefillWorker:
 
     def _on_layer_done(self, layer: int, plan: SchedulerPlan) -> None:
         if layer == 0:
+            self._trace_step(plan)
             self._begin_handoff(plan)
         if self._step_blocks:
             block_ids = [block_id for _, block_id in self._step_blocks]
@@ -407,7 +463,9 @@ class PrefillWorker:
                 needs.append((job, key))
         self._step_blocks = list(step.items())
         if step:
-            futures = dict(zip(step, self.handoff.begin_step(list(step)), strict=True))
+            contexts = list({id(job): job for job, _ in needs}.values())
+            begun = self.handoff.begin_step(list(step), [job.context() for job in contexts])
+            futures = dict(zip(step, begun, strict=True))
             for job, key in needs:
                 job.block_futures[key] = futures[key]
 
@@ -424,7 +482,13 @@ class PrefillWorker:
             else SampledToken(out.new_token_ids[0], None, None)
         )
         self._num_cached += out.num_cached_tokens
+        self._end_compute(job, out.num_cached_tokens)
         job.state = PrefillState.HANDING_OFF
+        job.handoff_span = tracer.start_span(
+            "prefill.handoff",
+            context=extract_context(job.trace_context),
+            attributes={Attr.REQUEST_ID: job.request_id, Attr.KV_NODE: self.settings.kv_node_id},
+        )
         self._put_missing(job)
         result = dict(first_token=token, num_cached_tokens=out.num_cached_tokens)
         _when_all(list(job.block_futures.values()), lambda: self._complete(job, **result))
@@ -446,7 +510,7 @@ class PrefillWorker:
             payloads = self.engine.export_blocks(missing)
         except KeyError:
             return  # evicted meanwhile: the KVSource prefix ends before them
-        futures = self.handoff.put_whole(list(zip(missing, payloads, strict=True)))
+        futures = self.handoff.put_whole(list(zip(missing, payloads, strict=True)), [job.context()])
         job.block_futures.update(zip(missing, futures, strict=True))
 
     def _complete(self, job: _Job, first_token: SampledToken, num_cached_tokens: int) -> None:
@@ -464,7 +528,71 @@ class PrefillWorker:
             first_token, kv, n, num_cached_tokens, n - num_cached_tokens, self.worker_id
         )
         if job.state is PrefillState.HANDING_OFF:
+            if job.handoff_span is not None:
+                job.handoff_span.set_attributes(
+                    {
+                        Attr.KV_BLOCKS: len(stored),
+                        Attr.KV_BYTES: len(stored) * self.engine.block_bytes,
+                    }
+                )
             job.settle(PrefillState.DONE, result)
+
+    # ---- telemetry (engine thread) ----
+
+    def _trace_step(self, plan: SchedulerPlan) -> None:
+        """Open the step's batch span, and the queue and compute spans of newly scheduled jobs."""
+        jobs = [j for c in plan.chunks if (j := self._jobs.get(c.seq.request_id)) is not None]
+        start_ns = self._step_started_ns
+        for job in jobs:
+            if job.compute_span is None and job.state is PrefillState.COMPUTING:
+                self._start_compute(job, start_ns)
+        spans = [j.compute_span for j in jobs if j.compute_span is not None]
+        if not spans:
+            return
+        num_tokens = sum(c.num_tokens for c in plan.chunks)
+        metrics.BATCH_TOKENS.labels("prefill").observe(num_tokens)
+        self._batch_span = tracer.start_span(
+            "prefill.batch",
+            context=trace.set_span_in_context(spans[0]),
+            links=[trace.Link(s.get_span_context()) for s in spans[1:]],
+            start_time=start_ns,
+            attributes={Attr.BATCH_SIZE: len(plan.chunks), Attr.BATCH_TOKENS: num_tokens},
+        )
+
+    def _start_compute(self, job: _Job, start_ns: int) -> None:
+        parent = extract_context(job.trace_context)
+        wait_s = max(0.0, time.monotonic() - job.admitted_at)
+        metrics.QUEUE_WAIT.labels("prefill_waiting").observe(wait_s)
+        queued = tracer.start_span(
+            "prefill.queue",
+            context=parent,
+            start_time=job.admitted_ns or start_ns,
+            attributes={Attr.QUEUE: "prefill_waiting", Attr.QUEUE_WAIT_S: round(wait_s, 6)},
+        )
+        queued.end(end_time=max(start_ns, job.admitted_ns))
+        job.compute_span = tracer.start_span(
+            "prefill.compute",
+            context=parent,
+            start_time=start_ns,
+            attributes={Attr.REQUEST_ID: job.request_id, Attr.PROMPT_TOKENS: len(job.prompt)},
+        )
+
+    def _end_compute(self, job: _Job, num_cached_tokens: int) -> None:
+        span, job.compute_span = job.compute_span, None
+        if span is not None:
+            span.set_attributes({
+                Attr.CACHED_TOKENS: num_cached_tokens,
+                Attr.COMPUTED_TOKENS: len(job.prompt) - num_cached_tokens,
+            })  # fmt: skip
+            span.end()
+
+    def _end_batch_span(self, error: Exception | None) -> None:
+        span, self._batch_span = self._batch_span, None
+        if span is not None:
+            if error is not None:
+                span.record_exception(error)
+                span.set_status(Status(StatusCode.ERROR, f"prefill step failed: {error}"))
+            span.end()
 
     def _publish_load(self) -> None:
         sched, stats = self.engine.scheduler, self.engine.stats
@@ -480,6 +608,18 @@ class PrefillWorker:
         metrics.RUNNING_BATCH_SIZE.set(self.load.running)
         bm = self.engine.block_manager
         metrics.KV_CACHE_USAGE.set(1 - bm.num_free_blocks / bm.num_blocks)
+
+
+def _end_spans(job: _Job, error: Exception | None) -> None:
+    """End the job's open spans (any thread; a span ends once)."""
+    for name in ("compute_span", "handoff_span"):
+        span = getattr(job, name)
+        setattr(job, name, None)
+        if span is None:
+            continue
+        if error is not None:
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        span.end()
 
 
 def _count_prefix_hits(num_own_blocks: int, fetched_tiers, block_size: int) -> None:
