@@ -9,6 +9,7 @@ missing or corrupt block ends the usable prefix, it is never imported.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import structlog
 
 from pdserve.kv.grpc_transport import GrpcTransport, SharedMemoryTransport
-from pdserve.kv.transport import KVTransport
+from pdserve.kv.transport import KVTransport, TraceContext
 from pdserve.wire import KVSource
 
 log = structlog.get_logger(__name__)
@@ -30,6 +31,11 @@ class FetchResult:
     error: str | None
     seconds: float
     transport: str  # "shm" | "grpc" | ""
+    tier: str = ""  # the tier that served most of the blocks ("dram", ...); "" when none
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(len(p) for p in self.payloads)
 
 
 class KVFetcher:
@@ -57,20 +63,27 @@ class KVFetcher:
         with self._lock:
             self._transports.pop(address, None)  # the old one is left to the GC
 
-    def fetch(self, source: KVSource, keys: Sequence[bytes]) -> FetchResult:
-        """The longest verified prefix of ``keys`` that the source's kvstore holds."""
+    def fetch(
+        self, source: KVSource, keys: Sequence[bytes], *, trace_context: TraceContext | None = None
+    ) -> FetchResult:
+        """The longest verified prefix of ``keys`` that the source's kvstore holds.
+
+        ``trace_context`` goes into the kvstore's Get/MapShared header (its span links to it)."""
         start = time.perf_counter()
         name = ""
         try:
             transport = self._transport(source)
             name = "shm" if getattr(transport, "shared", False) else "grpc"
-            got = transport.get_blocks(list(keys))
+            got = transport.get_blocks_tiered(list(keys), trace_context=trace_context)
         except Exception as exc:  # noqa: BLE001 - any failure is a miss; the caller recomputes
             self._drop(source.kvstore_address)
             log.warning("decode.kv_fetch_failed", address=source.kvstore_address, error=str(exc))
             return FetchResult([], str(exc), time.perf_counter() - start, name)
-        payloads = list(itertools.takewhile(lambda b: b is not None, got))
-        return FetchResult(payloads, None, time.perf_counter() - start, name)
+        found = list(itertools.takewhile(lambda b: b is not None, got))
+        tiers = collections.Counter(tier.label for _, tier in found)
+        tier = tiers.most_common(1)[0][0] if tiers else ""
+        payloads = [data for data, _ in found]
+        return FetchResult(payloads, None, time.perf_counter() - start, name, tier)
 
     def close(self) -> None:
         with self._lock:

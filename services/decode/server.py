@@ -3,11 +3,16 @@
 Errors are mapped here and only here: ValueError → INVALID_ARGUMENT, OverloadedError →
 RESOURCE_EXHAUSTED, a failed request → INTERNAL (after the chunks already sent). A client
 that cancels the stream (or whose deadline passes) has its sequence aborted at once.
+
+Telemetry: the server runs under the tracing interceptor (one SERVER span per RPC); each
+Decode opens ``decode.request`` inside it (request id bound into the log lines) and hands
+its context, and the prefill's ``DecodeRequest.trace``, to the worker (worker.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import uuid
 
@@ -16,11 +21,15 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from pdserve import metrics, wire
 from pdserve._proto.pdserve.v1 import decode_pb2, decode_pb2_grpc
+from pdserve.grpc_tracing import AioServerTracingInterceptor
 from pdserve.kv.grpc_transport import channel_options
 from pdserve.model.loader import Checkpoint
+from pdserve.telemetry import Attr, inject_context, request_span
 from services.decode.settings import DecodeSettings
 from services.decode.worker import DecodeEvent, DecodeSpec, DecodeWorker, OverloadedError
 
@@ -47,6 +56,7 @@ def spec_from_proto(request: decode_pb2.DecodeRequest, vocab_size: int) -> Decod
         first_token=first_token,
         kv=wire.kv_source_from_proto(request.kv if request.HasField("kv") else None),
         kv_fetch_timeout_s=request.kv_fetch_timeout_s or None,
+        prefill_trace=wire.trace_from_proto(request.trace) if request.HasField("trace") else {},
     )
 
 
@@ -74,26 +84,44 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.worker = worker
 
     async def Decode(self, request, context):
+        request_id = request.request_id or uuid.uuid4().hex
+        attributes = {
+            Attr.OPERATION: "text_completion", Attr.SYSTEM: "pdserve", Attr.ROLE: "decode",
+            Attr.INPUT_TOKENS: len(request.prompt_token_ids),
+        }  # fmt: skip
+        with request_span("decode.request", request_id, **attributes) as span:
+            async for chunk in self._decode(request, request_id, context, span):
+                yield chunk
+
+    async def _decode(self, request, request_id: str, context, span: trace.Span):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[DecodeEvent] = asyncio.Queue()
         try:
             spec = spec_from_proto(request, self.worker.engine.model_config.vocab_size)
+            spec = dataclasses.replace(spec, request_id=request_id, trace_context=inject_context())
+            span.set_attribute(Attr.MAX_TOKENS, spec.params.max_tokens)
             self.worker.submit(spec, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _abort(context, span, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except OverloadedError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            await _abort(context, span, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         finished, first = False, True
         try:
             while not finished:
                 event = await events.get()
                 finished = event.is_last
                 if event.error is not None:
-                    await context.abort(grpc.StatusCode.INTERNAL, event.error)
+                    await _abort(context, span, grpc.StatusCode.INTERNAL, event.error)
+                if event.finish_reason is not None:
+                    span.set_attributes({
+                        Attr.FINISH_REASONS: [event.finish_reason],
+                        Attr.OUTPUT_TOKENS: event.num_completion_tokens,
+                    })  # fmt: skip
                 yield chunk_to_proto(event, first)
                 first = False
         finally:
             if not finished:  # cancelled, deadline, or the client went away
+                span.set_attribute(Attr.FINISH_REASONS, ["abort"])
                 self.worker.cancel(spec.request_id)
 
     async def Stats(self, request, context):
@@ -108,6 +136,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             num_prompt_tokens_computed=load.num_prompt_tokens_computed,
             num_generation_tokens=load.num_generation_tokens,
         )
+
+
+async def _abort(context, span: trace.Span, code: grpc.StatusCode, message: str) -> None:
+    """Record the status on the request span, then end the RPC with it (raises)."""
+    span.set_attribute(Attr.RPC_STATUS, code.value[0])
+    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
+    log.info("decode.rejected", status=code.name, detail=message)
+    await context.abort(code, message)
 
 
 class DecodeServer:
@@ -127,7 +163,10 @@ class DecodeServer:
 
     async def start(self) -> None:
         s = self.settings
-        self.server = grpc.aio.server(options=channel_options(s.max_message_bytes))
+        self.server = grpc.aio.server(
+            options=channel_options(s.max_message_bytes),
+            interceptors=[AioServerTracingInterceptor()],
+        )
         self.port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
         address = s.advertise_address or f"{s.node_id}:{self.port}"
         worker_id = f"decode-{s.node_id}-{self.port}"

@@ -20,6 +20,13 @@ Invariants:
   longer WAITING_FOR_KV is dropped.
 - A fetch never blocks the batch: imported blocks enter the prefix cache on the engine
   thread between two steps, in one call, just before the request is queued.
+
+Telemetry (spans under ``DecodeSpec.trace_context``, the RPC's request span; the engine and
+fetch threads carry it in the job): ``decode.admission`` (WAITING_FOR_KV → ADMITTED, with
+the fallback reason if any), ``kv.fetch`` (fetch pool; linked to the prefill span named in
+``DecodeSpec.prefill_trace``; bytes, blocks, tier, transport, node), ``decode.loop``
+(ADMITTED → FINISHED: the ``gen_ai.first_token`` event, token count and ITL statistics,
+finish reason, ERROR status on failure). Every span is ended on every path.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from pdserve import metrics
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
@@ -40,12 +49,22 @@ from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv.metadata import Heartbeat, RedisLayout, WorkerInfo, WorkerRegistry, connect
 from pdserve.model.loader import Checkpoint
+from pdserve.telemetry import (
+    Attr,
+    Event,
+    extract_context,
+    get_tracer,
+    inject_context,
+    itl_attributes,
+    links_from,
+)
 from pdserve.wire import KVSource
 from services.decode.fetch import FetchResult, KVFetcher
 from services.decode.hbm import HbmPublisher
 from services.decode.settings import DecodeSettings
 
 log = structlog.get_logger(__name__)
+tracer = get_tracer(__name__)
 
 
 class DecodeState(enum.Enum):
@@ -71,6 +90,8 @@ class DecodeSpec:
     first_token: SampledToken | None = None  # sampled by a prefill worker
     kv: KVSource | None = None
     kv_fetch_timeout_s: float | None = None  # None: the worker's default
+    trace_context: dict[str, str] = dataclasses.field(default_factory=dict)  # parent of spans
+    prefill_trace: dict[str, str] = dataclasses.field(default_factory=dict)  # linked by kv.fetch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +130,13 @@ class _Job:
     num_completion_tokens: int = 0
     sent_first: bool = False
     last_token_at: float = 0.0
+    admitted_at: float = 0.0  # time.perf_counter()
+    token_times: list[float] = dataclasses.field(default_factory=list)  # perf_counter per token
+    admission_span: trace.Span | None = None
+    loop_span: trace.Span | None = None
+
+    def parent(self):
+        return extract_context(self.spec.trace_context)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +186,7 @@ class DecodeWorker:
         self._stop = threading.Event()
         self._num_fetched = 0
         self._num_recomputed = 0
+        self._step_phase = "decode"
         self.load = DecodeLoad()
         self._publish_load()
         ca = str(settings.redis_ca_file) if settings.redis_ca_file else None
@@ -247,6 +276,11 @@ class DecodeWorker:
 
     def _start(self, job: _Job) -> None:
         spec = job.spec
+        job.admission_span = tracer.start_span(
+            "decode.admission",
+            context=job.parent(),
+            attributes={Attr.REQUEST_ID: spec.request_id, Attr.QUEUE: "decode_kv_fetching"},
+        )
         if spec.kv is None or not spec.kv.block_keys:
             self._admit(job, [])
             return
@@ -256,7 +290,7 @@ class DecodeWorker:
         offered = min(len(spec.kv.block_keys), usable)
         if list(spec.kv.block_keys[:offered]) != job.keys[:offered]:
             log.warning("decode.kv_keys_mismatch", request_id=spec.request_id)
-            metrics.KV_FETCH_FALLBACKS.labels("mismatch").inc()
+            _fallback(job, "mismatch")
             job.recomputed = True  # another model, block size or salt: never import those
             self._admit(job, [])
             return
@@ -273,15 +307,34 @@ class DecodeWorker:
         self._fetch_pool.submit(self._fetch, job, spec.kv, keys)
 
     def _fetch(self, job: _Job, source: KVSource, keys: Sequence[bytes]) -> None:
-        result = self.fetcher.fetch(source, keys)
+        attributes = {
+            Attr.REQUEST_ID: job.spec.request_id, Attr.KV_DIRECTION: "get",
+            Attr.KV_NODE: source.node_id,
+        }  # fmt: skip
+        with (
+            tracer.start_as_current_span(
+                "kv.fetch",
+                context=job.parent(),
+                links=links_from(job.spec.prefill_trace),
+                attributes=attributes,
+            ) as span,
+            structlog.contextvars.bound_contextvars(request_id=job.spec.request_id),
+        ):
+            result = self.fetcher.fetch(source, keys, trace_context=inject_context())
+            span.set_attributes({
+                Attr.KV_BYTES: result.num_bytes, Attr.KV_BLOCKS: len(result.payloads),
+                Attr.KV_TIER: result.tier or "none", Attr.KV_TRANSPORT: result.transport or "none",
+            })  # fmt: skip
+            if result.error is not None:
+                span.set_status(Status(StatusCode.ERROR, f"kv fetch failed: {result.error}"))
         self._call_soon(lambda: self._on_fetched(job, result))
 
     def _on_fetched(self, job: _Job, result: FetchResult) -> None:
         if job.state is not DecodeState.WAITING_FOR_KV:
             return  # timed out (already recomputing) or cancelled
-        _observe_fetch(result, self.engine.block_bytes)
+        _observe_fetch(result)
         if len(result.payloads) < len(job.keys) - job.first_fetch:
-            metrics.KV_FETCH_FALLBACKS.labels("error" if result.error else "miss").inc()
+            _fallback(job, "error" if result.error else "miss")
         log.debug(
             "decode.kv_fetched",
             request_id=job.spec.request_id,
@@ -300,7 +353,7 @@ class DecodeWorker:
                 and now > job.kv_deadline
             ):
                 log.warning("decode.kv_fetch_timeout", request_id=job.spec.request_id)
-                metrics.KV_FETCH_FALLBACKS.labels("timeout").inc()
+                _fallback(job, "timeout")
                 self._admit(job, [])
 
     # ---- ADMITTED → RUNNING → FINISHED (engine thread) ----
@@ -331,6 +384,7 @@ class DecodeWorker:
             self._end(job, DecodeEvent([], error=str(exc)))
             return
         job.state = DecodeState.ADMITTED
+        self._trace_admitted(job)
 
     def _abort(self, request_id: str) -> None:
         with self._lock:
@@ -347,6 +401,7 @@ class DecodeWorker:
             self._jobs.pop(job.spec.request_id, None)
         if job.state is not DecodeState.ABORTED:
             job.state = DecodeState.FINISHED
+        _end_spans(job, event)
         self._send(job, event)
 
     def _send(self, job: _Job, event: DecodeEvent) -> None:
@@ -391,8 +446,8 @@ class DecodeWorker:
     def _step(self) -> None:
         start = time.perf_counter()
         try:
-            outputs = self.engine.step()
-            metrics.STEP_DURATION.labels("decode").observe(time.perf_counter() - start)
+            outputs = self.engine.step(on_layer_done=self._on_layer_done)
+            metrics.STEP_DURATION.labels(self._step_phase).observe(time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
             log.exception("decode.step_failed")
             for job in self._snapshot_jobs():
@@ -418,6 +473,8 @@ class DecodeWorker:
         if job.last_token_at and tokens:
             for _ in tokens:
                 metrics.INTER_TOKEN_LATENCY.observe((now - job.last_token_at) / len(tokens))
+        if tokens:
+            self._trace_tokens(job, len(tokens), now)
         job.last_token_at = now
         job.num_completion_tokens += len(tokens)
         job.state = DecodeState.RUNNING
@@ -446,6 +503,51 @@ class DecodeWorker:
         with self._lock:
             return list(self._jobs.values())
 
+    # ---- telemetry (engine thread) ----
+
+    def _on_layer_done(self, layer: int, plan) -> None:
+        if layer == 0:
+            prefilling = any(c.start < c.seq.num_prompt_tokens for c in plan.chunks)
+            self._step_phase = "mixed" if prefilling else "decode"
+            num_tokens = sum(c.num_tokens for c in plan.chunks)
+            metrics.BATCH_TOKENS.labels(self._step_phase).observe(num_tokens)
+
+    def _trace_admitted(self, job: _Job) -> None:
+        """ADMITTED: close the admission span, open the decode loop's."""
+        job.admitted_at = time.perf_counter()
+        span, job.admission_span = job.admission_span, None
+        if span is not None:
+            if job.kv_deadline:  # it waited for a KV fetch
+                wait_s = time.monotonic() - (job.kv_deadline - self._fetch_timeout_s(job))
+                metrics.QUEUE_WAIT.labels("decode_kv_fetching").observe(max(0.0, wait_s))
+            span.set_attributes({
+                Attr.KV_BLOCKS: job.num_fetched, "pdserve.decode.recomputed": job.recomputed,
+                Attr.CACHED_TOKENS: job.first_fetch * self.block_size,
+            })  # fmt: skip
+            span.end()
+        spec = job.spec
+        job.loop_span = tracer.start_span(
+            "decode.loop",
+            context=job.parent(),
+            attributes={
+                Attr.REQUEST_ID: spec.request_id, Attr.INPUT_TOKENS: len(spec.prompt),
+                Attr.MAX_TOKENS: spec.params.max_tokens,
+            },
+        )  # fmt: skip
+
+    def _fetch_timeout_s(self, job: _Job) -> float:
+        return job.spec.kv_fetch_timeout_s or self.settings.kv_fetch_timeout_s
+
+    def _trace_tokens(self, job: _Job, num_tokens: int, now: float) -> None:
+        """Token times for the ITL summary; tokens of one step are spread over its duration."""
+        if not job.token_times and job.loop_span is not None:
+            job.loop_span.add_event(Event.FIRST_TOKEN)
+            metrics.QUEUE_WAIT.labels("decode_waiting").observe(now - job.admitted_at)
+        since = job.last_token_at or job.admitted_at or now
+        job.token_times.extend(
+            since + (now - since) * (i + 1) / num_tokens for i in range(num_tokens)
+        )
+
     def _publish_load(self) -> None:
         bm, sched, stats = self.engine.block_manager, self.engine.scheduler, self.engine.stats
         fetching = sum(j.state is DecodeState.WAITING_FOR_KV for j in self._snapshot_jobs())
@@ -466,10 +568,35 @@ class DecodeWorker:
         metrics.KV_CACHE_USAGE.set(1 - bm.num_free_blocks / bm.num_blocks)
 
 
-def _observe_fetch(result: FetchResult, block_bytes: int) -> None:
+def _observe_fetch(result: FetchResult) -> None:
     if not result.transport:
         return
-    labels = ("get", result.transport, "dram" if result.transport == "shm" else "")
+    labels = ("get", result.transport, result.tier or "none")
     metrics.KV_TRANSFER_BLOCKS.labels(*labels).inc(len(result.payloads))
-    metrics.KV_TRANSFER_BYTES.labels(*labels).inc(len(result.payloads) * block_bytes)
+    metrics.KV_TRANSFER_BYTES.labels(*labels).inc(result.num_bytes)
     metrics.KV_TRANSFER_DURATION.labels(*labels).observe(result.seconds)
+
+
+def _fallback(job: _Job, reason: str) -> None:
+    """The KV fetch was abandoned for a local recompute: count it and say so on the span."""
+    metrics.KV_FETCH_FALLBACKS.labels(reason).inc()
+    if job.admission_span is not None:
+        job.admission_span.set_attribute(Attr.KV_FALLBACK, reason)
+        job.admission_span.add_event(Event.KV_FALLBACK, {Attr.KV_FALLBACK: reason})
+
+
+def _end_spans(job: _Job, event: DecodeEvent) -> None:
+    """FINISHED or ABORTED: the decode loop's summary, the finish reason, errors as status."""
+    reason = event.finish_reason or ("error" if event.error else "abort")
+    for span in (job.admission_span, job.loop_span):
+        if span is None:
+            continue
+        if span is job.loop_span:
+            span.set_attributes(itl_attributes(job.token_times))
+            span.set_attribute(Attr.OUTPUT_TOKENS, job.num_completion_tokens)
+        span.set_attribute(Attr.FINISH_REASONS, [reason])
+        span.add_event(Event.FINISH, {"reason": reason})
+        if event.error is not None:
+            span.set_status(Status(StatusCode.ERROR, event.error))
+        span.end()
+    job.admission_span = job.loop_span = None
