@@ -214,8 +214,8 @@ class Stack:
                     env["PDSERVE_PREFILL_KVSTORE_ADDRESS"] = self.kvstore_address
                 self._spawn(f"{role}-{i}", role, [sys.executable, "-m", f"services.{role}"],
                             env, port)  # fmt: skip
-        port = pick_port(cfg.grpc_port) if cfg.grpc_port else pick_port()
-        self.http_port = pick_port(cfg.http_port) if cfg.http_port else pick_port()
+        port = pick_port(cfg.grpc_port if cfg.default_ports else 0)
+        self.http_port = pick_port(cfg.http_port if cfg.default_ports else 0)
         self._spawn("router", "router", [sys.executable, "-m", "services.router"],
                     self._service_env("router", port, self.http_port), port)  # fmt: skip
         self.grpc_address = f"{HOST}:{port}"

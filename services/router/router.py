@@ -237,7 +237,7 @@ class Router:
                 if exc.kind == "invalid":
                     raise InvalidRequest(exc.message) from None
                 log.warning("router.prefill_failed", worker=worker.worker_id, error=exc.message)
-                if exc.kind in ("unavailable", "other"):
+                if exc.kind == "unavailable":
                     self._mark_down(worker.worker_id)
                 excluded.add(worker.worker_id)
                 reason_prefix += f"prefill on {worker.worker_id} failed ({exc.kind}); "
@@ -318,7 +318,7 @@ class Router:
                 raise InvalidRequest(exc.message) from None
             if exc.kind == "deadline":
                 raise DeadlineExceeded(f"request timed out on decode worker {wid}") from None
-            if exc.kind in ("unavailable", "other"):
+            if exc.kind == "unavailable":  # the worker is gone, not just this request
                 self._mark_down(wid)
             raise WorkerFailed(
                 f"decode worker {wid} failed after {num_chunks} chunks: {exc.message}"
