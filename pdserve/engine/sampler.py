@@ -134,23 +134,32 @@ class Sampler:
         return gen
 
     def _uniforms(self, rows: Sequence[SamplingRow], device: torch.device) -> torch.Tensor:
-        """[R] float64 in [0, 1): exactly one draw per row, from that row's generator if any."""
+        """[R] float64 in [0, 1): exactly one draw per row, from that row's generator if any.
+
+        Seeded rows without a generator draw on the CPU, so their uniforms (hence their
+        tokens, up to float rounding in the filters) are the same on every device.
+        """
         uniform = torch.empty(len(rows), dtype=torch.float64, device=device)
-        shared = [i for i, r in enumerate(rows) if r.params.seed is None and r.generator is None]
+        own = [
+            i for i, r in enumerate(rows) if r.params.seed is not None or r.generator is not None
+        ]
+        shared = sorted(set(range(len(rows))) - set(own))
         if shared:
             gen = self._own_generator(uniform.device)
             uniform[shared] = torch.rand(
                 len(shared), dtype=torch.float64, device=device, generator=gen
             )
-        for i, row in enumerate(rows):
-            if row.params.seed is None and row.generator is None:
-                continue
-            gen = row.generator if row.generator is not None else torch.Generator(device)
-            if row.params.seed is not None:
-                gen.manual_seed(step_seed(row.params.seed, len(row.output_token_ids)))
-            draw = torch.rand(1, dtype=torch.float64, device=gen.device, generator=gen)
-            uniform[i] = draw.to(device)[0]
+        if own:
+            draws = [_row_uniform(rows[i]) for i in own]
+            uniform[own] = torch.tensor(draws, dtype=torch.float64, device=device)
         return uniform
+
+
+def _row_uniform(row: SamplingRow) -> float:
+    gen = row.generator if row.generator is not None else torch.Generator()
+    if row.params.seed is not None:
+        gen.manual_seed(step_seed(row.params.seed, len(row.output_token_ids)))
+    return torch.rand(1, dtype=torch.float64, device=gen.device, generator=gen).item()
 
 
 # -- penalties -----------------------------------------------------------------------------
@@ -333,8 +342,9 @@ def _top_p_threshold(
     Mass is that of the distribution after top-k (tokens with x >= kth). The prefix is
     looked for in the row's own window, then (rows where the window does not reach top_p)
     among the TOP_P_FALLBACK_WIDTH largest values, then among all; each stage sees the same
-    leading values in the same order, so it finds the same boundary. Sums are left-to-right over the row's own values and the total follows
-    a rule fixed by the row alone, so the result never depends on the rest of the batch.
+    leading values in the same order, so it finds the same boundary. Sums run left to right
+    over the row's own values and the total follows a rule fixed by the row alone, so the
+    result never depends on the rest of the batch.
     """
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64, device=x.device)
     threshold = torch.full((x.shape[0], 1), _NEG_INF, device=x.device)
