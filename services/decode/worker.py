@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import structlog
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
@@ -289,7 +290,7 @@ class DecodeWorker:
         job.keys = self.engine.block_keys(spec.prompt[: usable * bs], spec.cache_salt)
         offered = min(len(spec.kv.block_keys), usable)
         if list(spec.kv.block_keys[:offered]) != job.keys[:offered]:
-            log.warning("decode.kv_keys_mismatch", request_id=spec.request_id)
+            _log(job, "decode.kv_keys_mismatch")
             _fallback(job, "mismatch")
             job.recomputed = True  # another model, block size or salt: never import those
             self._admit(job, [])
@@ -335,13 +336,10 @@ class DecodeWorker:
         _observe_fetch(result)
         if len(result.payloads) < len(job.keys) - job.first_fetch:
             _fallback(job, "error" if result.error else "miss")
-        log.debug(
-            "decode.kv_fetched",
-            request_id=job.spec.request_id,
-            blocks=len(result.payloads),
-            seconds=round(result.seconds, 4),
-            transport=result.transport,
-        )
+        _log(
+            job, "decode.kv_fetched", "debug", blocks=len(result.payloads),
+            seconds=round(result.seconds, 4), transport=result.transport,
+        )  # fmt: skip
         self._admit(job, result.payloads)
 
     def _expire_fetches(self) -> None:
@@ -352,7 +350,7 @@ class DecodeWorker:
                 and job.kv_deadline
                 and now > job.kv_deadline
             ):
-                log.warning("decode.kv_fetch_timeout", request_id=job.spec.request_id)
+                _log(job, "decode.kv_fetch_timeout")
                 _fallback(job, "timeout")
                 self._admit(job, [])
 
@@ -413,7 +411,7 @@ class DecodeWorker:
         try:
             job.sink(event)
         except Exception:  # noqa: BLE001 - a gone consumer must not stop the batch
-            log.warning("decode.sink_failed", request_id=job.spec.request_id)
+            _log(job, "decode.sink_failed")
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -575,6 +573,17 @@ def _observe_fetch(result: FetchResult) -> None:
     metrics.KV_TRANSFER_BLOCKS.labels(*labels).inc(len(result.payloads))
     metrics.KV_TRANSFER_BYTES.labels(*labels).inc(result.num_bytes)
     metrics.KV_TRANSFER_DURATION.labels(*labels).observe(result.seconds)
+
+
+def _log(job: _Job, event: str, level: str = "warning", **fields) -> None:
+    """A log line of one request from the engine thread: its request id, trace and span ids."""
+    span = job.admission_span or job.loop_span
+    context = trace.set_span_in_context(span) if span is not None else job.parent()
+    token = otel_context.attach(context)
+    try:
+        getattr(log, level)(event, request_id=job.spec.request_id, **fields)
+    finally:
+        otel_context.detach(token)
 
 
 def _fallback(job: _Job, reason: str) -> None:

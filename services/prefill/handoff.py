@@ -173,9 +173,9 @@ class KVHandoff:
             transport = self._transport()
             step.transport = "shm" if getattr(transport, "shared", False) else "grpc"
             step.writer = transport.open_writer(skip_existing=True, trace_context=inject_context())
-        reserve = getattr(step.writer, "reserve", None)
-        if reserve is not None:  # shared memory: one round trip for every slot of the step
-            reserve(step.keys)
+            reserve = getattr(step.writer, "reserve", None)
+            if reserve is not None:  # shared memory: one round trip for every slot of the step
+                reserve(step.keys)
 
     def _write_layer(self, step: _Step, layer: int, payloads: Sequence[bytes]) -> None:
         if step.error is not None or step.writer is None:

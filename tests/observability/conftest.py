@@ -1,4 +1,8 @@
-"""Telemetry fixtures: each test gets a fresh set-up writing to its own directory."""
+"""Telemetry fixtures: each test gets a fresh set-up writing to its own directory.
+
+The in-process kvstore, prefill and decode servers of tests/serving/conftest.py and the OTLP
+receiver of test_telemetry.py are shared with test_services_tracing.py from here.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,14 @@ import pytest
 import structlog
 
 from pdserve import telemetry as tel
+from tests.observability.test_telemetry import otlp_receiver  # noqa: F401 - fixture
+from tests.serving.conftest import (  # noqa: F401 - fixtures
+    checkpoint,
+    make_decode,
+    make_kvstore,
+    make_prefill,
+    serving_cluster,
+)
 
 
 @pytest.fixture
