@@ -12,6 +12,7 @@ its context, and the prefill's ``DecodeRequest.trace``, to the worker (worker.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import signal
 import uuid
@@ -90,8 +91,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             Attr.INPUT_TOKENS: len(request.prompt_token_ids),
         }  # fmt: skip
         with request_span("decode.request", request_id, **attributes) as span:
-            async for chunk in self._decode(request, request_id, context, span):
-                yield chunk
+            # aclosing: a cancelled stream runs _decode's cleanup (worker.cancel) at once.
+            async with contextlib.aclosing(self._decode(request, request_id, context, span)) as it:
+                async for chunk in it:
+                    yield chunk
 
     async def _decode(self, request, request_id: str, context, span: trace.Span):
         loop = asyncio.get_running_loop()
