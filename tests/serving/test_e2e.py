@@ -220,3 +220,49 @@ def test_killed_decode_worker_mid_stream_fails_fast_and_next_requests_succeed(st
     for i in range(3):
         done = client.generate(f"After the crash {i}", max_tokens=3)
         assert done.usage.completion_tokens == 3
+
+
+def test_pdserve_up_colocated_demo_and_clean_sigterm(tmp_path):
+    """`pdserve up --prefill 0 --demo` serves, answers the demo, and SIGTERM leaves nothing."""
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cluster = f"up{os.getpid()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdserve.cli", "up", "--prefill", "0", "--demo", "--http-port", "0",
+         "--grpc-port", "0", "--cluster-name", cluster, "--log-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PDSERVE_DECODE_NUM_THREADS": "1"},
+    )  # fmt: skip
+    lines: list[str] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip())
+        if line.startswith("demo route:"):
+            break
+    output = "\n".join(lines)
+    assert "ready" in lines, output
+    assert "demo answer:" in output and "local prefill on decode" in output, output
+    ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", output)]
+    assert len(ports) >= 5, output
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+            s.bind(("127.0.0.1", port))  # raises if anything still listens there
+    leftovers = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"PDSERVE_CLUSTER_NAME={cluster}".encode() in environ.read_bytes():
+                leftovers.append(environ.parent.name)
+        except OSError:
+            continue
+    assert leftovers == []
