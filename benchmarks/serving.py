@@ -55,10 +55,47 @@ class Result:
 
 def make_workload(tokenizer, n: int, rate: float, shared_share: float, seed: int) -> list[Req]:
     rng = random.Random(seed)
-    vocab_text = (
-        "the of and to in is was for on that with as by at from his her an were are which "
-        "this be or had not but their one all been has have more time there can new first "
-    ).split()
+    vocab_text = [
+        "the",
+        "of",
+        "and",
+        "to",
+        "in",
+        "is",
+        "was",
+        "for",
+        "on",
+        "that",
+        "with",
+        "as",
+        "by",
+        "at",
+        "from",
+        "his",
+        "her",
+        "an",
+        "were",
+        "are",
+        "which",
+        "this",
+        "be",
+        "or",
+        "had",
+        "not",
+        "but",
+        "their",
+        "one",
+        "all",
+        "been",
+        "has",
+        "have",
+        "more",
+        "time",
+        "there",
+        "can",
+        "new",
+        "first",
+    ]
     shared = tokenizer.encode(" ".join(rng.choice(vocab_text) for _ in range(400)))[:256]
     t, out = 0.0, []
     for _ in range(n):
@@ -77,15 +114,25 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def summarize(name: str, results: list[Result], wall_s: float, slo_ttft: float, slo_itl: float) -> dict:
+def summarize(
+    name: str, results: list[Result], wall_s: float, slo_ttft: float, slo_itl: float
+) -> dict:
     ok = [r for r in results if r.ok]
     itls = [x for r in ok for x in r.itls_s]
-    good = [r for r in ok if r.ttft_s <= slo_ttft and (not r.itls_s or statistics.mean(r.itls_s) <= slo_itl)]
+    good = [
+        r
+        for r in ok
+        if r.ttft_s <= slo_ttft and (not r.itls_s or statistics.mean(r.itls_s) <= slo_itl)
+    ]
     tokens = sum(r.num_tokens for r in ok)
     row = {"target": name, "requests": len(results), "failed": len(results) - len(ok),
            "wall_s": round(wall_s, 2), "output_tok_per_s": round(tokens / wall_s, 1),
            "goodput_req_per_s": round(len(good) / wall_s, 3)}  # fmt: skip
-    for label, values in (("ttft", [r.ttft_s for r in ok]), ("itl", itls), ("e2e", [r.e2e_s for r in ok])):
+    for label, values in (
+        ("ttft", [r.ttft_s for r in ok]),
+        ("itl", itls),
+        ("e2e", [r.e2e_s for r in ok]),
+    ):
         for q in (50, 90, 99):
             row[f"{label}_p{q}_ms"] = round(pct(values, q) * 1000, 1)
     return row
@@ -187,14 +234,19 @@ def run_stack(workload, num_prefill: int, affinity: list[str], threads: dict[str
                          cpu_affinity=parse_cpu_affinity(affinity), cluster_name="bench")  # fmt: skip
     with Stack(config) as stack:
         if handoff_probe is not None:
-            ttfts = [asyncio.run(_ttft_once(stack.grpc_address, [7 + i] + handoff_probe)) for i in range(3)]
+            ttfts = [
+                asyncio.run(_ttft_once(stack.grpc_address, [7 + i] + handoff_probe))
+                for i in range(3)
+            ]
             probe["disaggregated_ttft_ms"] = round(statistics.median(ttfts) * 1000, 1)
         results, wall = asyncio.run(_drive(stack.grpc_address, workload))
     return results, wall, probe
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--num-requests", type=int, default=32)
     ap.add_argument("--rate", type=float, default=1.0, help="mean arrivals per second")
     ap.add_argument("--shared-share", type=float, default=0.3)

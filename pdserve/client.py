@@ -279,7 +279,9 @@ class _Base:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         return None if timeout is None else time.monotonic() + timeout
 
-    def _retry_delay(self, attempt: int, deadline: float | None, exc: grpc.RpcError) -> float | None:
+    def _retry_delay(
+        self, attempt: int, deadline: float | None, exc: grpc.RpcError
+    ) -> float | None:
         """Seconds to wait before retrying, or None to give up."""
         if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.max_retries:
             return None
@@ -306,7 +308,9 @@ class Client(_Base):
             self._channel = grpc.insecure_channel(target, options=self._options)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
 
-    def stream(self, prompt=None, *, timeout_s: float | None = None, **kwargs: Any) -> Iterator[Chunk]:
+    def stream(
+        self, prompt=None, *, timeout_s: float | None = None, **kwargs: Any
+    ) -> Iterator[Chunk]:
         """Yield chunks as tokens are produced. Closing the iterator cancels the request."""
         request = build_request(prompt, **kwargs)
         deadline = self._deadline(timeout_s)
@@ -364,7 +368,9 @@ class AsyncClient(_Base):
     def __init__(self, target: str = "127.0.0.1:50051", **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
         if self._credentials is not None:
-            self._channel = grpc.aio.secure_channel(target, self._credentials, options=self._options)
+            self._channel = grpc.aio.secure_channel(
+                target, self._credentials, options=self._options
+            )
         else:
             self._channel = grpc.aio.insecure_channel(target, options=self._options)
         self._stub = router_pb2_grpc.RouterStub(self._channel)

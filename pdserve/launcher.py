@@ -258,13 +258,17 @@ class Stack:
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{child.name} was not healthy in time (log: {child.log_path})")
+                    raise RuntimeError(
+                        f"{child.name} was not healthy in time (log: {child.log_path})"
+                    )
                 time.sleep(0.2)
 
     def _wait_registered(self, deadline: float) -> None:
         from pdserve.kv.metadata import RedisLayout, WorkerRegistry, connect
 
-        registry = WorkerRegistry(connect(self.redis_url), RedisLayout(self.config.cluster_name), 10)
+        registry = WorkerRegistry(
+            connect(self.redis_url), RedisLayout(self.config.cluster_name), 10
+        )
         want = {"prefill": self.config.num_prefill, "decode": self.config.num_decode}
         while True:
             found = registry.workers()
@@ -342,8 +346,10 @@ def run_demo(grpc_address: str, echo) -> None:
         )
     r = done.route
     echo(f"demo answer: {done.text.strip()}")
-    where = f"prefill {r.prefill_worker} -> decode {r.decode_worker}" if r.disaggregated else (
-        f"local prefill on decode {r.decode_worker}"
+    where = (
+        f"prefill {r.prefill_worker} -> decode {r.decode_worker}"
+        if r.disaggregated
+        else (f"local prefill on decode {r.decode_worker}")
     )
     echo(f"demo route: {where}; {r.reason}; prompt {r.prompt_tokens} tokens, "
          f"{done.usage.cached_tokens} cached, {done.usage.completion_tokens} generated")  # fmt: skip

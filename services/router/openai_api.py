@@ -169,7 +169,9 @@ def _chat_request(body: ChatBody, request_id: str) -> router_pb2.GenerateRequest
         logprobs = body.top_logprobs or 0
     elif body.top_logprobs is not None:
         raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = (
+        body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    )
     req = router_pb2.GenerateRequest(
         request_id=request_id,
         sampling=_sampling(body, max_tokens, logprobs),

@@ -120,7 +120,9 @@ def decide_disaggregation(
     if num_prefill_workers == 0:
         return Disaggregation(PrefillMode.LOCAL, uncached, "colocated: no prefill workers")
     if uncached < threshold_tokens:
-        held = f"; decode worker holds {decode_cached_tokens} tokens" if decode_cached_tokens else ""
+        held = (
+            f"; decode worker holds {decode_cached_tokens} tokens" if decode_cached_tokens else ""
+        )
         return Disaggregation(
             PrefillMode.LOCAL,
             uncached,

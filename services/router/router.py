@@ -378,7 +378,9 @@ class Router:
             out.route.CopyFrom(route)
         return out
 
-    def _explain(self, plan, prefixes, prefilled, attempts, reason_prefix) -> common_pb2.RouteExplanation:
+    def _explain(
+        self, plan, prefixes, prefilled, attempts, reason_prefix
+    ) -> common_pb2.RouteExplanation:
         bs = self.settings.block_size
         route = common_pb2.RouteExplanation(
             prefill_worker=plan.prefill.worker_id if plan.prefill else "",

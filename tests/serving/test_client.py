@@ -95,9 +95,11 @@ def test_retries_unavailable_before_first_token(fake):
 
 def test_retries_are_bounded(fake):
     fake.fail_first = 10
-    with Client(fake.target, max_retries=1, retry_backoff_s=0.01) as client:
-        with pytest.raises(Unavailable, match="worker down"):
-            client.generate("hi")
+    with (
+        Client(fake.target, max_retries=1, retry_backoff_s=0.01) as client,
+        pytest.raises(Unavailable, match="worker down"),
+    ):
+        client.generate("hi")
     assert len(fake.calls) == 2
 
 

@@ -79,7 +79,9 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker crashed")
             if self.mode == "hang" and i == 1:
                 await asyncio.sleep(3600)
-            tid = request.first_token_id if i == 0 and request.HasField("first_token_id") else 100 + i
+            tid = (
+                request.first_token_id if i == 0 and request.HasField("first_token_id") else 100 + i
+            )
             chunk = decode_pb2.DecodeChunk(token_ids=[tid], text=f"t{i} ")
             if i == n - 1:
                 chunk.finish_reason = common_pb2.FINISH_REASON_LENGTH
@@ -108,9 +110,13 @@ def env(redis_server):
         fakes[servicer.worker_id] = servicer
 
     for wid in ("p0", "p1"):
-        loop.run(start_fake(FakePrefill(wid), prefill_pb2_grpc.add_PrefillServicer_to_server, "prefill"))
+        loop.run(
+            start_fake(FakePrefill(wid), prefill_pb2_grpc.add_PrefillServicer_to_server, "prefill")
+        )
     for wid in ("d0", "d1"):
-        loop.run(start_fake(FakeDecode(wid), decode_pb2_grpc.add_DecodeServicer_to_server, "decode"))
+        loop.run(
+            start_fake(FakeDecode(wid), decode_pb2_grpc.add_DecodeServicer_to_server, "decode")
+        )
     settings = RouterSettings(
         redis_url=redis_server.url, cluster_name=cluster, grpc_host="127.0.0.1", grpc_port=0,
         http_host="127.0.0.1", http_port=_free_port(), disagg_threshold_tokens=64,
@@ -171,7 +177,9 @@ def test_short_prompt_prefills_locally_long_prompt_disaggregates(env):
         long = client.generate(LONG, max_tokens=3)
     assert short.text == "t0 t1 t2 " and short.finish_reason == "length"
     assert not short.route.disaggregated and short.route.prefill_worker == ""
-    assert short.route.reason.startswith("uncached suffix ") and "< threshold 64" in short.route.reason
+    assert (
+        short.route.reason.startswith("uncached suffix ") and "< threshold 64" in short.route.reason
+    )
     assert long.route.disaggregated and long.route.prefill_worker in ("p0", "p1")
     assert long.token_ids[0] == 7  # the prefill worker's first token rides to decode
     decode_req = env.fakes[long.route.decode_worker].requests[-1]
@@ -231,9 +239,11 @@ def test_stalled_decode_stream_fails_within_the_stall_timeout(env):
 
 def test_admission_rejects_when_predicted_ttft_exceeds_deadline(env):
     env.router.router.prefill_tokens_per_s = 2000.0  # the fakes "prefill" absurdly fast
-    with Client(env.grpc, max_retries=0) as client:
-        with pytest.raises(ResourceExhausted, match="exceeds the deadline") as info:
-            client.generate(LONG * 10, max_tokens=2, timeout_s=0.2)
+    with (
+        Client(env.grpc, max_retries=0) as client,
+        pytest.raises(ResourceExhausted, match="exceeds the deadline") as info,
+    ):
+        client.generate(LONG * 10, max_tokens=2, timeout_s=0.2)
     assert info.value.retry_after_s >= 1
     status, headers, body = post(env, "/v1/completions", {"prompt": LONG * 10, "max_tokens": 2},
                                  {"x-pdserve-deadline-s": "0.2"})  # fmt: skip
@@ -279,7 +289,9 @@ def test_bad_chat_input_is_400_and_grpc_invalid_argument(env):
 def test_openai_http_shapes(env):
     status, headers, body = post(env, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
     assert status == 200 and body["object"] == "text_completion"
-    assert body["choices"][0]["text"] == "t0 t1 " and body["choices"][0]["finish_reason"] == "length"
+    assert (
+        body["choices"][0]["text"] == "t0 t1 " and body["choices"][0]["finish_reason"] == "length"
+    )
     assert body["usage"]["completion_tokens"] == 2
     route = json.loads(headers["x-pdserve-route"])
     assert route == body["pdserve_route"] and route["decode_worker"] in ("d0", "d1")
