@@ -453,7 +453,8 @@ def _with_logprobs(
     idx = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if not idx:
         return result
-    logprobs = torch.log_softmax(logits[idx].float(), dim=-1)  # [L, V], raw distribution
+    raw = logits if len(idx) == len(rows) else logits[idx]  # [L, V]
+    logprobs = torch.log_softmax(raw.float(), dim=-1)  # [L, V], the raw distribution
     chosen = torch.tensor([token_ids[i] for i in idx], device=logits.device)[:, None]
     chosen_lp = logprobs.gather(1, chosen)[:, 0].tolist()
     num_top = max(rows[i].params.logprobs for i in idx)
