@@ -25,7 +25,13 @@ from pdserve._proto.pdserve.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
-from pdserve.client import Client, InvalidArgument, ResourceExhausted, Unavailable
+from pdserve.client import (
+    Client,
+    InvalidArgument,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 from pdserve.kv.metadata import RedisLayout, WorkerInfo, WorkerRegistry, connect
 from services.router.server import RouterServer
 from services.router.settings import RouterSettings
@@ -125,7 +131,7 @@ def env(redis_server):
     )  # fmt: skip
     router = RouterServer(settings)
     loop.run(router.start())
-    yield type("Env", (), dict(router=router, fakes=fakes, loop=loop,
+    yield type("Env", (), dict(router=router, fakes=fakes, loop=loop, settings=settings,
                                grpc=f"127.0.0.1:{router.grpc_port}",
                                http=f"http://127.0.0.1:{router.http_port}"))  # fmt: skip
     loop.run(router.stop())
@@ -334,3 +340,24 @@ def test_official_openai_package(env):
     assert [m.id for m in client.models.list()] == ["SmolLM2-135M-Instruct"]
     with pytest.raises(openai.BadRequestError, match="not served here"):
         client.completions.create(model="nope", prompt="Hi", max_tokens=2)
+
+
+def test_bearer_token_is_required_when_api_key_is_set(env):
+    settings = env.settings.model_copy(update={"api_key": "s3cret", "http_port": _free_port()})
+    server = RouterServer(settings)
+    env.loop.run(server.start())
+    try:
+        target = f"127.0.0.1:{server.grpc_port}"
+        with Client(target) as anonymous, pytest.raises(Unauthenticated, match="bearer"):
+            anonymous.generate("Hi", max_tokens=1)
+        with Client(target, token="s3cret") as client:
+            assert client.generate("Hi", max_tokens=1).text == "t0 "
+        req = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/v1/models")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=10)
+        assert info.value.code == 401
+        req.add_header("Authorization", "Bearer s3cret")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        env.loop.run(server.stop())
