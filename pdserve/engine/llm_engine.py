@@ -241,12 +241,16 @@ class LLMEngine:
     def _postprocess(self, request: _Request, token: SampledToken) -> RequestOutput:
         seq, params = request.seq, request.params
         reason = self._stop_reason(seq, params, token.token_id)
-        update = request.detokenizer.add_token(token.token_id)
-        text = update.text_delta
-        if update.stopped_by is not None:
-            reason = FinishReason.STOP
-        elif reason is not None:
-            text += request.detokenizer.finish()
+        if reason is FinishReason.STOP:
+            # A stop or EOS token ends the text without being part of it.
+            text = request.detokenizer.finish()
+        else:
+            update = request.detokenizer.add_token(token.token_id)
+            text = update.text_delta
+            if update.stopped_by is not None:
+                reason = FinishReason.STOP
+            elif reason is not None:
+                text += request.detokenizer.finish()
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self._requests[seq.request_id]

@@ -133,7 +133,7 @@ def test_abort_mid_decode_and_failed_step_release_blocks(make_engine, long_text_
 
     eng.add_request(long_text_ids[:30], SamplingParams(max_tokens=5))
 
-    def explode(plan):
+    def explode(plan, on_layer_done=None):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(eng.runner, "execute", explode)
@@ -167,6 +167,18 @@ def test_stop_string_is_cut_and_not_returned(engine):
     cut = engine.generate(["The capital of France is"], SamplingParams(max_tokens=64, temperature=0, stop=[stop]))[0]
     assert cut.finish_reason == "stop"
     assert cut.text == base.text[: base.text.index(stop)]
+
+
+def test_stop_token_ends_text_without_its_own_text(engine):
+    base = engine.generate(["The capital of France is"], GREEDY)[0]
+    stop_id = base.token_ids[3]
+    cut = engine.generate(
+        ["The capital of France is"], SamplingParams(max_tokens=64, temperature=0, stop_token_ids=[stop_id])
+    )[0]
+    first = base.token_ids.index(stop_id)
+    assert cut.finish_reason == "stop"
+    assert cut.token_ids == base.token_ids[: first + 1]
+    assert cut.text == engine.tokenizer.decode(base.token_ids[:first])
 
 
 @pytest.mark.parametrize(
