@@ -129,12 +129,17 @@ class SdpaBackend(_GatheringBackend):
 
     def prefill(self, q, k, v, scale):
         s, l = q.shape[0], k.shape[0]
-        qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H|KVH, S|L, D]
+        # Expanding KV heads beats enable_gqa for many queries (CPU: ~25 % at 512 tokens) and
+        # gives bit-identical results; decode keeps enable_gqa, where expanding is far slower.
+        group = q.shape[1] // k.shape[1]
+        qt = q.transpose(0, 1)  # [H, S, D]
+        kt = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, D]
+        vt = v.transpose(0, 1).repeat_interleave(group, dim=0)
         if s == l:
-            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
         else:
             mask = _causal_mask(s, l, q.device)
-            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
         return o.transpose(0, 1)
 
     def decode(self, q, k, v, mask, scale):
