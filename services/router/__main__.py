@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from pdserve.logging import configure_logging
+from pdserve.telemetry import setup_from_settings
 from services.router.server import serve
 from services.router.settings import RouterSettings
 
 
 def main() -> None:
     settings = RouterSettings.from_args()
-    configure_logging(settings.log_level, json=settings.log_json)
-    serve(settings)
+    telemetry = setup_from_settings(settings, "router")
+    try:
+        serve(settings)
+    finally:
+        telemetry.shutdown()  # flush the last spans
 
 
 if __name__ == "__main__":

@@ -45,6 +45,10 @@ class Overloaded(RouterError):
     error_type = "rate_limit_error"
     code = "overloaded"
 
+    def __init__(self, message: str, *, retry_after_s: int = 0, reason_class: str = "") -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.reason_class = reason_class  # "queue_full" | "deadline" (a metric label)
+
 
 class NoWorkers(RouterError):
     grpc_code = "UNAVAILABLE"

@@ -13,6 +13,7 @@ Extensions beyond OpenAI's fields: ``top_k``, ``min_p``, ``repetition_penalty``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -23,6 +24,8 @@ from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pdserve._proto.pdserve.v1 import common_pb2, router_pb2
+from pdserve.metrics import aiohttp_metrics_handler
+from pdserve.telemetry import extract_context
 from services.router.errors import InvalidRequest, RouterError
 from services.router.router import Router
 
@@ -284,7 +287,13 @@ class OpenAIHandlers:
         return await self._serve(request, body, _chat_request(body, rid), chat=True)
 
     async def _serve(self, request, body, req, *, chat: bool) -> web.StreamResponse:
-        stream = self.router.generate(req, _deadline(request))
+        # A caller's W3C traceparent header makes the request part of the caller's trace.
+        caller = extract_context({k.lower(): v for k, v in request.headers.items()})
+        stream = self.router.generate(req, _deadline(request), trace_context=caller)
+        async with contextlib.aclosing(stream):  # closed in this task, whatever happens
+            return await self._respond(request, body, req, stream, chat=chat)
+
+    async def _respond(self, request, body, req, stream, *, chat: bool) -> web.StreamResponse:
         try:
             first = await stream.__anext__()  # errors before the first token are plain HTTP
         except StopAsyncIteration:
@@ -385,4 +394,5 @@ def make_app(router: Router) -> web.Application:
     app.router.add_post("/v1/chat/completions", h.chat)
     app.router.add_get("/v1/models", h.models)
     app.router.add_get("/health", h.health)
+    app.router.add_get("/metrics", aiohttp_metrics_handler)
     return app

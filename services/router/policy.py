@@ -107,6 +107,15 @@ class Disaggregation:
     mode: PrefillMode
     uncached_tokens: int  # what the decode worker would have to compute itself
     reason: str
+    reason_class: str = ""  # closed set, for metric labels: see REASON_CLASSES
+
+
+# The reasons' classes (metric label values; ``reason`` itself carries the numbers).
+NO_PREFILL_WORKERS = "no_prefill_workers"
+SHORT_SUFFIX = "uncached_below_threshold"
+LONG_SUFFIX = "uncached_above_threshold"
+PREFILL_FAILED = "prefill_failed"  # set by the router when every remote prefill failed
+REASON_CLASSES = (NO_PREFILL_WORKERS, SHORT_SUFFIX, LONG_SUFFIX, PREFILL_FAILED)
 
 
 def decide_disaggregation(
@@ -118,7 +127,9 @@ def decide_disaggregation(
     """Skip the remote prefill when it cannot pay off (see the module docstring)."""
     uncached = max(0, num_prompt_tokens - min(decode_cached_tokens, num_prompt_tokens))
     if num_prefill_workers == 0:
-        return Disaggregation(PrefillMode.LOCAL, uncached, "colocated: no prefill workers")
+        return Disaggregation(
+            PrefillMode.LOCAL, uncached, "colocated: no prefill workers", NO_PREFILL_WORKERS
+        )
     if uncached < threshold_tokens:
         held = (
             f"; decode worker holds {decode_cached_tokens} tokens" if decode_cached_tokens else ""
@@ -127,9 +138,13 @@ def decide_disaggregation(
             PrefillMode.LOCAL,
             uncached,
             f"uncached suffix {uncached} < threshold {threshold_tokens}{held}",
+            SHORT_SUFFIX,
         )
     return Disaggregation(
-        PrefillMode.REMOTE, uncached, f"uncached suffix {uncached} >= threshold {threshold_tokens}"
+        PrefillMode.REMOTE,
+        uncached,
+        f"uncached suffix {uncached} >= threshold {threshold_tokens}",
+        LONG_SUFFIX,
     )
 
 
@@ -178,6 +193,7 @@ class Admission:
     admitted: bool
     reason: str = ""
     retry_after_s: int = 0  # whole seconds, as HTTP Retry-After wants
+    reason_class: str = ""  # "queue_full" | "deadline" (metric label) when rejected
 
 
 def predict_ttft_s(queued_prefill_tokens: int, uncached_tokens: int, tokens_per_s: float) -> float:
@@ -195,12 +211,15 @@ def admit(
     """Admit, or reject with a reason and a Retry-After (the queue's predicted drain time)."""
     drain_s = max(1, math.ceil(queued_prefill_tokens / tokens_per_s))
     if num_inflight >= max_inflight:
-        return Admission(False, f"router is full ({num_inflight}/{max_inflight} requests)", drain_s)
+        return Admission(
+            False, f"router is full ({num_inflight}/{max_inflight} requests)", drain_s, "queue_full"
+        )
     if predicted_ttft_s > deadline_s:
         return Admission(
             False,
             f"predicted time to first token {predicted_ttft_s:.2f}s exceeds the deadline "
             f"{deadline_s:.2f}s",
             drain_s,
+            "deadline",
         )
     return Admission(True)

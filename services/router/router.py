@@ -13,6 +13,12 @@ Request lifecycle::
 
 Worker calls go through ``WorkerClients`` (the only grpc user); a worker that fails with
 UNAVAILABLE is kept out of rotation for ``heartbeat_ttl_s`` (its registry entry may outlive it).
+
+Telemetry: each request is one span ``router.request`` (SERVER; the root unless the caller
+sent a trace context) with children ``router.route`` (one per plan: decision, reason, every
+candidate's score), ``router.admission`` and the CLIENT spans of the Prefill and Decode calls.
+The prefill's ``PrefillResponse.trace`` rides on in ``DecodeRequest.trace``, so the decode's
+KV fetch is linked to the prefill that wrote the blocks. Metrics and log lines: observe.py.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import structlog
+from opentelemetry import context as otel_context
+from opentelemetry.trace import SpanKind
 
 from pdserve import wire
 from pdserve._proto.pdserve.v1 import (
@@ -37,7 +45,8 @@ from pdserve.engine.block_hash import BlockKey, chain_block_keys, root_key
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.kv.blocks import Tier
 from pdserve.kv.metadata import NodePrefix, WorkerInfo
-from services.router import policy
+from pdserve.telemetry import Attr, get_tracer, request_span
+from services.router import observe, policy
 from services.router.affinity import PrefixAffinity
 from services.router.errors import (
     DeadlineExceeded,
@@ -45,12 +54,14 @@ from services.router.errors import (
     ModelNotFound,
     NoWorkers,
     Overloaded,
+    RouterError,
     WorkerFailed,
 )
 from services.router.settings import RouterSettings
 from services.router.workers import WorkerCallError, WorkerClients, WorkerDirectory
 
 log = structlog.get_logger(__name__)
+_tracer = get_tracer("pdserve.router")
 _EWMA_ALPHA = 0.2
 _MIN_TOKENS_FOR_RATE = 64
 
@@ -94,7 +105,7 @@ class Router:
 
     # ---- parsing ----
 
-    def parse(self, req: router_pb2.GenerateRequest) -> ParsedRequest:
+    def parse(self, req: router_pb2.GenerateRequest, request_id: str = "") -> ParsedRequest:
         if req.model and req.model != self.model.name:
             raise ModelNotFound(
                 f"model {req.model!r} is not served here (available: {self.model.name!r})",
@@ -114,7 +125,7 @@ class Router:
                 f"the model's context of {limit} tokens",
                 param="max_tokens" if len(token_ids) < limit else "prompt",
             )
-        request_id = req.request_id or f"req-{uuid.uuid4().hex[:16]}"
+        request_id = request_id or req.request_id or new_request_id()
         return ParsedRequest(request_id, token_ids, params, req.cache_salt or None)
 
     def _tokenize(self, req: router_pb2.GenerateRequest) -> list[int]:
@@ -164,7 +175,8 @@ class Router:
 
     def _plan(
         self, keys: Sequence[BlockKey], num_prompt_tokens: int, exclude_prefill: set[str]
-    ) -> tuple[policy.RoutePlan | None, dict[str, WorkerInfo], list[NodePrefix]]:
+    ) -> tuple[policy.RoutePlan | None, dict[str, WorkerInfo], list[NodePrefix], dict]:
+        """The plan, the candidates by id, the cached prefixes, and every candidate's score."""
         bs = self.settings.block_size
         prefixes = self.directory.prefixes(keys)
         by_node = {p.node_id: p.num_blocks for p in prefixes}
@@ -179,24 +191,100 @@ class Router:
             cached[w.worker_id] = blocks * bs
         for w in prefill:
             cached[w.worker_id] = by_node.get(w.node_id, 0) * bs
+        decode_loads, prefill_loads = self._loads(decode, cached), self._loads(prefill, cached)
         plan = policy.plan_route(
-            self._loads(decode, cached),
-            self._loads(prefill, cached),
+            decode_loads,
+            prefill_loads,
             num_prompt_tokens,
             self.weights,
             self.settings.disagg_threshold_tokens,
             exclude_prefill,
         )
         infos = {w.worker_id: w for w in decode + prefill}
+        scores = {
+            role: {
+                w.worker_id: round(policy.score(w, num_prompt_tokens, self.weights), 4)
+                for w in loads
+                if w.worker_id not in exclude_prefill
+            }
+            for role, loads in (("decode", decode_loads), ("prefill", prefill_loads))
+        }
+        return plan, infos, prefixes, scores
+
+    def _route(self, keys, num_prompt_tokens: int, exclude_prefill: set[str], attempt: int):
+        """:meth:`_plan` inside a ``router.route`` span that records the decision."""
+        with _tracer.start_as_current_span("router.route") as span:
+            plan, infos, prefixes, scores = self._plan(keys, num_prompt_tokens, exclude_prefill)
+            if plan is None:
+                span.set_attribute(Attr.ROUTE, "none")
+            else:
+                reason_class = plan.disaggregation.reason_class
+                span.set_attributes(observe.route_attributes(plan, scores, reason_class, attempt))
         return plan, infos, prefixes
+
+    def _admit(self, plan: policy.RoutePlan, timeout_s: float, obs: observe.RequestObserver):
+        """Admission control inside ``router.admission``; raises Overloaded on a refusal."""
+        target = plan.prefill.worker_id if plan.prefill else plan.decode.worker_id
+        queued = self._queued_tokens[target]
+        ttft = policy.predict_ttft_s(queued, plan.uncached_tokens, self.prefill_tokens_per_s)
+        attributes = {Attr.QUEUE: observe.ROUTER_QUEUE, "pdserve.admission.num_inflight":
+                      self.num_inflight, "pdserve.admission.predicted_ttft_s": round(ttft, 4)}  # fmt: skip
+        with _tracer.start_as_current_span("router.admission", attributes=attributes) as span:
+            verdict = policy.admit(
+                self.num_inflight, self.settings.max_inflight_requests, ttft, timeout_s,
+                queued, self.prefill_tokens_per_s,
+            )  # fmt: skip
+            span.set_attributes({
+                "pdserve.admission.admitted": verdict.admitted,
+                Attr.QUEUE_WAIT_S: round(time.monotonic() - obs.arrived, 6),
+            })  # fmt: skip
+            if not verdict.admitted:
+                span.set_attribute("pdserve.admission.reason", verdict.reason_class)
+                raise Overloaded(
+                    verdict.reason, retry_after_s=verdict.retry_after_s,
+                    reason_class=verdict.reason_class,
+                )  # fmt: skip
 
     # ---- serving ----
 
     async def generate(
-        self, req: router_pb2.GenerateRequest, deadline_s: float | None = None
+        self,
+        req: router_pb2.GenerateRequest,
+        deadline_s: float | None = None,
+        *,
+        trace_context: otel_context.Context | None = None,
     ) -> AsyncIterator[router_pb2.GenerateChunk]:
-        """Stream one request's chunks; raises a RouterError subclass on failure."""
-        parsed = self.parse(req)
+        """Stream one request's chunks; raises a RouterError subclass on failure.
+
+        ``trace_context``: the caller's (from gRPC metadata or HTTP headers), None for a new
+        trace. Close the iterator (``contextlib.aclosing``) in the task that iterates it.
+        """
+        request_id = req.request_id or new_request_id()
+        attributes = observe.request_attributes(req, self.model.name)
+        with request_span(
+            "router.request", request_id, context=trace_context, kind=SpanKind.SERVER,
+            **attributes,
+        ) as span:  # fmt: skip
+            obs = observe.RequestObserver(span)
+            try:
+                async for chunk in self._generate(req, request_id, deadline_s, obs):
+                    obs.chunk(chunk)
+                    yield chunk
+            except RouterError as exc:
+                obs.failed(exc)
+                raise
+            except (GeneratorExit, asyncio.CancelledError):
+                obs.cancelled()
+                raise
+            except Exception as exc:
+                obs.failed(RouterError(f"internal error: {exc!r}"))
+                raise
+            obs.finished()
+
+    async def _generate(self, req, request_id: str, deadline_s, obs: observe.RequestObserver):
+        parsed = self.parse(req, request_id)
+        n = len(parsed.prompt_token_ids)
+        obs.parsed(n, parsed.params.max_tokens)
         timeout_s = min(deadline_s or self.settings.default_deadline_s, 24 * 3600)
         deadline = time.monotonic() + timeout_s
         keys = chain_block_keys(
@@ -204,27 +292,19 @@ class Router:
             self.settings.block_size,
             root_key(self.model.fingerprint, parsed.cache_salt),
         )
-        n = len(parsed.prompt_token_ids)
-        plan, infos, prefixes = self._plan(keys, n, set())
+        plan, infos, prefixes = self._route(keys, n, set(), attempt=1)
         if plan is None:
             raise NoWorkers("no decode worker is available; is the stack up?")
-        target = plan.prefill.worker_id if plan.prefill else plan.decode.worker_id
-        queued = self._queued_tokens[target]
-        ttft = policy.predict_ttft_s(queued, plan.uncached_tokens, self.prefill_tokens_per_s)
-        verdict = policy.admit(
-            self.num_inflight, self.settings.max_inflight_requests, ttft, timeout_s,
-            queued, self.prefill_tokens_per_s,
-        )  # fmt: skip
-        if not verdict.admitted:
-            raise Overloaded(verdict.reason, retry_after_s=verdict.retry_after_s)
+        self._admit(plan, timeout_s, obs)
+        obs.admitted(n)
         self.num_inflight += 1
         try:
-            async for chunk in self._serve(parsed, keys, plan, infos, prefixes, deadline):
+            async for chunk in self._serve(parsed, keys, plan, infos, prefixes, deadline, obs):
                 yield chunk
         finally:
             self.num_inflight -= 1
 
-    async def _serve(self, parsed, keys, plan, infos, prefixes, deadline):
+    async def _serve(self, parsed, keys, plan, infos, prefixes, deadline, obs):
         excluded: set[str] = set()
         attempts, prefilled, reason_prefix = 0, None, ""
         while plan.prefill is not None:
@@ -244,9 +324,12 @@ class Router:
                 self._check_deadline(deadline, "prefill")
                 if attempts >= self.settings.prefill_attempts:
                     excluded |= {w.worker_id for w in self.directory.workers("prefill")}
-                plan, infos, prefixes = self._plan(keys, len(parsed.prompt_token_ids), excluded)
+                n = len(parsed.prompt_token_ids)
+                plan, infos, prefixes = self._route(keys, n, excluded, attempts + 1)
                 if plan is None:
                     raise NoWorkers("no decode worker is available") from None
+        failed_over = bool(reason_prefix) and plan.prefill is None
+        obs.routed(plan, policy.PREFILL_FAILED if failed_over else plan.disaggregation.reason_class)
         route = self._explain(plan, prefixes, prefilled, attempts, reason_prefix)
         request = self._decode_request(parsed, prefilled)
         async for chunk in self._decode(plan, infos, parsed, keys, request, route, deadline):
@@ -290,6 +373,8 @@ class Router:
             if prefilled.HasField("first_logprob"):
                 request.first_logprob.CopyFrom(prefilled.first_logprob)
             request.kv.CopyFrom(prefilled.kv)
+            # The prefill's span: the decode worker links its KV fetch to it.
+            request.trace.CopyFrom(prefilled.trace)
         return request
 
     async def _decode(self, plan, infos, parsed, keys, request, route, deadline):
@@ -413,3 +498,7 @@ class Router:
             "redis_ok": self.directory.redis_ok,
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 1),
         }
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex[:16]}"

@@ -3,6 +3,11 @@
 Lifecycle: load the tokenizer and fingerprint → start discovery (Redis registry, location
 index) → serve gRPC (health SERVING) and HTTP → on SIGTERM/SIGINT report NOT_SERVING, stop
 accepting, let in-flight streams finish for ``shutdown_grace_s``, deregister.
+
+Telemetry: the gRPC server runs under the tracing interceptor, except ``Generate``, whose
+span is the router's own ``router.request`` (so one request is one root span, whether it
+came over gRPC or HTTP); it continues the caller's trace when the metadata carries one.
+The HTTP app serves ``/metrics`` next to the OpenAI API.
 """
 
 from __future__ import annotations
@@ -20,8 +25,12 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdserve import metrics
 from pdserve._proto.pdserve.v1 import router_pb2, router_pb2_grpc
+from pdserve.grpc_tracing import AioServerTracingInterceptor, metadata_carrier
 from pdserve.kv.metadata import Heartbeat, WorkerInfo
+from pdserve.telemetry import extract_context
+from services.router import observe
 from services.router.errors import RouterError, Unauthenticated
 from services.router.openai_api import make_app
 from services.router.router import ModelInfo, Router
@@ -30,6 +39,16 @@ from services.router.workers import WorkerClients, WorkerDirectory
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+GENERATE_METHOD = f"/{SERVICE_NAME}/Generate"
+
+
+class RouterTracingInterceptor(AioServerTracingInterceptor):
+    """Every method but Generate: that one's root span is ``router.request`` (router.py)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method == GENERATE_METHOD:
+            return await continuation(handler_call_details)
+        return await super().intercept_service(continuation, handler_call_details)
 
 
 def check_bearer(settings: RouterSettings, header: str | None) -> None:
@@ -53,10 +72,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def Generate(self, request, context):
         try:
-            metadata = dict(context.invocation_metadata() or ())
+            metadata = metadata_carrier(context.invocation_metadata())
             check_bearer(self._router.settings, metadata.get("authorization"))
-            async for chunk in self._router.generate(request, context.time_remaining()):
-                yield chunk
+            stream = self._router.generate(
+                request, context.time_remaining(), trace_context=extract_context(metadata)
+            )
+            async with contextlib.aclosing(stream):
+                async for chunk in stream:
+                    yield chunk
         except RouterError as exc:
             await abort_with(context, exc)
 
@@ -108,7 +131,7 @@ class RouterServer:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.max_receive_message_length", s.max_message_bytes),
         ]
-        self.server = grpc.aio.server(options=options)
+        self.server = grpc.aio.server(options=options, interceptors=[RouterTracingInterceptor()])
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.router), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -127,6 +150,12 @@ class RouterServer:
         self._heartbeat.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        metrics.QUEUE_DEPTH.labels(observe.ROUTER_QUEUE).set_function(
+            lambda: self.router.num_inflight
+        )
+        metrics.set_service_info(
+            role="router", node=s.node_id, worker_id=self.worker_id, model=s.model_name
+        )
         log.info("router.listening", grpc_port=self.grpc_port, http_port=self.http_port)
 
     def _info(self) -> WorkerInfo:

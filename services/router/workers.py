@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
+from pdserve import metrics
 from pdserve._proto.pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from pdserve.grpc_tracing import aio_client_interceptors
 from pdserve.kv.metadata import (
     REDIS_ERRORS,
     LocationIndex,
@@ -67,7 +69,7 @@ class WorkerClients:
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = grpc.aio.insecure_channel(
-                address, options=self._options
+                address, options=self._options, interceptors=aio_client_interceptors()
             )
         return channel
 
@@ -128,6 +130,7 @@ class WorkerDirectory:
         try:
             found = self._registry.workers()
         except REDIS_ERRORS as exc:
+            metrics.REDIS_ERRORS.labels("registry").inc()
             if self.redis_ok:
                 log.warning("router.redis_down", error=str(exc))
             self.redis_ok = False
@@ -136,6 +139,8 @@ class WorkerDirectory:
         self._workers = {
             role: [w for w in found if w.role == role] for role in ("prefill", "decode")
         }
+        for role, workers in self._workers.items():
+            metrics.WORKERS.labels(role).set(len(workers))
 
     def _run(self) -> None:
         while not self._stop.wait(self._refresh_s):
