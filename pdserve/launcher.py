@@ -4,7 +4,8 @@ Lifecycle::
 
     start: Redis (unless --redis-url) → one kvstore → N prefill + M decode workers → router,
            each in its own process group (and killed with the launcher: PDEATHSIG)
-    wait:  every child's gRPC health check SERVING, every worker in the Redis registry
+    wait:  every child's gRPC health check SERVING, every worker in the Redis registry and
+           in the router's view of it (its /health), so the first request finds them all
     ready: endpoints printed, then one line ``ready``
     serve: until Ctrl-C / SIGTERM (a child that exits is reported, not restarted)
     stop:  router first (drains), then workers, kvstore, Redis: SIGTERM, then SIGKILL after a
@@ -225,6 +226,7 @@ class Stack:
             if child.grpc_port is not None:
                 self._wait_healthy(child, deadline)
         self._wait_registered(deadline)
+        self._wait_router_sees_workers(deadline)
 
     def _wait_redis(self) -> None:
         import redis
@@ -278,6 +280,32 @@ class Stack:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"workers did not register in time: {have} of {want}")
             time.sleep(0.2)
+
+    def _wait_router_sees_workers(self, deadline: float) -> None:
+        """The router refreshes its worker list every ``registry_refresh_s``: wait for it."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        want = {
+            "prefill_workers": self.config.num_prefill,
+            "decode_workers": self.config.num_decode,
+        }
+        seen: dict = {}
+        while True:
+            self._check_alive(self.child("router"))
+            try:
+                with urllib.request.urlopen(self.http_url + "/health", timeout=1.0) as reply:
+                    seen = json.loads(reply.read())
+            except urllib.error.HTTPError as exc:  # 503 while no decode worker is seen
+                seen = json.loads(exc.read() or b"{}")
+            except (OSError, ValueError):
+                seen = {}
+            if all(seen.get(k, 0) >= n for k, n in want.items()):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the router did not see the workers in time: {seen}")
+            time.sleep(0.1)
 
     # ---- stop ----
 

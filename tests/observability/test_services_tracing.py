@@ -118,6 +118,7 @@ def _otlp_spans(receiver) -> list[dict]:
     out = []
     for request in list(receiver.requests):
         for rs in request.resource_spans:
+            resource = {a.key: _any_value(a.value) for a in rs.resource.attributes}
             for ss in rs.scope_spans:
                 for s in ss.spans:
                     out.append({
@@ -131,6 +132,8 @@ def _otlp_spans(receiver) -> list[dict]:
                             for ln in s.links
                         ],
                         "status": {"code": {0: "UNSET", 1: "OK", 2: "ERROR"}[s.status.code]},
+                        "service": resource.get("service.name"), "resource": resource,
+                        "start_ns": s.start_time_unix_nano, "end_ns": s.end_time_unix_nano,
                     })  # fmt: skip
     return out
 

@@ -129,16 +129,24 @@ class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-@pytest.fixture
-def otlp_receiver():
+def start_otlp_receiver(port: int = 0) -> _Receiver:
+    """An OTLP gRPC trace receiver (``port`` 0: a free one): ``.endpoint``, ``.requests``,
+    ``.stop()``."""
     receiver = _Receiver()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     receiver.endpoint = f"http://127.0.0.1:{port}"
+    receiver.stop = lambda: server.stop(0).wait()
+    return receiver
+
+
+@pytest.fixture
+def otlp_receiver():
+    receiver = start_otlp_receiver()
     yield receiver
-    server.stop(0)
+    receiver.stop()
 
 
 def test_otlp_export_reaches_a_grpc_receiver(setup, otlp_receiver):
