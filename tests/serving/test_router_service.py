@@ -51,6 +51,9 @@ class LoopThread:
         self.thread.join(5)
 
 
+PREFILL_TRACE = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+
+
 class FakePrefill(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
@@ -65,7 +68,7 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
         n = len(request.prompt_token_ids)
         return prefill_pb2.PrefillResponse(
             first_token_id=7, kv=kv, num_cached_tokens=16, num_computed_tokens=n - 16,
-            worker_id=self.worker_id,
+            worker_id=self.worker_id, trace=common_pb2.TraceContext(entries=PREFILL_TRACE),
         )  # fmt: skip
 
 
@@ -361,3 +364,100 @@ def test_bearer_token_is_required_when_api_key_is_set(env):
             assert resp.status == 200
     finally:
         env.loop.run(server.stop())
+
+
+# --- telemetry ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def spans(tmp_path):
+    """Router spans of this test, read back from a span file."""
+    from pdserve import telemetry
+    from pdserve.span_file import read_spans
+
+    t = telemetry.setup_telemetry(
+        "router", trace_dir=tmp_path, otlp_endpoint="", log_level=None, export_delay_ms=50
+    )
+
+    def read() -> dict[str, list[dict]]:
+        t.force_flush()
+        out: dict[str, list[dict]] = {}
+        for span in read_spans([t.span_file]) if t.span_file.exists() else []:
+            out.setdefault(span["name"], []).append(span)
+        return out
+
+    yield read
+    t.shutdown()
+
+
+def scrape(env) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(env.http + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def delta(before, after, name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_disaggregated_request_spans_metrics_and_the_prefill_trace_passed_to_decode(env, spans):
+    before = scrape(env)
+    with Client(env.grpc) as client:
+        done = client.generate(LONG, max_tokens=3, request_id="tel-1")
+    assert done.route.disaggregated
+    [decoded] = [r for f in env.fakes.values() if hasattr(f, "mode") for r in f.requests]
+    assert dict(decoded.trace.entries) == PREFILL_TRACE  # the decode links its fetch to it
+    after = scrape(env)
+    d = {"route": "disaggregated"}
+    assert delta(before, after, "pdserve_requests_total", finish_reason="length", **d) == 1
+    assert delta(before, after, "pdserve_route_decisions_total",
+                 reason="uncached_above_threshold", **d) == 1  # fmt: skip
+    assert delta(before, after, "pdserve_time_to_first_token_seconds_count", **d) == 1
+    assert delta(before, after, "pdserve_generation_tokens_total") == 3
+    by_name = spans()
+    [root] = by_name["router.request"]
+    assert root["parent_span_id"] is None and root["kind"] == "SERVER"
+    a = root["attributes"]
+    assert a["pdserve.request.id"] == "tel-1" and a["pdserve.route.decision"] == "disaggregated"
+    assert a["gen_ai.request.max_tokens"] == 3 and a["gen_ai.usage.output_tokens"] == 3
+    assert a["gen_ai.response.finish_reasons"] == ["length"]
+    assert [e["name"] for e in root["events"]] == ["gen_ai.first_token", "pdserve.finish"]
+    [route] = by_name["router.route"]
+    scores = json.loads(route["attributes"]["pdserve.route.scores"])
+    assert set(scores["decode"]) == {"d0", "d1"} and set(scores["prefill"]) == {"p0", "p1"}
+    assert route["attributes"]["pdserve.route.prefill_worker"] in scores["prefill"]
+    for name in ("router.route", "router.admission", "pdserve.v1.Prefill/Prefill",
+                 "pdserve.v1.Decode/Decode"):  # fmt: skip
+        [span] = by_name[name]
+        assert span["parent_span_id"] == root["span_id"], name
+    assert "pdserve.v1.Router/Generate" not in by_name  # router.request is the server span
+
+
+def test_failures_are_error_spans_and_counted(env, spans):
+    before = scrape(env)
+    env.fakes["d0"].mode = env.fakes["d1"].mode = "die"
+    with Client(env.grpc, max_retries=0) as client, pytest.raises(Unavailable):
+        client.generate("Hi there", max_tokens=5, request_id="tel-die")
+    env.router.router.prefill_tokens_per_s = 2000.0
+    with Client(env.grpc, max_retries=0) as client, pytest.raises(ResourceExhausted):
+        client.generate(LONG * 10, max_tokens=2, timeout_s=0.2)
+    after = scrape(env)
+    assert delta(before, after, "pdserve_requests_total", finish_reason="error", route="local") == 1
+    assert delta(before, after, "pdserve_rejected_requests_total", reason="deadline") == 1
+    by_name = spans()
+    died = next(
+        s for s in by_name["router.request"] if s["attributes"]["pdserve.request.id"] == "tel-die"
+    )
+    assert died["status"]["code"] == "ERROR" and "UNAVAILABLE" in died["status"]["description"]
+    assert died["attributes"]["error.type"] == "worker_failed"
+    assert died["attributes"]["gen_ai.response.finish_reasons"] == ["error"]
+    assert died["attributes"]["gen_ai.usage.output_tokens"] == 2
+    [rejected] = [s for s in by_name["router.admission"] if s["status"]["code"] == "ERROR"]
+    assert rejected["attributes"]["pdserve.admission.reason"] == "deadline"
