@@ -3,7 +3,7 @@
 All metrics live in prometheus-client's default registry and are defined here, once, so the
 names, units and label sets are the same in every process; each service updates the ones
 that concern it (the router the request latencies, the kvstore the tiers, ...). Names start
-with ``pdserve_`` and end with their unit. docs/observability.md lists them all.
+with ``pdserve_`` and end with their unit. the README's "Observability" section lists them all.
 
 Label values are closed sets (no request ids, no worker ids: Prometheus adds ``instance``).
 """

@@ -18,7 +18,7 @@ Invariants:
   process sampled the earlier tokens (prefill vs decode node), nor on preemption. No
   generator state ever needs to travel.
 - Logprobs are log_softmax of the raw logits (before penalties, temperature and filters), as
-  vLLM returns by default; see docs/sampling.md.
+  vLLM returns by default; see the README's "Sampling parameters" section.
 """
 
 from __future__ import annotations

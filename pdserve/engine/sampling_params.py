@@ -1,7 +1,7 @@
 """Per-request sampling settings: validated once when built, immutable afterwards.
 
 Semantics (what each field does at sampling time) live in `pdserve.engine.sampler`;
-ranges and the user-facing description live in docs/sampling.md.
+ranges and the user-facing description live in the README's "Sampling parameters" section.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _as_token_ids(value: object) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick the next token and when to stop. See docs/sampling.md for the ranges."""
+    """How to pick the next token and when to stop. See the README's "Sampling parameters" section for the ranges."""
 
     max_tokens: int = 16
     temperature: float = 1.0
