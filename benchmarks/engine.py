@@ -66,7 +66,9 @@ def hf_model():
 
     path = default_model_path()
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
     return model.eval(), time.perf_counter() - start
 
 
@@ -108,7 +110,9 @@ def hf_decode_step(model, prompt: list[int], new_tokens: int) -> float:
         model.generate(ids, max_new_tokens=4, do_sample=False)
         prefill = timed(lambda: model.generate(ids, max_new_tokens=1, do_sample=False))
         total = timed(
-            lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            lambda: model.generate(
+                ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+            )
         )
     return (total - prefill) / (new_tokens - 1)
 
@@ -138,8 +142,12 @@ def hf_batch(model, tokenizer, prompts, outs) -> float:
     with torch.inference_mode():
         elapsed = timed(
             lambda: model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max(outs),
-                min_new_tokens=max(outs), do_sample=False, pad_token_id=pad,
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max(outs),
+                min_new_tokens=max(outs),
+                do_sample=False,
+                pad_token_id=pad,
             )
         )
     return sum(outs) / elapsed
@@ -171,10 +179,14 @@ def main() -> None:
 
     loads = load_times()
     checkpoint = load_checkpoint(None)
-    text = " ".join(f"Paragraph {i}: the quick brown fox number {i * 7} jumps over {i} lazy dogs." for i in range(400))
+    text = " ".join(
+        f"Paragraph {i}: the quick brown fox number {i * 7} jumps over {i} lazy dogs."
+        for i in range(400)
+    )
     tokens = checkpoint.tokenizer.encode(text)
     engine = LLMEngine(
-        EngineConfig(max_num_batched_tokens=2048, enable_prefix_caching=False), checkpoint=checkpoint
+        EngineConfig(max_num_batched_tokens=2048, enable_prefix_caching=False),
+        checkpoint=checkpoint,
     )
     model, hf_load_s = hf_model()
 
@@ -192,11 +204,36 @@ def main() -> None:
     hf_prefill = prefill_rate(model, long_prompt, is_hf=True)
 
     rows = [
-        ("model load (s)", f"first {loads['first']:.2f}, later {loads['later']:.2f}", f"{hf_load_s:.2f}", f"{hf_load_s / loads['later']:.1f}× (later)"),
-        ("decode, batch 1 (ms/step)", f"{ours_step * 1e3:.1f}", f"{hf_step * 1e3:.1f}", f"{hf_step / ours_step:.2f}×"),
-        ("decode, batch 1 (tok/s)", f"{1 / ours_step:.1f}", f"{1 / hf_step:.1f}", f"{hf_step / ours_step:.2f}×"),
-        (f"{n_batch} requests, prompts 16–{max_prompt}, outputs 16–{max_out} (tok/s)", f"{ours_batch:.1f}", f"{hf_batch_rate:.1f}", f"{ours_batch / hf_batch_rate:.2f}×"),
-        (f"prefill, {prefill_len}-token prompt (tok/s)", f"{ours_prefill:.0f}", f"{hf_prefill:.0f}", f"{ours_prefill / hf_prefill:.2f}×"),
+        (
+            "model load (s)",
+            f"first {loads['first']:.2f}, later {loads['later']:.2f}",
+            f"{hf_load_s:.2f}",
+            f"{hf_load_s / loads['later']:.1f}× (later)",
+        ),
+        (
+            "decode, batch 1 (ms/step)",
+            f"{ours_step * 1e3:.1f}",
+            f"{hf_step * 1e3:.1f}",
+            f"{hf_step / ours_step:.2f}×",
+        ),
+        (
+            "decode, batch 1 (tok/s)",
+            f"{1 / ours_step:.1f}",
+            f"{1 / hf_step:.1f}",
+            f"{hf_step / ours_step:.2f}×",
+        ),
+        (
+            f"{n_batch} requests, prompts 16–{max_prompt}, outputs 16–{max_out} (tok/s)",
+            f"{ours_batch:.1f}",
+            f"{hf_batch_rate:.1f}",
+            f"{ours_batch / hf_batch_rate:.2f}×",
+        ),
+        (
+            f"prefill, {prefill_len}-token prompt (tok/s)",
+            f"{ours_prefill:.0f}",
+            f"{hf_prefill:.0f}",
+            f"{ours_prefill / hf_prefill:.2f}×",
+        ),
     ]
     overhead = ours_step / mm_step
     table = "\n".join(

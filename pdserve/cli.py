@@ -9,7 +9,9 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="pdserve: disaggregated LLM serving")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="pdserve: disaggregated LLM serving"
+)
 
 
 @app.callback()
@@ -20,15 +22,21 @@ def _main() -> None:
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="prompt text (a user message with --chat)")],
-    chat: Annotated[bool, typer.Option("--chat", help="wrap PROMPT in the model's chat template")] = False,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="wrap PROMPT in the model's chat template")
+    ] = False,
     max_tokens: Annotated[int, typer.Option("--max-tokens")] = 128,
     temperature: Annotated[float, typer.Option("--temperature")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
-    model: Annotated[Path | None, typer.Option("--model", help="GGUF file or safetensors directory")] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="GGUF file or safetensors directory")
+    ] = None,
     dtype: Annotated[str, typer.Option("--dtype")] = "float32",
     attention_backend: Annotated[str, typer.Option("--attention-backend")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object at the end")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print one JSON object at the end")
+    ] = False,
 ) -> None:
     """Generate text offline with the in-process engine, streaming to the terminal."""
     from pdserve.engine.engine_config import EngineConfig
@@ -37,14 +45,18 @@ def generate(
     from pdserve.model.loader import load_checkpoint
 
     try:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
         config = EngineConfig(model=model, dtype=dtype, attention_backend=attention_backend)
         import torch
 
         show_progress = not as_json and sys.stderr.isatty()
         checkpoint = load_checkpoint(model, dtype=getattr(torch, dtype), progress=show_progress)
         engine = LLMEngine(config, checkpoint=checkpoint)
-        request = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+        request = (
+            {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+        )
         text, token_ids, finish_reason = "", [], None
         for out in engine.stream(params=params, **request):
             text += out.text_delta
@@ -57,26 +69,42 @@ def generate(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     if as_json:
-        typer.echo(json.dumps({"text": text, "token_ids": token_ids, "finish_reason": finish_reason}))
+        typer.echo(
+            json.dumps({"text": text, "token_ids": token_ids, "finish_reason": finish_reason})
+        )
     else:
         sys.stdout.write("\n")
 
 
 @app.command()
 def up(
-    prefill: Annotated[int, typer.Option("--prefill", help="prefill workers; 0 = colocated mode")] = 1,
+    prefill: Annotated[
+        int, typer.Option("--prefill", help="prefill workers; 0 = colocated mode")
+    ] = 1,
     decode: Annotated[int, typer.Option("--decode", help="decode workers")] = 1,
-    redis_url: Annotated[str | None, typer.Option("--redis-url", help="use this Redis instead of starting one")] = None,
-    http_port: Annotated[int, typer.Option("--http-port", help="router's OpenAI API (0: any free port)")] = 8000,
-    grpc_port: Annotated[int, typer.Option("--grpc-port", help="router's gRPC API (0: any free port)")] = 50051,
-    model: Annotated[Path | None, typer.Option("--model", help="GGUF file or safetensors directory")] = None,
+    redis_url: Annotated[
+        str | None, typer.Option("--redis-url", help="use this Redis instead of starting one")
+    ] = None,
+    http_port: Annotated[
+        int, typer.Option("--http-port", help="router's OpenAI API (0: any free port)")
+    ] = 8000,
+    grpc_port: Annotated[
+        int, typer.Option("--grpc-port", help="router's gRPC API (0: any free port)")
+    ] = 50051,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="GGUF file or safetensors directory")
+    ] = None,
     cpu_affinity: Annotated[
         list[str] | None,
         typer.Option("--cpu-affinity", help="pin a role to CPUs, e.g. prefill=0-1 (repeatable)"),
     ] = None,
     cluster_name: Annotated[str, typer.Option("--cluster-name")] = "pdserve",
-    log_dir: Annotated[Path | None, typer.Option("--log-dir", help="child logs (default: a temp dir)")] = None,
-    demo: Annotated[bool, typer.Option("--demo", help="send a demo chat request once ready")] = False,
+    log_dir: Annotated[
+        Path | None, typer.Option("--log-dir", help="child logs (default: a temp dir)")
+    ] = None,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="send a demo chat request once ready")
+    ] = False,
 ) -> None:
     """Start Redis, a KV store, prefill and decode workers and the router; Ctrl-C stops all."""
     from pdserve.launcher import StackConfig, parse_cpu_affinity

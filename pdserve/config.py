@@ -47,7 +47,9 @@ class ServiceSettings(BaseSettings):
     node_id: str = _shared(socket.gethostname(), "node_id", "name of this host in the cluster")
     log_level: LogLevel = _shared("info", "log_level", "structlog level")
     log_json: bool | None = _shared(
-        None, "log_json", "JSON log lines; false: human-readable; unset: JSON unless stderr is a TTY"
+        None,
+        "log_json",
+        "JSON log lines; false: human-readable; unset: JSON unless stderr is a TTY",
     )
     log_prompts: bool = _shared(False, "log_prompts", "allow prompt and completion text in logs")
     trace_sampling_ratio: float = _shared(

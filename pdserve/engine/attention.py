@@ -48,7 +48,11 @@ class AttentionMetadata:
 
 
 def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
 ) -> None:
     num_blocks, block_size, kv_heads, head_dim = k_cache.shape
     k_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slots, k)
@@ -128,17 +132,17 @@ class SdpaBackend(_GatheringBackend):
     name = "sdpa"
 
     def prefill(self, q, k, v, scale):
-        s, l = q.shape[0], k.shape[0]
+        num_queries, num_keys = q.shape[0], k.shape[0]
         # Expanding KV heads beats enable_gqa for many queries (CPU: ~25 % at 512 tokens) and
         # gives bit-identical results; decode keeps enable_gqa, where expanding is far slower.
         group = q.shape[1] // k.shape[1]
         qt = q.transpose(0, 1)  # [H, S, D]
         kt = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, D]
         vt = v.transpose(0, 1).repeat_interleave(group, dim=0)
-        if s == l:
+        if num_queries == num_keys:
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
         else:
-            mask = _causal_mask(s, l, q.device)
+            mask = _causal_mask(num_queries, num_keys, q.device)
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
         return o.transpose(0, 1)
 
@@ -188,8 +192,13 @@ class FlashBackend(AttentionBackend):
         seqlens = context_lens.to(torch.int32)
         if k_cache.shape[1] % 256 == 0:
             return self._with_kvcache(
-                q, k_cache, v_cache, cache_seqlens=seqlens,
-                block_table=block_tables.to(torch.int32), softmax_scale=scale, causal=True,
+                q,
+                k_cache,
+                v_cache,
+                cache_seqlens=seqlens,
+                block_table=block_tables.to(torch.int32),
+                softmax_scale=scale,
+                causal=True,
             )
         b, max_blocks = block_tables.shape
         _, block_size, kv_heads, head_dim = k_cache.shape
@@ -205,13 +214,25 @@ class FlashBackend(AttentionBackend):
             if seg.context_len == seg.num_tokens:
                 cu = torch.tensor([0, seg.num_tokens], dtype=torch.int32, device=q.device)
                 out[rows] = self._varlen(
-                    q[rows], k[rows], v[rows], cu, cu, seg.num_tokens, seg.num_tokens,
-                    softmax_scale=scale, causal=True,
+                    q[rows],
+                    k[rows],
+                    v[rows],
+                    cu,
+                    cu,
+                    seg.num_tokens,
+                    seg.num_tokens,
+                    softmax_scale=scale,
+                    causal=True,
                 )
             else:
                 lens = torch.tensor([seg.context_len], device=q.device)
                 out[rows] = self._attend_cached(
-                    q[rows].unsqueeze(0), k_cache, v_cache, seg.block_table.unsqueeze(0), lens, scale
+                    q[rows].unsqueeze(0),
+                    k_cache,
+                    v_cache,
+                    seg.block_table.unsqueeze(0),
+                    lens,
+                    scale,
                 ).squeeze(0)
         if meta.num_decodes:
             q_dec = q.index_select(0, meta.decode_token_index).unsqueeze(1)  # [Bd, 1, H, D]

@@ -8,7 +8,8 @@ Every path to finished releases the request's blocks through `Scheduler.finish`.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence as SequenceABC
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 
 import torch
@@ -91,18 +92,29 @@ class LLMEngine:
         self.block_bytes = block_nbytes(self.model_config, config.block_size, self.dtype)
         num_blocks = max(1, config.kv_cache_bytes // self.block_bytes)
         self.runner = ModelRunner(
-            self.model_config, self.checkpoint.weights, num_blocks, config.block_size,
-            self.device, self.dtype, None if config.attention_backend == "auto" else config.attention_backend,
+            self.model_config,
+            self.checkpoint.weights,
+            num_blocks,
+            config.block_size,
+            self.device,
+            self.dtype,
+            None if config.attention_backend == "auto" else config.attention_backend,
         )
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+        )
         self.sampler = Sampler(config.seed)
         self.stats = EngineStats()
         self._requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
         self._request_ids = itertools.count()
         self._prefilled: list[tuple[str, SampledToken]] = []
-        self.eos_token_ids = frozenset(self.model_config.eos_token_ids or self.tokenizer.eos_token_ids)
+        self.eos_token_ids = frozenset(
+            self.model_config.eos_token_ids or self.tokenizer.eos_token_ids
+        )
 
     # -- requests --------------------------------------------------------------------------
     def encode_prompt(
@@ -162,7 +174,9 @@ class LLMEngine:
             arrival_index=next(self._arrivals),
         )
         self._requests[request_id] = _Request(
-            seq, params, make_generator(params.seed),
+            seq,
+            params,
+            make_generator(params.seed),
             IncrementalDetokenizer(self.tokenizer, token_ids, params),
         )
         if first_token is not None:
@@ -207,7 +221,7 @@ class LLMEngine:
         except Exception:
             self._fail(plan)
             raise
-        return pending + self._update(plan, dict(zip(result.request_ids, sampled)))
+        return pending + self._update(plan, dict(zip(result.request_ids, sampled, strict=True)))
 
     def _emit_prefilled(self) -> list[RequestOutput]:
         """Outputs for first tokens sampled elsewhere (by a prefill worker), once each."""
@@ -222,7 +236,9 @@ class LLMEngine:
     def _sampling_row(self, request_id: str) -> SamplingRow:
         request = self._requests[request_id]
         seq = request.seq
-        return SamplingRow(request.params, request.generator, seq.prompt_token_ids, seq.output_token_ids)
+        return SamplingRow(
+            request.params, request.generator, seq.prompt_token_ids, seq.output_token_ids
+        )
 
     def _update(self, plan: SchedulerPlan, sampled: dict[str, SampledToken]) -> list[RequestOutput]:
         self.stats.num_steps += 1
@@ -265,7 +281,9 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_tokens,
         )
 
-    def _stop_reason(self, seq: Sequence, params: SamplingParams, token_id: int) -> FinishReason | None:
+    def _stop_reason(
+        self, seq: Sequence, params: SamplingParams, token_id: int
+    ) -> FinishReason | None:
         if token_id in params.stop_token_ids:
             return FinishReason.STOP
         if not params.ignore_eos and token_id in self.eos_token_ids:
@@ -298,7 +316,7 @@ class LLMEngine:
         params_list = list(params) if isinstance(params, SequenceABC) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
         results = {rid: Completion(rid, "", [], "", 0, 0) for rid in ids}
         while self.has_unfinished:
             for out in self.step():
@@ -338,8 +356,12 @@ class LLMEngine:
             completion.finish_reason = out.finish_reason or ""
 
     # -- KV blocks as bytes (the handoff unit) ---------------------------------------------
-    def block_keys(self, token_ids: SequenceABC[int], cache_salt: str | None = None) -> list[BlockKey]:
-        return chain_block_keys(token_ids, self.config.block_size, root_key(self.fingerprint, cache_salt))
+    def block_keys(
+        self, token_ids: SequenceABC[int], cache_salt: str | None = None
+    ) -> list[BlockKey]:
+        return chain_block_keys(
+            token_ids, self.config.block_size, root_key(self.fingerprint, cache_salt)
+        )
 
     def export_blocks(self, keys: SequenceABC[BlockKey]) -> list[bytes]:
         """Bytes of each cached block, `[layers, 2, block_size, kv_heads, head_dim]` in the
@@ -365,9 +387,11 @@ class LLMEngine:
             raise ValueError("token_ids do not cover every block")
         for payload in payloads:
             if len(payload) != self.block_bytes:
-                raise ValueError(f"KV block payload must be {self.block_bytes} bytes, got {len(payload)}")
+                raise ValueError(
+                    f"KV block payload must be {self.block_bytes} bytes, got {len(payload)}"
+                )
         inserted = 0
-        for i, (key, payload) in enumerate(zip(keys, payloads)):
+        for i, (key, payload) in enumerate(zip(keys, payloads, strict=True)):
             block_id = self.block_manager.insert_cached_block(key, token_ids[i * bs : (i + 1) * bs])
             if block_id is None:
                 continue

@@ -3,7 +3,8 @@ batch, runs the model over the paged KV pool, and returns the logits of the rows
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence as SequenceABC
+from collections.abc import Callable
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +46,14 @@ class ModelRunner:
         self.model = LlamaModel(config, weights, self.backend, device, dtype)
         # [L, 2, num_blocks, block_size, KVH, D]
         self.kv_pool = torch.zeros(
-            config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim,
-            dtype=dtype, device=device,
+            config.num_layers,
+            2,
+            num_blocks,
+            block_size,
+            config.num_kv_heads,
+            config.head_dim,
+            dtype=dtype,
+            device=device,
         )
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
@@ -100,7 +107,9 @@ class ModelRunner:
             return None
         width = max(lens)
         key_positions = torch.arange(width, device=self.device)
-        return (key_positions.unsqueeze(0) < self._tensor(lens).unsqueeze(1)).view(len(lens), 1, 1, width)
+        return (key_positions.unsqueeze(0) < self._tensor(lens).unsqueeze(1)).view(
+            len(lens), 1, 1, width
+        )
 
     def execute(
         self, plan: SchedulerPlan, on_layer_done: Callable[[int], None] | None = None

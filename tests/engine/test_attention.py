@@ -31,7 +31,9 @@ def build_case(device, dtype, seed=0):
     row = 0
     for name, start, n in layout:
         table = tables[name]
-        slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, start + n)]
+        slots += [
+            table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, start + n)
+        ]
         if n == 1:
             dec_rows.append(row)
             dec_tables.append(table)
@@ -66,7 +68,9 @@ def naive(q, k, v, k_cache, v_cache, meta):
     flat_k[meta.slot_mapping] = k
     flat_v[meta.slot_mapping] = v
     out = torch.empty(q.shape, dtype=torch.float64)
-    seqs = [(s.token_start, s.num_tokens, s.context_len, s.block_table.tolist()) for s in meta.prefills]
+    seqs = [
+        (s.token_start, s.num_tokens, s.context_len, s.block_table.tolist()) for s in meta.prefills
+    ]
     for i, row in enumerate(meta.decode_token_index.tolist()):
         n = int(meta.decode_context_lens[i])
         seqs.append((row, 1, n, meta.decode_block_tables[i].tolist()))
@@ -89,7 +93,9 @@ def run(backend, case):
 
 def test_reference_matches_naive():
     case = build_case("cpu", torch.float32)
-    torch.testing.assert_close(run(ReferenceBackend(), case).double(), naive(*case), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        run(ReferenceBackend(), case).double(), naive(*case), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -116,7 +122,9 @@ def test_cuda_backends_match_reference(name):
         pytest.skip("flash-attn not installed")
     case = build_case(device, torch.float16)
     expected = run(ReferenceBackend(), case).float()
-    torch.testing.assert_close(run(select_backend(name, device), case).float(), expected, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(
+        run(select_backend(name, device), case).float(), expected, atol=2e-3, rtol=2e-3
+    )
 
 
 def test_unknown_backend_is_rejected_with_choices():

@@ -113,13 +113,15 @@ def test_scheduler_chunks_prefill_under_token_budget_and_decodes_first():
     sched.add(long)
     plan = sched.schedule()
     assert [(c.seq.request_id, c.start, c.num_tokens) for c in plan.chunks] == [
-        ("short", 0, 3), ("long", 0, 5)
+        ("short", 0, 3),
+        ("long", 0, 5),
     ]
     assert [c.samples for c in plan.chunks] == [True, False]
     sched.update(plan, {"short": 42})
     plan = sched.schedule()
     assert [(c.seq.request_id, c.start, c.num_tokens) for c in plan.chunks] == [
-        ("short", 3, 1), ("long", 5, 7)
+        ("short", 3, 1),
+        ("long", 5, 7),
     ]
 
 

@@ -2,11 +2,11 @@
 under preemption; prefix reuse computes only the suffix; every block comes back."""
 
 import pytest
-
-pytestmark = pytest.mark.timeout(900)
 import torch
 
 from pdserve.engine.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.timeout(900)
 
 NEW_TOKENS = 64
 PROMPT_LENGTHS = [1, 2, 9, 16, 17, 45, 130, 300, 600, 1100]
@@ -24,8 +24,11 @@ def hf_greedy(hf_model, prompts, engine):
     with torch.inference_mode():
         for ids in prompts:
             out = hf_model.generate(
-                torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                eos_token_id=eos, pad_token_id=eos[0],
+                torch.tensor([ids]),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos[0],
             )
             outputs.append(out[0, len(ids) :].tolist())
     return outputs
@@ -44,7 +47,7 @@ def assert_blocks_released(engine):
 
 def test_greedy_matches_hf_batched_with_chunked_prefill(engine, prompts, hf_greedy):
     completions = engine.generate(prompts, GREEDY)
-    for n, completion, expected in zip(PROMPT_LENGTHS, completions, hf_greedy):
+    for n, completion, expected in zip(PROMPT_LENGTHS, completions, hf_greedy, strict=True):
         assert completion.token_ids == expected, f"prompt of {n} tokens diverged from HF"
     assert_blocks_released(engine)
 
@@ -61,7 +64,7 @@ def test_staggered_arrivals_match_solo_runs(make_engine, prompts, hf_greedy):
     eng = make_engine(max_num_batched_tokens=64)
     order = [5, 0, 8, 3, 9, 1, 6]
     pending = {f"r{i}": i for i in order}
-    arrivals = {step: rid for step, rid in zip(range(0, 3 * len(order), 3), pending)}
+    arrivals = {step: rid for step, rid in zip(range(0, 3 * len(order), 3), pending, strict=True)}
     results: dict[str, list[int]] = {rid: [] for rid in pending}
     step = 0
     while arrivals or eng.has_unfinished:
@@ -154,7 +157,11 @@ def test_seeded_sampling_is_independent_of_batch(engine, long_text_ids):
     alone = engine.generate([long_text_ids[:30]], params)[0].token_ids
     crowd = engine.generate(
         [long_text_ids[50:90], long_text_ids[:30], long_text_ids[5:9]],
-        [SamplingParams(max_tokens=30, temperature=1.0), params, SamplingParams(max_tokens=5, seed=7)],
+        [
+            SamplingParams(max_tokens=30, temperature=1.0),
+            params,
+            SamplingParams(max_tokens=5, seed=7),
+        ],
     )
     assert crowd[1].token_ids == alone
 
@@ -164,7 +171,9 @@ def test_stop_string_is_cut_and_not_returned(engine):
     words = base.text.split()
     assert len(words) > 3
     stop = words[2]
-    cut = engine.generate(["The capital of France is"], SamplingParams(max_tokens=64, temperature=0, stop=[stop]))[0]
+    cut = engine.generate(
+        ["The capital of France is"], SamplingParams(max_tokens=64, temperature=0, stop=[stop])
+    )[0]
     assert cut.finish_reason == "stop"
     assert cut.text == base.text[: base.text.index(stop)]
 
@@ -173,7 +182,8 @@ def test_stop_token_ends_text_without_its_own_text(engine):
     base = engine.generate(["The capital of France is"], GREEDY)[0]
     stop_id = base.token_ids[3]
     cut = engine.generate(
-        ["The capital of France is"], SamplingParams(max_tokens=64, temperature=0, stop_token_ids=[stop_id])
+        ["The capital of France is"],
+        SamplingParams(max_tokens=64, temperature=0, stop_token_ids=[stop_id]),
     )[0]
     first = base.token_ids.index(stop_id)
     assert cut.finish_reason == "stop"
