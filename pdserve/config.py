@@ -3,7 +3,8 @@
 Fields every service shares live on :class:`ServiceSettings` and read the same variables in
 every process (``PDSERVE_CLUSTER_NAME``, ``PDSERVE_REDIS_URL``, ``PDSERVE_NODE_ID``,
 ``PDSERVE_LOG_LEVEL``, ...). Each service subclasses it with its own prefix for its own
-fields (``PDSERVE_KVSTORE_DRAM_CAPACITY_BYTES``). Settings are frozen and validated when
+fields (``PDSERVE_KVSTORE_DRAM_CAPACITY_BYTES``); the prefill and decode workers share
+:class:`WorkerSettings` (server and engine fields) under their own prefixes. Settings are frozen and validated when
 built; values discovered at run time belong in a state object, not here.
 """
 
@@ -16,6 +17,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pdserve.engine.engine_config import EngineConfig
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 S = TypeVar("S", bound="ServiceSettings")
@@ -97,6 +100,61 @@ class ServiceSettings(BaseSettings):
         args = sys.argv[1:] if argv is None else argv
         return cls(
             _cli_parse_args=args, _cli_kebab_case=True, _cli_prog_name=cls.__name__, **overrides
+        )
+
+
+class WorkerSettings(ServiceSettings):
+    """Fields of an engine worker (prefill or decode): its gRPC server and its engine.
+
+    Subclasses set the prefix (``PDSERVE_PREFILL_``, ``PDSERVE_DECODE_``) and the defaults of
+    ``grpc_port`` and ``http_port``, and add their handoff fields."""
+
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = Field(ge=0, le=65535, description="0 picks a free port")
+    http_port: int = Field(ge=0, le=65535, description="Prometheus /metrics; 0 disables")
+    advertise_address: str | None = Field(
+        None, description="host:port the router dials; default node_id:grpc_port"
+    )
+    max_message_bytes: int = Field(16 << 20, ge=1 << 20, description="gRPC send/receive limit")
+
+    # The engine (see pdserve.engine.engine_config.EngineConfig).
+    model: Path | None = Field(None, description="GGUF file or safetensors dir; default model")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="auto, cpu or cuda[:N]")
+    block_size: int = Field(16, ge=1, le=1024, description="KV block size, tokens")
+    kv_cache_bytes: int = Field(1 << 30, ge=1, description="the worker's own paged KV pool")
+    max_num_seqs: int = Field(64, ge=1, description="sequences in one batch at most")
+    max_num_batched_tokens: int = Field(
+        512, ge=1, description="token budget per step (longer prompts are chunked to fit)"
+    )
+    max_model_len: int | None = Field(None, ge=2, description="None: the model's context")
+    attention_backend: Literal["auto", "flash", "sdpa", "reference"] = "auto"
+    num_threads: int | None = Field(None, ge=1, description="CPU intra-op threads")
+
+    shutdown_grace_s: float = Field(5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_worker(self) -> WorkerSettings:
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N] (got {self.device!r})")
+        return self
+
+    @property
+    def address(self) -> str:
+        return self.advertise_address or f"{self.node_id}:{self.grpc_port}"
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model,
+            dtype=self.dtype,
+            device=self.device,
+            block_size=self.block_size,
+            kv_cache_bytes=self.kv_cache_bytes,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            attention_backend=self.attention_backend,
+            num_threads=self.num_threads,
         )
 
 
