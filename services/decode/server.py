@@ -14,22 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import signal
 import uuid
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from pdserve import metrics, wire
+from pdserve import wire
 from pdserve._proto.pdserve.v1 import decode_pb2, decode_pb2_grpc
-from pdserve.grpc_tracing import AioServerTracingInterceptor
-from pdserve.kv.grpc_transport import channel_options
-from pdserve.model.loader import Checkpoint
+from pdserve.grpc_server import WorkerServer, serve_until_signalled
 from pdserve.telemetry import Attr, inject_context, request_span
 from services.decode.settings import DecodeSettings
 from services.decode.worker import DecodeEvent, DecodeSpec, DecodeWorker, OverloadedError
@@ -149,70 +143,14 @@ async def _abort(context, span: trace.Span, code: grpc.StatusCode, message: str)
     await context.abort(code, message)
 
 
-class DecodeServer:
-    """The worker behind a grpc.aio server, with health, reflection and message limits.
+class DecodeServer(WorkerServer[DecodeWorker]):
+    role = "decode"
+    service_name = SERVICE_NAME
+    worker_cls = DecodeWorker
 
-    ``await start()`` binds (``grpc_port=0`` picks a free port; see ``port``), loads the
-    engine and registers in Redis; ``await stop()`` drains and deregisters.
-    """
-
-    def __init__(self, settings: DecodeSettings, *, checkpoint: Checkpoint | None = None):
-        self.settings = settings
-        self._checkpoint = checkpoint
-        self.port = 0
-        self.metrics: metrics.MetricsServer | None = None
-        self._stopping = False
-        self.worker: DecodeWorker | None = None
-
-    async def start(self) -> None:
-        s = self.settings
-        self.server = grpc.aio.server(
-            options=channel_options(s.max_message_bytes),
-            interceptors=[AioServerTracingInterceptor()],
-        )
-        self.port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
-        address = s.advertise_address or f"{s.node_id}:{self.port}"
-        worker_id = f"decode-{s.node_id}-{self.port}"
-        self.worker = await asyncio.to_thread(
-            DecodeWorker, s, checkpoint=self._checkpoint, worker_id=worker_id, address=address
-        )
-        decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(self.worker), self.server)
-        self.health = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
-        self.worker.start()
-        await self.server.start()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        self.metrics = metrics.start_metrics_server(
-            s.http_port, s.grpc_host, health=lambda: not self._stopping
-        )
-        metrics.set_service_info(role="decode", node=s.node_id, worker_id=worker_id)
-        log.info("decode.listening", port=self.port, address=address, worker_id=worker_id)
-
-    async def stop(self) -> None:
-        self._stopping = True
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(self.settings.shutdown_grace_s)
-        if self.worker is not None:
-            await asyncio.to_thread(self.worker.stop)
-        if self.metrics is not None:
-            self.metrics.stop()
-
-    async def wait(self) -> None:
-        await self.server.wait_for_termination()
+    def add_servicer(self, worker: DecodeWorker, server: grpc.aio.Server) -> None:
+        decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(worker), server)
 
 
 async def serve(settings: DecodeSettings) -> None:
-    server = DecodeServer(settings)
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, done.set)
-    await server.start()
-    await done.wait()
-    log.info("decode.shutting_down")
-    await server.stop()
+    await serve_until_signalled(DecodeServer(settings), "decode")

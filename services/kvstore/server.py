@@ -22,12 +22,12 @@ from concurrent import futures
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from pdserve import metrics
 from pdserve._proto.pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 from pdserve.config import KVStoreSettings
+from pdserve.grpc_server import add_health_and_reflection
 from pdserve.grpc_tracing import ServerTracingInterceptor
 from pdserve.kv.blocks import Tier, block_key
 from pdserve.kv.errors import ChunkOrderError, KVError
@@ -277,11 +277,7 @@ class KVStoreServer:
         kvstore_pb2_grpc.add_KVStoreServicer_to_server(
             KVStoreServicer(self.node.store, settings), self.server
         )
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        self.health = add_health_and_reflection(self.server, SERVICE_NAME, health.HealthServicer())
 
     def start(self) -> None:
         self.node.start()

@@ -16,17 +16,21 @@ import asyncio
 import contextlib
 import hmac
 import os
-import signal
 import time
 
 import grpc
 import structlog
 from aiohttp import web
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1.health import aio as health_aio
 
 from pdserve import metrics
 from pdserve._proto.pdserve.v1 import router_pb2, router_pb2_grpc
+from pdserve.grpc_server import (
+    add_health_and_reflection,
+    new_server,
+    serve_until_signalled,
+    set_serving,
+)
 from pdserve.grpc_tracing import AioServerTracingInterceptor, metadata_carrier
 from pdserve.kv.metadata import Heartbeat, WorkerInfo
 from pdserve.telemetry import extract_context
@@ -127,16 +131,10 @@ class RouterServer:
     async def start(self) -> None:
         s = self.settings
         self.directory.start()
-        options = [
-            ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.max_receive_message_length", s.max_message_bytes),
-        ]
-        self.server = grpc.aio.server(options=options, interceptors=[RouterTracingInterceptor()])
+        self.server = new_server(s.max_message_bytes, RouterTracingInterceptor())
         router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.router), self.server)
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        self.health = add_health_and_reflection(
+            self.server, SERVICE_NAME, health_aio.HealthServicer()
         )
         self.grpc_port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
         await self.server.start()
@@ -148,8 +146,7 @@ class RouterServer:
             self.http_port = self._runner.addresses[0][1]
         self._heartbeat = Heartbeat(self.directory.registry, self._info, s.heartbeat_interval_s)
         self._heartbeat.start()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await set_serving(self.health, SERVICE_NAME, True)
         metrics.QUEUE_DEPTH.labels(observe.ROUTER_QUEUE).set_function(
             lambda: self.router.num_inflight
         )
@@ -182,15 +179,7 @@ class RouterServer:
 
 async def serve_async(settings: RouterSettings) -> None:
     server = RouterServer(settings)
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, done.set)
-    await server.start()
-    await done.wait()
-    log.info("router.shutting_down")
-    with contextlib.suppress(Exception):
-        await server.stop()
+    await serve_until_signalled(server, "router", suppress_stop_errors=True)
 
 
 def serve(settings: RouterSettings) -> None:
