@@ -34,6 +34,11 @@ bench: setup
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/kv_transfer.py
 
+# vLLM's CPU build and llama.cpp on the same prompts, each in its own venv under
+# benchmarks/.peers/ (first run installs them: minutes); writes RESULTS.md's Peers section.
+bench-peers: setup
+	$(PY) benchmarks/peers.py
+
 lint: setup
 	$(PY) -m ruff check pdserve services tests benchmarks
 	$(PY) -m ruff format --check pdserve services tests benchmarks
