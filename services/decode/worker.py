@@ -14,7 +14,7 @@ chunked under the token budget and interleaved with the running decodes.
 
 Invariants:
 - One thread (``engine-decode``) drives the engine; the gRPC side and the fetch pool hand
-  it closures through ``_call_soon``. Sinks are called on that thread and must not block.
+  it closures through ``_inbox.call_soon``. Sinks are called on that thread and must not block.
 - Every path out releases the request: FINISHED/failed by the engine itself, ABORTED by
   ``LLMEngine.abort`` (blocks freed at once); a late fetch result for a request that is no
   longer WAITING_FOR_KV is dropped.
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -63,6 +62,7 @@ from pdserve.wire import KVSource
 from services.decode.fetch import FetchResult, KVFetcher
 from services.decode.hbm import HbmPublisher
 from services.decode.settings import DecodeSettings
+from services.engine_inbox import EngineInbox
 
 log = structlog.get_logger(__name__)
 tracer = get_tracer(__name__)
@@ -182,9 +182,7 @@ class DecodeWorker:
         )
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
-        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._inbox = EngineInbox()
         self._num_fetched = 0
         self._num_recomputed = 0
         self._step_phase = "decode"
@@ -212,8 +210,7 @@ class DecodeWorker:
 
     def stop(self) -> None:
         self._heartbeat.stop(deregister=True)
-        self._stop.set()
-        self._wake.set()
+        self._inbox.close()
         self._thread.join(10)
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         if self._hbm is not None:
@@ -263,15 +260,11 @@ class DecodeWorker:
                     f"{len(self._jobs)} requests in progress (max_queued_requests)"
                 )
             self._jobs[spec.request_id] = job
-        self._call_soon(lambda: self._start(job))
+        self._inbox.call_soon(lambda: self._start(job))
 
     def cancel(self, request_id: str) -> None:
         """Abort at any state; engine blocks are freed before the next step."""
-        self._call_soon(lambda: self._abort(request_id))
-
-    def _call_soon(self, fn: Callable[[], None]) -> None:
-        self._inbox.put(fn)
-        self._wake.set()
+        self._inbox.call_soon(lambda: self._abort(request_id))
 
     # ---- WAITING_FOR_KV (engine thread, then the fetch pool) ----
 
@@ -328,7 +321,7 @@ class DecodeWorker:
             })  # fmt: skip
             if result.error is not None:
                 span.set_status(Status(StatusCode.ERROR, f"kv fetch failed: {result.error}"))
-        self._call_soon(lambda: self._on_fetched(job, result))
+        self._inbox.call_soon(lambda: self._on_fetched(job, result))
 
     def _on_fetched(self, job: _Job, result: FetchResult) -> None:
         if job.state is not DecodeState.WAITING_FOR_KV:
@@ -414,14 +407,13 @@ class DecodeWorker:
             _log(job, "decode.sink_failed")
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._drain_inbox()
+        while not self._inbox.closed:
+            self._inbox.drain()
             self._expire_fetches()
             if self.engine.has_unfinished:
                 self._step()
             else:
-                self._wake.wait(self._idle_wait_s())
-                self._wake.clear()
+                self._inbox.wait(self._idle_wait_s())
             self._publish_load()
             if self._hbm is not None and self._hbm.due():
                 bm = self.engine.block_manager
@@ -432,14 +424,6 @@ class DecodeWorker:
     def _idle_wait_s(self) -> float:
         deadlines = [j.kv_deadline for j in self._snapshot_jobs() if j.kv_deadline]
         return max(0.0, min([0.05, *(d - time.monotonic() for d in deadlines)]))
-
-    def _drain_inbox(self) -> None:
-        while True:
-            try:
-                fn = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            fn()
 
     def _step(self) -> None:
         start = time.perf_counter()

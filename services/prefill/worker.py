@@ -10,7 +10,7 @@ Lifecycle of a request (:class:`PrefillState`)::
 
 Invariants:
 - The engine is driven by one thread (``engine-prefill``); other threads hand it work with
-  ``_call_soon`` and never touch it (except ``block_manager.cached_block``, a single dict
+  ``_inbox.call_soon`` and never touch it (except ``block_manager.cached_block``, a single dict
   read used as a hint: a stale answer only costs a fetch or a recompute).
 - Every full block of the prompt is in the kvstore when DONE, except blocks whose write
   failed; the returned KVSource lists the longest stored prefix, so a reader never looks for
@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import enum
 import itertools
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -53,6 +52,7 @@ from pdserve.kv.transport import KVTransport
 from pdserve.model.loader import Checkpoint
 from pdserve.telemetry import Attr, extract_context, get_tracer, inject_context
 from pdserve.wire import KVSource
+from services.engine_inbox import EngineInbox
 from services.prefill.handoff import KVHandoff
 from services.prefill.settings import PrefillSettings
 
@@ -190,9 +190,7 @@ class PrefillWorker:
         self._jobs: dict[str, _Job] = {}
         self._num_active = 0  # jobs not yet settled; guarded by _lock
         self._lock = threading.Lock()
-        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._inbox = EngineInbox()
         self._step_blocks: list[tuple[bytes, int]] = []  # (key, block id) written this step
         self._step_started_ns = 0
         self._batch_span: trace.Span | None = None
@@ -237,8 +235,7 @@ class PrefillWorker:
 
     def stop(self) -> None:
         self._heartbeat.stop(deregister=True)
-        self._stop.set()
-        self._wake.set()
+        self._inbox.close()
         self._thread.join(10)
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         self.handoff.stop()
@@ -285,7 +282,7 @@ class PrefillWorker:
 
     def cancel(self, request_id: str) -> None:
         """Abort a request in any state; its engine blocks are freed at once."""
-        self._call_soon(lambda: self._abort(request_id, CancelledError("cancelled")))
+        self._inbox.call_soon(lambda: self._abort(request_id, CancelledError("cancelled")))
 
     def _forget(self, job: _Job) -> None:
         with self._lock:
@@ -296,10 +293,6 @@ class PrefillWorker:
     def _snapshot_jobs(self) -> list[_Job]:
         with self._lock:
             return list(self._jobs.values())
-
-    def _call_soon(self, fn: Callable[[], None]) -> None:
-        self._inbox.put(fn)
-        self._wake.set()
 
     # ---- LOADING (fetch pool) ----
 
@@ -321,7 +314,7 @@ class PrefillWorker:
                 span.set_status(Status(StatusCode.ERROR, f"kv lookup failed: {exc}"))
                 self.kv.reset()
                 job.stored, payloads = set(), []
-        self._call_soon(lambda: self._admit(job, first, payloads))
+        self._inbox.call_soon(lambda: self._admit(job, first, payloads))
 
     def _fetch_stored_prefix(self, job: _Job, span: trace.Span) -> tuple[int, list]:
         """(blocks found in our own cache, payloads fetched from the kvstore after them)."""
@@ -382,25 +375,16 @@ class PrefillWorker:
         job.settle(PrefillState.ABORTED, error=error)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._drain_inbox()
+        while not self._inbox.closed:
+            self._inbox.drain()
             self._expire_deadlines()
             if self.engine.has_unfinished:
                 self._step()
             else:
-                self._wake.wait(0.05)
-                self._wake.clear()
+                self._inbox.wait(0.05)
             self._publish_load()
         for job in self._snapshot_jobs():
             self._abort(job.request_id, CancelledError("the prefill worker is shutting down"))
-
-    def _drain_inbox(self) -> None:
-        while True:
-            try:
-                fn = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            fn()
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
