@@ -168,7 +168,13 @@ def test_cancelled_stream_frees_its_blocks(decode, decode_stub, ids):
     )  # fmt: skip
     stream = decode_stub.Decode(request, timeout=120)
     next(stream)
+    # Load is a snapshot the engine thread refreshes after each step, so the step that sent
+    # the first chunk may not be in it yet.
+    deadline = time.monotonic() + 10
     busy = decode_stub.Stats(decode_pb2.DecodeStatsRequest(), timeout=5)
+    while busy.running != 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+        busy = decode_stub.Stats(decode_pb2.DecodeStatsRequest(), timeout=5)
     assert busy.running == 1
     assert busy.num_free_blocks < busy.num_total_blocks
     stream.cancel()
