@@ -396,7 +396,13 @@ def report(
             notes.append(
                 f"- {title[p]}: {r['version']}; {r['settings']}; many-request mode: {r['batch_mode']}; "
                 f"{agreement(r['greedy_tokens'], reference)}; worker wall time {r['wall_s']:.0f} s; 1-min load average {r['load_avg'][0]:.1f} before, "
-                f"{r['load_avg'][1]:.1f} after."
+                f"{r['load_avg'][1]:.1f} after"
+                + (
+                    " — **busy machine: these figures are unreliable** (OpenMP threads lose their "
+                    "time slices at every barrier; decode suffers most)."
+                    if max(r["load_avg"]) > THREADS + 0.5
+                    else "."
+                )
             )
     if engine is None:
         engine_note = "No Engine section in RESULTS.md yet (`make bench` writes it), so no ratios against pdserve."
