@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine_info import cpu_model
 
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
@@ -31,14 +32,7 @@ BEGIN, END = "<!-- engine:begin -->", "<!-- engine:end -->"
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return (
         f"{cpu}, {torch.get_num_threads()} torch threads, {platform.machine()}, "
         f"torch {torch.__version__}, Python {platform.python_version()}"

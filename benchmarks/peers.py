@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine_info import cpu_model
+
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / ".peers"
 MODEL_DIR = PEERS / "model"
@@ -308,14 +310,7 @@ def engine_figures(quick: bool) -> dict | None:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return (
         f"{cpu}, {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
     )
