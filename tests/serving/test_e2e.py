@@ -172,7 +172,9 @@ def test_bad_input_is_rejected_and_the_stack_stays_healthy(stack, client):
             client.generate("x", **kwargs)
     with pytest.raises(InvalidArgument, match="context"):
         client.generate("hello " * 9000, max_tokens=4)
-    assert client.generate("Still alive?", max_tokens=2).usage.completion_tokens == 2
+    # ignore_eos: an unseeded sample may be EOS first, which would end after one token.
+    alive = client.generate("Still alive?", max_tokens=2, ignore_eos=True)
+    assert alive.usage.completion_tokens == 2
     with urllib.request.urlopen(stack.http_url + "/health", timeout=10) as resp:
         assert json.loads(resp.read())["status"] == "ok"
 
@@ -219,7 +221,7 @@ def test_killed_decode_worker_mid_stream_fails_fast_and_next_requests_succeed(st
     assert time.monotonic() - started < 25
     assert info.value.code == "UNAVAILABLE" and "decode worker" in info.value.message
     for i in range(3):
-        done = client.generate(f"After the crash {i}", max_tokens=3)
+        done = client.generate(f"After the crash {i}", max_tokens=3, ignore_eos=True)
         assert done.usage.completion_tokens == 3
 
 
