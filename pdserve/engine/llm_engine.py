@@ -18,7 +18,7 @@ from pdserve.engine.block_hash import BlockKey, chain_block_keys, root_key
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.engine_config import EngineConfig
-from pdserve.engine.model_runner import ModelRunner, block_nbytes
+from pdserve.engine.model_runner import ModelRunner, model_block_nbytes
 from pdserve.engine.sampler import SampledToken, Sampler, SamplingRow, make_generator
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerPlan
@@ -89,7 +89,7 @@ class LLMEngine:
             config.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
         )
-        self.block_bytes = block_nbytes(self.model_config, config.block_size, self.dtype)
+        self.block_bytes = model_block_nbytes(self.model_config, config.block_size, self.dtype)
         num_blocks = max(1, config.kv_cache_bytes // self.block_bytes)
         self.runner = ModelRunner(
             self.model_config,

@@ -11,14 +11,17 @@ import torch
 
 from pdserve.engine.attention import AttentionMetadata, PrefillSegment, select_backend
 from pdserve.engine.scheduler import SchedulerPlan
+from pdserve.kv.blocks import block_nbytes
 from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaModel
 
 
-def block_nbytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one KV block across all layers: [layers, 2, block_size, kv_heads, head_dim]."""
+def model_block_nbytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block of this model across all layers (see `kv.blocks.block_nbytes`)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return config.num_layers * 2 * block_size * config.num_kv_heads * config.head_dim * itemsize
+    return block_nbytes(
+        config.num_layers, block_size, config.num_kv_heads, config.head_dim, itemsize
+    )
 
 
 @dataclass

@@ -10,14 +10,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NewType
 
 import xxhash
 
+from pdserve.engine.block_hash import BLOCK_KEY_BYTES, BlockKey
 from pdserve.kv.errors import ChunkOrderError, InvalidBlockError
-
-BlockKey = NewType("BlockKey", bytes)
-BLOCK_KEY_BYTES = 16
 
 
 class Tier(enum.IntEnum):
