@@ -6,12 +6,15 @@ per span in tree order: hop (service@node), span name, start offset from the tra
 span, duration, a timeline bar, KV bytes and tier/transport. Span events (first token) are
 rows of their own; span links (the decode's KV fetch to the prefill that wrote the blocks)
 are shown under the span that carries them.
+
+The lines are plain data (:func:`rows`); the terminal table here and the router's console
+(:func:`waterfall`, served as JSON under ``/console/api``) both draw from them.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +127,70 @@ def _ms(ns: float) -> str:
     return f"{ns / 1e6:,.1f}"
 
 
+@dataclass(frozen=True)
+class Row:
+    """One line of the waterfall: a span, one of its events (first token) or one of its links.
+
+    Times are offsets from the trace's first span; an event has no duration, a link neither
+    time nor bytes. ``hop`` is the owning span's hop (service@node), so both renderers color
+    an event or a link like its span."""
+
+    kind: str  # "span" | "event" | "link"
+    depth: int
+    hop: str
+    name: str
+    start_ns: int | None
+    duration_ns: int | None
+    kv_bytes: int | None = None
+    tier: str = ""
+    status: str = ""
+    span_id: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+def rows(trace: Trace) -> list[Row]:
+    """The waterfall's lines in tree order (what `pdserve trace` and the console show)."""
+    t0 = trace.start_ns
+    names = {s["span_id"]: s["name"] for s in trace.spans}
+    out: list[Row] = []
+    for depth, span in ordered(trace):
+        attrs, end_ns, hop = span["attributes"], span["end_ns"] or span["start_ns"], _hop(span)
+        tier = "/".join(str(attrs[k]) for k in (Attr.KV_TIER, Attr.KV_TRANSPORT) if attrs.get(k))
+        status = span["status"]["code"]
+        nbytes = attrs.get(Attr.KV_BYTES)
+        out.append(Row(
+            "span", depth, hop, span["name"], span["start_ns"] - t0, end_ns - span["start_ns"],
+            None if nbytes is None else int(nbytes), tier, status if status != "UNSET" else "",
+            span["span_id"], attrs,
+        ))  # fmt: skip
+        for event in span["events"]:
+            out.append(Row("event", depth + 1, hop, event["name"], event["time_ns"] - t0, None,
+                           attributes=event["attributes"]))  # fmt: skip
+        for link in span["links"]:
+            target = names.get(
+                link["span_id"], f"span {link['span_id']} of trace {link['trace_id'][:8]}"
+            )
+            out.append(Row("link", depth + 1, hop, f"linked to {target}", None, None,
+                           span_id=link["span_id"]))  # fmt: skip
+    return out
+
+
+def waterfall(trace: Trace) -> dict[str, Any]:
+    """:func:`rows` as one JSON-ready object (the console's request view)."""
+    return {
+        "trace_id": trace.trace_id,
+        "request_id": trace.request_id,
+        "total_ns": max(trace.end_ns - trace.start_ns, 1),
+        "hops": sorted({_hop(s) for s in trace.spans}),
+        "num_spans": len(trace.spans),
+        "rows": [asdict(r) | {"bytes_text": _bytes(r.kv_bytes)} for r in rows(trace)],
+    }
+
+
 def render(trace: Trace, console: Console) -> None:
     t0, total_ns = trace.start_ns, max(trace.end_ns - trace.start_ns, 1)
     services = sorted({_hop(s) for s in trace.spans})
     colors = {hop: _COLORS[i % len(_COLORS)] for i, hop in enumerate(services)}
-    names = {s["span_id"]: s["name"] for s in trace.spans}
     console.print(
         f"[bold]trace[/] {trace.trace_id}  [bold]request[/] {trace.request_id or '-'}  "
         f"[bold]total[/] {_ms(total_ns)} ms  [bold]spans[/] {len(trace.spans)}  "
@@ -140,39 +202,26 @@ def render(trace: Trace, console: Console) -> None:
         ("timeline", "left"), ("bytes", "right"), ("tier", "left"), ("status", "left"),
     ):  # fmt: skip
         table.add_column(column, justify=justify, no_wrap=True)
-    for depth, span in ordered(trace):
-        _add_span_rows(table, depth, span, t0, total_ns, colors[_hop(span)], names)
+    for row in rows(trace):
+        table.add_row(*_cells(row, t0, total_ns, colors[row.hop]))
     console.print(table)
 
 
-def _add_span_rows(table, depth, span, t0, total_ns, color, names) -> None:
-    attrs, end_ns = span["attributes"], span["end_ns"] or span["start_ns"]
-    tier = "/".join(str(attrs[k]) for k in (Attr.KV_TIER, Attr.KV_TRANSPORT) if attrs.get(k))
-    status = span["status"]["code"]
-    table.add_row(
-        Text(_hop(span), style=color),
-        "  " * depth + span["name"],
-        _ms(span["start_ns"] - t0),
-        _ms(end_ns - span["start_ns"]),
-        _bar(span["start_ns"], end_ns, t0, total_ns, color),
-        _bytes(attrs.get(Attr.KV_BYTES)),
-        tier,
-        Text(status if status != "UNSET" else "", style="red" if status == "ERROR" else ""),
-    )
-    indent = "  " * (depth + 1)
-    for event in span["events"]:
-        at = event["time_ns"]
-        table.add_row(
-            "", Text(f"{indent}• {event['name']}", style="dim"), _ms(at - t0), "",
+def _cells(row: Row, t0: int, total_ns: int, color: str) -> tuple:
+    indent = "  " * row.depth
+    if row.kind == "link":
+        return ("", Text(f"{indent}↳ {row.name}", style="dim"), "", "", "", "", "", "")
+    at = t0 + (row.start_ns or 0)
+    if row.kind == "event":
+        return (
+            "", Text(f"{indent}• {row.name}", style="dim"), _ms(at - t0), "",
             _bar(at, at, t0, total_ns, "bold " + color), "", "", "",
         )  # fmt: skip
-    for link in span["links"]:
-        target = names.get(
-            link["span_id"], f"span {link['span_id']} of trace {link['trace_id'][:8]}"
-        )
-        table.add_row(
-            "", Text(f"{indent}↳ linked to {target}", style="dim"), "", "", "", "", "", ""
-        )
+    return (
+        Text(row.hop, style=color), indent + row.name, _ms(at - t0), _ms(row.duration_ns or 0),
+        _bar(at, at + (row.duration_ns or 0), t0, total_ns, color), _bytes(row.kv_bytes),
+        row.tier, Text(row.status, style="red" if row.status == "ERROR" else ""),
+    )  # fmt: skip
 
 
 def show(directory: Path, request_id: str | None, console: Console | None = None) -> Trace:
