@@ -340,6 +340,7 @@ class Stack:
             "grpc": self.grpc_address,
             "http": self.http_url,
             "openai": f"{self.http_url}/v1",
+            "console": f"{self.http_url}/console/",
             "redis": self.redis_url,
             "kvstore": self.kvstore_address,
         }

@@ -35,6 +35,8 @@ from pdserve.grpc_tracing import AioServerTracingInterceptor, metadata_carrier
 from pdserve.kv.metadata import Heartbeat, WorkerInfo
 from pdserve.telemetry import extract_context
 from services.router import observe
+from services.router.console import Console
+from services.router.console_data import RecentSpans
 from services.router.errors import RouterError, Unauthenticated
 from services.router.openai_api import make_app
 from services.router.router import ModelInfo, Router
@@ -113,8 +115,10 @@ def load_model_info(settings: RouterSettings) -> ModelInfo:
 
 
 class RouterServer:
-    def __init__(self, settings: RouterSettings) -> None:
+    def __init__(self, settings: RouterSettings, spans: RecentSpans | None = None) -> None:
+        """``spans``: the console's span buffer, already on this process's tracer provider."""
         self.settings = settings
+        self.spans = spans or RecentSpans(settings.console_max_traces)
         self.model = load_model_info(settings)
         self.directory = WorkerDirectory(
             settings.redis_url, settings.cluster_name, settings.heartbeat_ttl_s,
@@ -139,7 +143,13 @@ class RouterServer:
         self.grpc_port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
         await self.server.start()
         if s.http_port:
-            self._runner = web.AppRunner(make_app(self.router), access_log=None)
+            app = make_app(self.router)
+            Console(
+                self.router, self.directory.registry, self.spans,
+                authenticate=lambda header: check_bearer(s, header),
+                key_required=s.api_key is not None,
+            ).add_routes(app)  # fmt: skip
+            self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
             site = web.TCPSite(self._runner, s.http_host, s.http_port)
             await site.start()
@@ -177,10 +187,10 @@ class RouterServer:
         await self.clients.close()
 
 
-async def serve_async(settings: RouterSettings) -> None:
-    server = RouterServer(settings)
+async def serve_async(settings: RouterSettings, spans: RecentSpans | None = None) -> None:
+    server = RouterServer(settings, spans)
     await serve_until_signalled(server, "router", suppress_stop_errors=True)
 
 
-def serve(settings: RouterSettings) -> None:
-    asyncio.run(serve_async(settings))
+def serve(settings: RouterSettings, spans: RecentSpans | None = None) -> None:
+    asyncio.run(serve_async(settings, spans))

@@ -58,6 +58,14 @@ class RouterSettings(ServiceSettings):
     max_message_bytes: int = Field(16 << 20, ge=1 << 20)
     shutdown_grace_s: float = Field(5.0, ge=0)
 
+    # Operator console (/console; services/router/console.py).
+    console_max_traces: int = Field(
+        1024, ge=1, description="recent traces the console keeps in memory (and lists)"
+    )
+    console_jaeger_url: str | None = Field(
+        None, description="Jaeger UI base URL: the console links each request's trace there"
+    )
+
     @model_validator(mode="after")
     def _check_router(self) -> RouterSettings:
         if self.dtype not in ("float32", "bfloat16", "float16"):
