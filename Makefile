@@ -7,9 +7,20 @@ PIP := $(PY) -m pip
 SETUP_STAMP := $(VENV)/.setup-done
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup test up bench bench-peers lint protos clean
+.PHONY: setup browser test up bench bench-peers lint protos clean
 
-setup: $(SETUP_STAMP)
+setup: $(SETUP_STAMP) browser
+
+# Debian's Chromium for the console's browser test (tests/console drives it with Playwright,
+# which never downloads a browser of its own). Needs root and apt-get; without them the test
+# is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for tests/console ..."; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+	    >/dev/null || echo "warning: chromium could not be installed; tests/console will skip"; \
+	else echo "note: no chromium and no root apt-get: tests/console will skip"; fi
 
 $(SETUP_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
