@@ -105,6 +105,12 @@ def up(
     demo: Annotated[
         bool, typer.Option("--demo", help="send a demo chat request once ready")
     ] = False,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls", help="throw-away CA: mTLS between services, TLS on the router's APIs"
+        ),
+    ] = False,
 ) -> None:
     """Start Redis, a KV store, prefill and decode workers and the router; Ctrl-C stops all."""
     from pdserve.launcher import StackConfig, parse_cpu_affinity
@@ -114,7 +120,7 @@ def up(
         config = StackConfig(
             num_prefill=prefill, num_decode=decode, redis_url=redis_url, grpc_port=grpc_port,
             http_port=http_port, model=model, cpu_affinity=parse_cpu_affinity(cpu_affinity or []),
-            cluster_name=cluster_name, log_dir=log_dir,
+            cluster_name=cluster_name, log_dir=log_dir, tls=tls,
         )  # fmt: skip
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)

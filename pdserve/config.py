@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pdserve.engine.engine_config import EngineConfig
@@ -47,6 +47,23 @@ class ServiceSettings(BaseSettings):
         "control-plane Redis; redis://[:password@]host:port/db, rediss:// for TLS",
     )
     redis_ca_file: Path | None = _shared(None, "redis_ca_file", "CA bundle for rediss://")
+    redis_cert_file: Path | None = _shared(
+        None, "redis_cert_file", "client certificate for rediss:// (Redis tls-auth-clients)"
+    )
+    redis_key_file: Path | None = _shared(None, "redis_key_file", "its private key")
+    tls_cert_file: Path | None = _shared(
+        None, "tls_cert_file", "this service's certificate (PEM, signed by the cluster CA)"
+    )
+    tls_key_file: Path | None = _shared(None, "tls_key_file", "its private key (PEM)")
+    tls_ca_file: Path | None = _shared(
+        None, "tls_ca_file", "the cluster CA: set with cert and key, the cluster runs on mTLS"
+    )
+    tls_server_name: str | None = _shared(
+        None, "tls_server_name", "name every service certificate carries; unset: the dialed host"
+    )
+    cluster_token: SecretStr | None = _shared(
+        None, "cluster_token", "without mTLS: shared secret every cluster call must carry"
+    )
     node_id: str = _shared(socket.gethostname(), "node_id", "name of this host in the cluster")
     log_level: LogLevel = _shared("info", "log_level", "structlog level")
     log_json: bool | None = _shared(
@@ -87,6 +104,13 @@ class ServiceSettings(BaseSettings):
             raise ValueError(
                 f"trace_sampling_ratio must be in [0, 1] (got {self.trace_sampling_ratio})"
             )
+        tls_files = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        if any(tls_files) and not all(tls_files):
+            raise ValueError("tls_cert_file, tls_key_file and tls_ca_file go together (mTLS)")
+        if (self.redis_cert_file is None) != (self.redis_key_file is None):
+            raise ValueError("redis_cert_file and redis_key_file go together")
+        if self.cluster_token is not None and not self.cluster_token.get_secret_value().strip():
+            raise ValueError("cluster_token must be non-empty when set")
         if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
             raise ValueError(
                 f"heartbeat_ttl_s ({self.heartbeat_ttl_s}) must exceed heartbeat_interval_s "

@@ -23,8 +23,10 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from pdserve import metrics
+from pdserve.cluster_auth import AioClusterAuthInterceptor, ClusterAuthPolicy
 from pdserve.grpc_tracing import AioServerTracingInterceptor
 from pdserve.kv.grpc_transport import channel_options
+from pdserve.tls import ClusterSecurity
 
 if TYPE_CHECKING:
     from pdserve.config import WorkerSettings
@@ -35,13 +37,20 @@ H = TypeVar("H")
 
 
 def new_server(
-    max_message_bytes: int, interceptor: grpc.aio.ServerInterceptor | None = None
+    max_message_bytes: int,
+    interceptor: grpc.aio.ServerInterceptor | None = None,
+    *,
+    auth: ClusterAuthPolicy | None = None,
 ) -> grpc.aio.Server:
-    """A grpc.aio server with pdserve's message limits under ``interceptor`` (default: tracing)."""
-    return grpc.aio.server(
-        options=channel_options(max_message_bytes),
-        interceptors=[interceptor or AioServerTracingInterceptor()],
-    )
+    """A grpc.aio server with pdserve's message limits under ``interceptor`` (default: tracing).
+
+    ``auth``: callers that are not services of the cluster are refused first, before their
+    trace context is trusted (see pdserve.cluster_auth)."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if auth is not None and not auth.is_open:
+        interceptors.append(AioClusterAuthInterceptor(auth))
+    interceptors.append(interceptor or AioServerTracingInterceptor())
+    return grpc.aio.server(options=channel_options(max_message_bytes), interceptors=interceptors)
 
 
 def add_health_and_reflection(server: Any, service_name: str, servicer: H) -> H:
@@ -128,8 +137,11 @@ class WorkerServer(Generic[W]):
 
     async def start(self) -> None:
         s = self.settings
-        self.server = new_server(s.max_message_bytes)
-        self.port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        security = ClusterSecurity.from_settings(s)
+        self.server = new_server(s.max_message_bytes, auth=security.auth_policy())
+        self.port = security.add_port(self.server, f"{s.grpc_host}:{s.grpc_port}")
+        if security.auth_policy().is_open:
+            log.warning(f"{self.role}.unauthenticated", hint="set tls_* files or cluster_token")
         address = s.advertise_address or f"{s.node_id}:{self.port}"
         worker_id = f"{self.role}-{s.node_id}-{self.port}"
         self.worker = await asyncio.to_thread(

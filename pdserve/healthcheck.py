@@ -1,6 +1,7 @@
 """``python -m pdserve.healthcheck HOST:PORT [SERVICE]``: exit 0 when the gRPC health check
 says SERVING, 1 otherwise. For container health checks (docker compose, Kubernetes exec
-probes) where no grpc_health_probe binary is installed.
+probes) where no grpc_health_probe binary is installed. On a cluster with mTLS it presents
+the container's own certificate (the ``PDSERVE_TLS_*`` variables).
 """
 
 from __future__ import annotations
@@ -10,9 +11,15 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdserve.config import ServiceSettings
+from pdserve.tls import ClusterSecurity
 
-def check(address: str, service: str = "", timeout_s: float = 2.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+
+def check(
+    address: str, service: str = "", timeout_s: float = 2.0, security: ClusterSecurity | None = None
+) -> bool:
+    security = security or ClusterSecurity.from_settings(ServiceSettings())
+    with security.channel(address, []) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s

@@ -35,6 +35,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdserve.tls import ClusterPki, ClusterSecurity, make_cluster_pki
+
 _PR_SET_PDEATHSIG = 1
 HOST = "127.0.0.1"
 
@@ -110,6 +112,7 @@ class StackConfig:
     log_dir: Path | None = None
     startup_timeout_s: float = 180.0
     default_ports: bool = True  # False: every port is a free one (tests, benchmarks)
+    tls: bool = False  # a throw-away cluster CA: mTLS inside, TLS on the router's APIs
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0 or self.num_decode < 1:
@@ -129,6 +132,8 @@ class Stack:
         self.http_url = ""
         self.http_port = 0
         self.kvstore_address = ""
+        self.pki: ClusterPki | None = None
+        self.security = ClusterSecurity(cluster_name=config.cluster_name)  # the launcher's own
 
     # ---- start ----
 
@@ -178,6 +183,8 @@ class Stack:
         }
         if role != "router":
             env[f"{p}ADVERTISE_ADDRESS"] = f"{HOST}:{grpc_port}"
+        if self.pki is not None:
+            env.update(self.pki.env(role))
         cpus = self.config.cpu_affinity.get(role)
         if cpus and role in ("prefill", "decode"):
             env.setdefault(f"{p}NUM_THREADS", str(len(cpus)))
@@ -192,6 +199,8 @@ class Stack:
 
     def _start_all(self) -> None:
         cfg = self.config
+        if cfg.tls:
+            self._make_pki()
         if not self.redis_url:
             port = self._port(6379)
             self._spawn("redis", "redis", [
@@ -220,13 +229,23 @@ class Stack:
         self._spawn("router", "router", [sys.executable, "-m", "services.router"],
                     self._service_env("router", port, self.http_port), port)  # fmt: skip
         self.grpc_address = f"{HOST}:{port}"
-        self.http_url = f"http://{HOST}:{self.http_port}"
+        scheme = "https" if cfg.tls else "http"
+        self.http_url = f"{scheme}://{HOST}:{self.http_port}"
         deadline = time.monotonic() + cfg.startup_timeout_s
         for child in self.children:
             if child.grpc_port is not None:
                 self._wait_healthy(child, deadline)
         self._wait_registered(deadline)
         self._wait_router_sees_workers(deadline)
+
+    def _make_pki(self) -> None:
+        """A CA and one certificate per service under ``<log_dir>/tls``; the launcher itself
+        speaks to the services as the router (health checks, readiness)."""
+        self.pki = make_cluster_pki(self.log_dir / "tls", self.config.cluster_name)
+        self.security = ClusterSecurity(
+            cluster_name=self.config.cluster_name, cert_file=self.pki.cert_file("router"),
+            key_file=self.pki.key_file("router"), ca_file=self.pki.ca_file,
+        )  # fmt: skip
 
     def _wait_redis(self) -> None:
         import redis
@@ -249,7 +268,7 @@ class Stack:
             raise RuntimeError(f"{child.name} exited with {child.proc.returncode}:\n{tail}")
 
     def _wait_healthy(self, child: Child, deadline: float) -> None:
-        with grpc.insecure_channel(f"{HOST}:{child.grpc_port}") as channel:
+        with self.security.channel(f"{HOST}:{child.grpc_port}", []) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 self._check_alive(child)
@@ -295,7 +314,10 @@ class Stack:
         while True:
             self._check_alive(self.child("router"))
             try:
-                with urllib.request.urlopen(self.http_url + "/health", timeout=1.0) as reply:
+                with urllib.request.urlopen(
+                    self.http_url + "/health", timeout=1.0,
+                    context=self.security.client_ssl_context(),
+                ) as reply:  # fmt: skip
                     seen = json.loads(reply.read())
             except urllib.error.HTTPError as exc:  # 503 while no decode worker is seen
                 seen = json.loads(exc.read() or b"{}")
@@ -347,6 +369,8 @@ class Stack:
         for c in self.children:
             if c.role in ("prefill", "decode"):
                 out[c.name] = f"{HOST}:{c.grpc_port}"
+        if self.pki is not None:
+            out["ca"] = str(self.pki.ca_file)
         out["logs"] = str(self.log_dir)
         return out
 
@@ -363,11 +387,12 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
-def run_demo(grpc_address: str, echo) -> None:
+def run_demo(grpc_address: str, echo, ca_file: Path | None = None) -> None:
     """One chat request through the SDK; prints the answer and the route explanation."""
     from pdserve.client import Client
 
-    with Client(grpc_address) as client:
+    roots = ca_file.read_bytes() if ca_file is not None else None
+    with Client(grpc_address, root_certificates=roots) as client:
         done = client.generate(
             messages=[{"role": "user", "content": "What is the capital of France?"}],
             max_tokens=48,
@@ -406,7 +431,7 @@ def up(config: StackConfig, *, demo: bool = False, echo=_echo) -> int:
         echo("ready")
         if demo:
             try:
-                run_demo(stack.grpc_address, echo)
+                run_demo(stack.grpc_address, echo, stack.pki.ca_file if stack.pki else None)
             except Exception as exc:  # the demo is a courtesy; the stack keeps serving
                 echo(f"demo request failed: {exc}")
         reported: set[str] = set()

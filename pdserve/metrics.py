@@ -94,6 +94,17 @@ REQUEST_PROMPT_TOKENS = Histogram(
 REQUEST_GENERATION_TOKENS = Histogram(
     "pdserve_request_generation_tokens", "Output length per request.", buckets=TOKEN_BUCKETS
 )
+# Per tenant (router; label values: the tenants of the keys file, a closed set).
+TENANT_REQUESTS = Counter(
+    "pdserve_tenant_requests",
+    "Requests per tenant by outcome (ok, error, cancelled, rate_limited).",
+    ["tenant", "outcome"],
+)
+TENANT_TOKENS = Counter(
+    "pdserve_tenant_tokens",
+    "Tokens per tenant: prompt, cached (of the prompt), completion.",
+    ["tenant", "kind"],
+)
 
 # --- queues and batches (every service) ------------------------------------------------------
 

@@ -32,6 +32,7 @@ from pdserve.kv.transport import (
     TierStats,
     TraceContext,
 )
+from pdserve.tls import ClusterSecurity
 
 _PIECE_BYTES = 256 << 10  # copy-then-hash granularity: stays in L2
 
@@ -121,10 +122,12 @@ class GrpcTransport(KVTransport):
         chunk_bytes: int = 1 << 20,
         max_message_bytes: int = 64 << 20,
         timeout_s: float = 60.0,
+        security: ClusterSecurity | None = None,
     ) -> None:
+        """``security``: mTLS or the cluster token when the store demands one (pdserve.tls)."""
         self.address = address
-        self._raw_channel = grpc.insecure_channel(
-            address, options=channel_options(max_message_bytes)
+        self._raw_channel = (security or ClusterSecurity()).channel(
+            address, channel_options(max_message_bytes)
         )
         self._channel = grpc.intercept_channel(self._raw_channel, *client_interceptors())
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)

@@ -37,6 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
 import structlog
@@ -44,18 +45,47 @@ import structlog
 from pdserve import metrics
 from pdserve.kv.blocks import BlockKey, Tier
 
+if TYPE_CHECKING:
+    from pdserve.config import ServiceSettings
+
 log = structlog.get_logger(__name__)
 
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 _TIER_BY_LABEL = {t.label: t for t in Tier}
 
 
-def connect(url: str, *, ca_file: str | None = None, timeout_s: float = 2.0) -> redis.Redis:
-    """A client for ``redis://[:password@]host:port/db`` or ``rediss://`` (TLS)."""
+def connect(
+    url: str,
+    *,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    timeout_s: float = 2.0,
+) -> redis.Redis:
+    """A client for ``redis://[:password@]host:port/db`` or ``rediss://`` (TLS; a private CA
+    and a client certificate when given)."""
     kwargs: dict = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-    if url.startswith("rediss://") and ca_file:
-        kwargs["ssl_ca_certs"] = ca_file
+    if url.startswith("rediss://"):
+        if ca_file:
+            kwargs["ssl_ca_certs"] = ca_file
+        if cert_file and key_file:
+            kwargs.update(ssl_certfile=cert_file, ssl_keyfile=key_file)
     return redis.Redis.from_url(url, **kwargs)
+
+
+def connect_for(settings: ServiceSettings, **kwargs) -> redis.Redis:
+    """The Redis client of a service: its URL (credentials included) and TLS files."""
+
+    def path(p) -> str | None:
+        return str(p) if p is not None else None
+
+    return connect(
+        settings.redis_url,
+        ca_file=path(settings.redis_ca_file),
+        cert_file=path(settings.redis_cert_file),
+        key_file=path(settings.redis_key_file),
+        **kwargs,
+    )
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import structlog
 
 from pdserve.kv.grpc_transport import GrpcTransport, SharedMemoryTransport
 from pdserve.kv.transport import KVTransport, TraceContext
+from pdserve.tls import ClusterSecurity
 from pdserve.wire import KVSource
 
 log = structlog.get_logger(__name__)
@@ -41,10 +42,13 @@ class FetchResult:
 class KVFetcher:
     """Connections to kvstores by address (built lazily, dropped after an error)."""
 
-    def __init__(self, node_id: str, *, allow_shm: bool, timeout_s: float) -> None:
+    def __init__(
+        self, node_id: str, *, allow_shm: bool, timeout_s: float, security: ClusterSecurity
+    ) -> None:
         self._node_id = node_id
         self._allow_shm = allow_shm
         self._timeout_s = timeout_s
+        self._security = security
         self._transports: dict[str, KVTransport] = {}
         self._lock = threading.Lock()
 
@@ -55,7 +59,7 @@ class KVFetcher:
             return transport
         same_node = self._allow_shm and source.node_id == self._node_id
         cls = SharedMemoryTransport if same_node else GrpcTransport
-        transport = cls(source.kvstore_address, timeout_s=self._timeout_s)
+        transport = cls(source.kvstore_address, timeout_s=self._timeout_s, security=self._security)
         with self._lock:
             return self._transports.setdefault(source.kvstore_address, transport)
 

@@ -47,7 +47,7 @@ from pdserve import metrics
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.kv.metadata import Heartbeat, RedisLayout, WorkerInfo, WorkerRegistry, connect
+from pdserve.kv.metadata import Heartbeat, RedisLayout, WorkerInfo, WorkerRegistry, connect_for
 from pdserve.model.loader import Checkpoint
 from pdserve.telemetry import (
     Attr,
@@ -58,6 +58,7 @@ from pdserve.telemetry import (
     itl_attributes,
     links_from,
 )
+from pdserve.tls import ClusterSecurity
 from pdserve.wire import KVSource
 from services.decode.fetch import FetchResult, KVFetcher
 from services.decode.hbm import HbmPublisher
@@ -177,6 +178,7 @@ class DecodeWorker:
             allow_shm=settings.kv_transport == "auto",
             timeout_s=settings.kv_timeout_s,
         )
+            security=ClusterSecurity.from_settings(settings),
         self._fetch_pool = ThreadPoolExecutor(
             settings.kv_fetch_threads, thread_name_prefix="decode-fetch"
         )
@@ -188,8 +190,7 @@ class DecodeWorker:
         self._step_phase = "decode"
         self.load = DecodeLoad()
         self._publish_load()
-        ca = str(settings.redis_ca_file) if settings.redis_ca_file else None
-        self._redis = connect(settings.redis_url, ca_file=ca)
+        self._redis = connect_for(settings)
         layout = RedisLayout(settings.cluster_name)
         registry = WorkerRegistry(self._redis, layout, settings.heartbeat_ttl_s)
         self._heartbeat = Heartbeat(registry, self.worker_info, settings.heartbeat_interval_s)

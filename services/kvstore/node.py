@@ -22,7 +22,7 @@ from pdserve.kv.metadata import (
     RedisLayout,
     WorkerInfo,
     WorkerRegistry,
-    connect,
+    connect_for,
 )
 from services.kvstore.store import TieredStore
 
@@ -37,8 +37,7 @@ class KVStoreNode:
         self.worker_id = f"kvstore-{settings.node_id}-{os.getpid()}-{settings.grpc_port}"
         self.store = TieredStore(settings)
         self.layout = RedisLayout(settings.cluster_name)
-        ca = str(settings.redis_ca_file) if settings.redis_ca_file else None
-        self.redis = connect(settings.redis_url, ca_file=ca)
+        self.redis = connect_for(settings)
         self.publisher = KVEventPublisher(
             self.redis,
             self.layout,

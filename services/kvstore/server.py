@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2
 
 from pdserve import metrics
 from pdserve._proto.pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+from pdserve.cluster_auth import ClusterAuthInterceptor
 from pdserve.config import KVStoreSettings
 from pdserve.grpc_server import add_health_and_reflection
 from pdserve.grpc_tracing import ServerTracingInterceptor
@@ -34,6 +35,7 @@ from pdserve.kv.errors import ChunkOrderError, KVError
 from pdserve.kv.grpc_transport import channel_options
 from pdserve.kv.shm import host_id
 from pdserve.telemetry import Attr, get_tracer, links_from
+from pdserve.tls import ClusterSecurity
 from services.kvstore.node import KVStoreNode
 from services.kvstore.store import TieredStore
 
@@ -262,16 +264,23 @@ class KVStoreServer:
 
     def __init__(self, settings: KVStoreSettings) -> None:
         self.settings = settings
+        security = ClusterSecurity.from_settings(settings)
+        policy = security.auth_policy()
+        # Strangers are refused before anything else runs, on every RPC (MapShared and the
+        # other shared-memory calls included): a KV block is as sensitive as its prompt.
+        interceptors = [] if policy.is_open else [ClusterAuthInterceptor(policy)]
         self.server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=settings.grpc_workers, thread_name_prefix="kvstore-rpc"
             ),
             options=channel_options(settings.max_message_bytes),
-            interceptors=[ServerTracingInterceptor()],
+            interceptors=[*interceptors, ServerTracingInterceptor()],
         )
         self.metrics: metrics.MetricsServer | None = None
         self._stopping = False
-        self.port = self.server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        self.port = security.add_port(self.server, f"{settings.grpc_host}:{settings.grpc_port}")
+        if policy.is_open:
+            log.warning("kvstore.unauthenticated", hint="set tls_* files or cluster_token")
         address = settings.advertise_address or f"{settings.node_id}:{self.port}"
         self.node = KVStoreNode(settings, address=address)
         kvstore_pb2_grpc.add_KVStoreServicer_to_server(

@@ -47,10 +47,11 @@ from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import SchedulerPlan
 from pdserve.kv.grpc_transport import GrpcTransport, SharedMemoryTransport
-from pdserve.kv.metadata import Heartbeat, RedisLayout, WorkerInfo, WorkerRegistry, connect
+from pdserve.kv.metadata import Heartbeat, RedisLayout, WorkerInfo, WorkerRegistry, connect_for
 from pdserve.kv.transport import KVTransport
 from pdserve.model.loader import Checkpoint
 from pdserve.telemetry import Attr, extract_context, get_tracer, inject_context
+from pdserve.tls import ClusterSecurity
 from pdserve.wire import KVSource
 from services.engine_inbox import EngineInbox
 from services.prefill.handoff import KVHandoff
@@ -138,10 +139,13 @@ class PrefillLoad:
 class KVConnection:
     """A lazily (re)built transport to one kvstore; thread-safe."""
 
-    def __init__(self, address: str, *, allow_shm: bool, timeout_s: float) -> None:
+    def __init__(
+        self, address: str, *, allow_shm: bool, timeout_s: float, security: ClusterSecurity
+    ) -> None:
         self.address = address
         self._allow_shm = allow_shm
         self._timeout_s = timeout_s
+        self._security = security
         self._transport: KVTransport | None = None
         self._lock = threading.Lock()
 
@@ -149,7 +153,9 @@ class KVConnection:
         with self._lock:
             if self._transport is None:
                 cls = SharedMemoryTransport if self._allow_shm else GrpcTransport
-                self._transport = cls(self.address, timeout_s=self._timeout_s)
+                self._transport = cls(
+                    self.address, timeout_s=self._timeout_s, security=self._security
+                )
             return self._transport
 
     def reset(self) -> None:
@@ -182,6 +188,7 @@ class PrefillWorker:
             settings.kvstore_address,
             allow_shm=settings.kv_transport == "auto",
             timeout_s=settings.kv_timeout_s,
+            security=ClusterSecurity.from_settings(settings),
         )
         self.handoff = KVHandoff(
             self.kv.get, self.engine.runner.layer_nbytes, node_id=settings.kv_node_id
@@ -208,10 +215,7 @@ class PrefillWorker:
 
     def _make_heartbeat(self) -> Heartbeat:
         s = self.settings
-        ca = str(s.redis_ca_file) if s.redis_ca_file else None
-        registry = WorkerRegistry(
-            connect(s.redis_url, ca_file=ca), RedisLayout(s.cluster_name), s.heartbeat_ttl_s
-        )
+        registry = WorkerRegistry(connect_for(s), RedisLayout(s.cluster_name), s.heartbeat_ttl_s)
         return Heartbeat(registry, self.worker_info, s.heartbeat_interval_s)
 
     def worker_info(self) -> WorkerInfo:

@@ -26,8 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pdserve._proto.pdserve.v1 import common_pb2, router_pb2
 from pdserve.metrics import aiohttp_metrics_handler
 from pdserve.telemetry import extract_context
+from services.router.auth import TenantGate
 from services.router.errors import InvalidRequest, RouterError
 from services.router.router import Router
+from services.router.tenants import ApiKeys, Tenant
 
 _FINISH = {
     common_pb2.FINISH_REASON_STOP: "stop",
@@ -253,8 +255,9 @@ def _deadline(request: web.Request) -> float | None:
 
 
 class OpenAIHandlers:
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, gate: TenantGate) -> None:
         self.router = router
+        self.gate = gate
         self.logprobs = _Logprobs(router.model.tokenizer)
 
     async def models(self, request: web.Request) -> web.Response:
@@ -269,27 +272,27 @@ class OpenAIHandlers:
         return web.json_response({"status": "ok" if ok else "degraded", **stats},
                                  status=200 if ok else 503)  # fmt: skip
 
-    def _auth(self, request: web.Request) -> None:
-        from services.router.server import check_bearer
-
-        check_bearer(self.router.settings, request.headers.get("Authorization"))
+    def _auth(self, request: web.Request) -> Tenant:
+        return self.gate.authenticate(request.headers.get("Authorization"))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        self._auth(request)
+        tenant = self._auth(request)
         body = await _parse(request, CompletionBody)
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-        return await self._serve(request, body, _completion_request(body, rid), chat=False)
+        return await self._serve(request, tenant, body, _completion_request(body, rid), chat=False)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        self._auth(request)
+        tenant = self._auth(request)
         body = await _parse(request, ChatBody)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        return await self._serve(request, body, _chat_request(body, rid), chat=True)
+        return await self._serve(request, tenant, body, _chat_request(body, rid), chat=True)
 
-    async def _serve(self, request, body, req, *, chat: bool) -> web.StreamResponse:
+    async def _serve(self, request, tenant, body, req, *, chat: bool) -> web.StreamResponse:
         # A caller's W3C traceparent header makes the request part of the caller's trace.
         caller = extract_context({k.lower(): v for k, v in request.headers.items()})
-        stream = self.router.generate(req, _deadline(request), trace_context=caller)
+        stream = self.gate.generate(
+            tenant, self.router, req, _deadline(request), trace_context=caller
+        )
         async with contextlib.aclosing(stream):  # closed in this task, whatever happens
             return await self._respond(request, body, req, stream, chat=chat)
 
@@ -387,8 +390,9 @@ async def _errors(request: web.Request, handler):
         raise
 
 
-def make_app(router: Router) -> web.Application:
-    h = OpenAIHandlers(router)
+def make_app(router: Router, gate: TenantGate | None = None) -> web.Application:
+    """``gate``: the router's tenants (default: no keys, every caller admitted)."""
+    h = OpenAIHandlers(router, gate or TenantGate(ApiKeys()))
     app = web.Application(middlewares=[_errors], client_max_size=16 << 20)
     app.router.add_post("/v1/completions", h.completions)
     app.router.add_post("/v1/chat/completions", h.chat)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import os
 import time
 
@@ -32,12 +31,14 @@ from pdserve.grpc_server import (
     set_serving,
 )
 from pdserve.grpc_tracing import AioServerTracingInterceptor, metadata_carrier
-from pdserve.kv.metadata import Heartbeat, WorkerInfo
+from pdserve.kv.metadata import Heartbeat, WorkerInfo, connect_for
 from pdserve.telemetry import extract_context
+from pdserve.tls import ClusterSecurity
 from services.router import observe
+from services.router.auth import TenantGate
 from services.router.console import Console
 from services.router.console_data import RecentSpans
-from services.router.errors import RouterError, Unauthenticated
+from services.router.errors import RouterError
 from services.router.openai_api import make_app
 from services.router.router import ModelInfo, Router
 from services.router.settings import RouterSettings
@@ -57,15 +58,6 @@ class RouterTracingInterceptor(AioServerTracingInterceptor):
         return await super().intercept_service(continuation, handler_call_details)
 
 
-def check_bearer(settings: RouterSettings, header: str | None) -> None:
-    """Raise Unauthenticated unless ``header`` is ``Bearer <api_key>`` (no key: all pass)."""
-    if settings.api_key is None:
-        return
-    expected = f"Bearer {settings.api_key}"
-    if header is None or not hmac.compare_digest(header.encode(), expected.encode()):
-        raise Unauthenticated("missing or invalid bearer token")
-
-
 async def abort_with(context: grpc.aio.ServicerContext, exc: RouterError) -> None:
     if exc.retry_after_s:
         context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
@@ -73,16 +65,18 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: RouterError) -> Non
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, gate: TenantGate) -> None:
         self._router = router
+        self._gate = gate
 
     async def Generate(self, request, context):
         try:
             metadata = metadata_carrier(context.invocation_metadata())
-            check_bearer(self._router.settings, metadata.get("authorization"))
-            stream = self._router.generate(
-                request, context.time_remaining(), trace_context=extract_context(metadata)
-            )
+            tenant = self._gate.authenticate(metadata.get("authorization"))
+            stream = self._gate.generate(
+                tenant, self._router, request, context.time_remaining(),
+                trace_context=extract_context(metadata),
+            )  # fmt: skip
             async with contextlib.aclosing(stream):
                 async for chunk in stream:
                     yield chunk
@@ -92,7 +86,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def ListModels(self, request, context):
         try:
             metadata = dict(context.invocation_metadata() or ())
-            check_bearer(self._router.settings, metadata.get("authorization"))
+            self._gate.authenticate(metadata.get("authorization"))
         except RouterError as exc:
             await abort_with(context, exc)
         return router_pb2.ListModelsResponse(models=[self._router.model.name])
@@ -114,17 +108,28 @@ def load_model_info(settings: RouterSettings) -> ModelInfo:
     )
 
 
+def api_security(settings: RouterSettings) -> ClusterSecurity:
+    """The public APIs' TLS: their own certificate, else the cluster one; no client certificate."""
+    if settings.api_tls_cert_file is not None:
+        return ClusterSecurity(
+            cert_file=settings.api_tls_cert_file, key_file=settings.api_tls_key_file
+        )
+    return ClusterSecurity(cert_file=settings.tls_cert_file, key_file=settings.tls_key_file)
+
+
 class RouterServer:
     def __init__(self, settings: RouterSettings, spans: RecentSpans | None = None) -> None:
         """``spans``: the console's span buffer, already on this process's tracer provider."""
         self.settings = settings
         self.spans = spans or RecentSpans(settings.console_max_traces)
         self.model = load_model_info(settings)
+        self.security = ClusterSecurity.from_settings(settings)
+        self.gate = TenantGate.from_settings(settings)
         self.directory = WorkerDirectory(
-            settings.redis_url, settings.cluster_name, settings.heartbeat_ttl_s,
+            lambda: connect_for(settings), settings.cluster_name, settings.heartbeat_ttl_s,
             settings.registry_refresh_s,
         )  # fmt: skip
-        self.clients = WorkerClients(settings.max_message_bytes)
+        self.clients = WorkerClients(settings.max_message_bytes, security=self.security)
         self.router = Router(settings, self.model, self.directory, self.clients)
         self.worker_id = f"router-{settings.node_id}-{os.getpid()}"
         self._heartbeat: Heartbeat | None = None
@@ -136,22 +141,28 @@ class RouterServer:
         s = self.settings
         self.directory.start()
         self.server = new_server(s.max_message_bytes, RouterTracingInterceptor())
-        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(self.router), self.server)
+        router_pb2_grpc.add_RouterServicer_to_server(
+            RouterServicer(self.router, self.gate), self.server
+        )
         self.health = add_health_and_reflection(
             self.server, SERVICE_NAME, health_aio.HealthServicer()
         )
-        self.grpc_port = self.server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        api = api_security(s)
+        self.grpc_port = api.add_port(
+            self.server, f"{s.grpc_host}:{s.grpc_port}", require_client_auth=False
+        )
         await self.server.start()
         if s.http_port:
-            app = make_app(self.router)
+            app = make_app(self.router, self.gate)
             Console(
                 self.router, self.directory.registry, self.spans,
-                authenticate=lambda header: check_bearer(s, header),
-                key_required=s.api_key is not None,
+                authenticate=self.gate.authenticate, key_required=not self.gate.keys.is_open,
             ).add_routes(app)  # fmt: skip
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, s.http_host, s.http_port)
+            site = web.TCPSite(
+                self._runner, s.http_host, s.http_port, ssl_context=api.http_ssl_context()
+            )
             await site.start()
             self.http_port = self._runner.addresses[0][1]
         self._heartbeat = Heartbeat(self.directory.registry, self._info, s.heartbeat_interval_s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from pdserve.config import ServiceSettings
@@ -22,6 +22,20 @@ class RouterSettings(ServiceSettings):
     api_key: str | None = Field(
         None, description="when set, every call needs 'authorization: Bearer <api_key>'"
     )
+    api_keys_file: Path | None = Field(
+        None, description="JSON: tenants, their API keys and rate limits (see tenants.py)"
+    )
+    api_keys: SecretStr | None = Field(None, description="tenant=key[,tenant=key...]")
+    tenant_requests_per_minute: int = Field(
+        0, ge=0, description="each tenant's default request rate limit; 0: none"
+    )
+    tenant_tokens_per_minute: int = Field(
+        0, ge=0, description="each tenant's default prompt+completion token limit; 0: none"
+    )
+    api_tls_cert_file: Path | None = Field(
+        None, description="certificate of the public gRPC and HTTP APIs; default tls_cert_file"
+    )
+    api_tls_key_file: Path | None = Field(None, description="its private key")
 
     # The model: only its tokenizer and fingerprint are used (weights stay memory-mapped).
     model: Path | None = Field(None, description="GGUF file or safetensors dir; default model")
@@ -72,4 +86,6 @@ class RouterSettings(ServiceSettings):
             raise ValueError(f"dtype must be float32, bfloat16 or float16 (got {self.dtype!r})")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must be non-empty when set")
+        if (self.api_tls_cert_file is None) != (self.api_tls_key_file is None):
+            raise ValueError("api_tls_cert_file and api_tls_key_file go together")
         return self

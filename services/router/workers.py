@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 import structlog
@@ -25,8 +26,8 @@ from pdserve.kv.metadata import (
     RedisLayout,
     WorkerInfo,
     WorkerRegistry,
-    connect,
 )
+from pdserve.tls import ClusterSecurity
 
 log = structlog.get_logger(__name__)
 
@@ -58,18 +59,20 @@ def _call_error(exc: grpc.RpcError) -> WorkerCallError:
 class WorkerClients:
     """One grpc.aio channel per worker address, created on first use."""
 
-    def __init__(self, max_message_bytes: int) -> None:
+    def __init__(self, max_message_bytes: int, *, security: ClusterSecurity | None = None) -> None:
         self._options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
+        self._security = security or ClusterSecurity()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _channel(self, address: str) -> grpc.aio.Channel:
+        """mTLS and the cluster token when configured (see pdserve.tls)."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(
-                address, options=self._options, interceptors=aio_client_interceptors()
+            channel = self._channels[address] = self._security.aio_channel(
+                address, self._options, aio_client_interceptors()
             )
         return channel
 
@@ -106,11 +109,14 @@ class WorkerClients:
 class WorkerDirectory:
     """Live prefill and decode workers (Redis registry) and the KV location index."""
 
-    def __init__(self, redis_url: str, cluster: str, ttl_s: float, refresh_s: float) -> None:
-        self._redis = connect(redis_url)
+    def __init__(
+        self, connect_redis: Callable[[], Any], cluster: str, ttl_s: float, refresh_s: float
+    ) -> None:
+        """``connect_redis``: a new client each call (``pdserve.kv.metadata.connect_for``)."""
+        self._redis = connect_redis()
         layout = RedisLayout(cluster)
         self._registry = WorkerRegistry(self._redis, layout, ttl_s)
-        self.index = LocationIndex(connect(redis_url), layout)
+        self.index = LocationIndex(connect_redis(), layout)
         self._refresh_s = refresh_s
         self._workers: dict[str, list[WorkerInfo]] = {"prefill": [], "decode": []}
         self._stop = threading.Event()
