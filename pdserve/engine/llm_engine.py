@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdserve.engine.block_hash import BlockKey, chain_block_keys, root_key
+from pdserve.engine.block_hash import BlockKey, chain_block_keys, next_block_key, root_key
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.engine_config import EngineConfig
+from pdserve.engine.kv_connector import KVLoad, KVSaver, SaveBlock
 from pdserve.engine.model_runner import ModelRunner, model_block_nbytes
 from pdserve.engine.sampler import SampledToken, Sampler, SamplingRow, make_generator
 from pdserve.engine.sampling_params import SamplingParams
@@ -75,7 +76,14 @@ def _resolve_device(name: str) -> torch.device:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, checkpoint: Checkpoint | None = None):
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        checkpoint: Checkpoint | None = None,
+        *,
+        kv_saver: KVSaver | None = None,
+    ):
+        """`kv_saver` receives every step's completed blocks layer by layer (kv_connector.py)."""
         self.config = config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -111,7 +119,9 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
         self._request_ids = itertools.count()
-        self._prefilled: list[tuple[str, SampledToken]] = []
+        self.kv_saver = kv_saver
+        # First tokens sampled elsewhere, emitted by the step whose plan schedules the request.
+        self._first_tokens: dict[str, SampledToken] = {}
         self.eos_token_ids = frozenset(
             self.model_config.eos_token_ids or self.tokenizer.eos_token_ids
         )
@@ -157,12 +167,24 @@ class LLMEngine:
         request_id: str | None = None,
         cache_salt: str | None = None,
         first_token: SampledToken | None = None,
+        resume_token_ids: SequenceABC[int] = (),
+        kv_load: KVLoad | None = None,
+        num_loaded_blocks: int = 0,
     ) -> str:
         """Queue a request. `first_token` is a token already sampled for this prompt elsewhere
-        (disaggregated prefill): it is emitted by the next `step` and decoding continues from it."""
+        (disaggregated prefill): the step that first schedules the request emits it, and
+        decoding continues from it. `kv_load` (from `start_load`) is committed first: its first
+        `num_loaded_blocks` blocks enter the prefix cache, the rest of its blocks are freed.
+        `resume_token_ids` are output tokens another engine already produced and delivered (a
+        migrated request): they are recomputed like a preempted sequence's, never emitted, and
+        the next token is sampled at output position len(resume_token_ids), as the first
+        engine would have."""
+        if kv_load is not None:
+            self._commit_load(kv_load, num_loaded_blocks)
         params = params or SamplingParams()
         token_ids = self.encode_prompt(prompt, messages)
         self.validate_prompt(token_ids, params)
+        resumed = self._check_resume(resume_token_ids, first_token, params)
         request_id = request_id or f"req-{next(self._request_ids)}"
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -183,15 +205,32 @@ class LLMEngine:
             if not 0 <= first_token.token_id < self.model_config.vocab_size:
                 raise ValueError(f"first token id must be in [0, {self.model_config.vocab_size})")
             seq.output_token_ids.append(first_token.token_id)
-            self._prefilled.append((request_id, first_token))
+            self._first_tokens[request_id] = first_token
+        if resumed:
+            seq.output_token_ids.extend(resumed)
+            for token_id in resumed:  # their text reached the client from the first engine
+                self._requests[request_id].detokenizer.add_token(token_id)
         self.scheduler.add(seq)
         return request_id
+
+    def _check_resume(
+        self, resume_token_ids: SequenceABC[int], first_token: SampledToken | None, params
+    ) -> list[int]:
+        resumed = self.encode_prompt(list(resume_token_ids)) if resume_token_ids else []
+        if resumed and first_token is not None:
+            raise ValueError("give at most one of first_token and resume_token_ids")
+        if len(resumed) >= params.max_tokens:
+            raise ValueError(
+                f"{len(resumed)} resumed tokens leave nothing of max_tokens ({params.max_tokens})"
+            )
+        return resumed
 
     def abort(self, request_id: str) -> bool:
         """Stop a request at any point; its blocks are freed at once. False if unknown."""
         request = self._requests.pop(request_id, None)
         if request is None:
             return False
+        self._first_tokens.pop(request_id, None)
         self.scheduler.finish(request.seq, FinishReason.ABORT)
         return True
 
@@ -208,30 +247,36 @@ class LLMEngine:
         self, on_layer_done: Callable[[int, SchedulerPlan], None] | None = None
     ) -> list[RequestOutput]:
         """One iteration: schedule, execute, update. `on_layer_done(layer, plan)` is called as
-        each layer finishes writing this step's KV (the pipelined-handoff hook)."""
-        pending = self._emit_prefilled()
+        each layer finishes writing this step's KV (telemetry), before the `kv_saver` sees it."""
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return pending + self._fail_unschedulable()
-        hook = None if on_layer_done is None else (lambda layer: on_layer_done(layer, plan))
+            return self._fail_unschedulable()
+        save = _StepSave(self, plan) if self.kv_saver is not None else None
+        hook = _layer_hook(plan, on_layer_done, save)
         try:
             result = self.runner.execute(plan, hook)
             rows = [self._sampling_row(rid) for rid in result.request_ids]
             sampled = self.sampler.sample(result.logits, rows)
-        except Exception:
+        except Exception as exc:
+            if save is not None:
+                save.end(exc)
             self._fail(plan)
             raise
-        return pending + self._update(plan, dict(zip(result.request_ids, sampled, strict=True)))
+        if save is not None:
+            save.end(None)
+        return self._update(plan, dict(zip(result.request_ids, sampled, strict=True)))
 
-    def _emit_prefilled(self) -> list[RequestOutput]:
-        """Outputs for first tokens sampled elsewhere (by a prefill worker), once each."""
-        outputs = []
-        while self._prefilled:
-            request_id, token = self._prefilled.pop()
-            request = self._requests.get(request_id)
-            if request is not None:
-                outputs.append(self._postprocess(request, token))
-        return outputs
+    def _completed_blocks(self, plan: SchedulerPlan) -> list[SaveBlock]:
+        """Every full block this step's chunks complete, with its chain key."""
+        bs, out = self.config.block_size, []
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            parent = seq.block_keys[-1] if seq.block_keys else seq.root_key
+            for i in range(len(seq.block_keys), (chunk.start + chunk.num_tokens) // bs):
+                parent = next_block_key(parent, seq.tokens_in_range(i * bs, (i + 1) * bs))
+                if i >= chunk.start // bs:
+                    out.append(SaveBlock(seq.request_id, i, parent))
+        return out
 
     def _sampling_row(self, request_id: str) -> SamplingRow:
         request = self._requests[request_id]
@@ -247,9 +292,15 @@ class LLMEngine:
                 self.stats.num_prompt_tokens_computed += min(
                     chunk.num_tokens, chunk.seq.num_prompt_tokens - chunk.start
                 )
-        self.scheduler.update(plan, {rid: s.token_id for rid, s in sampled.items()})
         outputs = []
-        for request_id, token in sampled.items():
+        for chunk in plan.chunks:  # first tokens sampled elsewhere come before this step's
+            first = self._first_tokens.pop(chunk.seq.request_id, None)
+            if first is not None:
+                outputs.append(self._postprocess(self._requests[chunk.seq.request_id], first))
+        # A request the first token finished drops the token this step sampled for it.
+        live = {rid: s for rid, s in sampled.items() if rid in self._requests}
+        self.scheduler.update(plan, {rid: s.token_id for rid, s in live.items()})
+        for request_id, token in live.items():
             self.stats.num_generation_tokens += 1
             outputs.append(self._postprocess(self._requests[request_id], token))
         return outputs
@@ -295,6 +346,7 @@ class LLMEngine:
     def _fail(self, plan: SchedulerPlan) -> None:
         for chunk in plan.chunks:
             request = self._requests.pop(chunk.seq.request_id, None)
+            self._first_tokens.pop(chunk.seq.request_id, None)
             if request is not None:
                 self.scheduler.finish(request.seq, FinishReason.ERROR)
 
@@ -304,6 +356,7 @@ class LLMEngine:
         # Nothing fits even with every block free: the head request can never run.
         seq = self.scheduler.waiting[0]
         self._requests.pop(seq.request_id, None)
+        self._first_tokens.pop(seq.request_id, None)
         self.scheduler.finish(seq, FinishReason.ERROR)
         return [RequestOutput(seq.request_id, "", [], True, FinishReason.ERROR.value)]
 
@@ -398,3 +451,127 @@ class LLMEngine:
             self.runner.write_block(block_id, payload)
             inserted += 1
         return inserted
+
+    def cached_prefix_blocks(self, keys: SequenceABC[BlockKey]) -> int:
+        """How many leading `keys` this engine's prefix cache holds. Any thread: a hint (a dict
+        read), so a stale answer only costs a fetch or a recompute."""
+        n = 0
+        while n < len(keys) and self.block_manager.cached_block(keys[n]) is not None:
+            n += 1
+        return n
+
+    # -- the KV-connector load side (see kv_connector.py) ----------------------------------
+    def start_load(
+        self, request_id: str, token_ids: SequenceABC[int], num_blocks: int, cache_salt=None
+    ) -> KVLoad:
+        """Scheduler side (engine thread): of the prompt's first `num_blocks` full blocks, skip
+        the ones cached here and reserve pool blocks for the rest, as many as fit."""
+        bs = self.config.block_size
+        tokens = tuple(token_ids[: num_blocks * bs])
+        keys = self.block_keys(tokens, cache_salt)
+        first = 0
+        while first < len(keys):
+            if self.block_manager.lookup(keys[first], tokens[first * bs : (first + 1) * bs]) is None:
+                break
+            first += 1
+        block_ids = self.block_manager.reserve(len(keys) - first)
+        return KVLoad(request_id, tokens, tuple(keys), first, block_ids)
+
+    def load_layer(self, load: KVLoad, layer: int, start: int, payloads: SequenceABC) -> None:
+        """Worker side (any thread): layer `layer` of blocks `keys_to_load[start:]`."""
+        self._check_open(load)
+        self.runner.write_layer(layer, load.block_ids[start : start + len(payloads)], payloads)
+
+    def load_blocks(self, load: KVLoad, start: int, payloads: SequenceABC) -> None:
+        """Worker side (any thread): whole blocks `keys_to_load[start:]`."""
+        self._check_open(load)
+        block_ids = load.block_ids[start : start + len(payloads)]
+        for block_id, payload in zip(block_ids, payloads, strict=True):
+            self.runner.write_block(block_id, payload)
+
+    def release_load(self, load: KVLoad) -> None:
+        """Give a load's blocks back without caching them (engine thread; idempotent)."""
+        if not load.done:
+            load.done = True
+            self.block_manager.release_reserved(load.block_ids, [])
+
+    def _commit_load(self, load: KVLoad, num_loaded_blocks: int) -> None:
+        self._check_open(load)
+        if not 0 <= num_loaded_blocks <= load.num_to_load:
+            raise ValueError(f"num_loaded_blocks must be in [0, {load.num_to_load}]")
+        bs, first = self.config.block_size, load.first
+        cached = [
+            (load.keys[first + i], load.token_ids[(first + i) * bs : (first + i + 1) * bs])
+            for i in range(num_loaded_blocks)
+        ]
+        load.done = True
+        self.block_manager.release_reserved(load.block_ids, cached)
+
+    @staticmethod
+    def _check_open(load: KVLoad) -> None:
+        if load.done:
+            raise ValueError(f"the KV load of {load.request_id!r} was already committed or released")
+
+    # -- what the services publish (engine thread) -----------------------------------------
+    @property
+    def layer_nbytes(self) -> int:
+        return self.runner.layer_nbytes
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    @property
+    def num_free_kv_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    @property
+    def num_cached_kv_blocks(self) -> int:
+        return self.block_manager.num_cached_blocks
+
+    def cached_keys(self) -> list[BlockKey]:
+        return [b.key for b in self.block_manager.blocks if b.key is not None]
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+
+class _StepSave:
+    """One step's save side: which blocks the saver picked and their pool blocks."""
+
+    def __init__(self, engine: LLMEngine, plan: SchedulerPlan) -> None:
+        self.engine, self.plan = engine, plan
+        self.block_ids: list[int] = []
+        self.begun = False
+
+    def layer(self, layer: int) -> None:
+        saver, engine = self.engine.kv_saver, self.engine
+        if layer == 0:
+            self.begun = True
+            picked = saver.begin_save(engine._completed_blocks(self.plan))
+            tables = {c.seq.request_id: c.seq.block_table for c in self.plan.chunks}
+            self.block_ids = [tables[b.request_id][b.index] for b in picked]
+        if self.block_ids:
+            saver.save_layer(layer, engine.runner.read_layer(layer, self.block_ids))
+
+    def end(self, error: Exception | None) -> None:
+        if self.begun:
+            self.engine.kv_saver.end_save(error)
+
+
+def _layer_hook(plan, on_layer_done, save: _StepSave | None) -> Callable[[int], None] | None:
+    if on_layer_done is None and save is None:
+        return None
+
+    def hook(layer: int) -> None:
+        if on_layer_done is not None:
+            on_layer_done(layer, plan)
+        if save is not None:
+            save.layer(layer)
+
+    return hook

@@ -49,6 +49,11 @@ def spec_from_proto(request: decode_pb2.DecodeRequest, vocab_size: int) -> Decod
         params=wire.sampling_from_proto(sampling),
         cache_salt=request.cache_salt or None,
         first_token=first_token,
+        resume_token_ids=tuple(
+            wire.prompt_from_proto(request.resume_token_ids, vocab_size)
+            if request.resume_token_ids
+            else ()
+        ),
         kv=wire.kv_source_from_proto(request.kv if request.HasField("kv") else None),
         kv_fetch_timeout_s=request.kv_fetch_timeout_s or None,
         prefill_trace=wire.trace_from_proto(request.trace) if request.HasField("trace") else {},

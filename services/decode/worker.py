@@ -90,6 +90,7 @@ class DecodeSpec:
     params: SamplingParams
     cache_salt: str | None = None
     first_token: SampledToken | None = None  # sampled by a prefill worker
+    resume_token_ids: tuple[int, ...] = ()  # a migrated request: output already streamed
     kv: KVSource | None = None
     kv_fetch_timeout_s: float | None = None  # None: the worker's default
     trace_context: dict[str, str] = dataclasses.field(default_factory=dict)  # parent of spans
@@ -157,6 +158,7 @@ class DecodeLoad:
     num_generation_tokens: int = 0
     num_kv_blocks_fetched: int = 0
     num_recomputed: int = 0
+    step_ms: float = 0.0  # the last engine step's wall time (the console shows it)
 
 
 class DecodeWorker:
@@ -177,8 +179,8 @@ class DecodeWorker:
             settings.node_id,
             allow_shm=settings.kv_transport == "auto",
             timeout_s=settings.kv_timeout_s,
-        )
             security=ClusterSecurity.from_settings(settings),
+        )
         self._fetch_pool = ThreadPoolExecutor(
             settings.kv_fetch_threads, thread_name_prefix="decode-fetch"
         )
@@ -188,6 +190,7 @@ class DecodeWorker:
         self._num_fetched = 0
         self._num_recomputed = 0
         self._step_phase = "decode"
+        self._last_step_ms = 0.0
         self.load = DecodeLoad()
         self._publish_load()
         self._redis = connect_for(settings)
@@ -234,6 +237,7 @@ class DecodeWorker:
                 "waiting": load.waiting,
                 "num_free_blocks": load.num_free_blocks,
                 "num_cached_blocks": load.num_cached_blocks,
+                "step_ms": round(load.step_ms, 3),
             },
         )
 
@@ -371,6 +375,7 @@ class DecodeWorker:
                 request_id=spec.request_id,
                 cache_salt=spec.cache_salt,
                 first_token=spec.first_token,
+                resume_token_ids=spec.resume_token_ids,
             )
         except ValueError as exc:
             self._end(job, DecodeEvent([], error=str(exc)))
@@ -430,7 +435,9 @@ class DecodeWorker:
         start = time.perf_counter()
         try:
             outputs = self.engine.step(on_layer_done=self._on_layer_done)
-            metrics.STEP_DURATION.labels(self._step_phase).observe(time.perf_counter() - start)
+            step_s = time.perf_counter() - start
+            metrics.STEP_DURATION.labels(self._step_phase).observe(step_s)
+            self._last_step_ms = step_s * 1000
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
             log.exception("decode.step_failed")
             for job in self._snapshot_jobs():
@@ -544,6 +551,7 @@ class DecodeWorker:
             num_generation_tokens=stats.num_generation_tokens,
             num_kv_blocks_fetched=self._num_fetched,
             num_recomputed=self._num_recomputed,
+            step_ms=self._last_step_ms,
         )
         metrics.QUEUE_DEPTH.labels("decode_waiting").set(len(sched.waiting))
         metrics.QUEUE_DEPTH.labels("decode_kv_fetching").set(fetching)

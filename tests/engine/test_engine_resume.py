@@ -1,0 +1,58 @@
+"""A migrated request resumes on another engine exactly where the first one stopped.
+
+The seeded sampler draws at (seed, output position), so an engine given the prompt plus the
+tokens already streamed (``resume_token_ids``) must produce the rest of the original stream,
+token for token and character for character, emitting nothing for the resumed tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.engine.sampling_params import SamplingParams
+
+PROMPT = "The three most useful habits of a careful engineer are"
+
+
+def _run(engine, prompt_ids, params, resume=()):
+    rid = engine.add_request(prompt_ids, params, resume_token_ids=resume)
+    tokens, text, finish = [], "", None
+    while engine.has_unfinished:
+        for out in engine.step():
+            assert out.request_id == rid
+            tokens += out.new_token_ids
+            text += out.text_delta
+            finish = out.finish_reason
+    return tokens, text, finish
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True,
+                       frequency_penalty=0.5, presence_penalty=0.3),  # fmt: skip
+    ],
+    ids=["greedy", "seeded-penalties"],
+)
+@pytest.mark.parametrize("cut", [1, 7, 23])
+def test_resumed_request_continues_the_original_stream(engine, checkpoint, params, cut):
+    prompt_ids = checkpoint.tokenizer.encode(PROMPT)
+    tokens, text, finish = _run(engine, prompt_ids, params)
+    assert len(tokens) == 24 and finish == "length"
+    rest, rest_text, rest_finish = _run(engine, prompt_ids, params, resume=tokens[:cut])
+    assert rest == tokens[cut:]
+    assert rest_finish == "length"
+    # the resumed engine emits only the text the first one had not emitted yet
+    assert rest_text and text.endswith(rest_text)
+    assert checkpoint.tokenizer.decode(tokens).startswith(text[: len(text) - len(rest_text)])
+
+
+def test_resume_is_checked(engine, checkpoint):
+    prompt_ids = checkpoint.tokenizer.encode(PROMPT)
+    params = SamplingParams(max_tokens=3)
+    with pytest.raises(ValueError, match="leave nothing of max_tokens"):
+        engine.add_request(prompt_ids, params, resume_token_ids=[1, 2, 3])
+    with pytest.raises(ValueError, match="must be integers in"):
+        engine.add_request(prompt_ids, params, resume_token_ids=[10**9])
+    assert not engine.has_unfinished
