@@ -86,6 +86,12 @@ REJECTED_REQUESTS = Counter(
     "Requests refused by admission control (queue_full, deadline, invalid).",
     ["reason"],
 )
+ROUTER_MIGRATIONS = Counter(
+    "pdserve_router_migrations",
+    "Requests moved to another decode worker mid-stream, by reason (unavailable, stall, "
+    "overloaded, deadline, error).",
+    ["reason"],
+)
 PROMPT_TOKENS = Counter("pdserve_prompt_tokens", "Prompt tokens of admitted requests.")
 GENERATION_TOKENS = Counter("pdserve_generation_tokens", "Output tokens streamed to clients.")
 REQUEST_PROMPT_TOKENS = Histogram(

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+import structlog.tracebacks
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
@@ -486,11 +487,14 @@ def configure_logging(
     shared.append(_add_trace_ids)
     if not log_prompts:
         shared.append(_redact_prompts)
+    # A traceback's frame locals hold prompts and completions: shown only with log_prompts.
     if use_json:
         renderer: Any = structlog.processors.JSONRenderer()
-        tail = [structlog.processors.dict_tracebacks]
+        transformer = structlog.tracebacks.ExceptionDictTransformer(show_locals=log_prompts)
+        tail = [structlog.processors.ExceptionRenderer(transformer)]
     else:
-        renderer, tail = structlog.dev.ConsoleRenderer(), []
+        formatter = structlog.dev.RichTracebackFormatter(show_locals=log_prompts)
+        renderer, tail = structlog.dev.ConsoleRenderer(exception_formatter=formatter), []
     structlog.configure(
         processors=[*shared, structlog.processors.StackInfoRenderer(), *tail, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,8 +22,8 @@ from collections.abc import AsyncIterator, Callable
 import structlog
 
 from pdserve import metrics
-from pdserve._proto.pdserve.v1 import router_pb2
-from services.router.errors import Overloaded, Unauthenticated
+from pdserve.errors import Overloaded, Unauthenticated
+from services.router.messages import Chunk, GenerateInput
 from services.router.settings import RouterSettings
 from services.router.tenants import ApiKeys, RateLimiter, Tenant
 
@@ -78,18 +79,18 @@ class TenantGate:
             )
 
     async def generate(
-        self, tenant: Tenant, router, req: router_pb2.GenerateRequest, deadline_s, **kwargs
-    ) -> AsyncIterator[router_pb2.GenerateChunk]:
+        self, tenant: Tenant, router, inp: GenerateInput, deadline_s, **kwargs
+    ) -> AsyncIterator[Chunk]:
         """``router.generate`` for ``tenant``: admitted, in its cache namespace, metered."""
         self.admit(tenant)
-        scoped = router_pb2.GenerateRequest()
-        scoped.CopyFrom(req)
-        scoped.cache_salt = tenant.cache_salt(req.cache_salt)
+        scoped = dataclasses.replace(
+            inp, cache_salt=tenant.cache_salt(inp.cache_salt or "") or None
+        )
         usage, outcome = None, "error"
         try:
             async with contextlib.aclosing(router.generate(scoped, deadline_s, **kwargs)) as s:
                 async for chunk in s:
-                    if chunk.HasField("usage"):
+                    if chunk.usage is not None:
                         usage = chunk.usage
                     yield chunk
             outcome = "ok"

@@ -34,12 +34,12 @@ from typing import Any
 
 from aiohttp import web
 
+from pdserve.errors import NotFound, PdserveError
 from pdserve.kv.metadata import WorkerRegistry
 from pdserve.span_file import default_trace_dir
 from pdserve.trace_view import Trace, waterfall
 from services.router import console_data
 from services.router.console_data import RecentSpans, SpanFileTail
-from services.router.errors import RouterError
 from services.router.router import Router
 
 ASSETS = {
@@ -55,10 +55,7 @@ LOAD_WINDOW_S = 300.0
 LOAD_BUCKET_S = 10.0
 
 
-class RequestNotFound(RouterError):
-    grpc_code = "NOT_FOUND"
-    http_status = 404
-    error_type = "not_found_error"
+class RequestNotFound(NotFound):
     code = "request_not_found"
 
 
@@ -80,7 +77,7 @@ class Console:
     """The console's handlers; one per router process.
 
     ``authenticate`` is the API's own check: it takes the ``Authorization`` header (None when
-    absent) and raises a RouterError (Unauthenticated) unless the caller may use the API;
+    absent) and raises a PdserveError (Unauthenticated) unless the caller may use the API;
     ``key_required`` says whether any key is configured at all."""
 
     def __init__(
@@ -138,7 +135,7 @@ class Console:
         try:
             self._auth(request)
             key_ok = True
-        except RouterError:
+        except PdserveError:
             key_ok = False
         return self._json({"key_required": self.key_required, "key_ok": key_ok})
 

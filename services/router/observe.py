@@ -9,7 +9,10 @@ Exactly one of ``finished`` / ``failed`` / ``cancelled`` is called, and it settl
 request's metrics: ``pdserve_requests_total`` and the end-to-end histogram count every
 request that reached the router, with finish reason ``stop`` | ``length`` | ``abort`` (the
 client left) | ``error``; route ``disaggregated`` | ``local`` | ``none`` (failed before a
-route was chosen). No prompt or completion text is recorded anywhere.
+route was chosen). A migration (the decode worker failed mid-stream, the request moved on)
+is a ``pdserve.migration`` event on the root span and counts in
+``pdserve_router_migrations_total{reason}``. No prompt or completion text is recorded
+anywhere.
 """
 
 from __future__ import annotations
@@ -23,37 +26,32 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from pdserve import metrics
-from pdserve._proto.pdserve.v1 import common_pb2, router_pb2
+from pdserve.errors import InvalidRequest, Overloaded, PdserveError, grpc_status, http_status
 from pdserve.telemetry import Attr, Event
 from services.router import policy
-from services.router.errors import Overloaded, RouterError
+from services.router.messages import Chunk, GenerateInput
 
 log = structlog.get_logger(__name__)
 
 ERROR_TYPE = "error.type"  # OpenTelemetry's general attribute for the class of a failure
 ROUTER_QUEUE = "router_admitted"
-FINISH_NAMES = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_ABORT: "abort",
-    common_pb2.FINISH_REASON_ERROR: "error",
-}
+MIGRATION_EVENT = "pdserve.migration"
 
 
-def request_attributes(req: router_pb2.GenerateRequest, model_name: str) -> dict:
+def request_attributes(inp: GenerateInput, model_name: str) -> dict:
     """GenAI request attributes of the root span (what the caller asked for)."""
+    params = inp.params
     attrs: dict = {
-        Attr.OPERATION: "chat" if req.WhichOneof("input") == "chat" else "text_completion",
+        Attr.OPERATION: inp.operation,
         Attr.SYSTEM: "pdserve",
         Attr.ROLE: "router",
-        Attr.MODEL: req.model or model_name,
+        Attr.MODEL: model_name,  # a wrong name is refused; never echo the caller's
+        Attr.MAX_TOKENS: params.max_tokens,
+        Attr.TEMPERATURE: params.temperature,
+        Attr.TOP_P: params.top_p,
     }
-    if req.HasField("sampling"):
-        s = req.sampling
-        for attr, field in ((Attr.MAX_TOKENS, "max_tokens"), (Attr.TEMPERATURE, "temperature"),
-                            (Attr.TOP_P, "top_p"), (Attr.SEED, "seed")):  # fmt: skip
-            if s.HasField(field):
-                attrs[attr] = getattr(s, field)
+    if params.seed is not None:
+        attrs[Attr.SEED] = params.seed
     return attrs
 
 
@@ -118,7 +116,18 @@ class RequestObserver:
         metrics.PROMPT_TOKENS.inc(num_prompt_tokens)
         metrics.REQUEST_PROMPT_TOKENS.observe(num_prompt_tokens)
 
-    def chunk(self, chunk: router_pb2.GenerateChunk) -> None:
+    def migrated(self, reason: str, from_worker: str, to_worker: str, num_tokens: int) -> None:
+        """The decode worker failed (``reason``: a Failure value); the stream goes on."""
+        metrics.ROUTER_MIGRATIONS.labels(reason).inc()
+        self.span.add_event(MIGRATION_EVENT, {
+            "pdserve.migration.reason": reason, "pdserve.migration.from_worker": from_worker,
+            "pdserve.migration.to_worker": to_worker,
+            "pdserve.migration.streamed_tokens": num_tokens,
+        })  # fmt: skip
+        log.warning("router.migrated", reason=reason, from_worker=from_worker,
+                    to_worker=to_worker, streamed_tokens=num_tokens)  # fmt: skip
+
+    def chunk(self, chunk: Chunk) -> None:
         n = len(chunk.token_ids)
         if n and self.first_token_at is None:
             self.first_token_at = time.monotonic()
@@ -128,24 +137,25 @@ class RequestObserver:
         self.num_output_tokens += n
         metrics.GENERATION_TOKENS.inc(n)
         if chunk.finish_reason:
-            self.finish_reason = FINISH_NAMES.get(chunk.finish_reason, "stop")
+            self.finish_reason = chunk.finish_reason
 
     def finished(self) -> None:
         """The decode stream ended (normally: with a finish reason)."""
         self._settle(self.finish_reason or "stop")
 
-    def failed(self, exc: RouterError) -> None:
-        self.span.set_status(Status(StatusCode.ERROR, f"{exc.grpc_code}: {exc.message}"))
+    def failed(self, exc: PdserveError) -> None:
+        status = grpc_status(exc)
+        self.span.set_status(Status(StatusCode.ERROR, f"{status}: {exc.message}"))
         self.span.set_attributes({
-            ERROR_TYPE: exc.code or type(exc).__name__,
-            Attr.RPC_STATUS: grpc.StatusCode[exc.grpc_code].value[0],
-            "http.response.status_code": exc.http_status,
+            ERROR_TYPE: exc.code,
+            Attr.RPC_STATUS: grpc.StatusCode[status].value[0],
+            "http.response.status_code": http_status(exc)[0],
         })  # fmt: skip
         if isinstance(exc, Overloaded):
             metrics.REJECTED_REQUESTS.labels(exc.reason_class or "queue_full").inc()
-        elif exc.http_status == 400:
+        elif isinstance(exc, InvalidRequest):
             metrics.REJECTED_REQUESTS.labels("invalid").inc()
-        log.warning("router.failed", status=exc.grpc_code, error=exc.message, route=self.route)
+        log.warning("router.failed", status=status, error=exc.message, route=self.route)
         self._settle("error")
 
     def cancelled(self) -> None:

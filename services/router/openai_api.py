@@ -1,11 +1,24 @@
 """OpenAI-compatible HTTP API (aiohttp): /v1/completions, /v1/chat/completions, /v1/models.
 
-Requests are validated by pydantic models in strict mode (a string where a number belongs
-is a 400, not a silent conversion), turned into the same ``GenerateRequest`` the gRPC API
-takes, and served by the same :class:`Router`. Errors use OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}``; 429 carries ``Retry-After``. Every
-response carries the route explanation: the ``x-pdserve-route`` header (compact JSON) and a
-``pdserve_route`` field (non-streaming body, first streamed chunk).
+The HTTP edge. A body is read under ``max_request_bytes``, parsed as strict UTF-8 JSON with
+bounded integer literals and nesting (``max_json_depth``), with no lone surrogates, then
+validated by pydantic models in strict mode (a string where a number belongs is a 400, not a
+silent conversion; integers are range-checked to the wire's int32/int64). Every failure is a
+4xx naming the field, whose message never echoes the caller's unbounded input. OpenAI
+fields pdserve does not implement (``tools``, ``response_format``, ``logit_bias``, ...) are
+refused with a 400 naming the field rather than silently ignored. The body becomes a
+:class:`GenerateInput` for the same :class:`Router` the gRPC API serves; errors are mapped
+once here (``pdserve.errors.http_status``) to OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}``; 429 carries ``Retry-After``.
+
+Streaming (``stream: true``): refusals before admission (400, 429, 503) are plain HTTP
+errors; once the router admits the request the SSE headers go out at once, and an SSE
+comment (``: keep-alive``) every ``SSE_KEEPALIVE_S`` while no token has come, so a client
+never waits without a byte. A failure after that is an in-band ``{"error": ...}`` event
+followed by ``[DONE]``.
+
+The route explanation: the ``x-pdserve-route`` header (compact JSON, non-streaming responses)
+and a ``pdserve_route`` field (non-streaming body, first streamed chunk).
 
 Extensions beyond OpenAI's fields: ``top_k``, ``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``cache_salt``; header ``x-pdserve-deadline-s``.
@@ -13,58 +26,79 @@ Extensions beyond OpenAI's fields: ``top_k``, ``min_p``, ``repetition_penalty``,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import json
+import math
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pdserve._proto.pdserve.v1 import common_pb2, router_pb2
+from pdserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from pdserve.errors import InvalidRequest, PdserveError, http_status, quoted
 from pdserve.metrics import aiohttp_metrics_handler
 from pdserve.telemetry import extract_context
 from services.router.auth import TenantGate
-from services.router.errors import InvalidRequest, RouterError
+from services.router.messages import ChatMessage, Chunk, GenerateInput, RouteExplanation, Usage
 from services.router.router import Router
 from services.router.tenants import ApiKeys, Tenant
 
-_FINISH = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_ABORT: "abort",
-    common_pb2.FINISH_REASON_ERROR: "error",
-}
+SSE_KEEPALIVE_S = 5.0
+MAX_INT_DIGITS = 40  # longer integer literals are refused before conversion
+MAX_ID_CHARS = 256  # model, user, cache_salt
+MAX_STOP = 16
+MAX_MESSAGES = 4096
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Id = Annotated[str, Field(max_length=MAX_ID_CHARS)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+
+# OpenAI fields pdserve does not implement; a request that sets one is refused (400).
+_UNSUPPORTED = (
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+    "response_format", "logit_bias", "suffix", "audio", "modalities", "prediction",
+    "web_search_options", "reasoning_effort", "best_of",
+)  # fmt: skip
+_HARMLESS = {"best_of": 1, "response_format": {"type": "text"}, "modalities": ["text"]}
 
 
 class _Sampling(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    model: str | None = None
-    max_tokens: int | None = None
+    model: Id | None = None
+    max_tokens: Int32 | None = None
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = 1
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    n: Int32 = 1
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: dict[str, bool] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    user: str | None = None
-    top_k: int | None = None
+    user: Id | None = None
+    top_k: Int32 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    cache_salt: str | None = None
+    stop_token_ids: Annotated[list[Count], Field(max_length=256)] | None = None
+    cache_salt: Id | None = None
 
 
 class CompletionBody(_Sampling):
-    prompt: str | list[int] | list[str]
-    logprobs: int | None = None
+    prompt: (
+        str
+        | Annotated[list[Count], Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1, max_length=1)]
+    )
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
 
 
@@ -77,98 +111,135 @@ class _Part(BaseModel):
 class _Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[_Part]
+    content: str | Annotated[list[_Part], Field(max_length=MAX_MESSAGES)]
 
 
 class ChatBody(_Sampling):
-    messages: list[_Message] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[_Message], Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_completion_tokens: Int32 | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
 
-def error_response(exc: RouterError) -> web.Response:
-    body = {
-        "error": {
-            "message": exc.message,
-            "type": exc.error_type,
-            "param": exc.param,
-            "code": exc.code,
-        }
-    }
+# ---- errors ----
+
+
+def error_body(exc: PdserveError) -> dict:
+    return {"error": {"message": exc.message, "type": http_status(exc)[1], "param": exc.param,
+                      "code": exc.code}}  # fmt: skip
+
+
+def error_response(exc: PdserveError) -> web.Response:
     headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
-    return web.json_response(body, status=exc.http_status, headers=headers)
+    return web.json_response(error_body(exc), status=http_status(exc)[0], headers=headers)
 
 
-def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
-    err = exc.errors()[0]
-    param = ".".join(str(p) for p in err["loc"]) or None
-    return f"{param}: {err['msg']}" if param else err["msg"], param
+# ---- parsing ----
 
 
-async def _parse(request: web.Request, model: type[BaseModel]) -> BaseModel:
+def _parse_int(literal: str) -> int:
+    if len(literal.lstrip("-")) > MAX_INT_DIGITS:
+        raise InvalidRequest(f"an integer in the body has more than {MAX_INT_DIGITS} digits")
+    return int(literal)
+
+
+def _parse_constant(name: str) -> float:
+    raise InvalidRequest(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def _check_tree(data: Any, max_depth: int) -> None:
+    """Nesting depth and strings that are not valid Unicode (lone UTF-16 surrogates)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > max_depth:
+            raise InvalidRequest(f"the body is nested deeper than {max_depth} levels")
+        if isinstance(value, dict):
+            stack.extend((k, depth) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str) and _SURROGATE.search(value):
+            raise InvalidRequest("a string in the body is not valid Unicode (lone surrogate)")
+
+
+def parse_json_body(raw: bytes, max_depth: int) -> dict:
     try:
-        data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("request body is not valid UTF-8") from None
+    try:
+        data = json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except RecursionError:
+        raise InvalidRequest(f"the body is nested deeper than {max_depth} levels") from None
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object")
+    _check_tree(data, max_depth)
+    return data
+
+
+def _check_unsupported(data: dict) -> None:
+    for name in _UNSUPPORTED:
+        value = data.get(name)
+        if value in (None, [], {}) or value == _HARMLESS.get(name):
+            continue
+        raise InvalidRequest(f"{name} is not supported by pdserve", param=name)
+
+
+def _validation_error(exc: ValidationError) -> InvalidRequest:
+    err = exc.errors(include_url=False, include_input=False)[0]
+    param = ".".join(str(p) for p in err["loc"]) or None
+    return InvalidRequest(f"{param}: {err['msg']}" if param else err["msg"], param=param)
+
+
+async def _parse(request: web.Request, model: type[BaseModel], max_depth: int) -> BaseModel:
+    data = parse_json_body(await request.read(), max_depth)
+    _check_unsupported(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        message, param = _validation_message(exc)
-        raise InvalidRequest(message, param=param) from None
+        raise _validation_error(exc) from None
 
 
-def _sampling(body: _Sampling, max_tokens: int | None, logprobs: int | None):
+def _params(body: _Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     if body.n != 1:
-        raise InvalidRequest("only n=1 is supported", param="n")
-    msg = common_pb2.SamplingParams(ignore_eos=body.ignore_eos)
-    for name in (
-        "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k",
-        "min_p", "repetition_penalty",
-    ):  # fmt: skip
+        raise InvalidRequest(f"only n=1 is supported, got {body.n}", param="n")
+    fields: dict = {"ignore_eos": body.ignore_eos}
+    for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
+                 "top_k", "min_p", "repetition_penalty"):  # fmt: skip
         value = getattr(body, name)
         if value is not None:
-            setattr(msg, name, value)
+            fields[name] = value
     if max_tokens is not None:
-        if not -(2**31) <= max_tokens < 2**31:
-            raise InvalidRequest(f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
-        msg.max_tokens = max_tokens
-    if body.seed is not None and not 0 <= body.seed < 2**63:
-        raise InvalidRequest(f"seed must be in [0, 2**63), got {body.seed}", param="seed")
+        fields["max_tokens"] = max_tokens
     if logprobs is not None:
-        msg.logprobs = logprobs
-    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-    msg.stop.extend(stop)
-    msg.stop_token_ids.extend(body.stop_token_ids or [])
-    return msg
+        fields["logprobs"] = logprobs
+    fields["stop"] = [body.stop] if isinstance(body.stop, str) else body.stop or ()
+    fields["stop_token_ids"] = body.stop_token_ids or ()
+    try:
+        return SamplingParams(**fields)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param=str(exc).split(" ", 1)[0]) from None
 
 
-def _completion_request(body: CompletionBody, request_id: str) -> router_pb2.GenerateRequest:
+def completion_input(body: CompletionBody, request_id: str) -> GenerateInput:
     if body.echo:
         raise InvalidRequest("echo is not supported", param="echo")
-    req = router_pb2.GenerateRequest(
-        request_id=request_id,
-        sampling=_sampling(body, body.max_tokens, body.logprobs),
-        model=body.model or "",
-        cache_salt=body.cache_salt or "",
-    )
+    common = dict(request_id=request_id, params=_params(body, body.max_tokens, body.logprobs),
+                  model=body.model or "", cache_salt=body.cache_salt or None)  # fmt: skip
     prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        if len(prompt) != 1:
-            raise InvalidRequest("only one prompt per request is supported", param="prompt")
+    if isinstance(prompt, list) and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        req.prompt = prompt
-    else:
-        if not prompt:
-            raise InvalidRequest("prompt must not be empty", param="prompt")
-        req.prompt_token_ids.ids.extend(prompt)
-    return req
+        return GenerateInput(prompt=prompt, **common)
+    return GenerateInput(prompt_token_ids=tuple(prompt), **common)
 
 
-def _chat_request(body: ChatBody, request_id: str) -> router_pb2.GenerateRequest:
+def chat_input(body: ChatBody, request_id: str) -> GenerateInput:
     logprobs = None
     if body.logprobs:
         logprobs = body.top_logprobs or 0
@@ -177,25 +248,43 @@ def _chat_request(body: ChatBody, request_id: str) -> router_pb2.GenerateRequest
     max_tokens = (
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     )
-    req = router_pb2.GenerateRequest(
-        request_id=request_id,
-        sampling=_sampling(body, max_tokens, logprobs),
-        model=body.model or "",
-        cache_salt=body.cache_salt or "",
+    messages = tuple(
+        ChatMessage(
+            "system" if m.role == "developer" else m.role,
+            m.content if isinstance(m.content, str) else "".join(p.text for p in m.content),
+        )
+        for m in body.messages
     )
-    for m in body.messages:
-        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-        req.chat.messages.add(role="system" if m.role == "developer" else m.role, content=content)
-    return req
+    return GenerateInput(
+        request_id=request_id, messages=messages, params=_params(body, max_tokens, logprobs),
+        model=body.model or "", cache_salt=body.cache_salt or None,
+    )  # fmt: skip
 
 
-def route_dict(route: common_pb2.RouteExplanation) -> dict:
-    return MessageToDict(
-        route, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+def _deadline(request: web.Request) -> float | None:
+    raw = request.headers.get("x-pdserve-deadline-s")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidRequest(
+            f"x-pdserve-deadline-s must be a number, got {quoted(raw)}",
+            param="x-pdserve-deadline-s",
+        ) from None
+    if not (value > 0 and math.isfinite(value)):
+        raise InvalidRequest("x-pdserve-deadline-s must be > 0", param="x-pdserve-deadline-s")
+    return value
 
 
-def _usage(usage: common_pb2.Usage) -> dict:
+# ---- responses ----
+
+
+def route_dict(route: RouteExplanation) -> dict:
+    return dataclasses.asdict(route)
+
+
+def _usage(usage: Usage) -> dict:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
@@ -205,7 +294,7 @@ def _usage(usage: common_pb2.Usage) -> dict:
 
 
 class _Logprobs:
-    """Builds OpenAI's logprobs objects (completions and chat flavors) from TokenLogprobs."""
+    """Builds OpenAI's logprobs objects (completions and chat flavors) from SampledTokens."""
 
     def __init__(self, tokenizer) -> None:
         self._tok = tokenizer
@@ -219,7 +308,7 @@ class _Logprobs:
             tok = self.token(lp.token_id)
             out["tokens"].append(tok)
             out["token_logprobs"].append(lp.logprob)
-            out["top_logprobs"].append({self.token(t.token_id): t.logprob for t in lp.top})
+            out["top_logprobs"].append({self.token(t): p for t, p in lp.top_logprobs or ()})
             out["text_offset"].append(text_offset)
             text_offset += len(tok)
         return out
@@ -233,25 +322,56 @@ class _Logprobs:
                 "logprob": lp.logprob,
                 "bytes": list(tok.encode()),
                 "top_logprobs": [
-                    {"token": (t := self.token(a.token_id)), "logprob": a.logprob,
-                     "bytes": list(t.encode())}
-                    for a in lp.top
+                    {"token": (t := self.token(a)), "logprob": p, "bytes": list(t.encode())}
+                    for a, p in lp.top_logprobs or ()
                 ],
             })  # fmt: skip
         return {"content": content}
 
 
-def _deadline(request: web.Request) -> float | None:
-    raw = request.headers.get("x-pdserve-deadline-s")
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidRequest(f"x-pdserve-deadline-s must be a number, got {raw!r}") from None
-    if not value > 0:
-        raise InvalidRequest("x-pdserve-deadline-s must be > 0")
-    return value
+class _SSE:
+    """One SSE response: headers sent when the router admits the request, then events, with
+    a comment whenever nothing was written for ``SSE_KEEPALIVE_S``."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        self._keepalive: asyncio.Task | None = None
+        self._last_write = time.monotonic()
+
+    async def open(self) -> None:
+        if not self.response.prepared:
+            await self.response.prepare(self._request)
+            self._keepalive = asyncio.create_task(self._keep_alive())
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(SSE_KEEPALIVE_S - (time.monotonic() - self._last_write))
+            if time.monotonic() - self._last_write >= SSE_KEEPALIVE_S:
+                await self._write(b": keep-alive\n\n")
+
+    async def _write(self, data: bytes) -> None:
+        self._last_write = time.monotonic()
+        await self.response.write(data)
+
+    async def send(self, payload: dict) -> None:
+        await self.open()
+        await self._write(f"data: {json.dumps(payload)}\n\n".encode())
+
+    async def stop_keepalive(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive
+            self._keepalive = None
+
+    async def close(self) -> None:
+        await self.stop_keepalive()
+        if self.response.prepared:
+            await self._write(b"data: [DONE]\n\n")
+            await self.response.write_eof()
 
 
 class OpenAIHandlers:
@@ -259,6 +379,7 @@ class OpenAIHandlers:
         self.router = router
         self.gate = gate
         self.logprobs = _Logprobs(router.model.tokenizer)
+        self.max_depth = router.settings.max_json_depth
 
     async def models(self, request: web.Request) -> web.Response:
         self._auth(request)
@@ -277,123 +398,110 @@ class OpenAIHandlers:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         tenant = self._auth(request)
-        body = await _parse(request, CompletionBody)
-        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-        return await self._serve(request, tenant, body, _completion_request(body, rid), chat=False)
+        body = await _parse(request, CompletionBody, self.max_depth)
+        inp = completion_input(body, f"cmpl-{uuid.uuid4().hex[:24]}")
+        return await self._serve(request, tenant, body, inp, chat=False)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         tenant = self._auth(request)
-        body = await _parse(request, ChatBody)
-        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        return await self._serve(request, tenant, body, _chat_request(body, rid), chat=True)
+        body = await _parse(request, ChatBody, self.max_depth)
+        inp = chat_input(body, f"chatcmpl-{uuid.uuid4().hex[:24]}")
+        return await self._serve(request, tenant, body, inp, chat=True)
 
-    async def _serve(self, request, tenant, body, req, *, chat: bool) -> web.StreamResponse:
+    async def _serve(self, request, tenant, body, inp, *, chat: bool) -> web.StreamResponse:
         # A caller's W3C traceparent header makes the request part of the caller's trace.
         caller = extract_context({k.lower(): v for k, v in request.headers.items()})
-        stream = self.gate.generate(
-            tenant, self.router, req, _deadline(request), trace_context=caller
-        )
-        async with contextlib.aclosing(stream):  # closed in this task, whatever happens
-            return await self._respond(request, body, req, stream, chat=chat)
-
-    async def _respond(self, request, body, req, stream, *, chat: bool) -> web.StreamResponse:
-        try:
-            first = await stream.__anext__()  # errors before the first token are plain HTTP
-        except StopAsyncIteration:
-            raise RouterError("the decode worker ended the stream without a token") from None
-        route = route_dict(first.route)
-        headers = {"x-pdserve-route": json.dumps(route, separators=(",", ":"))}
-        meta = {"id": req.request_id, "created": int(time.time()),
+        meta = {"id": inp.request_id, "created": int(time.time()),
                 "model": self.router.model.name}  # fmt: skip
-        if body.stream:
+        sse = _SSE(request) if body.stream else None
+        stream = self.gate.generate(
+            tenant, self.router, inp, _deadline(request), trace_context=caller,
+            on_admitted=sse.open if sse is not None else None,
+        )  # fmt: skip
+        async with contextlib.aclosing(stream):  # closed in this task, whatever happens
+            if sse is None:
+                return await self._collect(stream, meta, chat)
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return await self._stream(request, stream, first, route, headers, meta, chat,
-                                      include_usage)  # fmt: skip
-        return await self._collect(stream, first, route, headers, meta, chat)
+            return await self._stream(sse, stream, meta, chat, include_usage)
 
-    async def _collect(self, stream, first, route, headers, meta, chat) -> web.Response:
-        text, logprobs, last = first.text, list(first.logprobs), first
-        async for chunk in stream:
-            text += chunk.text
-            logprobs.extend(chunk.logprobs)
-            last = chunk
-        finish = _FINISH.get(last.finish_reason, "stop")
-        want_logprobs = first.logprobs or logprobs
+    async def _collect(self, stream, meta, chat) -> web.Response:
+        chunks = [chunk async for chunk in stream]
+        if not chunks:
+            raise PdserveError("the decode worker ended the stream without a token")
+        first, last = chunks[0], chunks[-1]
+        text = "".join(c.text for c in chunks)
+        logprobs = [lp for c in chunks for lp in c.logprobs]
+        finish = last.finish_reason or "stop"
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "finish_reason": finish,
-                      "logprobs": self.logprobs.chat(logprobs) if want_logprobs else None}  # fmt: skip
+                      "logprobs": self.logprobs.chat(logprobs) if logprobs else None}  # fmt: skip
             obj = "chat.completion"
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish,
-                      "logprobs": self.logprobs.completion(logprobs, 0) if want_logprobs else None}  # fmt: skip
+                      "logprobs": self.logprobs.completion(logprobs, 0) if logprobs else None}  # fmt: skip
             obj = "text_completion"
-        out = {**meta, "object": obj, "choices": [choice], "usage": _usage(last.usage),
+        route = route_dict(first.route) if first.route is not None else None
+        usage = _usage(last.usage) if last.usage is not None else None
+        out = {**meta, "object": obj, "choices": [choice], "usage": usage,
                "pdserve_route": route}  # fmt: skip
+        headers = {"x-pdserve-route": json.dumps(route, separators=(",", ":"))} if route else None
         return web.json_response(out, headers=headers)
 
-    async def _stream(self, request, stream, first, route, headers, meta, chat, include_usage):
-        response = web.StreamResponse(
-            headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await response.prepare(request)
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        async def send(payload: dict) -> None:
-            await response.write(f"data: {json.dumps(payload)}\n\n".encode())
-
+    def _choice(self, chunk: Chunk, chat: bool, offset: int) -> dict:
         if chat:
-            await send({**meta, "object": obj, "pdserve_route": route, "choices": [
-                {"index": 0, "delta": {"role": "assistant", "content": ""},
-                 "finish_reason": None, "logprobs": None}]})  # fmt: skip
-        offset, usage, chunk = 0, None, first
+            return {"index": 0, "delta": {"content": chunk.text} if chunk.text else {},
+                    "finish_reason": chunk.finish_reason,
+                    "logprobs": self.logprobs.chat(chunk.logprobs) if chunk.logprobs else None}  # fmt: skip
+        return {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason,
+                "logprobs": self.logprobs.completion(chunk.logprobs, offset)
+                if chunk.logprobs else None}  # fmt: skip
+
+    async def _stream(self, sse: _SSE, stream, meta, chat, include_usage):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        offset, usage = 0, None
         try:
-            while chunk is not None:
-                finish = _FINISH.get(chunk.finish_reason)
-                if chat:
-                    choice = {"index": 0, "delta": {"content": chunk.text} if chunk.text else {},
-                              "finish_reason": finish,
-                              "logprobs": self.logprobs.chat(chunk.logprobs) if chunk.logprobs else None}  # fmt: skip
-                else:
-                    choice = {"index": 0, "text": chunk.text, "finish_reason": finish,
-                              "logprobs": self.logprobs.completion(chunk.logprobs, offset)
-                              if chunk.logprobs else None}  # fmt: skip
-                    offset += len(chunk.text)
-                payload = {**meta, "object": obj, "choices": [choice]}
-                if chunk is first and not chat:
-                    payload["pdserve_route"] = route
-                await send(payload)
-                if chunk.HasField("usage"):
-                    usage = chunk.usage
-                chunk = await anext(stream, None)
+            async for chunk in stream:
+                payload = {**meta, "object": obj}
+                if chunk.route is not None:
+                    payload["pdserve_route"] = route_dict(chunk.route)
+                    if chat:
+                        await sse.send({**payload, "choices": [
+                            {"index": 0, "delta": {"role": "assistant", "content": ""},
+                             "finish_reason": None, "logprobs": None}]})  # fmt: skip
+                        payload = {**meta, "object": obj}
+                await sse.send({**payload, "choices": [self._choice(chunk, chat, offset)]})
+                offset += len(chunk.text)
+                usage = chunk.usage or usage
             if include_usage and usage is not None:
-                await send({**meta, "object": obj, "choices": [], "usage": _usage(usage)})
-        except RouterError as exc:  # headers are sent: report in-band, as OpenAI does
-            await send({"error": {"message": exc.message, "type": exc.error_type,
-                                  "param": exc.param, "code": exc.code}})  # fmt: skip
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
+                await sse.send({**meta, "object": obj, "choices": [], "usage": _usage(usage)})
+        except PdserveError as exc:
+            if not sse.response.prepared:
+                raise  # refused before admission: a plain HTTP error
+            await sse.send(error_body(exc))  # headers are sent: report in-band, as OpenAI does
+        finally:
+            await sse.stop_keepalive()
+        await sse.close()
+        return sse.response
 
 
 @web.middleware
 async def _errors(request: web.Request, handler):
     try:
         return await handler(request)
-    except RouterError as exc:
+    except PdserveError as exc:
         return error_response(exc)
     except web.HTTPException as exc:
         if exc.status >= 400:
-            err = RouterError(exc.reason)
-            err.http_status, err.error_type = exc.status, "invalid_request_error"
-            return error_response(err)
+            err = InvalidRequest(exc.reason)
+            return web.json_response(error_body(err), status=exc.status)
         raise
 
 
 def make_app(router: Router, gate: TenantGate | None = None) -> web.Application:
     """``gate``: the router's tenants (default: no keys, every caller admitted)."""
     h = OpenAIHandlers(router, gate or TenantGate(ApiKeys()))
-    app = web.Application(middlewares=[_errors], client_max_size=16 << 20)
+    app = web.Application(middlewares=[_errors], client_max_size=router.settings.max_request_bytes)
     app.router.add_post("/v1/completions", h.completions)
     app.router.add_post("/v1/chat/completions", h.chat)
     app.router.add_get("/v1/models", h.models)

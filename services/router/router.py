@@ -1,80 +1,90 @@
 """The router's request logic: parse → plan (pure policy) → admit → prefill? → decode stream.
 
+The core speaks plain data (messages.py): it takes a :class:`GenerateInput` and yields
+:class:`Chunk` s; protobuf and JSON stay at the edges (server.py, openai_api.py, workers.py).
+
 Request lifecycle::
 
     received → parsed (tokenized, validated; else InvalidRequest)
              → planned (decode worker, prefill worker or none; else NoWorkers)
              → admitted (else Overloaded: RESOURCE_EXHAUSTED / 429 + Retry-After)
-             → prefilling (remote; a failure is retried once on another worker, then the
-               decode worker prefills locally)
+             → prefilling (remote; a failure is retried on another worker up to
+               ``prefill_attempts``, then the decode worker prefills locally)
              → streaming (decode chunks forwarded; the route explanation rides the first)
+               ⇄ migrating (the decode worker failed: the prompt plus the tokens already
+                 streamed go to another decode worker, which recomputes them and continues
+                 at the same (seed, position); at most ``migration_limit`` times)
              → finished | failed (WorkerFailed / DeadlineExceeded) | cancelled (the client left;
                closing the decode stream aborts the sequence on the worker)
 
-Worker calls go through ``WorkerClients`` (the only grpc user); a worker that fails with
-UNAVAILABLE is kept out of rotation for ``heartbeat_ttl_s`` (its registry entry may outlive it).
+A busy worker is not a dead one: only a transport failure (UNAVAILABLE, connection lost)
+takes a worker out of rotation, for ``heartbeat_ttl_s``. A stalled or overloaded worker
+loses the request (it is migrated) but stays in rotation.
 
 Telemetry: each request is one span ``router.request`` (SERVER; the root unless the caller
 sent a trace context) with children ``router.route`` (one per plan: decision, reason, every
-candidate's score), ``router.admission`` and the CLIENT spans of the Prefill and Decode calls.
-The prefill's ``PrefillResponse.trace`` rides on in ``DecodeRequest.trace``, so the decode's
-KV fetch is linked to the prefill that wrote the blocks. Metrics and log lines: observe.py.
+candidate's score), ``router.admission`` and the CLIENT spans of the Prefill and Decode calls;
+a migration is a ``pdserve.migration`` event on the root span. The prefill's trace rides on
+to the decode call, so the decode's KV fetch is linked to the prefill that wrote the blocks.
+Metrics and log lines: observe.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind
 
-from pdserve import wire
-from pdserve._proto.pdserve.v1 import (
-    common_pb2,
-    decode_pb2,
-    prefill_pb2,
-    router_pb2,
-)
 from pdserve.engine.block_hash import BlockKey, chain_block_keys, root_key
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.errors import (
+    DeadlineExceeded,
+    Failure,
+    InternalError,
+    InvalidRequest,
+    ModelNotFound,
+    NoWorkers,
+    Overloaded,
+    PdserveError,
+    WorkerCallError,
+    WorkerFailed,
+    quoted,
+)
 from pdserve.kv.blocks import Tier
 from pdserve.kv.metadata import NodePrefix, WorkerInfo
 from pdserve.telemetry import Attr, get_tracer, request_span
 from services.router import observe, policy
 from services.router.affinity import PrefixAffinity
-from services.router.errors import (
-    DeadlineExceeded,
-    InvalidRequest,
-    ModelNotFound,
-    NoWorkers,
-    Overloaded,
-    RouterError,
-    WorkerFailed,
+from services.router.messages import (
+    CachedTokens,
+    Chunk,
+    DecodeCall,
+    GenerateInput,
+    ParsedRequest,
+    PrefillCall,
+    Prefilled,
+    Route,
+    RouteExplanation,
+    Usage,
+    WorkerChunk,
 )
 from services.router.settings import RouterSettings
-from services.router.workers import WorkerCallError, WorkerClients, WorkerDirectory
+from services.router.workers import WorkerClients, WorkerDirectory
 
 log = structlog.get_logger(__name__)
 _tracer = get_tracer("pdserve.router")
 _EWMA_ALPHA = 0.2
 _MIN_TOKENS_FOR_RATE = 64
+_MAX_DEADLINE_S = 24 * 3600
 
 
-@dataclass(frozen=True)
-class ParsedRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    cache_salt: str | None
-
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ModelInfo:
     name: str
     tokenizer: object  # pdserve.model.tokenizer.Tokenizer
@@ -105,43 +115,58 @@ class Router:
 
     # ---- parsing ----
 
-    def parse(self, req: router_pb2.GenerateRequest, request_id: str = "") -> ParsedRequest:
-        if req.model and req.model != self.model.name:
+    def parse(self, inp: GenerateInput) -> ParsedRequest:
+        if inp.model and inp.model != self.model.name:
             raise ModelNotFound(
-                f"model {req.model!r} is not served here (available: {self.model.name!r})",
+                f"model {quoted(inp.model)} is not served here (available: {self.model.name!r})",
                 param="model",
             )
-        try:
-            params = wire.sampling_from_proto(req.sampling if req.HasField("sampling") else None)
-            token_ids = self._tokenize(req)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
+        token_ids = self._tokenize(inp)
         if not token_ids:
             raise InvalidRequest("prompt must not be empty", param="prompt")
-        limit = self.model.max_model_len
-        if len(token_ids) + params.max_tokens > limit:
+        limit, max_tokens = self.model.max_model_len, inp.params.max_tokens
+        if len(token_ids) + max_tokens > limit:
             raise InvalidRequest(
-                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                 f"the model's context of {limit} tokens",
                 param="max_tokens" if len(token_ids) < limit else "prompt",
             )
-        request_id = request_id or req.request_id or new_request_id()
-        return ParsedRequest(request_id, token_ids, params, req.cache_salt or None)
+        request_id = inp.request_id or new_request_id()
+        return ParsedRequest(request_id, token_ids, inp.params, inp.cache_salt)
 
-    def _tokenize(self, req: router_pb2.GenerateRequest) -> list[int]:
-        kind = req.WhichOneof("input")
-        if kind == "prompt":
-            if not req.prompt:
-                raise ValueError("prompt must not be empty")
-            return self.model.tokenizer.encode(req.prompt)
-        if kind == "chat":
-            messages = [{"role": m.role, "content": m.content} for m in req.chat.messages]
-            if not messages:
-                raise ValueError("messages must not be empty")
-            return self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        if kind == "prompt_token_ids":
-            return wire.prompt_from_proto(req.prompt_token_ids.ids, self.model.vocab_size)
-        raise ValueError("give one of prompt, chat or prompt_token_ids")
+    def _tokenize(self, inp: GenerateInput) -> list[int]:
+        tokenizer = self.model.tokenizer
+        if inp.prompt is not None:
+            self._check_chars("prompt", len(inp.prompt))
+            return tokenizer.encode(inp.prompt)
+        if inp.messages is not None:
+            if not inp.messages:
+                raise InvalidRequest("messages must not be empty", param="messages")
+            self._check_chars("messages", sum(len(m.content) for m in inp.messages))
+            messages = [{"role": m.role, "content": m.content} for m in inp.messages]
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if inp.prompt_token_ids is not None:
+            ids, vocab = inp.prompt_token_ids, self.model.vocab_size
+            if len(ids) >= self.model.max_model_len:
+                raise InvalidRequest(
+                    f"prompt is {len(ids)} tokens; the model's context is "
+                    f"{self.model.max_model_len}",
+                    param="prompt",
+                )
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequest(
+                    f"prompt token ids must be in [0, {vocab}), got {bad}", param="prompt"
+                )
+            return list(ids)
+        raise InvalidRequest("give one of prompt, messages or prompt_token_ids", param="prompt")
+
+    def _check_chars(self, param: str, num_chars: int) -> None:
+        limit = self.settings.max_input_chars
+        if num_chars > limit:
+            raise InvalidRequest(
+                f"{param} is {num_chars} characters; at most {limit} are accepted", param=param
+            )
 
     # ---- planning ----
 
@@ -173,14 +198,11 @@ class Router:
             )
         return out
 
-    def _plan(
-        self, keys: Sequence[BlockKey], num_prompt_tokens: int, exclude_prefill: set[str]
-    ) -> tuple[policy.RoutePlan | None, dict[str, WorkerInfo], list[NodePrefix], dict]:
-        """The plan, the candidates by id, the cached prefixes, and every candidate's score."""
+    def _cached_tokens(
+        self, keys, prefixes: Sequence[NodePrefix], decode, prefill
+    ) -> dict[str, int]:
         bs = self.settings.block_size
-        prefixes = self.directory.prefixes(keys)
         by_node = {p.node_id: p.num_blocks for p in prefixes}
-        decode, prefill = self._alive("decode"), self._alive("prefill")
         cached: dict[str, int] = {}
         for w in decode:
             # Only the worker's own cache counts: its local-prefill path reuses that and
@@ -191,15 +213,26 @@ class Router:
             cached[w.worker_id] = blocks * bs
         for w in prefill:
             cached[w.worker_id] = by_node.get(w.node_id, 0) * bs
+        return cached
+
+    def _plan(
+        self,
+        keys: Sequence[BlockKey],
+        num_prompt_tokens: int,
+        exclude_prefill: set[str],
+        exclude_decode: set[str],
+    ) -> Route | None:
+        prefixes = tuple(self.directory.prefixes(keys))
+        decode = [w for w in self._alive("decode") if w.worker_id not in exclude_decode]
+        prefill = self._alive("prefill")
+        cached = self._cached_tokens(keys, prefixes, decode, prefill)
         decode_loads, prefill_loads = self._loads(decode, cached), self._loads(prefill, cached)
         plan = policy.plan_route(
-            decode_loads,
-            prefill_loads,
-            num_prompt_tokens,
-            self.weights,
-            self.settings.disagg_threshold_tokens,
-            exclude_prefill,
-        )
+            decode_loads, prefill_loads, num_prompt_tokens, self.weights,
+            self.settings.disagg_threshold_tokens, exclude_prefill,
+        )  # fmt: skip
+        if plan is None:
+            return None
         infos = {w.worker_id: w for w in decode + prefill}
         scores = {
             role: {
@@ -209,21 +242,32 @@ class Router:
             }
             for role, loads in (("decode", decode_loads), ("prefill", prefill_loads))
         }
-        return plan, infos, prefixes, scores
+        prefill_info = infos[plan.prefill.worker_id] if plan.prefill else None
+        return Route(plan, infos[plan.decode.worker_id], prefill_info, prefixes, scores)
 
-    def _route(self, keys, num_prompt_tokens: int, exclude_prefill: set[str], attempt: int):
+    def _route(
+        self,
+        keys: Sequence[BlockKey],
+        num_prompt_tokens: int,
+        attempt: int,
+        exclude_prefill: set[str] = frozenset(),
+        exclude_decode: set[str] = frozenset(),
+    ) -> Route | None:
         """:meth:`_plan` inside a ``router.route`` span that records the decision."""
         with _tracer.start_as_current_span("router.route") as span:
-            plan, infos, prefixes, scores = self._plan(keys, num_prompt_tokens, exclude_prefill)
-            if plan is None:
+            route = self._plan(keys, num_prompt_tokens, set(exclude_prefill), set(exclude_decode))
+            if route is None:
                 span.set_attribute(Attr.ROUTE, "none")
             else:
-                reason_class = plan.disaggregation.reason_class
-                span.set_attributes(observe.route_attributes(plan, scores, reason_class, attempt))
-        return plan, infos, prefixes
+                plan = route.plan
+                span.set_attributes(observe.route_attributes(
+                    plan, route.scores, plan.disaggregation.reason_class, attempt
+                ))  # fmt: skip
+        return route
 
-    def _admit(self, plan: policy.RoutePlan, timeout_s: float, obs: observe.RequestObserver):
+    def _admit(self, route: Route, timeout_s: float, obs: observe.RequestObserver) -> None:
         """Admission control inside ``router.admission``; raises Overloaded on a refusal."""
+        plan = route.plan
         target = plan.prefill.worker_id if plan.prefill else plan.decode.worker_id
         queued = self._queued_tokens[target]
         ttft = policy.predict_ttft_s(queued, plan.uncached_tokens, self.prefill_tokens_per_s)
@@ -249,98 +293,103 @@ class Router:
 
     async def generate(
         self,
-        req: router_pb2.GenerateRequest,
+        inp: GenerateInput,
         deadline_s: float | None = None,
         *,
         trace_context: otel_context.Context | None = None,
-    ) -> AsyncIterator[router_pb2.GenerateChunk]:
-        """Stream one request's chunks; raises a RouterError subclass on failure.
+        on_admitted: Callable[[], Awaitable[None]] | None = None,
+    ) -> AsyncIterator[Chunk]:
+        """Stream one request's chunks; raises a PdserveError subclass on failure.
 
         ``trace_context``: the caller's (from gRPC metadata or HTTP headers), None for a new
-        trace. Close the iterator (``contextlib.aclosing``) in the task that iterates it.
+        trace. ``on_admitted``: awaited once admission control has accepted the request
+        (the HTTP edge sends its SSE headers then). Close the iterator
+        (``contextlib.aclosing``) in the task that iterates it.
         """
-        request_id = req.request_id or new_request_id()
-        attributes = observe.request_attributes(req, self.model.name)
+        inp = inp if inp.request_id else _with_id(inp)
+        attributes = observe.request_attributes(inp, self.model.name)
         with request_span(
-            "router.request", request_id, context=trace_context, kind=SpanKind.SERVER,
+            "router.request", inp.request_id, context=trace_context, kind=SpanKind.SERVER,
             **attributes,
         ) as span:  # fmt: skip
             obs = observe.RequestObserver(span)
             try:
-                async for chunk in self._generate(req, request_id, deadline_s, obs):
+                async for chunk in self._generate(inp, deadline_s, obs, on_admitted):
                     obs.chunk(chunk)
                     yield chunk
-            except RouterError as exc:
+            except PdserveError as exc:
                 obs.failed(exc)
                 raise
-            except (GeneratorExit, asyncio.CancelledError):
-                obs.cancelled()
-                raise
             except Exception as exc:
-                obs.failed(RouterError(f"internal error: {exc!r}"))
+                # The type only: an exception's text or locals may hold the prompt.
+                log.error("router.internal_error", error_type=type(exc).__name__)
+                failure = InternalError(f"internal error ({type(exc).__name__})")
+                obs.failed(failure)
+                raise failure from None
+            except BaseException:  # GeneratorExit, CancelledError: the client left
+                obs.cancelled()
                 raise
             obs.finished()
 
-    async def _generate(self, req, request_id: str, deadline_s, obs: observe.RequestObserver):
-        parsed = self.parse(req, request_id)
+    async def _generate(self, inp: GenerateInput, deadline_s, obs, on_admitted):
+        parsed = self.parse(inp)
         n = len(parsed.prompt_token_ids)
         obs.parsed(n, parsed.params.max_tokens)
-        timeout_s = min(deadline_s or self.settings.default_deadline_s, 24 * 3600)
+        timeout_s = min(deadline_s or self.settings.default_deadline_s, _MAX_DEADLINE_S)
         deadline = time.monotonic() + timeout_s
-        keys = chain_block_keys(
-            parsed.prompt_token_ids,
-            self.settings.block_size,
-            root_key(self.model.fingerprint, parsed.cache_salt),
-        )
-        plan, infos, prefixes = self._route(keys, n, set(), attempt=1)
-        if plan is None:
+        keys = self._keys(parsed, parsed.prompt_token_ids)
+        route = self._route(keys, n, attempt=1)
+        if route is None:
             raise NoWorkers("no decode worker is available; is the stack up?")
-        self._admit(plan, timeout_s, obs)
+        self._admit(route, timeout_s, obs)
         obs.admitted(n)
         self.num_inflight += 1
         try:
-            async for chunk in self._serve(parsed, keys, plan, infos, prefixes, deadline, obs):
+            if on_admitted is not None:
+                await on_admitted()
+            async for chunk in self._serve(parsed, keys, route, deadline, obs):
                 yield chunk
         finally:
             self.num_inflight -= 1
 
-    async def _serve(self, parsed, keys, plan, infos, prefixes, deadline, obs):
+    def _keys(self, parsed: ParsedRequest, token_ids: Sequence[int]) -> list[BlockKey]:
+        root = root_key(self.model.fingerprint, parsed.cache_salt)
+        return chain_block_keys(token_ids, self.settings.block_size, root)
+
+    async def _serve(self, parsed, keys, route: Route, deadline, obs):
         excluded: set[str] = set()
         attempts, prefilled, reason_prefix = 0, None, ""
-        while plan.prefill is not None:
+        while route.prefill is not None:
             attempts += 1
-            worker = infos[plan.prefill.worker_id]
+            worker = route.prefill
             try:
-                prefilled = await self._prefill(worker, parsed, plan, deadline)
+                prefilled = await self._prefill(worker, parsed, route.plan, deadline)
                 break
             except WorkerCallError as exc:
-                if exc.kind == "invalid":
+                if exc.failure is Failure.INVALID:
                     raise InvalidRequest(exc.message) from None
                 log.warning("router.prefill_failed", worker=worker.worker_id, error=exc.message)
-                if exc.kind == "unavailable":
+                if exc.failure is Failure.UNAVAILABLE:
                     self._mark_down(worker.worker_id)
                 excluded.add(worker.worker_id)
-                reason_prefix += f"prefill on {worker.worker_id} failed ({exc.kind}); "
+                reason_prefix += f"prefill on {worker.worker_id} failed ({exc.failure.value}); "
                 self._check_deadline(deadline, "prefill")
                 if attempts >= self.settings.prefill_attempts:
                     excluded |= {w.worker_id for w in self.directory.workers("prefill")}
                 n = len(parsed.prompt_token_ids)
-                plan, infos, prefixes = self._route(keys, n, excluded, attempts + 1)
-                if plan is None:
+                route = self._route(keys, n, attempts + 1, exclude_prefill=excluded)
+                if route is None:
                     raise NoWorkers("no decode worker is available") from None
-        failed_over = bool(reason_prefix) and plan.prefill is None
+        failed_over = bool(reason_prefix) and route.prefill is None
+        plan = route.plan
         obs.routed(plan, policy.PREFILL_FAILED if failed_over else plan.disaggregation.reason_class)
-        route = self._explain(plan, prefixes, prefilled, attempts, reason_prefix)
-        request = self._decode_request(parsed, prefilled)
-        async for chunk in self._decode(plan, infos, parsed, keys, request, route, deadline):
+        explanation = self._explain(route, prefilled, attempts, reason_prefix)
+        async for chunk in self._decode(parsed, route, prefilled, explanation, deadline, obs):
             yield chunk
 
-    async def _prefill(self, worker, parsed, plan, deadline) -> prefill_pb2.PrefillResponse:
-        request = prefill_pb2.PrefillRequest(
-            request_id=parsed.request_id,
-            prompt_token_ids=parsed.prompt_token_ids,
-            sampling=wire.sampling_to_proto(parsed.params),
-            cache_salt=parsed.cache_salt or "",
+    async def _prefill(self, worker, parsed, plan, deadline) -> Prefilled:
+        call = PrefillCall(
+            parsed.request_id, parsed.prompt_token_ids, parsed.params, parsed.cache_salt
         )
         wid = worker.worker_id
         self._inflight[wid] += 1
@@ -348,90 +397,119 @@ class Router:
         started = time.monotonic()
         try:
             timeout = min(self.settings.prefill_timeout_s, self._remaining(deadline, "prefill"))
-            response = await self.clients.prefill(worker.address, request, timeout)
+            prefilled = await self.clients.prefill(worker.address, call, timeout)
         finally:
             self._inflight[wid] -= 1
             self._queued_tokens[wid] -= plan.uncached_tokens
-        self._observe_rate(response.num_computed_tokens, time.monotonic() - started)
-        return response
+        self._observe_rate(prefilled.num_computed_tokens, time.monotonic() - started)
+        return prefilled
 
     def _observe_rate(self, num_tokens: int, elapsed_s: float) -> None:
         if num_tokens >= _MIN_TOKENS_FOR_RATE and elapsed_s > 0:
             rate = num_tokens / elapsed_s
             self.prefill_tokens_per_s += _EWMA_ALPHA * (rate - self.prefill_tokens_per_s)
 
-    def _decode_request(self, parsed: ParsedRequest, prefilled) -> decode_pb2.DecodeRequest:
-        request = decode_pb2.DecodeRequest(
+    def _decode_call(self, parsed, prefilled, resume_token_ids=()) -> DecodeCall:
+        return DecodeCall(
             request_id=parsed.request_id,
             prompt_token_ids=parsed.prompt_token_ids,
-            sampling=wire.sampling_to_proto(parsed.params),
-            cache_salt=parsed.cache_salt or "",
+            params=parsed.params,
+            cache_salt=parsed.cache_salt,
+            prefilled=prefilled,
+            resume_token_ids=tuple(resume_token_ids),
             kv_fetch_timeout_s=self.settings.kv_fetch_timeout_s,
         )
-        if prefilled is not None:
-            request.first_token_id = prefilled.first_token_id
-            if prefilled.HasField("first_logprob"):
-                request.first_logprob.CopyFrom(prefilled.first_logprob)
-            request.kv.CopyFrom(prefilled.kv)
-            # The prefill's span: the decode worker links its KV fetch to it.
-            request.trace.CopyFrom(prefilled.trace)
-        return request
 
-    async def _decode(self, plan, infos, parsed, keys, request, route, deadline):
-        worker = infos[plan.decode.worker_id]
+    # ---- decoding and migration ----
+
+    async def _decode(self, parsed, route: Route, prefilled, explanation, deadline, obs):
+        """Forward the decode stream; when its worker fails, continue on another one.
+
+        ``streamed``: every token id already yielded to the client, in order. A migrated
+        call resumes after exactly those, so nothing is lost or repeated."""
+        streamed: list[int] = []
+        call = self._decode_call(parsed, prefilled)
+        tried: list[str] = []
+        plan = route.plan
+        # Disaggregated: the cached prompt tokens are what the prefill did not compute.
+        cached = plan.num_prompt_tokens - explanation.uncached_tokens if prefilled else None
+        while True:
+            tried.append(route.decode.worker_id)
+            num_resumed = len(streamed)
+            try:
+                async for chunk in self._stream(route, call, deadline, prefilled is None):
+                    streamed.extend(chunk.token_ids)
+                    first = explanation if len(streamed) == len(chunk.token_ids) else None
+                    yield _client_chunk(parsed.request_id, chunk, first, num_resumed, cached)
+                return
+            except WorkerCallError as exc:
+                route = self._migration_route(parsed, exc, streamed, tried, deadline, obs)
+            call = self._decode_call(parsed, None, streamed)
+            prefilled, cached = None, None
+
+    def _migration_route(self, parsed, exc: WorkerCallError, streamed, tried, deadline, obs):
+        """Where a failed decode goes next; raises when it cannot go anywhere."""
+        wid = tried[-1]
+        if exc.failure is Failure.INVALID:
+            raise InvalidRequest(exc.message) from None
+        self._check_deadline(deadline, "decode")
+        if exc.failure is Failure.UNAVAILABLE:  # the worker is gone, not just this request
+            self._mark_down(wid)
+        failed = (
+            f"decode worker {wid} failed ({exc.failure.value}) after {len(streamed)} tokens: "
+            f"{exc.message}"
+        )
+        log.warning("router.decode_failed", worker=wid, failure=exc.failure.value,
+                    streamed_tokens=len(streamed))  # fmt: skip
+        if len(tried) > self.settings.migration_limit:
+            raise WorkerFailed(f"{failed}; migration limit {self.settings.migration_limit} reached")
+        token_ids = parsed.prompt_token_ids + streamed
+        keys, n = self._keys(parsed, token_ids), len(token_ids)
+        no_prefill = {w.worker_id for w in self.directory.workers("prefill")}
+        attempt = len(tried) + 1
+        route = self._route(keys, n, attempt, no_prefill, set(tried))
+        if route is None:  # nobody else: the same worker again, unless it is down
+            route = self._route(keys, n, attempt, no_prefill)
+        if route is None:
+            raise WorkerFailed(f"{failed}; no other decode worker to continue on")
+        obs.migrated(exc.failure.value, wid, route.decode.worker_id, len(streamed))
+        return route
+
+    async def _stream(
+        self, route: Route, call: DecodeCall, deadline: float, local_prefill: bool
+    ) -> AsyncIterator[WorkerChunk]:
+        worker = route.decode
         wid = worker.worker_id
-        self.affinity.record(wid, keys)
-        local_tokens = plan.uncached_tokens if plan.prefill is None else 0
+        self.affinity.record(wid, self._keys(call, call.prompt_token_ids))
+        queued = route.plan.uncached_tokens if local_prefill else 0
         self._inflight[wid] += 1
-        self._queued_tokens[wid] += local_tokens
-        num_chunks, queued = 0, local_tokens
-        cached = route.prompt_tokens - route.uncached_tokens if route.disaggregated else None
+        self._queued_tokens[wid] += queued
         try:
-            stream = self.clients.decode(
-                worker.address, request, self._remaining(deadline, "decode")
-            )
+            stream = self.clients.decode(worker.address, call, self._remaining(deadline, "decode"))
             async for chunk in self._paced(stream, deadline, wid):
-                if num_chunks == 0:
-                    self._queued_tokens[wid] -= queued
-                    queued = 0
-                num_chunks += 1
-                yield self._to_generate_chunk(
-                    parsed, chunk, route if num_chunks == 1 else None, cached
-                )
-        except WorkerCallError as exc:
-            if exc.kind == "invalid":
-                raise InvalidRequest(exc.message) from None
-            if exc.kind == "deadline":
-                raise DeadlineExceeded(f"request timed out on decode worker {wid}") from None
-            if exc.kind == "unavailable":  # the worker is gone, not just this request
-                self._mark_down(wid)
-            raise WorkerFailed(
-                f"decode worker {wid} failed after {num_chunks} chunks: {exc.message}"
-            ) from None
+                self._queued_tokens[wid] -= queued
+                queued = 0
+                yield chunk
         finally:
             self._inflight[wid] -= 1
             self._queued_tokens[wid] -= queued
 
     async def _paced(self, stream, deadline: float, wid: str):
-        """Forward chunks, failing a stream that stalls or outlives the deadline."""
+        """Forward chunks; a stream silent past the stall timeout fails with Failure.STALL."""
         first = True
         try:
             while True:
-                limit = (
-                    self.settings.decode_first_chunk_timeout_s
-                    if first
-                    else self.settings.decode_stall_timeout_s
-                )
+                s = self.settings
+                limit = s.decode_first_chunk_timeout_s if first else s.decode_stall_timeout_s
                 wait_s = min(limit, self._remaining(deadline, "decode"))
                 try:
                     chunk = await asyncio.wait_for(stream.__anext__(), wait_s)
                 except StopAsyncIteration:
                     return
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     self._check_deadline(deadline, "decode")
-                    self._mark_down(wid)
-                    raise WorkerFailed(
-                        f"decode worker {wid} sent nothing for {wait_s:.1f}s; giving up"
+                    raise WorkerCallError(
+                        Failure.STALL, f"decode worker {wid} sent nothing for {wait_s:.1f}s"
                     ) from None
                 first = False
                 yield chunk
@@ -447,48 +525,30 @@ class Router:
         if time.monotonic() >= deadline:
             raise DeadlineExceeded(f"deadline exceeded during {phase}")
 
-    def _to_generate_chunk(self, parsed, chunk, route, cached_tokens) -> router_pb2.GenerateChunk:
-        out = router_pb2.GenerateChunk(
-            request_id=parsed.request_id,
-            text=chunk.text,
-            token_ids=list(chunk.token_ids),
-            logprobs=list(chunk.logprobs),
-            finish_reason=chunk.finish_reason,
+    def _explain(self, route: Route, prefilled, attempts, reason_prefix) -> RouteExplanation:
+        bs, plan = self.settings.block_size, route.plan
+        cached = tuple(
+            CachedTokens(
+                node_id=p.node_id,
+                hbm=p.num_blocks_by_tier.get(Tier.HBM, 0) * bs,
+                dram=p.num_blocks_by_tier.get(Tier.DRAM, 0) * bs,
+                ssd=p.num_blocks_by_tier.get(Tier.SSD, 0) * bs,
+            )
+            for p in route.prefixes
         )
-        if chunk.HasField("usage"):
-            out.usage.CopyFrom(chunk.usage)
-            if cached_tokens is not None:  # disaggregated: what the prefill did not compute
-                out.usage.cached_tokens = cached_tokens
-        if route is not None:
-            out.route.CopyFrom(route)
-        return out
-
-    def _explain(
-        self, plan, prefixes, prefilled, attempts, reason_prefix
-    ) -> common_pb2.RouteExplanation:
-        bs = self.settings.block_size
-        route = common_pb2.RouteExplanation(
+        uncached = prefilled.num_computed_tokens if prefilled is not None else plan.uncached_tokens
+        return RouteExplanation(
             prefill_worker=plan.prefill.worker_id if plan.prefill else "",
             decode_worker=plan.decode.worker_id,
             disaggregated=plan.prefill is not None,
             reason=reason_prefix + plan.disaggregation.reason,
             prompt_tokens=plan.num_prompt_tokens,
-            uncached_tokens=plan.uncached_tokens,
+            uncached_tokens=uncached,
+            cached=cached,
             decode_score=plan.decode.score,
             prefill_score=plan.prefill.score if plan.prefill else 0.0,
             prefill_attempts=attempts,
         )
-        if prefilled is not None:
-            route.uncached_tokens = prefilled.num_computed_tokens
-        for p in prefixes:
-            tiers = p.num_blocks_by_tier
-            route.cached.add(
-                node_id=p.node_id,
-                hbm=tiers.get(Tier.HBM, 0) * bs,
-                dram=tiers.get(Tier.DRAM, 0) * bs,
-                ssd=tiers.get(Tier.SSD, 0) * bs,
-            )
-        return route
 
     def stats(self) -> dict:
         return {
@@ -498,6 +558,38 @@ class Router:
             "redis_ok": self.directory.redis_ok,
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 1),
         }
+
+
+def _client_chunk(
+    request_id: str,
+    chunk: WorkerChunk,
+    route: RouteExplanation | None,
+    num_resumed: int,
+    cached_tokens: int | None,
+) -> Chunk:
+    """A worker's chunk as the client sees it: usage counts every output token of the
+    request (the resumed ones too) and ``cached_tokens`` never exceeds the prompt."""
+    usage = chunk.usage
+    if usage is not None:
+        cached = usage.cached_tokens if cached_tokens is None else cached_tokens
+        usage = Usage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens + num_resumed,
+            cached_tokens=min(cached, usage.prompt_tokens),
+        )
+    return Chunk(
+        request_id=request_id,
+        text=chunk.text,
+        token_ids=chunk.token_ids,
+        logprobs=chunk.logprobs,
+        finish_reason=chunk.finish_reason,
+        usage=usage,
+        route=route,
+    )
+
+
+def _with_id(inp: GenerateInput) -> GenerateInput:
+    return dataclasses.replace(inp, request_id=new_request_id())
 
 
 def new_request_id() -> str:

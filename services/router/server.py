@@ -4,6 +4,11 @@ Lifecycle: load the tokenizer and fingerprint → start discovery (Redis registr
 index) → serve gRPC (health SERVING) and HTTP → on SIGTERM/SIGINT report NOT_SERVING, stop
 accepting, let in-flight streams finish for ``shutdown_grace_s``, deregister.
 
+The gRPC edge: ``GenerateRequest`` → :class:`GenerateInput` (every field range-checked,
+bad ones INVALID_ARGUMENT naming the field) and the router's chunks → ``GenerateChunk``;
+errors are mapped here once (``pdserve.errors.grpc_status``), with ``retry-after`` trailing
+metadata on RESOURCE_EXHAUSTED.
+
 Telemetry: the gRPC server runs under the tracing interceptor, except ``Generate``, whose
 span is the router's own ``router.request`` (so one request is one root span, whether it
 came over gRPC or HTTP); it continues the caller's trace when the metadata carries one.
@@ -22,8 +27,9 @@ import structlog
 from aiohttp import web
 from grpc_health.v1.health import aio as health_aio
 
-from pdserve import metrics
-from pdserve._proto.pdserve.v1 import router_pb2, router_pb2_grpc
+from pdserve import metrics, wire
+from pdserve._proto.pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+from pdserve.errors import InvalidRequest, PdserveError, grpc_status
 from pdserve.grpc_server import (
     add_health_and_reflection,
     new_server,
@@ -38,30 +44,71 @@ from services.router import observe
 from services.router.auth import TenantGate
 from services.router.console import Console
 from services.router.console_data import RecentSpans
-from services.router.errors import RouterError
+from services.router.messages import ChatMessage, Chunk, GenerateInput, RouteExplanation
 from services.router.openai_api import make_app
 from services.router.router import ModelInfo, Router
 from services.router.settings import RouterSettings
-from services.router.workers import WorkerClients, WorkerDirectory
+from services.router.workers import GrpcWorkerClients, RedisWorkerDirectory
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 GENERATE_METHOD = f"/{SERVICE_NAME}/Generate"
 
 
-class RouterTracingInterceptor(AioServerTracingInterceptor):
-    """Every method but Generate: that one's root span is ``router.request`` (router.py)."""
-
-    async def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method == GENERATE_METHOD:
-            return await continuation(handler_call_details)
-        return await super().intercept_service(continuation, handler_call_details)
-
-
-async def abort_with(context: grpc.aio.ServicerContext, exc: RouterError) -> None:
+async def abort_with(context: grpc.aio.ServicerContext, exc: PdserveError) -> None:
     if exc.retry_after_s:
         context.set_trailing_metadata((("retry-after", str(exc.retry_after_s)),))
-    await context.abort(grpc.StatusCode[exc.grpc_code], exc.message)
+    await context.abort(grpc.StatusCode[grpc_status(exc)], exc.message)
+
+
+def generate_input(req: router_pb2.GenerateRequest) -> GenerateInput:
+    """The core's request from the wire; InvalidRequest naming the field on a bad value."""
+    try:
+        params = wire.sampling_from_proto(req.sampling if req.HasField("sampling") else None)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="sampling") from None
+    kind = req.WhichOneof("input")
+    fields: dict = {}
+    if kind == "prompt":
+        fields["prompt"] = req.prompt
+    elif kind == "chat":
+        fields["messages"] = tuple(ChatMessage(m.role, m.content) for m in req.chat.messages)
+    elif kind == "prompt_token_ids":
+        fields["prompt_token_ids"] = tuple(req.prompt_token_ids.ids)
+    return GenerateInput(
+        request_id=req.request_id, params=params, model=req.model,
+        cache_salt=req.cache_salt or None, **fields,
+    )  # fmt: skip
+
+
+def route_to_proto(route: RouteExplanation) -> common_pb2.RouteExplanation:
+    msg = common_pb2.RouteExplanation(
+        prefill_worker=route.prefill_worker, decode_worker=route.decode_worker,
+        disaggregated=route.disaggregated, reason=route.reason,
+        prompt_tokens=route.prompt_tokens, uncached_tokens=route.uncached_tokens,
+        decode_score=route.decode_score, prefill_score=route.prefill_score,
+        prefill_attempts=route.prefill_attempts,
+    )  # fmt: skip
+    for c in route.cached:
+        msg.cached.add(node_id=c.node_id, hbm=c.hbm, dram=c.dram, ssd=c.ssd)
+    return msg
+
+
+def chunk_to_proto(chunk: Chunk) -> router_pb2.GenerateChunk:
+    msg = router_pb2.GenerateChunk(
+        request_id=chunk.request_id,
+        text=chunk.text,
+        token_ids=chunk.token_ids,
+        logprobs=[wire.logprob_to_proto(t) for t in chunk.logprobs],
+        finish_reason=wire.finish_reason_to_proto(chunk.finish_reason),
+    )
+    if chunk.usage is not None:
+        u = chunk.usage
+        msg.usage.CopyFrom(wire.usage_to_proto(u.prompt_tokens, u.completion_tokens,
+                                               u.cached_tokens))  # fmt: skip
+    if chunk.route is not None:
+        msg.route.CopyFrom(route_to_proto(chunk.route))
+    return msg
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -74,20 +121,20 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             metadata = metadata_carrier(context.invocation_metadata())
             tenant = self._gate.authenticate(metadata.get("authorization"))
             stream = self._gate.generate(
-                tenant, self._router, request, context.time_remaining(),
+                tenant, self._router, generate_input(request), context.time_remaining(),
                 trace_context=extract_context(metadata),
             )  # fmt: skip
             async with contextlib.aclosing(stream):
                 async for chunk in stream:
-                    yield chunk
-        except RouterError as exc:
+                    yield chunk_to_proto(chunk)
+        except PdserveError as exc:
             await abort_with(context, exc)
 
     async def ListModels(self, request, context):
         try:
             metadata = dict(context.invocation_metadata() or ())
             self._gate.authenticate(metadata.get("authorization"))
-        except RouterError as exc:
+        except PdserveError as exc:
             await abort_with(context, exc)
         return router_pb2.ListModelsResponse(models=[self._router.model.name])
 
@@ -125,11 +172,11 @@ class RouterServer:
         self.model = load_model_info(settings)
         self.security = ClusterSecurity.from_settings(settings)
         self.gate = TenantGate.from_settings(settings)
-        self.directory = WorkerDirectory(
+        self.directory = RedisWorkerDirectory(
             lambda: connect_for(settings), settings.cluster_name, settings.heartbeat_ttl_s,
             settings.registry_refresh_s,
         )  # fmt: skip
-        self.clients = WorkerClients(settings.max_message_bytes, security=self.security)
+        self.clients = GrpcWorkerClients(settings.max_message_bytes, security=self.security)
         self.router = Router(settings, self.model, self.directory, self.clients)
         self.worker_id = f"router-{settings.node_id}-{os.getpid()}"
         self._heartbeat: Heartbeat | None = None
@@ -140,7 +187,9 @@ class RouterServer:
     async def start(self) -> None:
         s = self.settings
         self.directory.start()
-        self.server = new_server(s.max_message_bytes, RouterTracingInterceptor())
+        # Every method but Generate is traced here: its root span is router.request (router.py).
+        tracing = AioServerTracingInterceptor(exclude=(GENERATE_METHOD,))
+        self.server = new_server(s.max_message_bytes, tracing)
         router_pb2_grpc.add_RouterServicer_to_server(
             RouterServicer(self.router, self.gate), self.server
         )

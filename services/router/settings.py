@@ -60,10 +60,22 @@ class RouterSettings(ServiceSettings):
     # Resilience.
     prefill_timeout_s: float = Field(60.0, gt=0, description="one Prefill RPC")
     prefill_attempts: int = Field(2, ge=1, description="a failed prefill is retried elsewhere")
-    decode_first_chunk_timeout_s: float = Field(60.0, gt=0)
-    decode_stall_timeout_s: float = Field(
-        10.0, gt=0, description="a decode stream silent this long is declared dead"
+    decode_first_chunk_timeout_s: float = Field(
+        60.0, gt=0, description="a decode stream silent this long before its first chunk is moved"
     )
+    decode_stall_timeout_s: float = Field(
+        10.0, gt=0, description="a decode stream silent this long mid-stream is moved"
+    )
+    migration_limit: int = Field(
+        3, ge=0, description="times a request may move to another decode worker mid-stream"
+    )
+
+    # Input limits (beyond them: 400 naming the field).
+    max_request_bytes: int = Field(4 << 20, ge=1024, description="HTTP request body")
+    max_input_chars: int = Field(
+        1_000_000, ge=1, description="prompt or all messages' content, before tokenizing"
+    )
+    max_json_depth: int = Field(32, ge=4, description="nesting of an HTTP JSON body")
     kv_fetch_timeout_s: float = Field(0.0, ge=0, description="passed to decode; 0 = its default")
     registry_refresh_s: float = Field(0.5, gt=0, description="worker list refresh period")
     affinity_capacity_blocks: int = Field(

@@ -1,23 +1,34 @@
-"""Calls from the router to prefill and decode workers (grpc.aio), and worker discovery.
+"""How the router reaches workers: discovery (:class:`WorkerDirectory`) and calls
+(:class:`WorkerClients`), each an abstract class with one real implementation here and an
+in-memory fake for tests (tests/serving/router_fakes.py).
 
-gRPC failures are turned into :class:`WorkerCallError` here, so the router's logic never
-sees a grpc type. Discovery polls the Redis worker registry and tails the KV location index
-on background threads; when Redis is down the last known workers stay in rotation and the
-index goes stale (routing degrades to load-only, serving continues).
+The real clients are the only grpc users on the router's request path: they turn the core's
+plain calls into worker RPCs, the replies back into plain data, and every gRPC failure into
+a :class:`~pdserve.errors.WorkerCallError` whose ``failure`` says whether the worker is gone
+(transport), busy, or refused the request.
+
+Discovery polls the Redis worker registry and tails the KV location index on background
+threads. It keeps the last known workers through a Redis outage and through a Redis restart
+(an empty registry until the workers' next heartbeats): a worker stays listed until it has
+been missing for ``ttl_s``, so "Redis lost its keys" never reads as "no workers".
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
 import structlog
 
-from pdserve import metrics
+from pdserve import metrics, wire
 from pdserve._proto.pdserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from pdserve.engine.block_hash import BlockKey
+from pdserve.errors import Failure, WorkerCallError
 from pdserve.grpc_tracing import aio_client_interceptors
 from pdserve.kv.metadata import (
     REDIS_ERRORS,
@@ -28,35 +39,120 @@ from pdserve.kv.metadata import (
     WorkerRegistry,
 )
 from pdserve.tls import ClusterSecurity
+from services.router.messages import DecodeCall, PrefillCall, Prefilled, Usage, WorkerChunk
 
 log = structlog.get_logger(__name__)
+ROLES = ("prefill", "decode")
 
 
-class WorkerCallError(Exception):
-    """A worker RPC failed. ``kind``: unavailable | invalid | deadline | other."""
+class WorkerDirectory(abc.ABC):
+    """Live prefill and decode workers and where KV blocks are cached."""
 
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
+    redis_ok: bool = True
+
+    @abc.abstractmethod
+    def workers(self, role: str) -> list[WorkerInfo]: ...
+
+    @abc.abstractmethod
+    def prefixes(self, keys: Sequence[BlockKey]) -> list[NodePrefix]: ...
+
+    def start(self) -> None:  # noqa: B027 - optional hook
+        """Begin discovery (background refresh)."""
+
+    def stop(self) -> None:  # noqa: B027 - optional hook
+        """End discovery."""
 
 
-_KIND = {
-    grpc.StatusCode.UNAVAILABLE: "unavailable",
-    grpc.StatusCode.CANCELLED: "unavailable",
-    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
-    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
+class WorkerClients(abc.ABC):
+    """Calls to workers; failures raise WorkerCallError."""
+
+    @abc.abstractmethod
+    async def prefill(self, address: str, call: PrefillCall, timeout_s: float) -> Prefilled: ...
+
+    @abc.abstractmethod
+    def decode(
+        self, address: str, call: DecodeCall, timeout_s: float
+    ) -> AsyncIterator[WorkerChunk]:
+        """The decode stream; closing the iterator cancels the call (the worker aborts)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+# ---- gRPC clients ----
+
+_FAILURE = {
+    grpc.StatusCode.UNAVAILABLE: Failure.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED: Failure.UNAVAILABLE,  # the worker's server went away mid-call
+    grpc.StatusCode.INVALID_ARGUMENT: Failure.INVALID,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Failure.DEADLINE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Failure.OVERLOADED,
 }
 
 
 def _call_error(exc: grpc.RpcError) -> WorkerCallError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    return WorkerCallError(_KIND.get(code, "other"), f"{getattr(code, 'name', code)}: {details}")
+    failure = _FAILURE.get(code, Failure.ERROR)
+    return WorkerCallError(failure, f"{getattr(code, 'name', code)}: {details}")
 
 
-class WorkerClients:
+def prefill_request(call: PrefillCall) -> prefill_pb2.PrefillRequest:
+    return prefill_pb2.PrefillRequest(
+        request_id=call.request_id,
+        prompt_token_ids=call.prompt_token_ids,
+        sampling=wire.sampling_to_proto(call.params),
+        cache_salt=call.cache_salt or "",
+    )
+
+
+def prefilled_from_proto(msg: prefill_pb2.PrefillResponse) -> Prefilled:
+    logprob = msg.first_logprob if msg.HasField("first_logprob") else None
+    return Prefilled(
+        first_token=wire.sampled_token_from_proto(msg.first_token_id, logprob),
+        kv=wire.kv_source_from_proto(msg.kv if msg.HasField("kv") else None),
+        num_computed_tokens=msg.num_computed_tokens,
+        trace=wire.trace_from_proto(msg.trace if msg.HasField("trace") else None),
+    )
+
+
+def decode_request(call: DecodeCall) -> decode_pb2.DecodeRequest:
+    msg = decode_pb2.DecodeRequest(
+        request_id=call.request_id,
+        prompt_token_ids=call.prompt_token_ids,
+        sampling=wire.sampling_to_proto(call.params),
+        cache_salt=call.cache_salt or "",
+        kv_fetch_timeout_s=call.kv_fetch_timeout_s,
+        resume_token_ids=list(call.resume_token_ids),
+    )
+    prefilled = call.prefilled
+    if prefilled is not None:
+        msg.first_token_id = prefilled.first_token.token_id
+        if prefilled.first_token.logprob is not None:
+            msg.first_logprob.CopyFrom(wire.logprob_to_proto(prefilled.first_token))
+        if prefilled.kv is not None:
+            msg.kv.CopyFrom(wire.kv_source_to_proto(prefilled.kv))
+        # The prefill's span: the decode worker links its KV fetch to it.
+        msg.trace.CopyFrom(wire.trace_to_proto(prefilled.trace))
+    return msg
+
+
+def worker_chunk_from_proto(msg: decode_pb2.DecodeChunk) -> WorkerChunk:
+    usage = None
+    if msg.HasField("usage"):
+        u = msg.usage
+        usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+    reason = wire.finish_reason_from_proto(msg.finish_reason)
+    return WorkerChunk(
+        token_ids=tuple(msg.token_ids),
+        text=msg.text,
+        logprobs=tuple(wire.sampled_token_from_proto(lp.token_id, lp) for lp in msg.logprobs),
+        finish_reason=reason.value if reason is not None else None,
+        usage=usage,
+    )
+
+
+class GrpcWorkerClients(WorkerClients):
     """One grpc.aio channel per worker address, created on first use."""
 
     def __init__(self, max_message_bytes: int, *, security: ClusterSecurity | None = None) -> None:
@@ -76,28 +172,26 @@ class WorkerClients:
             )
         return channel
 
-    async def prefill(
-        self, address: str, request: prefill_pb2.PrefillRequest, timeout_s: float
-    ) -> prefill_pb2.PrefillResponse:
+    async def prefill(self, address: str, call: PrefillCall, timeout_s: float) -> Prefilled:
         stub = prefill_pb2_grpc.PrefillStub(self._channel(address))
         try:
-            return await stub.Prefill(request, timeout=timeout_s)
+            response = await stub.Prefill(prefill_request(call), timeout=timeout_s)
         except grpc.RpcError as exc:
             raise _call_error(exc) from None
+        return prefilled_from_proto(response)
 
     async def decode(
-        self, address: str, request: decode_pb2.DecodeRequest, timeout_s: float
-    ) -> AsyncIterator[decode_pb2.DecodeChunk]:
-        """The decode stream; closing the iterator cancels the RPC (the worker aborts)."""
+        self, address: str, call: DecodeCall, timeout_s: float
+    ) -> AsyncIterator[WorkerChunk]:
         stub = decode_pb2_grpc.DecodeStub(self._channel(address))
-        call = stub.Decode(request, timeout=timeout_s)
+        rpc = stub.Decode(decode_request(call), timeout=timeout_s)
         try:
-            async for chunk in call:
-                yield chunk
+            async for chunk in rpc:
+                yield worker_chunk_from_proto(chunk)
         except grpc.RpcError as exc:
             raise _call_error(exc) from None
         finally:
-            call.cancel()
+            rpc.cancel()
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -106,8 +200,11 @@ class WorkerClients:
         self._channels.clear()
 
 
-class WorkerDirectory:
-    """Live prefill and decode workers (Redis registry) and the KV location index."""
+# ---- Redis discovery ----
+
+
+class RedisWorkerDirectory(WorkerDirectory):
+    """The Redis worker registry (polled) and the KV location index (tailed)."""
 
     def __init__(
         self, connect_redis: Callable[[], Any], cluster: str, ttl_s: float, refresh_s: float
@@ -117,8 +214,9 @@ class WorkerDirectory:
         layout = RedisLayout(cluster)
         self._registry = WorkerRegistry(self._redis, layout, ttl_s)
         self.index = LocationIndex(connect_redis(), layout)
+        self._ttl_s = ttl_s
         self._refresh_s = refresh_s
-        self._workers: dict[str, list[WorkerInfo]] = {"prefill": [], "decode": []}
+        self._seen: dict[str, tuple[WorkerInfo, float]] = {}  # worker id -> (info, monotonic)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker-directory", daemon=True)
         self.redis_ok = False
@@ -141,21 +239,26 @@ class WorkerDirectory:
                 log.warning("router.redis_down", error=str(exc))
             self.redis_ok = False
             return
+        if not self.redis_ok:
+            log.info("router.redis_up", workers=len(found))
         self.redis_ok = True
-        self._workers = {
-            role: [w for w in found if w.role == role] for role in ("prefill", "decode")
-        }
-        for role, workers in self._workers.items():
-            metrics.WORKERS.labels(role).set(len(workers))
+        now = time.monotonic()
+        seen = {w.worker_id: (w, now) for w in found if w.role in ROLES}
+        for wid, (info, at) in self._seen.items():
+            if wid not in seen and now - at < self._ttl_s:
+                seen[wid] = (info, at)  # not heard of since a Redis restart: keep for a TTL
+        self._seen = seen
+        for role in ROLES:
+            metrics.WORKERS.labels(role).set(len(self.workers(role)))
 
     def _run(self) -> None:
         while not self._stop.wait(self._refresh_s):
             self.refresh()
 
     def workers(self, role: str) -> list[WorkerInfo]:
-        return list(self._workers.get(role, ()))
+        return [info for info, _ in self._seen.values() if info.role == role]
 
-    def prefixes(self, keys) -> list[NodePrefix]:
+    def prefixes(self, keys: Sequence[BlockKey]) -> list[NodePrefix]:
         if not keys:
             return []
         try:

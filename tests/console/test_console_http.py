@@ -13,10 +13,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 
+from pdserve.errors import Unauthenticated
 from pdserve.kv.metadata import WorkerInfo
 from services.router.console import CSP, Console
 from services.router.console_data import RecentSpans
-from services.router.errors import Unauthenticated
 from services.router.openai_api import make_app
 from services.router.settings import RouterSettings
 from tests.console.test_console_data import MS, record_request, span_line

@@ -10,11 +10,11 @@ import json
 import pytest
 import structlog
 
-from pdserve._proto.pdserve.v1 import common_pb2, router_pb2
 from pdserve.engine.block_hash import chain_block_keys, root_key
+from pdserve.errors import Unauthenticated, grpc_status, http_status
 from services.router import tenants
 from services.router.auth import RateLimited, TenantGate
-from services.router.errors import Unauthenticated
+from services.router.messages import Chunk, GenerateInput, Usage
 from services.router.tenants import ApiKeys, KeysConfigError, RateLimiter, Tenant
 
 
@@ -122,14 +122,14 @@ class FakeRouter:
 
     async def generate(self, req, deadline_s, **kwargs):
         self.salts.append(req.cache_salt)
-        yield router_pb2.GenerateChunk(text="a")
-        usage = common_pb2.Usage(prompt_tokens=40, completion_tokens=20, cached_tokens=16)
-        yield router_pb2.GenerateChunk(text="b", usage=usage)
+        yield Chunk("r", text="a")
+        usage = Usage(prompt_tokens=40, completion_tokens=20, cached_tokens=16)
+        yield Chunk("r", text="b", usage=usage)
 
 
 def _drain(gate, tenant, router, salt=""):
     async def run():
-        req = router_pb2.GenerateRequest(prompt="hi", cache_salt=salt)
+        req = GenerateInput(prompt="hi", cache_salt=salt or None)
         return [c.text async for c in gate.generate(tenant, router, req, None)]
 
     return asyncio.run(run())
@@ -145,7 +145,8 @@ def test_the_gate_scopes_salts_charges_tokens_and_answers_429_with_retry_after()
     with pytest.raises(RateLimited) as refused:
         _drain(gate, acme, router)
     assert refused.value.retry_after_s == 13  # (1 + 20) tokens at 100/min = 12.6 s
-    assert (refused.value.http_status, refused.value.grpc_code) == (429, "RESOURCE_EXHAUSTED")
+    assert http_status(refused.value) == (429, "rate_limit_error")
+    assert grpc_status(refused.value) == "RESOURCE_EXHAUSTED"
     assert _drain(gate, beta, router) == ["a", "b"]  # the other tenant is unaffected
     assert router.salts == [acme.cache_salt("team"), acme.cache_salt(""), beta.cache_salt("")]
     now[0] = 12.6
