@@ -24,6 +24,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int | None = None  # seeds unseeded sampling
     num_threads: int | None = None  # CPU intra-op threads; None → torch's default
+    # A step that carries prompt chunks next to running decodes aims to end within this
+    # (the decode SLO); None → prompt chunks are limited by max_num_batched_tokens only.
+    target_step_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -42,6 +45,8 @@ class EngineConfig:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
+        if self.target_step_s is not None and self.target_step_s <= 0:
+            raise ValueError(f"target_step_s must be > 0 when set, got {self.target_step_s}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

@@ -5,6 +5,10 @@ unfinished chunked prefill the rest of its prompt up to the budget), then waitin
 arrival order (their prompt minus the cached prefix, chunked to what is left of the budget).
 When the pool runs out, the most recently admitted running sequence is preempted: its blocks are
 released and it is recomputed later (its cached full blocks usually survive in the prefix cache).
+
+A step may also get a prompt budget: at most that many prompt tokens (new prompts, unfinished
+chunked prefills, recomputation) ride along with the running decodes, so that a long prompt
+arriving at a busy worker stretches its decodes' step only as far as the caller allows.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ class ScheduledChunk:
         """True when this chunk reaches the end of the sequence, so its last logits are sampled."""
         return self.start + self.num_tokens == self.seq.num_tokens
 
+    @property
+    def is_decode(self) -> bool:
+        """One new token of a sequence whose prompt is computed."""
+        return self.num_tokens == 1 and self.start >= self.seq.num_prompt_tokens
+
 
 @dataclass
 class SchedulerPlan:
@@ -36,6 +45,11 @@ class SchedulerPlan:
     @property
     def num_batched_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Tokens computed for prompts (or recomputation), not single decode tokens."""
+        return sum(c.num_tokens for c in self.chunks if not c.is_decode)
 
     @property
     def is_empty(self) -> bool:
@@ -62,18 +76,35 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerPlan:
+    @property
+    def num_pending_prompt_tokens(self) -> int:
+        """Prompt (or recomputation) tokens still to compute, waiting or mid-prefill; a
+        waiting prompt's cached prefix is not known before admission and counts in full."""
+        pending = [s for s in self.running if not _is_decoding(s)] + list(self.waiting)
+        return sum(s.num_tokens - s.num_computed_tokens for s in pending)
+
+    def schedule(self, prompt_budget: int | None = None) -> SchedulerPlan:
+        """The next step's chunks. ``prompt_budget``: the most prompt tokens it may carry
+        while decodes run (None: only the token budget limits them)."""
         plan = SchedulerPlan()
-        budget = self._schedule_running(plan, self.max_num_batched_tokens)
+        decoding = any(_is_decoding(s) for s in self.running)
+        prompts = _PromptBudget(prompt_budget if decoding else None)
+        budget = self._schedule_running(plan, self.max_num_batched_tokens, prompts)
         if not plan.preempted:
-            self._schedule_waiting(plan, budget)
+            self._schedule_waiting(plan, budget, prompts)
         return plan
 
-    def _schedule_running(self, plan: SchedulerPlan, budget: int) -> int:
+    def _schedule_running(self, plan: SchedulerPlan, budget: int, prompts: _PromptBudget) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not _is_decoding(seq):
+                num_new = prompts.take(num_new)
+                if num_new == 0:
+                    index += 1
+                    continue
+                prompts.spend(num_new)
             while not self.block_manager.can_grow(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -89,15 +120,17 @@ class Scheduler:
             break
         return budget
 
-    def _schedule_waiting(self, plan: SchedulerPlan, budget: int) -> None:
+    def _schedule_waiting(self, plan: SchedulerPlan, budget: int, prompts: _PromptBudget) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.block_manager.admit(seq, budget):
+            allowed = prompts.take(budget)
+            if allowed == 0 or not self.block_manager.admit(seq, allowed):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, allowed)
+            prompts.spend(num_new)
             plan.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
             budget -= num_new
 
@@ -133,3 +166,27 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+
+def _is_decoding(seq: Sequence) -> bool:
+    """Its next step computes one new token of its output (not prompt or recomputed work)."""
+    return (
+        seq.num_tokens - seq.num_computed_tokens == 1
+        and seq.num_computed_tokens >= seq.num_prompt_tokens
+    )
+
+
+class _PromptBudget:
+    """What is left of one step's prompt budget (None: unlimited). The scheduler applies one
+    only while some running sequence decodes: prompts alone have no stream to protect."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.left = limit
+
+    def take(self, wanted: int) -> int:
+        """How many of ``wanted`` prompt tokens fit; the caller spends what it schedules."""
+        return wanted if self.left is None else min(wanted, self.left)
+
+    def spend(self, num_tokens: int) -> None:
+        if self.left is not None:
+            self.left = max(0, self.left - num_tokens)
