@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve._proto.pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/decode.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xe1\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x1b\n\x0e\x66irst_token_id\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12/\n\rfirst_logprob\x18\x06 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12 \n\x02kv\x18\x07 \x01(\x0b\x32\x14.pdserve.v1.KVSource\x12\x1a\n\x12kv_fetch_timeout_s\x18\x08 \x01(\x01\x12\'\n\x05trace\x18\t \x01(\x0b\x32\x18.pdserve.v1.TraceContext\x12\x18\n\x10resume_token_ids\x18\n \x03(\x05\x42\x11\n\x0f_first_token_id\"\xe0\x01\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\x1d\n\x15num_kv_blocks_fetched\x18\x06 \x01(\x05\x12\x12\n\nrecomputed\x18\x07 \x01(\x08\"\x14\n\x12\x44\x65\x63odeStatsRequest\"\xdb\x01\n\x13\x44\x65\x63odeStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07waiting\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\x05\x12\x19\n\x11num_cached_blocks\x18\x06 \x01(\x05\x12\"\n\x1anum_prompt_tokens_computed\x18\x07 \x01(\x03\x12\x1d\n\x15num_generation_tokens\x18\x08 \x01(\x03\x32\x92\x01\n\x06\x44\x65\x63ode\x12>\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x17.pdserve.v1.DecodeChunk0\x01\x12H\n\x05Stats\x12\x1e.pdserve.v1.DecodeStatsRequest\x1a\x1f.pdserve.v1.DecodeStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/decode.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"\xfa\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\x1b\n\x0e\x66irst_token_id\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12/\n\rfirst_logprob\x18\x06 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12 \n\x02kv\x18\x07 \x01(\x0b\x32\x14.pdserve.v1.KVSource\x12\x1a\n\x12kv_fetch_timeout_s\x18\x08 \x01(\x01\x12\'\n\x05trace\x18\t \x01(\x0b\x32\x18.pdserve.v1.TraceContext\x12\x18\n\x10resume_token_ids\x18\n \x03(\x05\x12\x17\n\x0fprefill_address\x18\x0b \x01(\tB\x11\n\x0f_first_token_id\"\xe0\x01\n\x0b\x44\x65\x63odeChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\x1d\n\x15num_kv_blocks_fetched\x18\x06 \x01(\x05\x12\x12\n\nrecomputed\x18\x07 \x01(\x08\"\x14\n\x12\x44\x65\x63odeStatsRequest\"\xdb\x01\n\x13\x44\x65\x63odeStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07waiting\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\x05\x12\x19\n\x11num_cached_blocks\x18\x06 \x01(\x05\x12\"\n\x1anum_prompt_tokens_computed\x18\x07 \x01(\x03\x12\x1d\n\x15num_generation_tokens\x18\x08 \x01(\x03\x32\x92\x01\n\x06\x44\x65\x63ode\x12>\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x17.pdserve.v1.DecodeChunk0\x01\x12H\n\x05Stats\x12\x1e.pdserve.v1.DecodeStatsRequest\x1a\x1f.pdserve.v1.DecodeStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,13 +33,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.decode_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECODEREQUEST']._serialized_start=65
-  _globals['_DECODEREQUEST']._serialized_end=418
-  _globals['_DECODECHUNK']._serialized_start=421
-  _globals['_DECODECHUNK']._serialized_end=645
-  _globals['_DECODESTATSREQUEST']._serialized_start=647
-  _globals['_DECODESTATSREQUEST']._serialized_end=667
-  _globals['_DECODESTATSRESPONSE']._serialized_start=670
-  _globals['_DECODESTATSRESPONSE']._serialized_end=889
-  _globals['_DECODE']._serialized_start=892
-  _globals['_DECODE']._serialized_end=1038
+  _globals['_DECODEREQUEST']._serialized_end=443
+  _globals['_DECODECHUNK']._serialized_start=446
+  _globals['_DECODECHUNK']._serialized_end=670
+  _globals['_DECODESTATSREQUEST']._serialized_start=672
+  _globals['_DECODESTATSREQUEST']._serialized_end=692
+  _globals['_DECODESTATSRESPONSE']._serialized_start=695
+  _globals['_DECODESTATSRESPONSE']._serialized_end=914
+  _globals['_DECODE']._serialized_start=917
+  _globals['_DECODE']._serialized_end=1063
 # @@protoc_insertion_point(module_scope)

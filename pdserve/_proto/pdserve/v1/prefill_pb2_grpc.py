@@ -44,6 +44,11 @@ class PrefillStub:
                 request_serializer=pdserve_dot_v1_dot_prefill__pb2.PrefillStatsRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_prefill__pb2.PrefillStatsResponse.FromString,
                 _registered_method=True)
+        self.Handoff = channel.unary_stream(
+                '/pdserve.v1.Prefill/Handoff',
+                request_serializer=pdserve_dot_v1_dot_prefill__pb2.HandoffRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_prefill__pb2.HandoffEvent.FromString,
+                _registered_method=True)
 
 
 class PrefillServicer:
@@ -61,6 +66,16 @@ class PrefillServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Handoff(self, request, context):
+        """Follow one request's handoff (called by the decode worker the router paired with it,
+        possibly before the Prefill call arrives): one event each time the sealed prefix of the
+        prompt's blocks grows, the last one with the whole PrefillResponse. A failed, cancelled
+        or unknown prefill ends the stream with its status (NOT_FOUND after wait_s).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +88,11 @@ def add_PrefillServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=pdserve_dot_v1_dot_prefill__pb2.PrefillStatsRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_prefill__pb2.PrefillStatsResponse.SerializeToString,
+            ),
+            'Handoff': grpc.unary_stream_rpc_method_handler(
+                    servicer.Handoff,
+                    request_deserializer=pdserve_dot_v1_dot_prefill__pb2.HandoffRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_prefill__pb2.HandoffEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +149,33 @@ class Prefill:
             '/pdserve.v1.Prefill/Stats',
             pdserve_dot_v1_dot_prefill__pb2.PrefillStatsRequest.SerializeToString,
             pdserve_dot_v1_dot_prefill__pb2.PrefillStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Handoff(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdserve.v1.Prefill/Handoff',
+            pdserve_dot_v1_dot_prefill__pb2.HandoffRequest.SerializeToString,
+            pdserve_dot_v1_dot_prefill__pb2.HandoffEvent.FromString,
             options,
             channel_credentials,
             insecure,
