@@ -1,0 +1,161 @@
+"""The router's core against in-memory fakes (no Redis, no gRPC, no model): migration of a
+stream whose decode worker fails, prefill retries, and what counts as a dead worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+from prometheus_client import REGISTRY
+
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.errors import Failure, InvalidRequest, WorkerFailed
+from services.router.messages import GenerateInput
+from services.router.router import Router
+from services.router.settings import RouterSettings
+from tests.serving.router_fakes import FakeClients, FakeDirectory, model_info, token_at
+
+PROMPT = "Tell me about consensus."
+LONG = "word " * 60  # 300 tokens: above the disaggregation threshold
+
+
+def make_router(prefill=(), decode=("d0", "d1"), **overrides):
+    fields = dict(disagg_threshold_tokens=128, decode_stall_timeout_s=0.2,
+                  decode_first_chunk_timeout_s=0.5, http_port=0)  # fmt: skip
+    fields.update(overrides)
+    clients = FakeClients(prefill, decode)
+    router = Router(RouterSettings(**fields), model_info(), FakeDirectory(prefill, decode), clients)
+    return router, clients
+
+
+def run(router, prompt=PROMPT, **params):
+    params.setdefault("max_tokens", 12)
+    inp = GenerateInput(prompt=prompt, params=SamplingParams(**params))
+
+    async def collect():
+        async with contextlib.aclosing(router.generate(inp)) as stream:
+            return [chunk async for chunk in stream]
+
+    return asyncio.run(collect())
+
+
+def expected(prompt: str, n: int) -> list[int]:
+    ids = list(prompt.encode())
+    return [token_at(ids, i) for i in range(n)]
+
+
+def migrations(reason: str) -> float:
+    return REGISTRY.get_sample_value("pdserve_router_migrations_total", {"reason": reason}) or 0.0
+
+
+def test_a_decode_worker_dying_mid_stream_is_invisible_to_the_client():
+    router, clients = make_router()
+    clients.decode_workers["d0"].die_after = 5
+    before = migrations("unavailable")
+    chunks = run(router)
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert tokens == expected(PROMPT, 12)  # nothing lost, nothing repeated
+    assert "".join(c.text for c in chunks) == "".join(f"<{t}>" for t in tokens)
+    [moved] = clients.decode_workers["d1"].calls
+    assert moved.resume_token_ids == tuple(tokens[:5]) and moved.prefilled is None
+    last = chunks[-1]
+    assert last.finish_reason == "length" and last.usage.completion_tokens == 12
+    assert chunks[0].route.decode_worker == "d0" and all(c.route is None for c in chunks[1:])
+    assert migrations("unavailable") - before == 1
+    assert [w.worker_id for w in router._alive("decode")] == ["d1"]  # d0 is out of rotation
+
+
+def test_a_stalled_worker_loses_the_request_but_stays_in_rotation():
+    router, clients = make_router()
+    clients.decode_workers["d0"].stall_after = 3
+    before = migrations("stall")
+    tokens = [t for c in run(router) for t in c.token_ids]
+    assert tokens == expected(PROMPT, 12)
+    assert migrations("stall") - before == 1
+    assert {w.worker_id for w in router._alive("decode")} == {"d0", "d1"}  # busy, not dead
+
+
+def test_an_overloaded_worker_hands_the_request_to_another():
+    router, clients = make_router()
+    clients.decode_workers["d0"].refuse = Failure.OVERLOADED
+    tokens = [t for c in run(router) for t in c.token_ids]
+    assert tokens == expected(PROMPT, 12)
+    assert {w.worker_id for w in router._alive("decode")} == {"d0", "d1"}
+
+
+def test_a_lone_decode_worker_that_stalls_is_tried_again():
+    router, clients = make_router(decode=("d0",))
+    worker = clients.decode_workers["d0"]
+    worker.stall_after = 4
+    original = worker.stream
+
+    async def recover(call):  # the second call finds it responsive again
+        worker.stall_after = None if worker.calls else 4
+        async for chunk in original(call):
+            yield chunk
+
+    worker.stream = recover
+    tokens = [t for c in run(router) for t in c.token_ids]
+    assert tokens == expected(PROMPT, 12)
+    assert [len(c.resume_token_ids) for c in worker.calls] == [0, 4]
+
+
+def test_migration_is_bounded_by_migration_limit():
+    router, clients = make_router(decode=("d0", "d1", "d2", "d3", "d4"), migration_limit=2)
+    for worker in clients.decode_workers.values():
+        worker.die_after = 2
+    with pytest.raises(WorkerFailed, match="after 6 tokens: .*migration limit 2 reached"):
+        run(router, max_tokens=20)
+    assert sum(len(w.calls) for w in clients.decode_workers.values()) == 3
+
+
+def test_no_migration_when_the_limit_is_zero_or_no_worker_is_left():
+    router, clients = make_router(migration_limit=0)
+    clients.decode_workers["d0"].die_after = 1
+    with pytest.raises(WorkerFailed, match="migration limit 0 reached"):
+        run(router)
+    router, clients = make_router(decode=("d0",))
+    clients.decode_workers["d0"].die_after = 1
+    with pytest.raises(WorkerFailed, match="no other decode worker to continue on"):
+        run(router)
+
+
+def test_a_request_the_worker_calls_invalid_is_not_migrated():
+    router, clients = make_router()
+    clients.decode_workers["d0"].refuse = Failure.INVALID
+    with pytest.raises(InvalidRequest):
+        run(router)
+    assert not clients.decode_workers["d1"].calls
+
+
+def test_a_disaggregated_request_whose_decode_dies_before_its_first_token_restarts_cleanly():
+    router, clients = make_router(prefill=("p0",))
+    clients.decode_workers["d0"].die_after = 0
+    chunks = run(router, prompt=LONG)
+    assert chunks[0].route.disaggregated
+    # the prefill worker's first token, then the rest, from d1 which prefilled locally
+    assert [t for c in chunks for t in c.token_ids] == expected(LONG, 12)
+    [moved] = clients.decode_workers["d1"].calls
+    assert moved.resume_token_ids == () and moved.prefilled is None
+
+
+def test_a_failed_prefill_is_retried_on_the_other_worker():
+    """Deterministic: p0 wins the tie (smallest id), fails, and p1 serves the retry."""
+    router, clients = make_router(prefill=("p0", "p1"))
+    clients.prefill_workers["p0"].fail = Failure.UNAVAILABLE
+    chunks = run(router, prompt=LONG)
+    route = chunks[0].route
+    assert len(clients.prefill_workers["p0"].calls) == 1
+    assert len(clients.prefill_workers["p1"].calls) == 1
+    assert route.prefill_worker == "p1" and route.prefill_attempts == 2
+    assert route.reason.startswith("prefill on p0 failed (unavailable); ")
+    assert [t for c in chunks for t in c.token_ids] == expected(LONG, 12)
+    assert [w.worker_id for w in router._alive("prefill")] == ["p1"]
+
+
+def test_logprobs_ride_through_a_migration():
+    router, clients = make_router()
+    clients.decode_workers["d0"].die_after = 3
+    chunks = run(router, logprobs=1)
+    assert [lp.token_id for c in chunks for lp in c.logprobs] == expected(PROMPT, 12)
