@@ -53,14 +53,19 @@ class KVStoreNode:
         self._sweeper = threading.Thread(target=self._sweep, name="kv-sweeper", daemon=True)
 
     def worker_info(self) -> WorkerInfo:
+        """Capacity and used share per tier; the counters behind the console's hit rate and
+        evictions (``num_evicted_<tier>``: blocks pushed out of that tier, demoted or dropped)."""
         stats = self.store.stats()
+        load = {t.tier.label: t.used_bytes / max(t.capacity_bytes, 1) for t in stats.tiers}
+        load |= {f"num_evicted_{t.tier.label}": t.num_evicted for t in stats.tiers}
+        load |= {"num_hits": stats.num_hits, "num_misses": stats.num_misses}
         return WorkerInfo(
             worker_id=self.worker_id,
             role="kvstore",
             address=self.address,
             node_id=self.settings.node_id,
             capacity={t.tier.label: t.capacity_bytes for t in stats.tiers},
-            load={t.tier.label: t.used_bytes / max(t.capacity_bytes, 1) for t in stats.tiers},
+            load=load,
             started_unix_ms=self._started_ms,
         )
 

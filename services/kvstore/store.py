@@ -641,13 +641,18 @@ class TieredStore:
             return lease.lease_id, [None] * len(keys)
         for raw in keys:
             key = block_key(raw)
-            if key in self._entries and self._entries[key].tier != Tier.DRAM:
-                self.get(key)
+            lower = key in self._entries and self._entries[key].tier != Tier.DRAM
+            if lower:
+                self.get(key)  # counts the hit or the miss
             with self._cond:
                 entry = self._entries.get(key)
                 if entry is None or entry.tier != Tier.DRAM or entry.moving or entry.corrupt:
+                    if not lower:
+                        self.num_misses += 1
                     out.append(None)
                     continue
+                if not lower:
+                    self.num_hits += 1
                 entry.leases.add(lease.lease_id)
                 self._leases[lease.lease_id].keys.add(key)
                 dram.lru.move_to_end(key)

@@ -134,6 +134,7 @@ class PrefillLoad:
     num_free_blocks: int = 0
     num_prompt_tokens_computed: int = 0
     num_prompt_tokens_cached: int = 0
+    step_ms: float = 0.0  # the last engine step's wall time (the console shows it)
 
 
 class KVConnection:
@@ -200,6 +201,7 @@ class PrefillWorker:
         self._inbox = EngineInbox()
         self._step_blocks: list[tuple[bytes, int]] = []  # (key, block id) written this step
         self._step_started_ns = 0
+        self._last_step_ms = 0.0
         self._batch_span: trace.Span | None = None
         self._num_cached = 0
         self._fetch_pool = ThreadPoolExecutor(4, thread_name_prefix="prefill-fetch")
@@ -234,6 +236,7 @@ class PrefillWorker:
                 "running": load.running,
                 "waiting": load.waiting,
                 "num_free_blocks": load.num_free_blocks,
+                "step_ms": round(load.step_ms, 3),
             },
         )
 
@@ -401,7 +404,9 @@ class PrefillWorker:
         self._step_started_ns = time.time_ns()
         try:
             outputs = self.engine.step(on_layer_done=self._on_layer_done)
-            metrics.STEP_DURATION.labels("prefill").observe(time.perf_counter() - start)
+            step_s = time.perf_counter() - start
+            metrics.STEP_DURATION.labels("prefill").observe(step_s)
+            self._last_step_ms = step_s * 1000
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
             log.exception("prefill.step_failed")
             self._end_batch_span(exc)
@@ -591,6 +596,7 @@ class PrefillWorker:
             num_free_blocks=self.engine.block_manager.num_free_blocks,
             num_prompt_tokens_computed=stats.num_prompt_tokens_computed,
             num_prompt_tokens_cached=self._num_cached,
+            step_ms=self._last_step_ms,
         )
         metrics.QUEUE_DEPTH.labels("prefill_waiting").set(self.load.waiting)
         metrics.RUNNING_BATCH_SIZE.set(self.load.running)

@@ -291,11 +291,15 @@ def _engine_view(w: WorkerInfo) -> dict[str, Any]:
 
 
 def _kvstore_view(w: WorkerInfo) -> dict[str, Any]:
-    """Tiers are the capacity's keys (``hbm``/``dram``/``ssd``); load holds their used share."""
+    """Tiers are the capacity's keys (``hbm``/``dram``/``ssd``); load holds each one's used
+    share and ``num_evicted_<tier>`` (blocks pushed out of it), and the store's hits/misses."""
     tiers = [
-        {"tier": tier, "capacity_bytes": int(cap), "used_ratio": w.load.get(tier)}
+        {
+            "tier": tier, "capacity_bytes": int(cap), "used_ratio": w.load.get(tier),
+            "num_evicted": w.load.get(f"num_evicted_{tier}"),
+        }
         for tier, cap in w.capacity.items()
-    ]
+    ]  # fmt: skip
     hits, misses = w.load.get("num_hits"), w.load.get("num_misses")
     lookups = (hits or 0) + (misses or 0)
     return {
@@ -303,7 +307,6 @@ def _kvstore_view(w: WorkerInfo) -> dict[str, Any]:
         "num_hits": hits,
         "num_misses": misses,
         "hit_rate": round(hits / lookups, 4) if hits is not None and lookups else None,
-        "num_evicted": w.load.get("num_evicted"),
     }
 
 

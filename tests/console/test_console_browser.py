@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,6 +39,12 @@ BLOCK_BYTES = 737_280  # SmolLM2-135M, float32, one 16-token block
 THRESHOLD_TOKENS = 32
 STACK_ENV = {
     "PDSERVE_ROUTER_DISAGG_THRESHOLD_TOKENS": str(THRESHOLD_TOKENS),
+    # The static rule, so the long prompt is disaggregated and the short one is not, whatever
+    # the cost model would predict on this machine.
+    "PDSERVE_ROUTER_DISAGGREGATION_POLICY": "threshold",
+    # The static rule, so that a long prompt is disaggregated on an idle stack (the cost
+    # policy would prefill it on the idle decode worker: faster by the handoff).
+    "PDSERVE_ROUTER_DISAGGREGATION_POLICY": "threshold",
     "PDSERVE_ROUTER_API_KEY": KEY,
     "PDSERVE_PREFILL_KV_CACHE_BYTES": str(64 * BLOCK_BYTES),
     "PDSERVE_DECODE_KV_CACHE_BYTES": str(64 * BLOCK_BYTES),
@@ -148,7 +155,7 @@ def no_sideways_scroll(page) -> bool:
     return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
 
 
-def test_console_api_needs_the_key(stack, two_requests):
+def test_console_api_needs_the_key_and_reports_the_cluster(stack, two_requests):
     url = stack.http_url + "/console/api/requests"
     assert get_json(url, None)[0] == 401
     assert get_json(url, "wrong")[0] == 401
@@ -158,6 +165,23 @@ def test_console_api_needs_the_key(stack, two_requests):
     assert get_json(stack.http_url + "/console/api/auth", None)[1] == {
         "key_required": True, "key_ok": False,
     }  # fmt: skip
+    # The heartbeats carry what the cluster view shows: step times, the store's hits.
+    deadline = time.monotonic() + 20
+    while True:
+        workers = {
+            w["role"]: w
+            for w in get_json(stack.http_url + "/console/api/cluster", KEY)[1]["workers"]
+        }
+        if (
+            (workers["prefill"]["step_ms"] or 0) > 0
+            and (workers["decode"]["step_ms"] or 0) > 0
+            and (workers["kvstore"]["num_hits"] or 0) >= 1
+        ):
+            break
+        assert time.monotonic() < deadline, {r: {k: v for k, v in w.items() if k in ("step_ms", "num_hits", "num_misses", "tiers")} for r, w in workers.items()}
+        time.sleep(0.5)
+    assert workers["kvstore"]["hit_rate"] > 0
+    assert [t["tier"] for t in workers["kvstore"]["tiers"]] == ["dram"]
 
 
 def test_console_shows_the_cluster_the_requests_and_the_handoff(stack, two_requests, browser):

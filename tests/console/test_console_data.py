@@ -143,53 +143,34 @@ def test_load_series_buckets_requests_by_their_finish_time():
 
 def test_cluster_view_orders_roles_and_reads_each_heartbeat():
     now_ms = 1_000_000
+
+    def worker(worker_id, role, capacity, load, age_ms=0, uptime_ms=0) -> WorkerInfo:
+        return WorkerInfo(worker_id, role, "h:1", "n1", capacity, load,
+                          now_ms - uptime_ms, now_ms - age_ms)  # fmt: skip
+
+    kv_load = {"dram": 0.5, "ssd": 0.0, "num_hits": 3, "num_misses": 1,
+               "num_evicted_dram": 2, "num_evicted_ssd": 0}  # fmt: skip
+    decode_load = {"running": 2, "waiting": 1, "num_free_blocks": 16, "num_cached_blocks": 5}
     workers = [
-        WorkerInfo(
-            "kv-1",
-            "kvstore",
-            "h:1",
-            "n1",
-            {"dram": 1000, "ssd": 4000},
-            {"dram": 0.5, "ssd": 0.0, "num_hits": 3, "num_misses": 1, "num_evicted": 2},
-            now_ms - 60_000,
-            now_ms - 1_000,
-        ),  # fmt: skip
-        WorkerInfo(
-            "d-1",
-            "decode",
-            "h:2",
-            "n1",
-            {"num_blocks": 64},
-            {"running": 2, "waiting": 1, "num_free_blocks": 16, "num_cached_blocks": 5},
-            now_ms - 60_000,
-            now_ms - 5_000,
-        ),  # fmt: skip
-        WorkerInfo(
-            "p-1",
-            "prefill",
-            "h:3",
-            "n2",
-            {"num_blocks": 32},
-            {"running": 0, "waiting": 0, "num_free_blocks": 32},
-            now_ms,
-            now_ms,
-        ),  # fmt: skip
-        WorkerInfo("r-1", "router", "h:4", "n1", {}, {"running": 3}, now_ms, now_ms),
+        worker("kv-1", "kvstore", {"dram": 1000, "ssd": 4000}, kv_load, 1_000, 60_000),
+        worker("d-1", "decode", {"num_blocks": 64}, decode_load, age_ms=5_000),
+        worker("p-1", "prefill", {"num_blocks": 32}, {"num_free_blocks": 32, "step_ms": 12.5}),
+        worker("r-1", "router", {}, {"running": 3}),
     ]
     views = cluster_view(workers, now_ms, heartbeat_interval_s=2.0)
     assert [v["worker_id"] for v in views] == ["r-1", "p-1", "d-1", "kv-1"]
     router, prefill, decode, kv = views
     assert router["running"] == 3
-    assert (prefill["kv_used_ratio"], prefill["state"]) == (0.0, "up")
+    assert (prefill["kv_used_ratio"], prefill["state"], prefill["step_ms"]) == (0.0, "up", 12.5)
     assert decode["kv_used_ratio"] == 0.75 and decode["num_cached_blocks"] == 5
     assert (decode["running"], decode["waiting"]) == (2, 1)
     assert (decode["state"], decode["heartbeat_age_s"]) == ("late", 5.0)  # > 2 intervals
     assert decode["step_ms"] is None  # not reported by this worker
     assert kv["tiers"] == [
-        {"tier": "dram", "capacity_bytes": 1000, "used_ratio": 0.5},
-        {"tier": "ssd", "capacity_bytes": 4000, "used_ratio": 0.0},
+        {"tier": "dram", "capacity_bytes": 1000, "used_ratio": 0.5, "num_evicted": 2},
+        {"tier": "ssd", "capacity_bytes": 4000, "used_ratio": 0.0, "num_evicted": 0},
     ]
-    assert (kv["hit_rate"], kv["num_evicted"], kv["uptime_s"]) == (0.75, 2, 60.0)
+    assert (kv["hit_rate"], kv["num_hits"], kv["uptime_s"]) == (0.75, 3, 60.0)
 
 
 def span_line(trace_id: str, span_id: str, name: str) -> str:

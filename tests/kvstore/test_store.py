@@ -255,3 +255,17 @@ def test_concurrent_writers_and_readers_see_exact_bytes(tmp_path, events):
     assert replay == inventory
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     store.close()
+
+
+def test_shared_memory_reads_count_as_hits_and_misses_once(tmp_path, events):
+    """The heartbeat's hit rate (the console's) counts the shared-memory path too; a block
+    read up from SSD first counts once, by the read that promotes it."""
+    store = make(tmp_path, events, dram_blocks=2, ssd_blocks=2)
+    for i in range(3):
+        store.put(key(i), payload(i))  # 0 pushed down to SSD
+    assert tiers_of(store, range(3)) == [Tier.SSD, Tier.DRAM, Tier.DRAM]
+    _, mapped = store.map_shared([key(1), key(9), key(0)], ttl_s=5.0)
+    assert [m is not None for m in mapped] == [True, False, True]
+    stats = store.stats()
+    assert (stats.num_hits, stats.num_misses) == (2, 1)
+    store.close()

@@ -108,9 +108,11 @@ function workerCard(w) {
     for (const t of w.tiers) {
       body.push(meter(t.tier, t.used_ratio, `${pct(t.used_ratio)} of ${bytes(t.capacity_bytes)}`));
     }
+    const evicted = w.tiers.map((t) => `${t.tier} ${t.num_evicted ?? "–"}`).join(" · ");
     body.push(h("div", { class: "stats" },
-      stat("hit rate", pct(w.hit_rate)), stat("hits", w.num_hits ?? "–"),
-      stat("evictions", w.num_evicted ?? "–")));
+      stat("hit rate", pct(w.hit_rate)),
+      stat("hits / misses", `${w.num_hits ?? "–"} / ${w.num_misses ?? "–"}`),
+      stat("evicted from tier", evicted)));
   } else if (w.role === "router") {
     body.push(h("div", { class: "stats" }, stat("in flight", w.running)));
   }
