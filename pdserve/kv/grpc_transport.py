@@ -16,7 +16,7 @@ import grpc
 import xxhash
 
 from pdserve._proto.pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
-from pdserve.grpc_tracing import client_interceptors
+from pdserve.grpc_tracing import traced_channel
 from pdserve.kv.blocks import BlockKey, Tier, checksum, iter_chunks
 from pdserve.kv.errors import BY_GRPC_CODE, KVError
 from pdserve.kv.shm import SharedSegment, host_id
@@ -129,7 +129,7 @@ class GrpcTransport(KVTransport):
         self._raw_channel = (security or ClusterSecurity()).channel(
             address, channel_options(max_message_bytes)
         )
-        self._channel = grpc.intercept_channel(self._raw_channel, *client_interceptors())
+        self._channel = traced_channel(self._raw_channel)
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
         self._chunk_bytes = chunk_bytes
         self._timeout_s = timeout_s

@@ -26,7 +26,7 @@ from pdserve._proto.pdserve.v1 import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
-from pdserve.grpc_tracing import client_interceptors
+from pdserve.grpc_tracing import traced_channel
 from pdserve.span_file import read_spans
 from pdserve.telemetry import Attr, Event, get_tracer
 from tests.conftest import free_port
@@ -42,7 +42,7 @@ class Stack:
     def __init__(self, kvstore, prefill, decode) -> None:
         self.kvstore, self.prefill, self.decode = kvstore, prefill, decode
         self._channels = [
-            grpc.intercept_channel(grpc.insecure_channel(s.address), *client_interceptors())
+            traced_channel(grpc.insecure_channel(s.address))
             for s in (prefill, decode)
         ]
         self.prefill_stub = prefill_pb2_grpc.PrefillStub(self._channels[0])

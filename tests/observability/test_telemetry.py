@@ -334,9 +334,7 @@ def test_sync_interceptors_carry_one_trace_across_a_real_call(setup):
     server.add_generic_rpc_handlers((_echo_handlers(is_async=False),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    channel = grpc.intercept_channel(
-        grpc.insecure_channel(f"127.0.0.1:{port}"), *grpc_tracing.client_interceptors()
-    )
+    channel = grpc_tracing.traced_channel(grpc.insecure_channel(f"127.0.0.1:{port}"))
     try:
         with tracer.start_as_current_span("client.root"):
             trace_id = current_trace_id()
@@ -363,9 +361,7 @@ def test_health_checks_are_not_traced(setup):
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    channel = grpc.intercept_channel(
-        grpc.insecure_channel(f"127.0.0.1:{port}"), *grpc_tracing.client_interceptors()
-    )
+    channel = grpc_tracing.traced_channel(grpc.insecure_channel(f"127.0.0.1:{port}"))
     try:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     finally:
