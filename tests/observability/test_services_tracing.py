@@ -42,8 +42,7 @@ class Stack:
     def __init__(self, kvstore, prefill, decode) -> None:
         self.kvstore, self.prefill, self.decode = kvstore, prefill, decode
         self._channels = [
-            traced_channel(grpc.insecure_channel(s.address))
-            for s in (prefill, decode)
+            traced_channel(grpc.insecure_channel(s.address)) for s in (prefill, decode)
         ]
         self.prefill_stub = prefill_pb2_grpc.PrefillStub(self._channels[0])
         self.decode_stub = decode_pb2_grpc.DecodeStub(self._channels[1])
