@@ -320,7 +320,6 @@ def worker_view(w: WorkerInfo, now_unix_ms: int, heartbeat_interval_s: float) ->
         "address": w.address,
         "state": "late" if age_s > 2 * heartbeat_interval_s else "up",
         "heartbeat_age_s": round(age_s, 3),
-        "uptime_s": round(max(0, now_unix_ms - w.started_unix_ms) / 1000, 1),
     }
     if w.role in ("prefill", "decode"):
         out |= _engine_view(w)

@@ -42,9 +42,6 @@ STACK_ENV = {
     # The static rule, so the long prompt is disaggregated and the short one is not, whatever
     # the cost model would predict on this machine.
     "PDSERVE_ROUTER_DISAGGREGATION_POLICY": "threshold",
-    # The static rule, so that a long prompt is disaggregated on an idle stack (the cost
-    # policy would prefill it on the idle decode worker: faster by the handoff).
-    "PDSERVE_ROUTER_DISAGGREGATION_POLICY": "threshold",
     "PDSERVE_ROUTER_API_KEY": KEY,
     "PDSERVE_PREFILL_KV_CACHE_BYTES": str(64 * BLOCK_BYTES),
     "PDSERVE_DECODE_KV_CACHE_BYTES": str(64 * BLOCK_BYTES),
@@ -178,7 +175,10 @@ def test_console_api_needs_the_key_and_reports_the_cluster(stack, two_requests):
             and (workers["kvstore"]["num_hits"] or 0) >= 1
         ):
             break
-        assert time.monotonic() < deadline, {r: {k: v for k, v in w.items() if k in ("step_ms", "num_hits", "num_misses", "tiers")} for r, w in workers.items()}
+        assert time.monotonic() < deadline, {
+            r: {k: v for k, v in w.items() if k in ("step_ms", "num_hits", "num_misses", "tiers")}
+            for r, w in workers.items()
+        }
         time.sleep(0.5)
     assert workers["kvstore"]["hit_rate"] > 0
     assert [t["tier"] for t in workers["kvstore"]["tiers"]] == ["dram"]

@@ -144,15 +144,14 @@ def test_load_series_buckets_requests_by_their_finish_time():
 def test_cluster_view_orders_roles_and_reads_each_heartbeat():
     now_ms = 1_000_000
 
-    def worker(worker_id, role, capacity, load, age_ms=0, uptime_ms=0) -> WorkerInfo:
-        return WorkerInfo(worker_id, role, "h:1", "n1", capacity, load,
-                          now_ms - uptime_ms, now_ms - age_ms)  # fmt: skip
+    def worker(worker_id, role, capacity, load, age_ms=0) -> WorkerInfo:
+        return WorkerInfo(worker_id, role, "h:1", "n1", capacity, load, 0, now_ms - age_ms)
 
     kv_load = {"dram": 0.5, "ssd": 0.0, "num_hits": 3, "num_misses": 1,
                "num_evicted_dram": 2, "num_evicted_ssd": 0}  # fmt: skip
     decode_load = {"running": 2, "waiting": 1, "num_free_blocks": 16, "num_cached_blocks": 5}
     workers = [
-        worker("kv-1", "kvstore", {"dram": 1000, "ssd": 4000}, kv_load, 1_000, 60_000),
+        worker("kv-1", "kvstore", {"dram": 1000, "ssd": 4000}, kv_load, age_ms=1_000),
         worker("d-1", "decode", {"num_blocks": 64}, decode_load, age_ms=5_000),
         worker("p-1", "prefill", {"num_blocks": 32}, {"num_free_blocks": 32, "step_ms": 12.5}),
         worker("r-1", "router", {}, {"running": 3}),
@@ -170,7 +169,7 @@ def test_cluster_view_orders_roles_and_reads_each_heartbeat():
         {"tier": "dram", "capacity_bytes": 1000, "used_ratio": 0.5, "num_evicted": 2},
         {"tier": "ssd", "capacity_bytes": 4000, "used_ratio": 0.0, "num_evicted": 0},
     ]
-    assert (kv["hit_rate"], kv["num_hits"], kv["uptime_s"]) == (0.75, 3, 60.0)
+    assert (kv["hit_rate"], kv["num_hits"], kv["heartbeat_age_s"]) == (0.75, 3, 1.0)
 
 
 def span_line(trace_id: str, span_id: str, name: str) -> str:

@@ -123,7 +123,7 @@ function workerCard(w) {
       h("span", { class: `dot ${w.state}`, title: `heartbeat ${fmt(w.heartbeat_age_s)} s ago` }),
       h("span", { class: "dim" }, w.state)),
     h("div", { class: "worker-id", title: w.worker_id }, w.worker_id),
-    h("div", { class: "dim small" }, `node ${w.node_id} · ${w.address} · up ${fmt(w.uptime_s, 0)} s`),
+    h("div", { class: "dim small" }, `node ${w.node_id} · ${w.address}`),
     ...body);
 }
 
