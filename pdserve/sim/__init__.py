@@ -1,0 +1,1 @@
+"""Discrete-event cluster simulator (``pdserve sim``) and planner (``pdserve plan``)."""

@@ -1,0 +1,158 @@
+"""What the simulator charges instead of running: a step's duration and the KV handoff.
+
+A step is described by :class:`StepShape` (its fields may be numpy arrays, so a stretch of
+decode steps is costed in one call). Two cost models implement :class:`CostModel`:
+
+- :class:`CalibratedCost`, from a ``pdserve profile`` file: a least-squares fit of this
+  machine's measured step times (see :mod:`pdserve.sim.profile`), and the measured handoff.
+- :class:`pdserve.sim.roofline.RooflineCost`, for a GPU and a model shape.
+
+The handoff is pipelined as the real one is: the decode worker pulls each layer as the
+prefill worker seals it, so the KV is at the decode worker at
+``max(prefill_end + latency + bytes / layers / bandwidth, prefill_start + latency + bytes / bandwidth)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from pdserve.workload.format import WorkloadError
+
+# The step-time regressors, in the order of a profile's ``coefficients``.
+FEATURES = ("const", "num_tokens", "num_seqs", "attended_pairs", "context_tokens")
+
+
+@dataclass(frozen=True)
+class StepShape:
+    num_tokens: np.ndarray | float  # tokens computed this step (all chunks)
+    num_seqs: np.ndarray | float  # chunks (sequences) in the batch
+    attended_pairs: np.ndarray | float  # query-key pairs: sum of n * (start + (n + 1) / 2)
+    context_tokens: np.ndarray | float  # KV read: sum of (start + n)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The per-replica engine settings the simulator builds each Scheduler with."""
+
+    num_kv_blocks: int
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+
+
+class CostModel(Protocol):
+    name: str
+    limits: EngineLimits
+    gpus_per_replica: int  # what a replica costs (tensor parallelism); 1 on a CPU
+    dispatch_s: float  # router + RPC time before a request reaches its worker
+    prefill_tokens_per_s: float  # the router's prior for admission (one replica's prefill)
+
+    def step_s(self, shape: StepShape) -> np.ndarray | float: ...
+
+    def handoff_ready_s(self, prefill_start_s: float, prefill_end_s: float, num_tokens: int) -> float: ...
+
+
+@dataclass(frozen=True)
+class Link:
+    latency_s: float
+    bytes_per_s: float
+    kv_bytes_per_token: float
+    num_layers: int
+
+    def ready_s(self, start_s: float, end_s: float, num_tokens: int) -> float:
+        nbytes = num_tokens * self.kv_bytes_per_token
+        last_layer = end_s + self.latency_s + nbytes / self.num_layers / self.bytes_per_s
+        return max(last_layer, start_s + self.latency_s + nbytes / self.bytes_per_s)
+
+
+@dataclass(frozen=True)
+class CalibratedCost:
+    """Step time = coefficients · (1, tokens, seqs, attended pairs, context tokens)."""
+
+    name: str
+    coefficients: tuple[float, ...]
+    limits: EngineLimits
+    link: Link | None
+    dispatch_s: float
+    prefill_tokens_per_s: float
+    gpus_per_replica: int = 1
+
+    def step_s(self, shape: StepShape):
+        c = self.coefficients
+        return (c[0] + c[1] * shape.num_tokens + c[2] * shape.num_seqs
+                + c[3] * shape.attended_pairs + c[4] * shape.context_tokens)  # fmt: skip
+
+    def handoff_ready_s(self, prefill_start_s: float, prefill_end_s: float, num_tokens: int):
+        if self.link is None:
+            raise ValueError(
+                f"profile {self.name} has no handoff section: run `pdserve profile --url` "
+                "against a disaggregated stack to simulate prefill workers"
+            )
+        return self.link.ready_s(prefill_start_s, prefill_end_s, num_tokens)
+
+
+def load_profile(path: str | Path) -> CalibratedCost:
+    """A ``pdserve profile`` file; a malformed one raises WorkloadError naming the field."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise WorkloadError(path, None, None, f"cannot read: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise WorkloadError(path, exc.lineno, None, f"not JSON ({exc.msg})") from None
+    fit = _field(path, data, "step_fit", dict)
+    coefficients = _field(path, fit, "step_fit.coefficients", list)
+    if len(coefficients) != len(FEATURES) or not all(_finite(c) for c in coefficients):
+        raise WorkloadError(path, None, "step_fit.coefficients",
+                            f"must be {len(FEATURES)} numbers ({', '.join(FEATURES)})")  # fmt: skip
+    engine = _field(path, data, "engine", dict)
+    limits = EngineLimits(**{k: _positive_int(path, engine, f"engine.{k}")
+                             for k in ("num_kv_blocks", "block_size", "max_num_seqs",
+                                       "max_num_batched_tokens")})  # fmt: skip
+    link = None
+    if "handoff" in data:
+        h = _field(path, data, "handoff", dict)
+        link = Link(_positive(path, h, "handoff.latency_s", zero_ok=True),
+                    _positive(path, h, "handoff.bytes_per_s"),
+                    _positive(path, engine, "engine.kv_bytes_per_token"),
+                    _positive_int(path, engine, "engine.num_layers"))  # fmt: skip
+    return CalibratedCost(
+        name=str(path),
+        coefficients=tuple(float(c) for c in coefficients),
+        limits=limits,
+        link=link,
+        dispatch_s=_positive(path, data.get("dispatch", {}), "dispatch.latency_s", zero_ok=True)
+        if "dispatch" in data else 0.0,
+        prefill_tokens_per_s=_positive(path, fit, "step_fit.prefill_tokens_per_s"),
+    )  # fmt: skip
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _field(path: Path, obj: dict, dotted: str, kind: type):
+    value = obj.get(dotted.rsplit(".", 1)[-1]) if isinstance(obj, dict) else None
+    if not isinstance(value, kind):
+        raise WorkloadError(path, None, dotted, f"missing or not a {kind.__name__}")
+    return value
+
+
+def _positive(path: Path, obj: dict, dotted: str, zero_ok: bool = False) -> float:
+    value = obj.get(dotted.rsplit(".", 1)[-1]) if isinstance(obj, dict) else None
+    if not _finite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise WorkloadError(path, None, dotted, f"must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _positive_int(path: Path, obj: dict, dotted: str) -> int:
+    value = _positive(path, obj, dotted)
+    if not value.is_integer():
+        raise WorkloadError(path, None, dotted, f"must be a whole number, got {value!r}")
+    return int(value)

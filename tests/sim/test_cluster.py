@@ -1,0 +1,148 @@
+"""The simulator: exact timings on tiny cases, the router's own decisions, fast-forward equal
+to stepping, admission, and the cost models."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from pdserve.sim.cluster import SimConfig, simulate
+from pdserve.sim.costs import CalibratedCost, EngineLimits, Link, StepShape, load_profile
+from pdserve.sim.roofline import GPUS, MODELS, min_tp, parse_gpu, roofline
+from pdserve.workload.format import Request, WorkloadError
+from pdserve.workload.generate import Lengths, synthetic
+from services.router import policy
+
+# The exact timelines below use the static threshold rule and no prompt-chunk target.
+T = {"disaggregation_policy": "threshold", "decode_target_step_s": None}
+
+# 10 ms per step + 1 ms per token computed: easy to add up by hand.
+LINEAR = CalibratedCost("linear", (0.010, 0.001, 0.0, 0.0, 0.0), EngineLimits(64, 16, 8, 64),
+                        Link(0.002, 1e6, 100.0, 2), dispatch_s=0.005, prefill_tokens_per_s=1e4)  # fmt: skip
+
+
+def test_one_local_request_exact_timeline():
+    # 100-token prompt, budget 64: chunks of 64 and 36 tokens, then 3 single-token steps.
+    res = simulate([Request(0.0, 100, 4)], SimConfig(0, 1, **T), LINEAR)
+    r = res["requests"][0]
+    ttft = 0.005 + (0.010 + 0.064) + (0.010 + 0.036)
+    assert r["route"] == "local"
+    assert r["ttft_s"] == pytest.approx(ttft)
+    assert r["e2e_s"] == pytest.approx(ttft + 3 * 0.011)
+    assert r["tpot_s"] == pytest.approx(0.011)
+    assert res["itl_s"]["p50"] == pytest.approx(0.011)
+
+
+def test_one_disaggregated_request_exact_timeline():
+    # Prefill 200 tokens on the prefill replica (64+64+64+8), pipelined handoff of
+    # 200 * 100 bytes at 1 MB/s over 2 layers, then decode computes the 8-token tail + token 1.
+    res = simulate([Request(0.0, 200, 3)], SimConfig(1, 1, threshold_tokens=128, **T), LINEAR)
+    r = res["requests"][0]
+    start = 0.005
+    end = start + 3 * 0.074 + 0.018
+    ready = max(end + 0.002 + 20000 / 2 / 1e6, start + 0.002 + 20000 / 1e6)
+    first_step = 0.010 + 0.009  # 8 uncached prompt tokens + the prefill's token
+    assert r["route"] == "disaggregated"
+    assert r["ttft_s"] == pytest.approx(ready + first_step)
+    # The first step emits the prefill's token and its own: one chunk of 2 tokens, then 1.
+    assert r["num_output_tokens"] == 3
+    assert r["e2e_s"] == pytest.approx(ready + first_step + 0.011)
+
+
+def test_routes_are_the_router_policy_decisions():
+    workload = [Request(i * 0.01, n, 2) for i, n in enumerate((10, 300, 127, 128))]
+    res = simulate(workload, SimConfig(1, 1, threshold_tokens=128, **T), LINEAR)
+    idle = policy.WorkerLoad("w", 0, 64)
+    expected = [policy.decide_disaggregation(n, idle, idle, 128).mode for n in (10, 300, 127, 128)]
+    assert [r["route"] for r in res["requests"]] == [
+        "disaggregated" if m is policy.PrefillMode.REMOTE else "local" for m in expected
+    ]
+
+
+def test_shared_prefix_is_served_from_the_decode_cache():
+    w = [Request(0.0, 96, 2, "sys", 64), Request(1.0, 96, 2, "sys", 64)]
+    res = simulate(w, SimConfig(0, 1, **T), LINEAR)
+    first, second = res["requests"]
+    assert first["ttft_s"] == pytest.approx(0.005 + 0.010 + 0.064 + 0.010 + 0.032)
+    assert second["ttft_s"] == pytest.approx(0.005 + 0.010 + 0.032)  # 64 cached tokens
+
+
+@pytest.mark.parametrize(
+    ("num_prefill", "num_blocks", "policy_name"),
+    [(0, 64, "cost"), (1, 64, "threshold"), (1, 64, "cost"), (0, 24, "cost"), (2, 40, "cost")],
+)
+def test_fast_forward_equals_stepping(num_prefill, num_blocks, policy_name):
+    cost = replace(LINEAR, limits=EngineLimits(num_blocks, 16, 8, 64),
+                   coefficients=(0.004, 2e-5, 1e-4, 1e-8, 2e-6))  # fmt: skip
+    w = synthetic(60, 20.0, seed=5, shared_prefix_tokens=32, shared_share=0.4,
+                  prompt=Lengths("uniform:8:200"), output=Lengths("uniform:1:40"))  # fmt: skip
+    fast = simulate(w, SimConfig(num_prefill, 2, disaggregation_policy=policy_name), cost)
+    slow = simulate(w, SimConfig(num_prefill, 2, disaggregation_policy=policy_name,
+                                 fast_forward=False), cost)  # fmt: skip
+    for a, b in zip(fast["requests"], slow["requests"], strict=True):
+        assert a["route"] == b["route"] and a["error"] == b["error"]
+        assert a["num_output_tokens"] == b["num_output_tokens"]
+        assert a["ttft_s"] == pytest.approx(b["ttft_s"], abs=1e-9)
+        assert a["e2e_s"] == pytest.approx(b["e2e_s"], abs=1e-9)
+    assert fast["itl_s"] == pytest.approx(slow["itl_s"], abs=1e-9)
+
+
+def test_admission_rejects_above_max_inflight():
+    w = [Request(0.0, 20, 50) for _ in range(5)]
+    res = simulate(w, SimConfig(0, 1, max_inflight_requests=2, **T), LINEAR)
+    errors = [r["error"] for r in res["requests"]]
+    assert errors[:2] == [None, None]
+    assert all(e.startswith("rejected (queue_full)") for e in errors[2:])
+    assert res["num_failed"] == 3
+
+
+def test_a_prompt_larger_than_the_pool_fails_alone():
+    small = replace(LINEAR, limits=EngineLimits(4, 16, 8, 64))
+    res = simulate([Request(0.0, 200, 2), Request(0.0, 20, 2)], SimConfig(0, 1, **T), small)
+    assert "does not fit the KV pool" in res["requests"][0]["error"]
+    assert res["requests"][1]["error"] is None
+
+
+def test_link_is_pipelined_with_prefill():
+    link = Link(0.001, 1e9, 1000.0, 10)
+    # Compute-bound: only the last layer's 1/10 is left after a 1 s prefill.
+    assert link.ready_s(0.0, 1.0, 10_000) == pytest.approx(1.0 + 0.001 + 0.001)
+    # Transfer-bound: 10 MB at 1 GB/s takes longer than a 1 ms prefill.
+    assert link.ready_s(0.0, 0.001, 10_000) == pytest.approx(0.001 + 0.01)
+
+
+def test_profile_errors_name_the_field(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"step_fit": {"coefficients": [1, 2]}}))
+    with pytest.raises(WorkloadError, match="step_fit.coefficients"):
+        load_profile(path)
+    path.write_text("{\n  oops")
+    with pytest.raises(WorkloadError, match="line 2"):
+        load_profile(path)
+    good = {"step_fit": {"coefficients": [0.01, 0, 0, 0, 0], "prefill_tokens_per_s": 1000},
+            "engine": {"num_kv_blocks": 10, "block_size": 16, "max_num_seqs": 4,
+                       "max_num_batched_tokens": 0}}  # fmt: skip
+    path.write_text(json.dumps(good))
+    with pytest.raises(WorkloadError, match="engine.max_num_batched_tokens"):
+        load_profile(path)
+
+
+def test_roofline_regimes_and_sizes():
+    h100 = roofline(GPUS["H100"], MODELS["llama-3-8b"])
+    gpu, model = h100.gpu, h100.model
+    weights_s = model.num_params * 2 / (gpu.hbm_bytes_per_s * gpu.bandwidth_efficiency)
+    # Decode of one token at short context: bound by reading the weights.
+    assert float(h100.step_s(StepShape(1, 1, 1, 1))) == pytest.approx(
+        weights_s + gpu.step_overhead_s, rel=1e-3)  # fmt: skip
+    # A 4,096-token prefill: bound by compute.
+    flops = 2 * model.num_layers * model.layer_params * 4096
+    assert float(h100.step_s(StepShape(4096, 1, 4096 * 4097 / 2, 4096))) > flops / (
+        gpu.peak_flops * gpu.compute_efficiency)  # fmt: skip
+    assert (min_tp(GPUS["H100"], MODELS["llama-3-70b"]), min_tp(GPUS["H200"], MODELS["llama-3-70b"]),
+            min_tp(GPUS["B200"], MODELS["llama-3-70b"])) == (4, 2, 2)  # fmt: skip
+    assert model.kv_bytes_per_token == 131072  # 32 layers x 2 x 8 heads x 128 x 2 bytes
+    assert parse_gpu("H200=5.0").price_per_hour == 5.0
+    custom = parse_gpu("X1:500:2:96:400:25:3.5")
+    assert (custom.peak_flops, custom.hbm_bytes, custom.price_per_hour) == (500e12, 96e9, 3.5)
