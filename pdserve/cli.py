@@ -153,6 +153,11 @@ def trace(
         raise typer.Exit(1) from exc
 
 
+from pdserve.sim.commands import register as _register_sim_commands  # noqa: E402
+
+_register_sim_commands(app)
+
+
 def main() -> None:
     app()
 
