@@ -158,6 +158,27 @@ from pdserve.sim.commands import register as _register_sim_commands  # noqa: E40
 _register_sim_commands(app)
 
 
+@app.command()
+def certs(
+    out_dir: Annotated[Path, typer.Argument(help="where ca.pem, <role>.pem, <role>-key.pem go")],
+    cluster_name: Annotated[str, typer.Option("--cluster-name")] = "pdserve",
+    host: Annotated[
+        list[str] | None,
+        typer.Option("--host", help="a name or IP the services are dialed by (repeatable)"),
+    ] = None,
+    valid_days: Annotated[int, typer.Option("--valid-days")] = 365,
+) -> None:
+    """Write a cluster CA and a certificate per service (router, prefill, decode, kvstore).
+
+    The CA's key is not kept: issue a new set to add a host. For a test cluster or the compose
+    stack; production issues certificates from its own CA (README: Security)."""
+    from pdserve.tls import default_hosts, make_cluster_pki
+
+    hosts = sorted(set(host or []) | set(default_hosts()))
+    pki = make_cluster_pki(out_dir, cluster_name, hosts=hosts, valid_days=valid_days)
+    typer.echo(f"wrote {pki.ca_file} and certificates for {', '.join(hosts)}")
+
+
 def main() -> None:
     app()
 
