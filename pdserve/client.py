@@ -126,6 +126,8 @@ class Route:
     decode_score: float = 0.0
     prefill_score: float = 0.0
     prefill_attempts: int = 0
+    predicted_local_ttft_s: float = 0.0  # the router's cost policy; 0: it did not compare
+    predicted_remote_ttft_s: float = 0.0
 
     @classmethod
     def from_proto(cls, msg: common_pb2.RouteExplanation) -> Route:
@@ -133,7 +135,8 @@ class Route:
         return cls(
             msg.prefill_worker, msg.decode_worker, msg.disaggregated, msg.reason,
             msg.prompt_tokens, msg.uncached_tokens, cached, msg.decode_score,
-            msg.prefill_score, msg.prefill_attempts,
+            msg.prefill_score, msg.prefill_attempts, msg.predicted_local_ttft_s,
+            msg.predicted_remote_ttft_s,
         )  # fmt: skip
 
 

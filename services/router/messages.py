@@ -81,6 +81,8 @@ class RouteExplanation:
     decode_score: float = 0.0
     prefill_score: float = 0.0
     prefill_attempts: int = 0
+    predicted_local_ttft_s: float = 0.0  # the cost policy's predictions; 0: not compared
+    predicted_remote_ttft_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ class DecodeCall:
     prefilled: Prefilled | None = None
     resume_token_ids: tuple[int, ...] = ()  # a migrated request: tokens already streamed
     kv_fetch_timeout_s: float = 0.0  # 0: the worker's default
+    prefill_address: str | None = None  # overlapped handoff: the prefill worker to follow
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,14 @@ def route_attributes(
         Attr.PROMPT_TOKENS: plan.num_prompt_tokens,
         "pdserve.route.uncached_tokens": plan.uncached_tokens,
         "pdserve.route.attempt": attempt,
+        **{
+            f"pdserve.route.predicted_{way}_ttft_s": round(value, 4)
+            for way, value in (
+                ("local", plan.disaggregation.predicted_local_ttft_s),
+                ("remote", plan.disaggregation.predicted_remote_ttft_s),
+            )
+            if value is not None
+        },
     }
 
 

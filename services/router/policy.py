@@ -16,9 +16,20 @@ to the less loaded worker, then the smaller worker id, so decisions are determin
 Prefill worker score: the same formula, where ``cached_tokens`` is what its node's KV store
 already holds (the prefill worker loads those blocks instead of computing them).
 
-Conditional disaggregation: prefill on the decode worker (no remote prefill) when there is
-no prefill worker, or when the part of the prompt the decode worker does not hold is shorter
-than ``threshold_tokens`` (a short suffix costs less to compute in place than a handoff).
+Conditional disaggregation (``decide_disaggregation``): prefill on the decode worker when
+there is no prefill worker, or when the part of the prompt the decode worker does not hold is
+shorter than ``threshold_tokens`` (a short suffix costs less to compute in place than a
+handoff). Otherwise, under the ``cost`` policy, predict the time to first token both ways from
+what the workers report (``CostModel`` holds the priors used until they have)::
+
+    remote = (prefill queue + uncached) / prefill rate + handoff_s + uncached * handoff_s_per_token
+    local  = (decode queue + uncached) / decode rate + steps * decode step   (if it decodes)
+    steps  = ceil((decode queue + uncached) / chunk),
+    chunk  = prompt tokens per step that keep its step within tpot_slo_s
+
+and take the faster; local is ruled out when even its smallest chunk would stretch the decode
+worker's running streams past ``tpot_slo_s``. The ``threshold`` policy disaggregates every
+prompt whose uncached part reaches the threshold (the static rule).
 
 Admission: reject at once (never queue forever) when ``max_inflight`` requests are already
 admitted, or when the predicted time to first token exceeds the caller's deadline::
@@ -43,6 +54,9 @@ class WorkerLoad:
     capacity: int  # num_inflight at which the load ratio is 1
     cached_tokens: int = 0  # prompt prefix this worker reads without a remote fetch
     queued_prefill_tokens: int = 0  # prompt tokens waiting to be computed there
+    num_running: int = 0  # sequences in its batch (reported)
+    step_s: float = 0.0  # its decode-only step time (reported; 0: not yet known)
+    prompt_tokens_per_s: float = 0.0  # its prompt throughput (reported; 0: not yet known)
 
     @property
     def load_ratio(self) -> float:
@@ -102,50 +116,139 @@ class PrefillMode(enum.Enum):
     REMOTE = "remote"  # a prefill worker prefills, then hands the KV over
 
 
+class DisaggregationPolicy(enum.Enum):
+    COST = "cost"  # the faster predicted time to first token, within the decode SLO
+    THRESHOLD = "threshold"  # remote whenever the uncached part reaches the threshold
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """The policy's priors and SLO. A worker's own report replaces a prior once it has one."""
+
+    prefill_tokens_per_s: float = 2000.0  # prompt throughput of a worker that reported none
+    decode_step_s: float = 0.05  # decode-only step of a worker that reported none
+    max_chunk_tokens: int = 512  # the decode worker's token budget per step
+    min_chunk_tokens: int = 32  # prompt tokens a step carries however tight the SLO
+    handoff_s: float = 0.02  # fixed cost of a handoff (decode RPC, last layer's transfer)
+    handoff_s_per_token: float = 0.0  # transfer time per prompt token the pipeline cannot hide
+    tpot_slo_s: float = 0.15  # the decode step running streams must keep
+
+
 @dataclass(frozen=True)
 class Disaggregation:
     mode: PrefillMode
     uncached_tokens: int  # what the decode worker would have to compute itself
     reason: str
     reason_class: str = ""  # closed set, for metric labels: see REASON_CLASSES
+    predicted_local_ttft_s: float | None = None  # None: not predicted (no cost comparison)
+    predicted_remote_ttft_s: float | None = None
 
 
 # The reasons' classes (metric label values; ``reason`` itself carries the numbers).
 NO_PREFILL_WORKERS = "no_prefill_workers"
 SHORT_SUFFIX = "uncached_below_threshold"
-LONG_SUFFIX = "uncached_above_threshold"
+LONG_SUFFIX = "uncached_above_threshold"  # the threshold policy's remote decision
+REMOTE_FASTER = "remote_faster"
+LOCAL_FASTER = "local_faster"
+LOCAL_BREAKS_TPOT = "local_breaks_tpot_slo"
 PREFILL_FAILED = "prefill_failed"  # set by the router when every remote prefill failed
-REASON_CLASSES = (NO_PREFILL_WORKERS, SHORT_SUFFIX, LONG_SUFFIX, PREFILL_FAILED)
+REASON_CLASSES = (
+    NO_PREFILL_WORKERS,
+    SHORT_SUFFIX,
+    LONG_SUFFIX,
+    REMOTE_FASTER,
+    LOCAL_FASTER,
+    LOCAL_BREAKS_TPOT,
+    PREFILL_FAILED,
+)
+
+
+def predict_remote_ttft_s(prefill: WorkerLoad, uncached_tokens: int, costs: CostModel) -> float:
+    """Queue and compute on the prefill worker, then the part of the handoff left exposed."""
+    rate = prefill.prompt_tokens_per_s or costs.prefill_tokens_per_s
+    compute_s = (prefill.queued_prefill_tokens + uncached_tokens) / rate
+    return compute_s + costs.handoff_s + uncached_tokens * costs.handoff_s_per_token
+
+
+def local_chunk_tokens(decode: WorkerLoad, costs: CostModel) -> int:
+    """Prompt tokens per step that keep the decode worker's step within the TPOT SLO."""
+    rate = decode.prompt_tokens_per_s or costs.prefill_tokens_per_s
+    step_s = decode.step_s or costs.decode_step_s
+    fits = math.floor((costs.tpot_slo_s - step_s) * rate)
+    return max(costs.min_chunk_tokens, min(costs.max_chunk_tokens, fits))
+
+
+def predict_local_ttft_s(decode: WorkerLoad, uncached_tokens: int, costs: CostModel) -> float:
+    """The decode worker's queued prompts and this one, chunked next to its running decodes."""
+    rate = decode.prompt_tokens_per_s or costs.prefill_tokens_per_s
+    work = decode.queued_prefill_tokens + uncached_tokens
+    if decode.num_running == 0:
+        return work / rate
+    steps = math.ceil(work / local_chunk_tokens(decode, costs))
+    return work / rate + steps * (decode.step_s or costs.decode_step_s)
+
+
+def local_step_s(decode: WorkerLoad, costs: CostModel) -> float:
+    """The step the decode worker's running streams see while it prefills locally."""
+    rate = decode.prompt_tokens_per_s or costs.prefill_tokens_per_s
+    chunk = local_chunk_tokens(decode, costs)
+    return (decode.step_s or costs.decode_step_s) + chunk / rate
 
 
 def decide_disaggregation(
     num_prompt_tokens: int,
-    decode_cached_tokens: int,
+    decode: WorkerLoad,
+    prefill: WorkerLoad | None,
     threshold_tokens: int,
-    num_prefill_workers: int,
+    costs: CostModel | None = None,
 ) -> Disaggregation:
-    """Skip the remote prefill when it cannot pay off (see the module docstring)."""
-    uncached = max(0, num_prompt_tokens - min(decode_cached_tokens, num_prompt_tokens))
-    if num_prefill_workers == 0:
+    """Where to prefill (see the module docstring). ``prefill``: the best prefill candidate,
+    None when there is none; ``costs`` None selects the threshold policy."""
+    uncached = max(0, num_prompt_tokens - min(decode.cached_tokens, num_prompt_tokens))
+    if prefill is None:
         return Disaggregation(
             PrefillMode.LOCAL, uncached, "colocated: no prefill workers", NO_PREFILL_WORKERS
         )
     if uncached < threshold_tokens:
-        held = (
-            f"; decode worker holds {decode_cached_tokens} tokens" if decode_cached_tokens else ""
-        )
+        held = f"; decode worker holds {decode.cached_tokens} tokens" if decode.cached_tokens else ""
         return Disaggregation(
             PrefillMode.LOCAL,
             uncached,
             f"uncached suffix {uncached} < threshold {threshold_tokens}{held}",
             SHORT_SUFFIX,
         )
-    return Disaggregation(
-        PrefillMode.REMOTE,
-        uncached,
-        f"uncached suffix {uncached} >= threshold {threshold_tokens}",
-        LONG_SUFFIX,
+    if costs is None:
+        return Disaggregation(
+            PrefillMode.REMOTE,
+            uncached,
+            f"uncached suffix {uncached} >= threshold {threshold_tokens}",
+            LONG_SUFFIX,
+        )
+    return _compare_costs(num_prompt_tokens, decode, prefill, uncached, costs)
+
+
+def _compare_costs(
+    num_prompt_tokens: int,
+    decode: WorkerLoad,
+    prefill: WorkerLoad,
+    uncached: int,
+    costs: CostModel,
+) -> Disaggregation:
+    remote_uncached = num_prompt_tokens - min(prefill.cached_tokens, num_prompt_tokens)
+    remote_s = predict_remote_ttft_s(prefill, remote_uncached, costs)
+    local_s = predict_local_ttft_s(decode, uncached, costs)
+    both = f"predicted TTFT local {local_s:.3f}s, remote {remote_s:.3f}s"
+    queues = (
+        f"prefill queue {prefill.queued_prefill_tokens} tokens, "
+        f"decode queue {decode.queued_prefill_tokens} tokens, {decode.num_running} running"
     )
+    if decode.num_running and local_step_s(decode, costs) > costs.tpot_slo_s:
+        mode, why, cls = PrefillMode.REMOTE, "local prefill breaks the TPOT SLO", LOCAL_BREAKS_TPOT
+    elif remote_s < local_s:
+        mode, why, cls = PrefillMode.REMOTE, "remote is faster", REMOTE_FASTER
+    else:
+        mode, why, cls = PrefillMode.LOCAL, "local is faster", LOCAL_FASTER
+    return Disaggregation(mode, uncached, f"{why}: {both} ({queues})", cls, local_s, remote_s)
 
 
 @dataclass(frozen=True)
@@ -170,18 +273,22 @@ def plan_route(
     weights: Weights,
     threshold_tokens: int,
     exclude_prefill: Iterable[str] = (),
+    costs: CostModel | None = None,
 ) -> RoutePlan | None:
-    """Pick the decode worker, then whether and where to prefill. None: no decode worker."""
+    """Pick the decode worker, the best prefill candidate, then whether to use it (``costs``
+    None: the threshold policy). None: no decode worker."""
     decode = choose_worker(decode_workers, num_prompt_tokens, weights)
     if decode is None:
         return None
-    candidates = [w for w in prefill_workers if w.worker_id not in set(exclude_prefill)]
+    skip = set(exclude_prefill)
+    candidates = [w for w in prefill_workers if w.worker_id not in skip]
+    best = choose_worker(candidates, num_prompt_tokens, weights)
+    decode_load = next(w for w in decode_workers if w.worker_id == decode.worker_id)
+    prefill_load = next((w for w in candidates if best and w.worker_id == best.worker_id), None)
     dis = decide_disaggregation(
-        num_prompt_tokens, decode.cached_tokens, threshold_tokens, len(candidates)
+        num_prompt_tokens, decode_load, prefill_load, threshold_tokens, costs
     )
-    prefill = None
-    if dis.mode is PrefillMode.REMOTE:
-        prefill = choose_worker(candidates, num_prompt_tokens, weights)
+    prefill = best if dis.mode is PrefillMode.REMOTE else None
     return RoutePlan(num_prompt_tokens, decode, prefill, dis)
 
 

@@ -187,16 +187,33 @@ class Router:
         out = []
         for w in workers:
             reported = int(w.load.get("running", 0) + w.load.get("waiting", 0))
+            pending = int(w.load.get("pending_prompt_tokens", 0))
             out.append(
                 policy.WorkerLoad(
                     worker_id=w.worker_id,
                     num_inflight=max(self._inflight[w.worker_id], reported),
                     capacity=cap,
                     cached_tokens=cached_tokens.get(w.worker_id, 0),
-                    queued_prefill_tokens=self._queued_tokens[w.worker_id],
+                    queued_prefill_tokens=max(self._queued_tokens[w.worker_id], pending),
+                    num_running=int(w.load.get("running", 0)),
+                    step_s=float(w.load.get("step_s", 0.0)),
+                    prompt_tokens_per_s=float(w.load.get("prompt_tokens_per_s", 0.0)),
                 )
             )
         return out
+
+    def _costs(self) -> policy.CostModel | None:
+        """The cost policy's priors (the prefill rate as observed so far); None: threshold."""
+        s = self.settings
+        if s.disaggregation_policy == "threshold":
+            return None
+        return policy.CostModel(
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
+            decode_step_s=s.decode_step_s,
+            handoff_s=s.handoff_s,
+            handoff_s_per_token=s.handoff_s_per_token,
+            tpot_slo_s=s.tpot_slo_s,
+        )
 
     def _cached_tokens(
         self, keys, prefixes: Sequence[NodePrefix], decode, prefill
@@ -229,7 +246,7 @@ class Router:
         decode_loads, prefill_loads = self._loads(decode, cached), self._loads(prefill, cached)
         plan = policy.plan_route(
             decode_loads, prefill_loads, num_prompt_tokens, self.weights,
-            self.settings.disagg_threshold_tokens, exclude_prefill,
+            self.settings.disagg_threshold_tokens, exclude_prefill, self._costs(),
         )  # fmt: skip
         if plan is None:
             return None
@@ -548,6 +565,8 @@ class Router:
             decode_score=plan.decode.score,
             prefill_score=plan.prefill.score if plan.prefill else 0.0,
             prefill_attempts=attempts,
+            predicted_local_ttft_s=plan.disaggregation.predicted_local_ttft_s or 0.0,
+            predicted_remote_ttft_s=plan.disaggregation.predicted_remote_ttft_s or 0.0,
         )
 
     def stats(self) -> dict:

@@ -88,6 +88,8 @@ def route_to_proto(route: RouteExplanation) -> common_pb2.RouteExplanation:
         prompt_tokens=route.prompt_tokens, uncached_tokens=route.uncached_tokens,
         decode_score=route.decode_score, prefill_score=route.prefill_score,
         prefill_attempts=route.prefill_attempts,
+        predicted_local_ttft_s=route.predicted_local_ttft_s,
+        predicted_remote_ttft_s=route.predicted_remote_ttft_s,
     )  # fmt: skip
     for c in route.cached:
         msg.cached.add(node_id=c.node_id, hbm=c.hbm, dram=c.dram, ssd=c.ssd)

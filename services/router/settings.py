@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -47,6 +48,23 @@ class RouterSettings(ServiceSettings):
     # Policy (see services/router/policy.py for the formulas).
     disagg_threshold_tokens: int = Field(
         128, ge=0, description="prefill on the decode worker when the uncached part is shorter"
+    )
+    disaggregation_policy: Literal["cost", "threshold"] = Field(
+        "cost",
+        description="cost: the faster predicted TTFT within the TPOT SLO; threshold: remote "
+        "whenever the uncached part reaches disagg_threshold_tokens",
+    )
+    tpot_slo_s: float = Field(
+        0.15, gt=0, description="decode step a local prefill must not push running streams past"
+    )
+    decode_step_s: float = Field(
+        0.05, gt=0, description="prior for a decode worker's step until it reports one"
+    )
+    handoff_s: float = Field(
+        0.02, ge=0, description="fixed cost of a handoff in the TTFT prediction"
+    )
+    handoff_s_per_token: float = Field(
+        0.0, ge=0, description="transfer time per prompt token the layer pipeline does not hide"
     )
     overlap_weight: float = Field(1.0, ge=0, description="weight of the cached-prefix ratio")
     load_weight: float = Field(1.0, ge=0, description="weight of the load ratio")

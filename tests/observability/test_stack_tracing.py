@@ -38,6 +38,9 @@ BLOCK_BYTES = 737_280
 MAX_TOKENS = 2
 STACK_ENV = {
     "PDSERVE_ROUTER_DISAGG_THRESHOLD_TOKENS": "32",
+    # The static rule, so that a long prompt is disaggregated on an idle stack (the cost
+    # policy would prefill it on the idle decode worker: faster by the handoff).
+    "PDSERVE_ROUTER_DISAGGREGATION_POLICY": "threshold",
     "PDSERVE_PREFILL_KV_CACHE_BYTES": str(64 * BLOCK_BYTES),
     "PDSERVE_DECODE_KV_CACHE_BYTES": str(64 * BLOCK_BYTES),
     "PDSERVE_KVSTORE_DRAM_CAPACITY_BYTES": str(128 * BLOCK_BYTES),

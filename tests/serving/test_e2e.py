@@ -26,6 +26,9 @@ THRESHOLD = 64
 BLOCK_BYTES = 737_280
 STACK_ENV = {
     "PDSERVE_ROUTER_DISAGG_THRESHOLD_TOKENS": str(THRESHOLD),
+    # The static rule, so that a long prompt is disaggregated on an idle stack (the cost
+    # policy would prefill it on the idle decode worker: faster by the handoff).
+    "PDSERVE_ROUTER_DISAGGREGATION_POLICY": "threshold",
     "PDSERVE_ROUTER_DECODE_STALL_TIMEOUT_S": "20",
     "PDSERVE_PREFILL_KV_CACHE_BYTES": str(160 * BLOCK_BYTES),
     "PDSERVE_DECODE_KV_CACHE_BYTES": str(400 * BLOCK_BYTES),

@@ -21,7 +21,8 @@ LONG = "word " * 60  # 300 tokens: above the disaggregation threshold
 
 
 def make_router(prefill=(), decode=("d0", "d1"), **overrides):
-    fields = dict(disagg_threshold_tokens=128, decode_stall_timeout_s=0.2,
+    fields = dict(disagg_threshold_tokens=128, disaggregation_policy="threshold",
+                  decode_stall_timeout_s=0.2,
                   decode_first_chunk_timeout_s=0.5, http_port=0)  # fmt: skip
     fields.update(overrides)
     clients = FakeClients(prefill, decode)

@@ -6,13 +6,17 @@ import pytest
 
 from services.router.affinity import PrefixAffinity
 from services.router.policy import (
+    CostModel,
     PrefillMode,
     Weights,
     WorkerLoad,
     admit,
     choose_worker,
     decide_disaggregation,
+    local_chunk_tokens,
+    local_step_s,
     plan_route,
+    predict_local_ttft_s,
     predict_ttft_s,
     score,
 )
@@ -55,20 +59,82 @@ def test_choose_ties_break_on_load_then_id_and_exclude():
 
 
 def test_disaggregation_threshold_and_colocated():
-    d = decide_disaggregation(100, 0, 128, num_prefill_workers=1)
+    idle_p = WorkerLoad("p", 0, 64)
+    d = decide_disaggregation(100, WorkerLoad("d", 0, 64), idle_p, 128)
     assert (d.mode, d.uncached_tokens, d.reason) == (
         PrefillMode.LOCAL, 100, "uncached suffix 100 < threshold 128",
     )  # fmt: skip
-    d = decide_disaggregation(1000, 0, 128, 1)
+    d = decide_disaggregation(1000, WorkerLoad("d", 0, 64), idle_p, 128)
     assert (d.mode, d.uncached_tokens, d.reason) == (
         PrefillMode.REMOTE, 1000, "uncached suffix 1000 >= threshold 128",
     )  # fmt: skip
-    d = decide_disaggregation(1000, 960, 128, 1)
+    d = decide_disaggregation(1000, WorkerLoad("d", 0, 64, cached_tokens=960), idle_p, 128)
     assert (d.mode, d.uncached_tokens) == (PrefillMode.LOCAL, 40)
     assert d.reason == "uncached suffix 40 < threshold 128; decode worker holds 960 tokens"
-    d = decide_disaggregation(5000, 0, 128, 0)
+    d = decide_disaggregation(5000, WorkerLoad("d", 0, 64), None, 128)
     assert (d.mode, d.reason) == (PrefillMode.LOCAL, "colocated: no prefill workers")
-    assert decide_disaggregation(128, 0, 128, 2).mode is PrefillMode.REMOTE
+    assert decide_disaggregation(128, WorkerLoad("d", 0, 64), idle_p, 128).mode is PrefillMode.REMOTE
+
+
+# Round numbers: 1,000 prompt tokens/s everywhere, 40 ms decode steps, 50 ms handoff.
+COSTS = CostModel(
+    prefill_tokens_per_s=1000.0, decode_step_s=0.04, max_chunk_tokens=512, min_chunk_tokens=32,
+    handoff_s=0.05, handoff_s_per_token=0.0, tpot_slo_s=0.1,
+)  # fmt: skip
+
+
+def test_cost_local_chunks_are_sized_by_the_tpot_slo():
+    busy = WorkerLoad("d", 8, 64, num_running=8, step_s=0.04, prompt_tokens_per_s=1000.0)
+    assert local_chunk_tokens(busy, COSTS) == 60  # (0.1 - 0.04) s * 1000 tokens/s
+    assert local_step_s(busy, COSTS) == pytest.approx(0.1)
+    # 600 tokens: 0.6 s of compute plus ten 40 ms decode steps around its chunks
+    assert predict_local_ttft_s(busy, 600, COSTS) == pytest.approx(0.6 + 10 * 0.04)
+    idle = WorkerLoad("d", 0, 64)
+    assert predict_local_ttft_s(idle, 600, COSTS) == pytest.approx(0.6)
+
+
+def test_cost_idle_decode_worker_prefills_locally():
+    d = decide_disaggregation(600, WorkerLoad("d", 0, 64), WorkerLoad("p", 0, 64), 128, COSTS)
+    assert (d.mode, d.reason_class) == (PrefillMode.LOCAL, "local_faster")
+    assert d.predicted_local_ttft_s == pytest.approx(0.6)
+    assert d.predicted_remote_ttft_s == pytest.approx(0.65)
+    assert d.reason.startswith("local is faster: predicted TTFT local 0.600s, remote 0.650s")
+
+
+def test_cost_busy_decode_worker_hands_off_to_an_idle_prefill_worker():
+    busy = WorkerLoad("d", 8, 64, num_running=8, step_s=0.04, prompt_tokens_per_s=1000.0)
+    d = decide_disaggregation(600, busy, WorkerLoad("p", 0, 64), 128, COSTS)
+    assert (d.mode, d.reason_class) == (PrefillMode.REMOTE, "remote_faster")
+    assert d.predicted_local_ttft_s == pytest.approx(1.0)
+    assert d.predicted_remote_ttft_s == pytest.approx(0.65)
+
+
+def test_cost_queued_prefill_worker_loses_to_the_decode_worker():
+    busy = WorkerLoad("d", 8, 64, num_running=8, step_s=0.04, prompt_tokens_per_s=1000.0)
+    queued = WorkerLoad("p", 3, 64, queued_prefill_tokens=2000, prompt_tokens_per_s=1000.0)
+    d = decide_disaggregation(600, busy, queued, 128, COSTS)
+    assert (d.mode, d.reason_class) == (PrefillMode.LOCAL, "local_faster")
+    assert d.predicted_remote_ttft_s == pytest.approx(2.65)
+    # the prefill worker's cached prefix shortens its work
+    warm = WorkerLoad("p", 3, 64, cached_tokens=512, queued_prefill_tokens=200)
+    assert decide_disaggregation(600, busy, warm, 128, COSTS).mode is PrefillMode.REMOTE
+
+
+def test_cost_local_is_ruled_out_when_its_step_breaks_the_tpot_slo():
+    slow = WorkerLoad("d", 8, 64, num_running=8, step_s=0.09, prompt_tokens_per_s=1000.0)
+    assert local_step_s(slow, COSTS) == pytest.approx(0.09 + 0.032)
+    queued = WorkerLoad("p", 3, 64, queued_prefill_tokens=5000)
+    d = decide_disaggregation(600, slow, queued, 128, COSTS)
+    assert (d.mode, d.reason_class) == (PrefillMode.REMOTE, "local_breaks_tpot_slo")
+
+
+def test_plan_route_uses_the_cost_model_when_given():
+    busy = [WorkerLoad("d0", 8, 64, num_running=8, step_s=0.04, prompt_tokens_per_s=1000.0)]
+    prefill = [WorkerLoad("p0", 0, 64)]
+    plan = plan_route(busy, prefill, 600, W, 128, costs=COSTS)
+    assert plan.prefill.worker_id == "p0"
+    plan = plan_route([WorkerLoad("d0", 0, 64)], prefill, 600, W, 128, costs=COSTS)
+    assert plan.prefill is None and plan.uncached_tokens == 600
 
 
 def test_plan_route_end_to_end():

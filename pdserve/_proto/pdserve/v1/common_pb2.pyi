@@ -140,7 +140,7 @@ class CachedTokens(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., hbm: _Optional[int] = ..., dram: _Optional[int] = ..., ssd: _Optional[int] = ...) -> None: ...
 
 class RouteExplanation(_message.Message):
-    __slots__ = ("prefill_worker", "decode_worker", "disaggregated", "reason", "prompt_tokens", "uncached_tokens", "cached", "decode_score", "prefill_score", "prefill_attempts")
+    __slots__ = ("prefill_worker", "decode_worker", "disaggregated", "reason", "prompt_tokens", "uncached_tokens", "cached", "decode_score", "prefill_score", "prefill_attempts", "predicted_local_ttft_s", "predicted_remote_ttft_s")
     PREFILL_WORKER_FIELD_NUMBER: _ClassVar[int]
     DECODE_WORKER_FIELD_NUMBER: _ClassVar[int]
     DISAGGREGATED_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,8 @@ class RouteExplanation(_message.Message):
     DECODE_SCORE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SCORE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_LOCAL_TTFT_S_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_REMOTE_TTFT_S_FIELD_NUMBER: _ClassVar[int]
     prefill_worker: str
     decode_worker: str
     disaggregated: bool
@@ -161,4 +163,6 @@ class RouteExplanation(_message.Message):
     decode_score: float
     prefill_score: float
     prefill_attempts: int
-    def __init__(self, prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., disaggregated: _Optional[bool] = ..., reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., uncached_tokens: _Optional[int] = ..., cached: _Optional[_Iterable[_Union[CachedTokens, _Mapping]]] = ..., decode_score: _Optional[float] = ..., prefill_score: _Optional[float] = ..., prefill_attempts: _Optional[int] = ...) -> None: ...
+    predicted_local_ttft_s: float
+    predicted_remote_ttft_s: float
+    def __init__(self, prefill_worker: _Optional[str] = ..., decode_worker: _Optional[str] = ..., disaggregated: _Optional[bool] = ..., reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., uncached_tokens: _Optional[int] = ..., cached: _Optional[_Iterable[_Union[CachedTokens, _Mapping]]] = ..., decode_score: _Optional[float] = ..., prefill_score: _Optional[float] = ..., prefill_attempts: _Optional[int] = ..., predicted_local_ttft_s: _Optional[float] = ..., predicted_remote_ttft_s: _Optional[float] = ...) -> None: ...
