@@ -193,7 +193,7 @@ def test_console_shows_the_cluster_the_requests_and_the_handoff(stack, two_reque
     page = context.new_page()
     problems = PageProblems(page)
     try:
-        page.goto(stack.http_url + "/console/")
+        page.goto(stack.endpoints()["console"])  # the address `pdserve up` prints
         page.fill("#key-input", KEY)  # the key form: this router has an API key
         page.click("#key-form button[type=submit]")
 

@@ -37,7 +37,13 @@ def check_key(header: str | None) -> None:
 
 
 def make_console(tmp_path, spans: RecentSpans, *, key: bool = True) -> Console:
-    settings = RouterSettings(trace_dir=tmp_path, otlp_endpoint="", disagg_threshold_tokens=32)
+    settings = RouterSettings(
+        trace_dir=tmp_path,
+        otlp_endpoint="",
+        disagg_threshold_tokens=32,
+        disaggregation_policy="threshold",
+        console_jaeger_url="http://jaeger.example:16686",
+    )
     router = SimpleNamespace(
         settings=settings, num_inflight=0, directory=SimpleNamespace(redis_ok=True),
         model=SimpleNamespace(name="tiny", tokenizer=None),
@@ -105,6 +111,7 @@ def test_api_needs_the_key_when_one_is_set(tmp_path):
     ok = f"Bearer {KEY}"
     assert by[("overview", ok)][1]["disagg_threshold_tokens"] == 32
     assert by[("overview", ok)][1]["trace_source"] == "span files"
+    assert by[("overview", ok)][1]["jaeger_url"] == "http://jaeger.example:16686"
     [decode] = by[("cluster", ok)][1]["workers"]
     assert (decode["worker_id"], decode["kv_used_ratio"]) == ("decode-1", 0.25)
     assert by[("requests", ok)] == (200, {"requests": []})
