@@ -163,7 +163,9 @@ class Simulator:
     def __init__(self, workload: list[Request], config: SimConfig, cost: CostModel) -> None:
         self.workload, self.config, self.cost = workload, config, cost
         self.decode = [_Replica(f"decode-{i}", "decode", cost) for i in range(config.num_decode)]
-        self.prefill = [_Replica(f"prefill-{i}", "prefill", cost) for i in range(config.num_prefill)]
+        self.prefill = [
+            _Replica(f"prefill-{i}", "prefill", cost) for i in range(config.num_prefill)
+        ]
         for rep in self.decode:
             rep.target_step_s = config.decode_target_step_s
         self.prefill_tokens_per_s = config.prefill_tokens_per_s  # the router's prior, refined
@@ -405,9 +407,9 @@ class Simulator:
 
     def _release(self, flight: _Flight, rep: _Replica, t: float) -> None:
         self.inflight[rep.worker_id] -= 1
-        if rep.role == "prefill":  # failed on the prefill worker: never reached decode
-            self.queued_tokens[rep.worker_id] -= flight.plan.uncached_tokens
-        elif flight.num_tokens == 0 and flight.plan.prefill is None:
+        # Still queued at the router: failed on the prefill worker, or before a local first token.
+        never_started = flight.num_tokens == 0 and flight.plan.prefill is None
+        if rep.role == "prefill" or never_started:
             self.queued_tokens[rep.worker_id] -= flight.plan.uncached_tokens
         self.num_inflight -= 1
         del self.flights[str(flight.record.index)]

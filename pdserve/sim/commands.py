@@ -56,7 +56,10 @@ def workload(
         float, typer.Option("--burstiness", help="inter-arrival CV: 1 Poisson, > 1 bursty")
     ] = 1.0,
     prompt: Annotated[
-        str, typer.Option("--prompt", help="fixed:N | uniform:LO:HI | lognormal:MED:SIGMA[:MAX] | azure")
+        str,
+        typer.Option(
+            "--prompt", help="fixed:N | uniform:LO:HI | lognormal:MED:SIGMA[:MAX] | azure"
+        ),
     ] = "lognormal:1020:0.9:4096",
     output: Annotated[str, typer.Option("--output", help="as --prompt")] = "lognormal:130:0.9:1024",
     shared_prefix_tokens: Annotated[int, typer.Option("--shared-prefix-tokens")] = 0,
@@ -214,9 +217,7 @@ ModelOpt = Annotated[
 TpOpt = Annotated[int | None, typer.Option("--tp", help="GPUs per replica (default: fits)")]
 SeqsOpt = Annotated[int, typer.Option("--max-num-seqs", help="roofline replicas' batch")]
 TokensOpt = Annotated[int, typer.Option("--max-num-batched-tokens", help="roofline budget")]
-StaleOpt = Annotated[
-    float | None, typer.Option("--staleness-s", help="worker load report period")
-]
+StaleOpt = Annotated[float | None, typer.Option("--staleness-s", help="worker load report period")]
 
 
 def sim(
@@ -288,7 +289,9 @@ def plan(
     plot: Annotated[Path | None, typer.Option("--plot", help="PNG: goodput and cost")] = None,
     metrics: Annotated[
         list[str] | None,
-        typer.Option("--metrics", help="a live service's /metrics URL (repeatable): which pool to grow"),
+        typer.Option(
+            "--metrics", help="a live service's /metrics URL (repeatable): which pool to grow"
+        ),
     ] = None,
 ) -> None:
     """The cheapest pools and GPU type meeting the SLO, colocated vs disaggregated; with

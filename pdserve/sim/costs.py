@@ -55,7 +55,9 @@ class CostModel(Protocol):
 
     def step_s(self, shape: StepShape) -> np.ndarray | float: ...
 
-    def handoff_ready_s(self, prefill_start_s: float, prefill_end_s: float, num_tokens: int) -> float: ...
+    def handoff_ready_s(
+        self, prefill_start_s: float, prefill_end_s: float, num_tokens: int
+    ) -> float: ...
 
 
 @dataclass(frozen=True)

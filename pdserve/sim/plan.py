@@ -101,7 +101,9 @@ class Planner:
                 best = out
         return best
 
-    def goodput_rps(self, out: Outcome, iterations: int = 6) -> tuple[float, list[tuple[float, float]]]:
+    def goodput_rps(
+        self, out: Outcome, iterations: int = 6
+    ) -> tuple[float, list[tuple[float, float]]]:
         """The highest mean arrival rate meeting the SLO, and (rate, attainment) samples."""
         from pdserve.workload.generate import at_rate, mean_rate_rps
 
@@ -156,8 +158,11 @@ def scaling_advice(s: PoolSignals, kv_high: float = 0.9, queue_per_worker: float
     if s.num_prefill and per_prefill >= queue_per_worker:
         return Advice("prefill", f"{per_prefill:.1f} prompts waiting per prefill worker "
                                  f"(decode: {per_decode:.1f})")  # fmt: skip
-    return Advice("none", f"no pool is saturated (waiting per prefill worker {per_prefill:.1f}, "
-                          f"per decode worker {per_decode:.1f}, decode KV {s.decode_kv_usage:.0%})")
+    return Advice(
+        "none",
+        f"no pool is saturated (waiting per prefill worker {per_prefill:.1f}, "
+        f"per decode worker {per_decode:.1f}, decode KV {s.decode_kv_usage:.0%})",
+    )
 
 
 def signals_from_metrics(texts: list[str]) -> PoolSignals:

@@ -147,7 +147,9 @@ class RooflineCost:
         allreduce_s = 0.0
         if self.tp > 1:  # two all-reduces of the activations per layer (ring: 2(tp-1)/tp)
             act = 2 * m.num_layers * shape.num_tokens * m.hidden_size * m.dtype_bytes
-            allreduce_s = act * 2 * (self.tp - 1) / self.tp / (g.nvlink_bytes_per_s * g.link_efficiency)
+            allreduce_s = (
+                act * 2 * (self.tp - 1) / self.tp / (g.nvlink_bytes_per_s * g.link_efficiency)
+            )
         return np.maximum(compute_s, memory_s) + allreduce_s + g.step_overhead_s
 
     def handoff_ready_s(self, prefill_start_s: float, prefill_end_s: float, num_tokens: int):

@@ -96,7 +96,9 @@ def target_for(url: str, timeout_s: float) -> Target:
 def prompt_ids(index: int, req: Request, seed: int, vocab_size: int) -> list[int]:
     low = 100  # keep clear of special tokens at the bottom of the vocabulary
     own = random.Random(f"{seed}:{index}")
-    ids = [own.randrange(low, vocab_size) for _ in range(req.num_prefill_tokens - req.prefix_tokens)]
+    ids = [
+        own.randrange(low, vocab_size) for _ in range(req.num_prefill_tokens - req.prefix_tokens)
+    ]
     if not req.prefix_tokens:
         return ids
     group = random.Random(f"{seed}:group:{req.prefix_group}")

@@ -67,12 +67,14 @@ def at_rate(requests: list[Request], rate_rps: float) -> list[Request]:
 @dataclass(frozen=True)
 class Lengths:
     """A token-length distribution, from a spec: ``fixed:N``, ``uniform:LO:HI``,
-    ``lognormal:MEDIAN:SIGMA[:MAX]`` or ``azure`` (resampled from the trace; prompts or outputs
-    by ``column``)."""
+    ``lognormal:MEDIAN:SIGMA[:MAX]``, ``azure`` (resampled from the trace; prompts or outputs
+    by ``column``), or a mixture ``0.7*uniform:32:128+0.3*uniform:384:768``."""
 
     spec: str
 
     def sampler(self, rng: random.Random, column: str):
+        if "+" in self.spec or "*" in self.spec:
+            return self._mixture(rng, column)
         kind, *args = self.spec.split(":")
         try:
             nums = [float(a) for a in args]
@@ -90,9 +92,22 @@ class Lengths:
             pool = [getattr(r, column) for r in load(trace_path())]
             return lambda: rng.choice(pool)
         raise ValueError(
-            f"length spec {self.spec!r}: use fixed:N, uniform:LO:HI, lognormal:MEDIAN:SIGMA[:MAX] "
-            "or azure"
+            f"length spec {self.spec!r}: use fixed:N, uniform:LO:HI, lognormal:MEDIAN:SIGMA[:MAX], "
+            "azure, or a mixture W*SPEC+W*SPEC"
         )
+
+    def _mixture(self, rng: random.Random, column: str):
+        weights, samplers = [], []
+        for part in self.spec.split("+"):
+            weight, star, spec = part.partition("*")
+            try:
+                weights.append(float(weight) if star else 1.0)
+            except ValueError:
+                raise ValueError(
+                    f"length spec {self.spec!r}: weight {weight!r} is not a number"
+                ) from None
+            samplers.append(Lengths(spec if star else part).sampler(rng, column))
+        return lambda: rng.choices(samplers, weights)[0]()
 
 
 def synthetic(

@@ -1,0 +1,134 @@
+"""``pdserve bench``'s replay against a fake target, the CLI's error and result contracts,
+and the planner's search and scaling advice (fast, no stack)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pdserve.cli import app
+from pdserve.sim.plan import Outcome, Planner, PoolSignals, scaling_advice, signals_from_metrics
+from pdserve.workload import result
+from pdserve.workload.bench import INTERRUPTED, prompt_ids, replay
+from pdserve.workload.format import Request, save
+
+
+class FakeTarget:
+    """Streams ``max_tokens`` tokens, ``tokens_per_chunk`` at a time, ``gap_s`` apart."""
+
+    def __init__(self, gap_s: float, tokens_per_chunk: int = 1) -> None:
+        self.gap_s, self.per_chunk = gap_s, tokens_per_chunk
+        self.prompts: list[list[int]] = []
+
+    async def stream(self, prompt_ids, max_tokens):
+        self.prompts.append(prompt_ids)
+        sent = 0
+        while sent < max_tokens:
+            await asyncio.sleep(self.gap_s)
+            n = min(self.per_chunk, max_tokens - sent)
+            sent += n
+            yield n, "local"
+
+    async def close(self) -> None:
+        pass
+
+
+def test_replay_measures_ttft_gaps_and_records():
+    workload = [Request(0.0, 8, 3), Request(0.02, 5, 5, "g", 4)]
+    target = FakeTarget(0.01, tokens_per_chunk=2)
+    records, gaps, weights = asyncio.run(replay(workload, target, seed=1))
+    assert [len(p) for p in target.prompts] == [8, 5]
+    assert [r.num_output_tokens for r in records] == [3, 5]
+    assert all(r.error is None and r.route == "local" for r in records)
+    # Request 0: chunks of 2 and 1 tokens; request 1: 2, 2, 1 -> gaps weighted by tokens.
+    assert sorted(weights) == [1, 1, 2]
+    assert all(0.004 <= g <= 0.2 for g in gaps)
+    assert records[0].ttft_s >= 0.01 and records[0].e2e_s >= 0.02
+
+
+def test_replay_interrupted_keeps_what_it_measured():
+    workload = [Request(0.0, 4, 1000), Request(0.0, 4, 1), Request(60.0, 4, 1)]
+
+    async def go():
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.2, stop.set)
+        return await replay(workload, FakeTarget(0.01), stop=stop)
+
+    records, _gaps, _weights = asyncio.run(go())
+    assert [r.index for r in records] == [0, 1]  # the request not yet sent is left out
+    assert records[0].error == INTERRUPTED and 0 < records[0].num_output_tokens < 1000
+    assert records[1].error is None and records[1].num_output_tokens == 1
+
+
+def test_prompts_share_their_group_prefix():
+    a = prompt_ids(0, Request(0, 10, 1, "sys", 6), 0, 1000)
+    b = prompt_ids(1, Request(0, 12, 1, "sys", 6), 0, 1000)
+    assert a[:6] == b[:6] and a[6:] != b[6:8] and len(b) == 12
+
+
+def test_cli_rejects_a_malformed_workload_naming_line_and_field(tmp_path):
+    path = tmp_path / "w.csv"
+    path.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,12,x\n")
+    out = CliRunner().invoke(app, ["sim", str(path), "--gpu", "H100", "--out", str(tmp_path / "r")])
+    assert out.exit_code == 2
+    assert f"error: {path}, line 2: field 'num_decode_tokens': must be a number" in out.output
+
+
+def test_sim_cli_writes_the_bench_result_shape(tmp_path):
+    path = tmp_path / "w.jsonl"
+    save(path, [Request(0.1 * i, 200, 20) for i in range(20)])
+    out = CliRunner().invoke(app, ["sim", str(path), "--gpu", "H100", "--model", "llama-3-8b",
+                                   "--prefill", "1", "--decode", "1", "--out", str(tmp_path / "r.json")])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    res = json.loads((tmp_path / "r.json").read_text())
+    fake = result.build([result.RequestRecord(0, 0.0, 1, 0)], [], None, result.Slo(), "bench", {})
+    assert set(res) == set(fake)
+    assert set(res["requests"][0]) == set(fake["requests"][0])
+    assert set(res["ttft_s"]) == {"p50", "p90", "p99"}
+    assert res["num_requests"] == 20 and res["num_failed"] == 0
+
+
+def test_planner_bisects_to_the_fewest_replicas():
+    calls: list[int] = []
+
+    class P(Planner):
+        def run(self, num_prefill, num_decode, workload=None):
+            calls.append(num_decode)
+            ok = num_decode >= 11
+            return Outcome(
+                num_prefill, num_decode, num_decode, 1.0, {"slo_attainment": 1.0 if ok else 0.0}
+            )
+
+    planner = P([Request(0, 1, 1)], cost=None, gpu_price_per_hour=1.0, base=None, max_replicas=32)
+    best = planner.fewest(lambda k: planner.run(0, k))
+    assert best.num_decode == 11
+    assert calls == [1, 2, 4, 8, 16, 12, 10, 11]
+    calls.clear()
+    assert planner.fewest(lambda k: Outcome(0, k, k, 1.0, {"slo_attainment": 0.0})) is None
+
+
+@pytest.mark.parametrize(
+    ("signals", "grow"),
+    [
+        (PoolSignals(1, 2, 0, 0, 0.95), "decode"),
+        (PoolSignals(1, 2, 0, 4, 0.5), "decode"),
+        (PoolSignals(2, 2, 6, 1, 0.5), "prefill"),
+        (PoolSignals(1, 1, 0, 0, 0.2), "none"),
+    ],
+)
+def test_scaling_advice(signals, grow):
+    assert scaling_advice(signals).grow == grow
+
+
+def test_signals_from_the_services_metrics_pages():
+    prefill = ('pdserve_queue_depth_requests{queue="prefill_waiting"} 3.0\n'
+               "pdserve_kv_cache_usage_ratio 0.1\n")  # fmt: skip
+    decode = ('pdserve_queue_depth_requests{queue="decode_waiting"} 1.0\n'
+              'pdserve_queue_depth_requests{queue="decode_kv_fetching"} 2.0\n'
+              "pdserve_kv_cache_usage_ratio 0.7\n")  # fmt: skip
+    router = 'pdserve_queue_depth_requests{queue="router_admitted"} 9.0\n'
+    s = signals_from_metrics([prefill, decode, decode, router])
+    assert s == PoolSignals(1, 2, 3.0, 6.0, 0.7, 9.0)
