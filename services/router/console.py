@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -53,10 +54,27 @@ CSP = (
 )
 LOAD_WINDOW_S = 300.0
 LOAD_BUCKET_S = 10.0
+JAEGER_UI_PORT = 16686
 
 
 class RequestNotFound(NotFound):
     code = "request_not_found"
+
+
+def jaeger_ui_url(jaeger_url: str | None, otlp_endpoint: str | None) -> str | None:
+    """Where the console links a trace: ``jaeger_url`` when set, else the OTLP collector's
+    host on Jaeger's UI port (Jaeger all-in-one takes OTLP and serves its UI on one host),
+    None without a collector. Set ``jaeger_url`` when the browser reaches Jaeger by another
+    name than the services do (docker-compose: ``jaeger`` inside, ``localhost`` outside)."""
+    if jaeger_url:
+        return jaeger_url
+    if not otlp_endpoint:
+        return None
+    endpoint = otlp_endpoint if "//" in otlp_endpoint else f"http://{otlp_endpoint}"
+    host = urllib.parse.urlsplit(endpoint).hostname
+    if not host:
+        return None
+    return f"http://{f'[{host}]' if ':' in host else host}:{JAEGER_UI_PORT}"
 
 
 def _load_assets() -> dict[str, bytes]:
@@ -150,7 +168,7 @@ class Console:
             "disagg_threshold_tokens": s.disagg_threshold_tokens,
             "trace_source": "otlp" if s.otlp_endpoint else "span files",
             "otlp_endpoint": s.otlp_endpoint,
-            "jaeger_url": s.console_jaeger_url,
+            "jaeger_url": jaeger_ui_url(s.console_jaeger_url, s.otlp_endpoint),
             "trace_dir": None if self.files is None else str(self.files.directory),
             **self.router.stats(),
         })  # fmt: skip

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from pdserve.errors import Unauthenticated
 from pdserve.kv.metadata import WorkerInfo
-from services.router.console import CSP, Console
+from services.router.console import CSP, Console, jaeger_ui_url
 from services.router.console_data import RecentSpans
 from services.router.openai_api import make_app
 from services.router.settings import RouterSettings
@@ -148,3 +148,11 @@ def test_request_view_merges_the_routers_spans_with_the_span_files(tmp_path):
     [fetch] = [r for r in rows if r["name"] == "kv.fetch"]
     assert (fetch["kv_bytes"], fetch["bytes_text"]) == (2048, "2.0 KiB")
     assert load["overall"]["requests"] == 1 and load["overall"]["ttft_ms"]["p50"] == 100.0
+
+
+def test_jaeger_link_is_the_setting_else_the_collectors_host():
+    assert jaeger_ui_url("http://ui:80", "http://jaeger:4317") == "http://ui:80"
+    assert jaeger_ui_url(None, "http://localhost:4317") == "http://localhost:16686"
+    assert jaeger_ui_url(None, "jaeger:4317") == "http://jaeger:16686"
+    assert jaeger_ui_url(None, "https://[::1]:4317") == "http://[::1]:16686"
+    assert jaeger_ui_url(None, None) is None and jaeger_ui_url(None, "") is None
