@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -79,9 +80,12 @@ def generate(
 @app.command()
 def up(
     prefill: Annotated[
-        int, typer.Option("--prefill", help="prefill workers; 0 = colocated mode")
-    ] = 1,
-    decode: Annotated[int, typer.Option("--decode", help="decode workers")] = 1,
+        int | None,
+        typer.Option("--prefill", help="prefill workers; 0 = colocated mode [default: by cores]"),
+    ] = None,
+    decode: Annotated[
+        int | None, typer.Option("--decode", help="decode workers [default: by cores]")
+    ] = None,
     redis_url: Annotated[
         str | None, typer.Option("--redis-url", help="use this Redis instead of starting one")
     ] = None,
@@ -113,12 +117,15 @@ def up(
     ] = False,
 ) -> None:
     """Start Redis, a KV store, prefill and decode workers and the router; Ctrl-C stops all."""
+    from pdserve.cpu_layout import choose_pools
     from pdserve.launcher import StackConfig, parse_cpu_affinity
     from pdserve.launcher import up as run_up
 
+    pools = choose_pools(len(os.sched_getaffinity(0)), prefill, decode)
+    typer.echo(f"pools: {pools.num_prefill} prefill, {pools.num_decode} decode ({pools.reason})")
     try:
         config = StackConfig(
-            num_prefill=prefill, num_decode=decode, redis_url=redis_url, grpc_port=grpc_port,
+            num_prefill=pools.num_prefill, num_decode=pools.num_decode, redis_url=redis_url, grpc_port=grpc_port,
             http_port=http_port, model=model, cpu_affinity=parse_cpu_affinity(cpu_affinity or []),
             cluster_name=cluster_name, log_dir=log_dir, tls=tls,
         )  # fmt: skip

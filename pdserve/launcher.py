@@ -35,6 +35,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pdserve import cpu_layout
 from pdserve.tls import ClusterPki, ClusterSecurity, make_cluster_pki
 
 _PR_SET_PDEATHSIG = 1
@@ -133,6 +134,7 @@ class Stack:
         self.http_port = 0
         self.kvstore_address = ""
         self.pki: ClusterPki | None = None
+        self.cpu_layout: dict[str, cpu_layout.WorkerCpus] = {}
         self.security = ClusterSecurity(cluster_name=config.cluster_name)  # the launcher's own
 
     # ---- start ----
@@ -143,7 +145,8 @@ class Stack:
     def _spawn(self, name: str, role: str, argv: list[str], env: dict[str, str],
                grpc_port: int | None) -> Child:  # fmt: skip
         log_path = self.log_dir / f"{name}.log"
-        cpus = self.config.cpu_affinity.get(role)
+        placed = self.cpu_layout.get(name)
+        cpus = set(placed.cpus) if placed else self.config.cpu_affinity.get(role)
 
         def preexec() -> None:
             with contextlib.suppress(Exception):
@@ -190,6 +193,15 @@ class Stack:
             env.setdefault(f"{p}NUM_THREADS", str(len(cpus)))
         return env
 
+    def _lay_out_engines(self) -> None:
+        """Each engine worker's cores and threads (pdserve/cpu_layout.py)."""
+        cfg = self.config
+        workers = [(f"prefill-{i}", "prefill") for i in range(cfg.num_prefill)]
+        workers += [(f"decode-{i}", "decode") for i in range(cfg.num_decode)]
+        self.cpu_layout = cpu_layout.lay_out(
+            workers, sorted(os.sched_getaffinity(0)), cfg.cpu_affinity
+        )
+
     def start(self) -> None:
         try:
             self._start_all()
@@ -201,6 +213,7 @@ class Stack:
         cfg = self.config
         if cfg.tls:
             self._make_pki()
+        self._lay_out_engines()
         if not self.redis_url:
             port = self._port(6379)
             self._spawn("redis", "redis", [
@@ -220,6 +233,10 @@ class Stack:
             for i in range(count):
                 port = self._port(grpc_default if i == 0 else 0)
                 env = self._service_env(role, port, self._port(http_default if i == 0 else 0))
+                threads_var = f"PDSERVE_{role.upper()}_NUM_THREADS"
+                if threads_var not in os.environ:  # the operator's own choice wins
+                    threads = self.cpu_layout[f"{role}-{i}"].num_threads
+                    env.setdefault(threads_var, str(threads))
                 if role == "prefill":
                     env["PDSERVE_PREFILL_KVSTORE_ADDRESS"] = self.kvstore_address
                 self._spawn(f"{role}-{i}", role, [sys.executable, "-m", f"services.{role}"],
@@ -428,6 +445,7 @@ def up(config: StackConfig, *, demo: bool = False, echo=_echo) -> int:
         stack.start()
         for name, value in stack.endpoints().items():
             echo(f"  {name:<10} {value}")
+        echo(f"  {'cpus':<10} {cpu_layout.describe(stack.cpu_layout)}")
         echo("ready")
         if demo:
             try:
