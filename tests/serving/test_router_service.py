@@ -73,7 +73,8 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
 
 
 class FakeDecode(decode_pb2_grpc.DecodeServicer):
-    """Streams max_tokens tokens "t0 t1 ..."; ``mode``: ok | die (after 2 chunks) | hang."""
+    """Streams max_tokens tokens "t0 t1 ..." from position len(resume_token_ids) on;
+    ``mode``: ok | die (after 2 chunks of this call) | hang (after 1)."""
 
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id
@@ -82,11 +83,11 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
 
     async def Decode(self, request, context):
         self.requests.append(request)
-        n = request.sampling.max_tokens
-        for i in range(n):
-            if self.mode == "die" and i == 2:
+        n, start = request.sampling.max_tokens, len(request.resume_token_ids)
+        for i in range(start, n):
+            if self.mode == "die" and i - start == 2:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker crashed")
-            if self.mode == "hang" and i == 1:
+            if self.mode == "hang" and i - start == 1:
                 await asyncio.sleep(3600)
             tid = (
                 request.first_token_id if i == 0 and request.HasField("first_token_id") else 100 + i
@@ -95,7 +96,7 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
             if i == n - 1:
                 chunk.finish_reason = common_pb2.FINISH_REASON_LENGTH
                 chunk.usage.CopyFrom(common_pb2.Usage(
-                    prompt_tokens=len(request.prompt_token_ids), completion_tokens=n,
+                    prompt_tokens=len(request.prompt_token_ids), completion_tokens=n - start,
                     cached_tokens=32))  # fmt: skip
             yield chunk
             await asyncio.sleep(0.001)
@@ -129,6 +130,7 @@ def env(redis_server):
     settings = RouterSettings(
         redis_url=redis_server.url, cluster_name=cluster, grpc_host="127.0.0.1", grpc_port=0,
         http_host="127.0.0.1", http_port=_free_port(), disagg_threshold_tokens=64,
+        disaggregation_policy="threshold",
         decode_stall_timeout_s=1.0, heartbeat_ttl_s=3.0, heartbeat_interval_s=1.0,
         registry_refresh_s=0.1,
     )  # fmt: skip
@@ -226,24 +228,43 @@ def test_all_prefill_workers_failing_falls_back_to_local_prefill(env):
     assert done.text == "t0 t1 "
 
 
-def test_decode_death_mid_stream_is_a_clear_error_and_next_requests_succeed(env):
+def test_decode_death_mid_stream_migrates_over_grpc_and_http(env):
+    env.fakes["d0"].mode = "die"
+    with Client(env.grpc, max_retries=0) as client:
+        done = client.generate("Hi there", max_tokens=5)
+    assert done.text == "t0 t1 t2 t3 t4 " and done.token_ids == [100, 101, 102, 103, 104]
+    assert done.usage.completion_tokens == 5
+    if done.route.decode_worker == "d0":  # it was routed to the dying worker: it moved
+        assert list(env.fakes["d1"].requests[-1].resume_token_ids) == [100, 101]
+    env.fakes["d1"].mode, env.fakes["d0"].mode = "die", "ok"
+    env.router.router._down_until.clear()
+    status, _, raw = post(env, "/v1/completions", {"prompt": "Hi", "max_tokens": 5, "stream": True})
+    events = [json.loads(e[6:]) for e in raw.splitlines() if e.startswith("data: {")]
+    assert status == 200 and "".join(e["choices"][0]["text"] for e in events) == "t0 t1 t2 t3 t4 "
+
+
+def test_decode_death_everywhere_is_a_clear_error_and_next_requests_succeed(env):
     env.fakes["d0"].mode = env.fakes["d1"].mode = "die"
     with Client(env.grpc, max_retries=0) as client:
         started = time.monotonic()
-        with pytest.raises(Unavailable, match=r"decode worker d\d failed after 2 chunks"):
-            client.generate("Hi there", max_tokens=5)
+        with pytest.raises(Unavailable, match=r"decode worker d\d failed \(unavailable\) after 4 "
+                           "tokens: .*no other decode worker to continue on"):  # fmt: skip
+            client.generate("Hi there", max_tokens=9)
         assert time.monotonic() - started < 5
         env.fakes["d0"].mode = env.fakes["d1"].mode = "ok"
+        env.router.router._down_until.clear()
         assert client.generate("Hi there", max_tokens=2).text == "t0 t1 "
 
 
-def test_stalled_decode_stream_fails_within_the_stall_timeout(env):
+def test_stalled_decode_streams_move_until_the_migration_limit(env):
     env.fakes["d0"].mode = env.fakes["d1"].mode = "hang"
     with Client(env.grpc, max_retries=0) as client:
         started = time.monotonic()
-        with pytest.raises(Unavailable, match="sent nothing for 1.0s"):
-            client.generate("Hello", max_tokens=3)
-    assert time.monotonic() - started < 4
+        with pytest.raises(Unavailable, match="failed \\(stall\\) after 4 tokens: .*sent nothing "
+                           "for 1.0s; migration limit 3 reached"):  # fmt: skip
+            client.generate("Hello", max_tokens=9)
+    assert time.monotonic() - started < 8
+    assert len(env.router.router._alive("decode")) == 2  # slow is not dead
 
 
 def test_admission_rejects_when_predicted_ttft_exceeds_deadline(env):
@@ -307,11 +328,12 @@ def test_openai_http_shapes(env):
     status, headers, raw = post(env, "/v1/chat/completions", {
         "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True,
         "stream_options": {"include_usage": True}})  # fmt: skip
-    assert status == 200 and "x-pdserve-route" in headers
+    assert status == 200 and headers["Content-Type"] == "text/event-stream"
     events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[0]["pdserve_route"]["decode_worker"] in ("d0", "d1")
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == "t0 t1 t2 "
     assert chunks[-1]["usage"]["completion_tokens"] == 3
@@ -323,7 +345,7 @@ def test_streaming_error_after_first_token_is_reported_in_band(env):
     assert status == 200
     events = [line[6:] for line in raw.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
-    assert "failed after 2 chunks" in json.loads(events[-2])["error"]["message"]
+    assert "failed (unavailable) after 4 tokens" in json.loads(events[-2])["error"]["message"]
 
 
 def test_official_openai_package(env):
@@ -445,6 +467,7 @@ def test_failures_are_error_spans_and_counted(env, spans):
     env.fakes["d0"].mode = env.fakes["d1"].mode = "die"
     with Client(env.grpc, max_retries=0) as client, pytest.raises(Unavailable):
         client.generate("Hi there", max_tokens=5, request_id="tel-die")
+    env.router.router._down_until.clear()  # both workers "died": bring them back
     env.router.router.prefill_tokens_per_s = 2000.0
     with Client(env.grpc, max_retries=0) as client, pytest.raises(ResourceExhausted):
         client.generate(LONG * 10, max_tokens=2, timeout_s=0.2)
@@ -458,6 +481,7 @@ def test_failures_are_error_spans_and_counted(env, spans):
     assert died["status"]["code"] == "ERROR" and "UNAVAILABLE" in died["status"]["description"]
     assert died["attributes"]["error.type"] == "worker_failed"
     assert died["attributes"]["gen_ai.response.finish_reasons"] == ["error"]
-    assert died["attributes"]["gen_ai.usage.output_tokens"] == 2
+    assert died["attributes"]["gen_ai.usage.output_tokens"] == 4  # 2 on each worker
+    assert [e["name"] for e in died["events"]].count("pdserve.migration") == 1
     [rejected] = [s for s in by_name["router.admission"] if s["status"]["code"] == "ERROR"]
     assert rejected["attributes"]["pdserve.admission.reason"] == "deadline"
