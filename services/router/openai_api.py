@@ -45,15 +45,14 @@ from pdserve.metrics import aiohttp_metrics_handler
 from pdserve.telemetry import extract_context
 from services.router.auth import TenantGate
 from services.router.messages import ChatMessage, Chunk, GenerateInput, RouteExplanation, Usage
-from services.router.router import Router
+from services.router.router import MAX_ID_CHARS, MAX_STOP, MAX_STOP_TOKEN_IDS, Router
 from services.router.tenants import ApiKeys, Tenant
 
 SSE_KEEPALIVE_S = 5.0
 MAX_INT_DIGITS = 40  # longer integer literals are refused before conversion
-MAX_ID_CHARS = 256  # model, user, cache_salt
-MAX_STOP = 16
 MAX_MESSAGES = 4096
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_TYPE_TAG = re.compile(r"[\[\-]|^(str|int|float|bool|list|dict)$")
 
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -88,7 +87,7 @@ class _Sampling(BaseModel):
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    stop_token_ids: Annotated[list[Count], Field(max_length=256)] | None = None
+    stop_token_ids: Annotated[list[Count], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     cache_salt: Id | None = None
 
 
@@ -191,8 +190,12 @@ def _check_unsupported(data: dict) -> None:
 
 
 def _validation_error(exc: ValidationError) -> InvalidRequest:
-    err = exc.errors(include_url=False, include_input=False)[0]
-    param = ".".join(str(p) for p in err["loc"]) or None
+    """The most telling error: a value out of range beats "not of the union's other type"."""
+    errors = exc.errors(include_url=False, include_input=False)
+    err = next((e for e in errors if not e["type"].endswith("_type")), errors[0])
+    # Union members appear in the location ("list[int]", "constrained-str"): not fields.
+    parts = [str(p) for p in err["loc"] if not (isinstance(p, str) and _TYPE_TAG.search(p))]
+    param = ".".join(parts) or None
     return InvalidRequest(f"{param}: {err['msg']}" if param else err["msg"], param=param)
 
 

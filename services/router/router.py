@@ -82,6 +82,10 @@ _tracer = get_tracer("pdserve.router")
 _EWMA_ALPHA = 0.2
 _MIN_TOKENS_FOR_RATE = 64
 _MAX_DEADLINE_S = 24 * 3600
+MAX_ID_CHARS = 256  # request_id, cache_salt, model, one stop string
+MAX_STOP = 16
+MAX_STOP_TOKEN_IDS = 256
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +125,7 @@ class Router:
                 f"model {quoted(inp.model)} is not served here (available: {self.model.name!r})",
                 param="model",
             )
+        self._check_fields(inp)
         token_ids = self._tokenize(inp)
         if not token_ids:
             raise InvalidRequest("prompt must not be empty", param="prompt")
@@ -133,6 +138,35 @@ class Router:
             )
         request_id = inp.request_id or new_request_id()
         return ParsedRequest(request_id, token_ids, inp.params, inp.cache_salt)
+
+    def _check_fields(self, inp: GenerateInput) -> None:
+        """Bounds on what both edges pass through as-is (ids, salts, roles, stop lists)."""
+        for param, value in (("request_id", inp.request_id), ("cache_salt", inp.cache_salt)):
+            if value is not None and len(value) > MAX_ID_CHARS:
+                raise InvalidRequest(
+                    f"{param} is {len(value)} characters; at most {MAX_ID_CHARS}", param=param
+                )
+        for i, message in enumerate(inp.messages or ()):
+            if message.role not in CHAT_ROLES:
+                raise InvalidRequest(
+                    f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got "
+                    f"{quoted(message.role)}",
+                    param=f"messages.{i}.role",
+                )
+        params = inp.params
+        if len(params.stop) > MAX_STOP or any(len(s) > MAX_ID_CHARS for s in params.stop):
+            raise InvalidRequest(
+                f"stop takes at most {MAX_STOP} strings of at most {MAX_ID_CHARS} characters",
+                param="stop",
+            )
+        vocab = self.model.vocab_size
+        if len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS or any(
+            t >= vocab for t in params.stop_token_ids
+        ):
+            raise InvalidRequest(
+                f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids in [0, {vocab})",
+                param="stop_token_ids",
+            )
 
     def _tokenize(self, inp: GenerateInput) -> list[int]:
         tokenizer = self.model.tokenizer
@@ -374,6 +408,10 @@ class Router:
         return chain_block_keys(token_ids, self.settings.block_size, root)
 
     async def _serve(self, parsed, keys, route: Route, deadline, obs):
+        if route.prefill is not None and self.settings.overlap_handoff:
+            async for chunk in self._serve_overlapped(parsed, route, deadline, obs):
+                yield chunk
+            return
         excluded: set[str] = set()
         attempts, prefilled, reason_prefix = 0, None, ""
         while route.prefill is not None:
@@ -426,6 +464,29 @@ class Router:
             rate = num_tokens / elapsed_s
             self.prefill_tokens_per_s += _EWMA_ALPHA * (rate - self.prefill_tokens_per_s)
 
+    async def _serve_overlapped(self, parsed, route: Route, deadline, obs):
+        """Prefill and Decode start together: the decode worker reserves its blocks and follows
+        the prefill (Prefill.Handoff), pulling blocks as they are sealed, and takes the first
+        token from it. A failed prefill is recomputed by the decode worker; a client that goes
+        away cancels both calls."""
+        prefill = asyncio.create_task(self._prefill_quietly(route, parsed, deadline))
+        obs.routed(route.plan, route.plan.disaggregation.reason_class)
+        explanation = self._explain(route, None, 1, "")
+        call = dataclasses.replace(
+            self._decode_call(parsed, None), prefill_address=route.prefill.address
+        )
+        try:
+            async for chunk in self._decode(parsed, route, None, explanation, deadline, obs, call):
+                yield chunk
+        finally:
+            prefill.cancel()
+
+    async def _prefill_quietly(self, route: Route, parsed, deadline) -> None:
+        try:
+            await self._prefill(route.prefill, parsed, route.plan, deadline)
+        except (WorkerCallError, DeadlineExceeded) as exc:  # the decode worker recomputes
+            log.warning("router.prefill_failed", worker=route.prefill.worker_id, error=str(exc))
+
     def _decode_call(self, parsed, prefilled, resume_token_ids=()) -> DecodeCall:
         return DecodeCall(
             request_id=parsed.request_id,
@@ -439,13 +500,13 @@ class Router:
 
     # ---- decoding and migration ----
 
-    async def _decode(self, parsed, route: Route, prefilled, explanation, deadline, obs):
+    async def _decode(self, parsed, route: Route, prefilled, explanation, deadline, obs, call=None):
         """Forward the decode stream; when its worker fails, continue on another one.
 
         ``streamed``: every token id already yielded to the client, in order. A migrated
         call resumes after exactly those, so nothing is lost or repeated."""
         streamed: list[int] = []
-        call = self._decode_call(parsed, prefilled)
+        call = call or self._decode_call(parsed, prefilled)
         tried: list[str] = []
         plan = route.plan
         # Disaggregated: the cached prompt tokens are what the prefill did not compute.

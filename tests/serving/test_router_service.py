@@ -485,3 +485,98 @@ def test_failures_are_error_spans_and_counted(env, spans):
     assert [e["name"] for e in died["events"]].count("pdserve.migration") == 1
     [rejected] = [s for s in by_name["router.admission"] if s["status"]["code"] == "ERROR"]
     assert rejected["attributes"]["pdserve.admission.reason"] == "deadline"
+
+
+# --- every bad input is a 4xx -----------------------------------------------------------------
+
+DEEP = b'{"prompt": "x", "stop": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        ({"prompt": "x", "max_tokens": 2**31}, "max_tokens", "less than or equal to 2147483647"),
+        ({"prompt": "x", "max_tokens": -(2**63)}, "max_tokens", "greater than or equal"),
+        ({"prompt": "x", "seed": 2**63}, "seed", "less than or equal"),
+        ({"prompt": "x", "top_k": 2**40}, "top_k", "less than or equal"),
+        ({"prompt": [2**31]}, None, "prompt"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs", "less than or equal to 20"),
+        ({"prompt": "x", "stop": ["a"] * 17}, "stop", "at most 16"),
+        ({"prompt": "x", "temperature": -1.0}, "temperature", "temperature must be"),
+        (b'{"prompt": "x", "temperature": 1e999}', "temperature", "finite"),
+        (b'{"prompt": "x", "top_p": NaN}', None, "numbers must be finite"),
+        (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", None, "more than 40 digits"),
+        (DEEP, None, "nested deeper than 32 levels"),
+        (b'{"prompt": "\\ud800 lone"}', None, "not valid Unicode"),
+        (b'{"prompt": "\xff\xfe"}', None, "not valid UTF-8"),
+        ({"prompt": "x", "model": "m" * 10_000}, "model", "at most 256 characters"),
+        ({"prompt": "x", "logit_bias": {"11": 5}}, "logit_bias", "logit_bias is not supported"),
+        ({"prompt": "x", "suffix": "!"}, "suffix", "suffix is not supported"),
+        ({"prompt": "x", "best_of": 3}, "best_of", "best_of is not supported"),
+        ({"prompt": "x", "n": 2**40}, "n", "less than or equal"),
+        ({"prompt": "x", "user": "u" * 300}, "user", "at most 256 characters"),
+    ],
+)
+def test_bad_completions_fields_are_400_naming_the_field(env, body, param, message):
+    status, _, reply = post(env, "/v1/completions", body)
+    assert status == 400, reply
+    assert message in reply["error"]["message"] and len(reply["error"]["message"]) < 300
+    if param is not None:
+        assert reply["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logit_bias": {"5": 1}}, "logit_bias"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+    ],
+)
+def test_unimplemented_openai_chat_fields_are_refused(env, extra, param):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **extra}
+    status, _, reply = post(env, "/v1/chat/completions", body)
+    assert status == 400 and reply["error"]["param"] == param
+    assert f"{param} is not supported" in reply["error"]["message"]
+    harmless = {"messages": body["messages"], "max_tokens": 2,
+                "response_format": {"type": "text"}, "tools": []}  # fmt: skip
+    assert post(env, "/v1/chat/completions", harmless)[0] == 200
+
+
+def test_an_oversized_body_is_413(env):
+    status, _, reply = post(env, "/v1/completions", {"prompt": "x" * (5 << 20)})
+    assert status == 413 and reply["error"]["type"] == "invalid_request_error"
+
+
+def test_bad_grpc_fields_are_invalid_argument_without_echoing_them(env):
+    cases = [
+        (dict(model="m" * 10_000), "is not served here"),
+        (dict(request_id="r" * 10_000), "request_id is 10000 characters"),
+        (dict(cache_salt="s" * 10_000), "cache_salt is 10000 characters"),
+        (dict(seed=-5), "seed must be"),
+        (dict(max_tokens=2**31 - 1), "exceeds the model's context"),
+        (dict(stop=["x" * 1000]), "stop takes at most 16 strings"),
+        (dict(stop_token_ids=[10**9]), "stop_token_ids takes at most"),
+    ]
+    with Client(env.grpc, max_retries=0) as client:
+        for kwargs, message in cases:
+            with pytest.raises(InvalidArgument, match=message) as info:
+                client.generate("Hi", **kwargs)
+            assert len(str(info.value)) < 400, kwargs
+        with pytest.raises(InvalidArgument, match=r"messages\[0\].role must be one of"):
+            client.generate(messages=[{"role": "wizard", "content": "x"}])
+        assert client.generate("still fine", max_tokens=1).text == "t0 "
+
+
+def test_logprobs_reach_both_apis(env):
+    status, _, body = post(env, "/v1/completions", {"prompt": "Hi", "max_tokens": 2,
+                                                    "logprobs": 2})  # fmt: skip
+    assert status == 200
+    assert env.fakes[body["pdserve_route"]["decode_worker"]].requests[-1].sampling.logprobs == 2
+    status, _, body = post(env, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "logprobs": True,
+        "top_logprobs": 3})  # fmt: skip
+    assert status == 200
+    assert env.fakes[body["pdserve_route"]["decode_worker"]].requests[-1].sampling.logprobs == 3
