@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdserve._proto.pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
-from tests.serving.test_router_service import env, post, reset  # noqa: F401 - fixtures
+from tests.serving.test_router_service import env, post, reset  # noqa: F401, F811 - fixtures
 
 FUZZ = settings(
     max_examples=120, deadline=None, derandomize=True, database=None,
@@ -70,27 +70,27 @@ def short_context(env):  # noqa: F811
     router.model = model
 
 
-def _still_serving(env) -> None:  # noqa: F811
-    status, _, body = post(env, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+def _still_serving(stack) -> None:
+    status, _, body = post(stack, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
     assert status == 200 and body["choices"][0]["text"] == "t0 t1 "
-    with urllib.request.urlopen(env.http + "/health", timeout=10) as resp:
+    with urllib.request.urlopen(stack.http + "/health", timeout=10) as resp:
         assert resp.status == 200
 
 
 def test_fuzzed_http_bodies_never_get_a_5xx(short_context):
-    env = short_context
+    stack = short_context
     started = time.monotonic()
 
     @FUZZ
     @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
            body=bodies | st.binary(max_size=64) | json_values)  # fmt: skip
     def check(path, body):
-        status, _, reply = post(env, path, _encode(body))
+        status, _, reply = post(stack, path, _encode(body))
         assert status < 500, (status, reply)
 
     check()
     assert time.monotonic() - started < 240
-    _still_serving(env)
+    _still_serving(stack)
 
 
 sampling = st.builds(
@@ -130,8 +130,8 @@ ANSWERED = {
 
 
 def test_fuzzed_grpc_requests_never_get_internal(short_context):
-    env = short_context
-    channel = grpc.insecure_channel(env.grpc)
+    stack = short_context
+    channel = grpc.insecure_channel(stack.grpc)
     stub = router_pb2_grpc.RouterStub(channel)
 
     @FUZZ
@@ -147,4 +147,4 @@ def test_fuzzed_grpc_requests_never_get_internal(short_context):
         check()
     finally:
         channel.close()
-    _still_serving(env)
+    _still_serving(stack)
