@@ -25,7 +25,9 @@ facts, so replaying one twice is harmless.
 
 Redis down: the store keeps serving; the publisher keeps at most ``buffer_max`` events and,
 once Redis answers again, republishes the node's whole inventory (Redis may have restarted
-empty) and then goes on streaming.
+empty) and then goes on streaming. An idle publisher checks its epoch key every
+``check_interval_s`` (a heartbeat), so a Redis restart that happened while the node had
+nothing to publish is noticed within one heartbeat, and the inventory republished.
 """
 
 from __future__ import annotations
@@ -266,6 +268,7 @@ class KVEventPublisher:
         stream_maxlen: int = 1_000_000,
         batch_size: int = 512,
         retry_s: float = 0.2,
+        check_interval_s: float = 1.0,
     ) -> None:
         self._redis = client
         self._layout = layout
@@ -276,6 +279,7 @@ class KVEventPublisher:
         self._stream_maxlen = stream_maxlen
         self._batch_size = batch_size
         self._retry_s = retry_s
+        self._check_interval_s = check_interval_s
         self.epoch = uuid.uuid4().hex[:12]
         self._needs_republish = True
         self._wake = threading.Event()
@@ -314,6 +318,8 @@ class KVEventPublisher:
                 if self._needs_republish:
                     self._republish()
                 self._drain()
+                if not self._buffer and not self._wake.is_set():
+                    self._check_epoch()
                 self.connected = True
             except REDIS_ERRORS as exc:
                 metrics.REDIS_ERRORS.labels("publish").inc()
@@ -323,10 +329,17 @@ class KVEventPublisher:
                 self._needs_republish = True  # Redis may come back empty
                 self._stop.wait(self._retry_s)
                 continue
-            if not self._buffer:
+            if not self._buffer and not self._needs_republish:
                 self._idle.set()
-                self._wake.wait(1.0)
+                self._wake.wait(self._check_interval_s)
                 self._wake.clear()
+
+    def _check_epoch(self) -> None:
+        """Idle: is our inventory still in Redis? (A restart or a flush loses it.)"""
+        epoch = self._redis.get(self._layout.node_epoch(self.node_id))
+        if epoch is None or epoch.decode() != self.epoch:
+            log.info("kv_events.inventory_lost", node=self.node_id)
+            self._needs_republish = True
 
     def _republish(self) -> None:
         seq, blocks = self._inventory()

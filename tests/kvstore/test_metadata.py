@@ -252,3 +252,26 @@ def test_concurrent_writers_redis_equals_store(node, redis_url, cluster_name):
     assert redis_blocks(node.redis, node.layout, "node-a") == inventory
     wait_for(lambda: index.node_blocks("node-a") == inventory, what="index")
     index.stop()
+
+
+def test_an_idle_publisher_republishes_within_a_heartbeat_of_a_redis_restart(
+    tmp_path, redis_server, cluster_name
+):
+    """No event to publish, no failed write: only the epoch check can notice the restart."""
+    client, layout = connect(redis_server.url), RedisLayout(cluster_name)
+    blocks = {key(1): Tier.DRAM, key(2): Tier.SSD}
+    pub = KVEventPublisher(client, layout, "idle", lambda: (0, dict(blocks)),
+                           check_interval_s=0.2)  # fmt: skip
+    pub.start()
+    assert pub.flush()
+    index = LocationIndex(connect(redis_server.url), layout, poll_block_ms=50)
+    index.start()
+    wait_for(lambda: index.node_blocks("idle") == blocks, what="index before")
+    redis_server.restart(down_s=0.1)  # comes back empty, faster than a failed write
+    started = time.monotonic()
+    wait_for(lambda: redis_blocks(client, layout, "idle") == blocks, what="republish")
+    assert time.monotonic() - started < 2.0
+    wait_for(lambda: index.node_blocks("idle") == blocks, what="index after")
+    assert pub.num_republished == 2
+    index.stop()
+    pub.stop()
