@@ -171,27 +171,19 @@ def profile(
     data = {"machine": machine, "engine": engine, "step_fit": {
         "features": list(prof.FEATURES), "coefficients": coefficients,
         "median_relative_error": error, "num_steps": len(rows),
-        "prefill_tokens_per_s": engine["max_num_batched_tokens"] / prof._prefill_s(
-            _fit_cost(coefficients, engine), engine["max_num_batched_tokens"]),
+        "prefill_tokens_per_s": prof.prefill_tokens_per_s(coefficients, engine),
     }, "samples": rows}  # fmt: skip
     typer.echo(f"step fit over {len(rows)} steps: median relative error {error:.1%}")
     if url:
         threshold = RouterSettings.model_fields["disagg_threshold_tokens"].default
-        dispatch, handoff = prof.measure_stack(url, coefficients, engine, threshold, typer.echo)
+        dispatch = prof.measure_dispatch(url, coefficients, engine, threshold, typer.echo)
+        handoff = prof.measure_handoff(url, coefficients, engine, dispatch["latency_s"], typer.echo)
         data.update(dispatch=dispatch, handoff=handoff)
         typer.echo(f"dispatch {dispatch['latency_s'] * 1000:.1f} ms, handoff latency "
                    f"{handoff['latency_s'] * 1000:.1f} ms at {handoff['bytes_per_s'] / 1e9:.2f} GB/s")  # fmt: skip
     data["machine"]["load_avg_1m_after"] = os.getloadavg()[0]
     out.write_text(json.dumps(data, indent=1) + "\n")
     typer.echo(f"wrote {out}")
-
-
-def _fit_cost(coefficients, engine):
-    from pdserve.sim.costs import CalibratedCost, EngineLimits
-
-    limits = EngineLimits(engine["num_kv_blocks"], engine["block_size"], engine["max_num_seqs"],
-                          engine["max_num_batched_tokens"])  # fmt: skip
-    return CalibratedCost("fit", tuple(coefficients), limits, None, 0.0, 1.0)
 
 
 def _cost_model(profile_path, gpu, model, tp, max_num_seqs, max_num_batched_tokens):

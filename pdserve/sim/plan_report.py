@@ -29,6 +29,7 @@ def run_plan(
 ) -> list[dict]:
     model = parse_model(model_spec)
     rate = mean_rate_rps(workload)
+    prompt_tokens = sum(r.num_prefill_tokens for r in workload) / len(workload)
     echo(f"plan: {len(workload)} requests at {rate:.2f} req/s, {model.name}, SLO TTFT <= "
          f"{slo.ttft_s}s and TPOT <= {slo.tpot_s}s for {attainment:.0%} of requests")  # fmt: skip
     rows, curves = [], {}
@@ -47,10 +48,16 @@ def run_plan(
                 continue
             goodput, curve = planner.goodput_rps(best)
             curves[f"{gpu.name} {mode} {best.label}"] = curve
-            rows.append(_row(gpu.name, mode, best, goodput, cost.tp))
+            rows.append(_row(gpu.name, mode, best, goodput, cost.tp) | {
+                "prefill_load_replicas": rate * prompt_tokens / cost.prefill_tokens_per_s})  # fmt: skip
         echo(f"  ({planner.num_sims} simulations)")
     _explain(rows)
     echo(table(rows))
+    done = [r for r in rows if r["config"]]
+    if done:
+        best = min(done, key=lambda r: r["cost_per_million_output_tokens"])
+        echo(f"cheapest: {best['gpu']} {best['mode']} {best['config']}, "
+             f"${best['cost_per_million_output_tokens']:.3f} per million output tokens")  # fmt: skip
     if out is not None:
         out.write_text(json.dumps({"rate_rps": rate, "model": model.name, "slo": vars(slo),
                                    "attainment": attainment, "rows": rows,
@@ -91,13 +98,18 @@ def _explain(rows: list[dict]) -> None:
         c, d = modes.get("colocated"), modes.get("disaggregated")
         if not (c and d and c["config"] and d["config"]):
             continue
-        saving = 1 - d["price_per_hour"] / c["price_per_hour"]
-        winner = "disaggregated" if saving > 0 else "colocated" if saving < 0 else "neither"
+        cheaper = min((c, d), key=lambda r: r["price_per_hour"])
+        ratio = max(c["price_per_hour"], d["price_per_hour"]) / cheaper["price_per_hour"]
+        verdict = (
+            "same price per hour at this rate" if ratio == 1
+            else f"{cheaper['mode']} is {ratio:.2f}x cheaper per hour at this rate"
+        )  # fmt: skip
         d["why"] = c["why"] = (
-            f"{winner} is cheaper by {abs(saving):.0%} per hour at this rate" if winner != "neither"
-            else "same cost at this rate"
-        ) + (f"; goodput per GPU {d['goodput_per_gpu_rps']:.2f} vs "
-             f"{c['goodput_per_gpu_rps']:.2f} req/s (disaggregated vs colocated)")  # fmt: skip
+            f"{verdict}; goodput per GPU {d['goodput_per_gpu_rps']:.2f} (disaggregated) vs "
+            f"{c['goodput_per_gpu_rps']:.2f} (colocated) req/s; the prompts need "
+            f"{d['prefill_load_replicas']:.2f} replicas' worth of prefill compute, which sets the "
+            f"prefill pool, and TPOT and KV capacity set the decode pool ({d['pd_ratio']})"
+        )
 
 
 def table(rows: list[dict]) -> str:

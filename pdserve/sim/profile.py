@@ -35,7 +35,11 @@ ENGINE_CASES = (
 
 
 def measure_engine(
-    threads: int, kv_cache_bytes: int, repeats: int, log: Callable[[str], None]
+    threads: int,
+    kv_cache_bytes: int,
+    repeats: int,
+    log: Callable[[str], None],
+    cases: list[tuple[int, int, int]] = ENGINE_CASES,
 ) -> tuple[list[list[float]], dict]:
     """(rows of FEATURES + seconds, the engine section of the profile)."""
     import torch
@@ -52,7 +56,7 @@ def measure_engine(
     engine.generate([[5] * 32], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     rows: list[list[float]] = []
     rng = np.random.default_rng(0)
-    for prompt_tokens, output_tokens, batch in ENGINE_CASES * repeats:
+    for prompt_tokens, output_tokens, batch in cases * repeats:
         params = SamplingParams(max_tokens=output_tokens, ignore_eos=True, temperature=0.0)
         for _ in range(batch):
             engine.add_request(rng.integers(100, 40000, prompt_tokens).tolist(), params)
@@ -111,21 +115,39 @@ def fit(rows: list[list[float]]) -> tuple[list[float], float]:
     return full.tolist(), error
 
 
-def measure_stack(
-    url: str, coefficients: list[float], engine: dict, threshold_tokens: int, log
-) -> tuple[dict, dict]:
-    """(dispatch section, handoff section) from idle TTFTs on a disaggregated stack."""
+def _cost(coefficients: list[float], engine: dict):
     from pdserve.sim.costs import CalibratedCost, EngineLimits
 
-    limits = EngineLimits(engine["num_kv_blocks"], engine["block_size"], engine["max_num_seqs"],
-                          engine["max_num_batched_tokens"])  # fmt: skip
-    cost = CalibratedCost("fit", tuple(coefficients), limits, None, 0.0, 1.0)
-    short = [16, 48, 96]
+    limits = EngineLimits(
+        engine["num_kv_blocks"], engine["block_size"], engine["max_num_seqs"],
+        engine["max_num_batched_tokens"],
+    )  # fmt: skip
+    return CalibratedCost("fit", tuple(coefficients), limits, None, 0.0, 1.0)
+
+
+def measure_dispatch(
+    url: str, coefficients: list[float], engine: dict, threshold_tokens: int, log
+) -> dict:
+    """Router + RPC time before a locally prefilled request's first step: idle TTFT of short
+    prompts (below the router's threshold, so prefilled on the decode worker) minus the step."""
+    cost = _cost(coefficients, engine)
+    short = [n for n in (16, 48, 96) if n < threshold_tokens] or [min(16, threshold_tokens)]
+    ttft = {n: _idle_ttft_s(url, n, repeats=3) for n in short}
+    log(f"  idle TTFT, local prompts: { {n: round(t * 1000, 1) for n, t in ttft.items()} } ms")
+    dispatch_s = max(0.0, statistics.median(ttft[n] - _prefill_s(cost, n) for n in short))
+    return {"latency_s": dispatch_s, "idle_ttft_s": {str(n): t for n, t in ttft.items()}}
+
+
+def measure_handoff(
+    url: str, coefficients: list[float], engine: dict, dispatch_s: float, log
+) -> dict:
+    """On a disaggregated stack: what idle TTFT of long prompts leaves after dispatch, the
+    prefill steps and decode's first step, fitted to the pipelined handoff formula (latency,
+    bandwidth) over a grid of bandwidths."""
+    cost = _cost(coefficients, engine)
     long = [256, 512, 1024, 1536]
-    ttft = {n: _idle_ttft_s(url, n, repeats=3) for n in short + long}
-    log(f"  idle TTFT by prompt length: { {n: round(t * 1000, 1) for n, t in ttft.items()} } ms")
-    dispatch = [ttft[n] - _prefill_s(cost, n) for n in short if n < threshold_tokens]
-    dispatch_s = max(0.0, statistics.median(dispatch))
+    ttft = {n: _idle_ttft_s(url, n, repeats=3) for n in long}
+    log(f"  idle TTFT, handed-off prompts: { {n: round(t * 1000, 1) for n, t in ttft.items()} } ms")
     bs = engine["block_size"]
     extra = np.array([ttft[n] - dispatch_s - _prefill_s(cost, n)
                       - _prefill_s(cost, n % bs + 1, start=n - n % bs) for n in long])  # fmt: skip
@@ -139,9 +161,14 @@ def measure_stack(
         if best is None or err < best[0]:
             best = (err, bw, latency)
     _, bw, latency = best
-    measured = {str(n): t for n, t in ttft.items()}
-    return ({"latency_s": dispatch_s, "idle_ttft_s": measured},
-            {"latency_s": latency, "bytes_per_s": float(bw)})  # fmt: skip
+    return {"latency_s": latency, "bytes_per_s": float(bw),
+            "idle_ttft_s": {str(n): t for n, t in ttft.items()}}  # fmt: skip
+
+
+def prefill_tokens_per_s(coefficients: list[float], engine: dict) -> float:
+    """One idle replica's prompt throughput at a full token budget."""
+    n = engine["max_num_batched_tokens"]
+    return n / _prefill_s(_cost(coefficients, engine), n)
 
 
 def _prefill_s(cost, num_tokens: int, start: int = 0) -> float:
