@@ -23,6 +23,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import grpc
+import structlog
+
+log = structlog.get_logger(__name__)
 
 SERVICE_ROLES = ("router", "prefill", "decode", "kvstore")
 TOKEN_METADATA_KEY = "x-pdserve-cluster-token"
@@ -48,7 +51,16 @@ class ClusterAuthPolicy:
     def refusal(
         self, method: str, auth_context: Mapping[str, Iterable[bytes]], metadata: Mapping[str, str]
     ) -> str | None:
-        """Why the call must be refused, or None to admit it."""
+        """Why the call must be refused, or None to admit it (a refusal is logged, without
+        the token)."""
+        reason = self._reason(method, auth_context, metadata)
+        if reason is not None:
+            log.warning("cluster_auth.refused", method=method, reason=reason)
+        return reason
+
+    def _reason(
+        self, method: str, auth_context: Mapping[str, Iterable[bytes]], metadata: Mapping[str, str]
+    ) -> str | None:
         if self.is_open or method.startswith(_OPEN_PREFIXES):
             return None
         if self.mutual:

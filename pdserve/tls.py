@@ -268,7 +268,8 @@ class ClusterSecurity:
 
     def server_credentials(self, *, require_client_auth: bool = True) -> grpc.ServerCredentials:
         """TLS with this service's certificate; with a CA, clients must present one it signed."""
-        assert self.cert_pem is not None and self.key_pem is not None  # callers check .tls
+        if self.cert_pem is None or self.key_pem is None:
+            raise ValueError("a TLS server needs tls_cert_file and tls_key_file")
         require = require_client_auth and self.ca_pem is not None
         return grpc.ssl_server_credentials(
             [(self.key_pem, self.cert_pem)],

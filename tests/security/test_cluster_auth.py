@@ -8,6 +8,7 @@ import asyncio
 
 import grpc
 import pytest
+import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -89,8 +90,12 @@ def test_mtls_workers_serve_only_services_of_their_cluster(identities, caller, e
 )
 def test_token_mode_refuses_a_missing_or_wrong_token(token, expected):
     server = ClusterSecurity(cluster_name=CLUSTER, token="s3cret")
-    got = asyncio.run(_calls(server, ClusterSecurity(cluster_name=CLUSTER, token=token)))
+    with structlog.testing.capture_logs() as logs:
+        got = asyncio.run(_calls(server, ClusterSecurity(cluster_name=CLUSTER, token=token)))
     assert got == expected
+    refused = [e for e in logs if e["event"] == "cluster_auth.refused"]
+    assert len(refused) == (0 if expected["Say"] == OK else 2)  # Say and Count
+    assert "guess" not in repr(logs) and "s3cret" not in repr(logs)
 
 
 def test_policy_without_credentials_admits_everyone_and_says_so():
