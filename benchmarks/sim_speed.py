@@ -37,10 +37,14 @@ def main() -> None:
     wall_s = time.perf_counter() - started
     res = sim.result()
     m = machine()
-    verdict = "meets" if wall_s < 60 else "misses"
-    print(f"sim speed: {args.num_requests} requests in {wall_s:.1f}s ({verdict} the 60 s target) "
-          f"[{m['cpu']} x{m['cpus']}, load avg 1m {load_before:.2f} -> {os.getloadavg()[0]:.2f}; "
-          f"2P+4D H100 Llama-3-8B roofline, Poisson {args.rate}/s, Azure lengths]")  # fmt: skip
+    verdict = ""
+    if args.num_requests >= 100_000:
+        verdict = " (meets the 60 s target)" if wall_s < 60 else " (misses the 60 s target)"
+    print(
+        f"sim speed: {args.num_requests} requests in {wall_s:.1f}s{verdict} "
+        f"[{m['cpu']} x{m['cpus']}, load avg 1m {load_before:.2f} -> {os.getloadavg()[0]:.2f}; "
+        f"2P+4D H100 Llama-3-8B roofline, Poisson {args.rate}/s, Azure lengths]"
+    )
     print(headline(res))
 
 

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pdserve.engine.block_hash import chain_block_keys, root_key
+from pdserve.engine.block_hash import BlockKey, next_block_key, root_key
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.scheduler import Scheduler, SchedulerPlan
 from pdserve.engine.sequence import FinishReason, Sequence
@@ -91,6 +91,29 @@ class SimConfig:
             raise ValueError("disaggregation_policy must be cost or threshold")
 
 
+class _PromptKeys:
+    """The prompt's chained block keys (the router's ``chain_block_keys``), computed only as
+    far as a lookup reads them: a prompt nobody holds costs one hash, not one per block."""
+
+    def __init__(self, prompt: list[int], block_size: int) -> None:
+        self.prompt, self.block_size = prompt, block_size
+        self.num_blocks = len(prompt) // block_size
+        self.known: list[BlockKey] = []
+
+    def get(self, i: int) -> BlockKey:
+        bs = self.block_size
+        while len(self.known) <= i:
+            j = len(self.known)
+            parent = self.known[-1] if self.known else _ROOT
+            self.known.append(next_block_key(parent, self.prompt[j * bs : (j + 1) * bs]))
+        return self.known[i]
+
+    def adopt(self, keys: list[BlockKey]) -> None:
+        """Keys an engine already chained for this prompt (equal by construction)."""
+        if len(keys) > len(self.known):
+            self.known = keys[: self.num_blocks]
+
+
 @dataclass
 class _Flight:
     """One request's simulated state."""
@@ -98,7 +121,7 @@ class _Flight:
     req: Request
     record: result.RequestRecord
     prompt_ids: list[int]
-    keys: list
+    keys: _PromptKeys
     plan: policy.RoutePlan | None = None
     prefill_start_s: float | None = None
     first_pending: bool = False  # decode holds the prefill's token, emitted with its first step
@@ -152,9 +175,9 @@ class _Replica:
                        "pending_prompt_tokens": s.num_pending_prompt_tokens,
                        **self.step_costs.report()}  # fmt: skip
 
-    def cached_tokens(self, keys: list) -> int:
+    def cached_tokens(self, keys: _PromptKeys) -> int:
         n = 0
-        while n < len(keys) and self.bm.cached_block(keys[n]) is not None:
+        while n < keys.num_blocks and self.bm.cached_block(keys.get(n)) is not None:
             n += 1
         return n * self.bm.block_size
 
@@ -216,7 +239,7 @@ class Simulator:
         record = result.RequestRecord(index, req.arrived_at_s, req.num_prefill_tokens, 0)
         self.records.append(record)
         prompt = self._prompt_ids(index, req)
-        keys = chain_block_keys(prompt, self.cost.limits.block_size, _ROOT)
+        keys = _PromptKeys(prompt, self.cost.limits.block_size)
         flight = _Flight(req, record, prompt, keys)
         plan = policy.plan_route(
             self._loads(self.decode, keys), self._loads(self.prefill, keys),
@@ -244,7 +267,7 @@ class Simulator:
             flight.seq = self._sequence(index, prompt, req.num_decode_tokens)
             self._push(dispatch_at, self._submit, self.replicas[wid], flight.seq)
 
-    def _loads(self, replicas: list[_Replica], keys: list) -> list[policy.WorkerLoad]:
+    def _loads(self, replicas: list[_Replica], keys: _PromptKeys) -> list[policy.WorkerLoad]:
         """The router's ``_loads``: its own counts, or the worker's report when higher."""
         cap = self.config.max_inflight_per_worker
         out = []
@@ -368,6 +391,7 @@ class Simulator:
         flight.last_token_s = t
 
     def _prefill_done(self, rep: _Replica, flight: _Flight, seq: Sequence, t: float) -> None:
+        flight.keys.adopt(seq.block_keys)
         rep.sched.finish(seq, FinishReason.LENGTH)
         wid = rep.worker_id
         self.inflight[wid] -= 1
@@ -387,7 +411,8 @@ class Simulator:
     def _handoff(self, t: float, rep: _Replica, flight: _Flight) -> None:
         """The KV is in: import the prompt's full blocks, then decode from the prefill's token."""
         bs, prompt = rep.bm.block_size, flight.prompt_ids
-        for i, key in enumerate(flight.keys):
+        for i in range(flight.keys.num_blocks):
+            key = flight.keys.get(i)
             if rep.bm.cached_block(key) is None:
                 rep.bm.insert_cached_block(key, prompt[i * bs : (i + 1) * bs])
         flight.seq = self._sequence(flight.record.index, prompt, flight.req.num_decode_tokens)
@@ -484,7 +509,8 @@ class Simulator:
             bm.grow(seq, m)
             seq.num_computed_tokens += m
             seq.output_token_ids.extend([0] * m)
-            bm.commit_full_blocks(seq)
+            if seq.num_computed_tokens // bm.block_size > len(seq.block_keys):
+                bm.commit_full_blocks(seq)  # (a no-op otherwise: skip the call)
             flight = self.flights[seq.request_id]
             self._gaps.append(float(ends[0]) - flight.last_token_s)
             self._gap_weights.append(1)
