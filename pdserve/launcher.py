@@ -302,10 +302,13 @@ class Stack:
                 time.sleep(0.2)
 
     def _wait_registered(self, deadline: float) -> None:
-        from pdserve.kv.metadata import RedisLayout, WorkerRegistry, connect
+        from pdserve.config import ServiceSettings
+        from pdserve.kv.metadata import RedisLayout, WorkerRegistry, connect_for
 
+        # The children's Redis settings (PDSERVE_REDIS_CA_FILE, ... from the environment).
+        redis_settings = ServiceSettings(redis_url=self.redis_url)
         registry = WorkerRegistry(
-            connect(self.redis_url), RedisLayout(self.config.cluster_name), 10
+            connect_for(redis_settings), RedisLayout(self.config.cluster_name), 10
         )
         want = {"prefill": self.config.num_prefill, "decode": self.config.num_decode}
         while True:
