@@ -391,10 +391,15 @@ class OpenAIHandlers:
         return web.json_response({"object": "list", "data": [model]})
 
     async def health(self, request: web.Request) -> web.Response:
+        """Readiness (also ``/ready``): 503 while no decode worker is in rotation."""
         stats = self.router.stats()
         ok = stats["decode_workers"] > 0
         return web.json_response({"status": "ok" if ok else "degraded", **stats},
                                  status=200 if ok else 503)  # fmt: skip
+
+    async def live(self, request: web.Request) -> web.Response:
+        """Liveness: the process answers, with or without workers."""
+        return web.json_response({"status": "alive"})
 
     def _auth(self, request: web.Request) -> Tenant:
         return self.gate.authenticate(request.headers.get("Authorization"))
@@ -509,5 +514,7 @@ def make_app(router: Router, gate: TenantGate | None = None) -> web.Application:
     app.router.add_post("/v1/chat/completions", h.chat)
     app.router.add_get("/v1/models", h.models)
     app.router.add_get("/health", h.health)
+    app.router.add_get("/ready", h.health)
+    app.router.add_get("/live", h.live)
     app.router.add_get("/metrics", aiohttp_metrics_handler)
     return app

@@ -251,14 +251,17 @@ def test_kubernetes_manifests_name_real_entry_points_settings_and_ports():
             names = [e["name"] for e in container.get("env", [])] + list(common)
             unknown = [n for n in names if n.startswith("PDSERVE_") and n.upper() not in known]
             assert not unknown, f"{module}: {unknown} are not fields of {cls.__name__}"
-            assert (
-                container["readinessProbe"]["grpc"]["port"] == cls.model_fields["grpc_port"].default
-            )
-            http = container["livenessProbe"]["httpGet"]
-            assert (http["path"], http["port"]) == (
-                "/health",
-                cls.model_fields["http_port"].default,
-            )
+            http_port = cls.model_fields["http_port"].default
+            if module == "services.router":  # alive without workers, ready with one
+                ready, live = container["readinessProbe"], container["livenessProbe"]
+                assert ready["httpGet"] == {"path": "/ready", "port": http_port}
+                assert live["httpGet"] == {"path": "/live", "port": http_port}
+                assert workload["spec"]["replicas"] == 2
+            else:
+                grpc_port = cls.model_fields["grpc_port"].default
+                assert container["readinessProbe"]["grpc"]["port"] == grpc_port
+                http = container["livenessProbe"]["httpGet"]
+                assert (http["path"], http["port"]) == ("/health", http_port)
             annotations = workload["spec"]["template"]["metadata"]["annotations"]
             assert int(annotations["prometheus.io/port"]) == cls.model_fields["http_port"].default
     assert roles == set(SETTINGS)

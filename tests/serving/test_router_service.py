@@ -32,7 +32,16 @@ from pdserve.client import (
     Unauthenticated,
     Unavailable,
 )
-from pdserve.kv.metadata import RedisLayout, WorkerInfo, WorkerRegistry, connect
+from pdserve.engine.block_hash import chain_block_keys, root_key
+from pdserve.kv.blocks import Tier
+from pdserve.kv.metadata import (
+    KVEventPublisher,
+    LocationEvent,
+    RedisLayout,
+    WorkerInfo,
+    WorkerRegistry,
+    connect,
+)
 from services.router.server import RouterServer
 from services.router.settings import RouterSettings
 
@@ -580,3 +589,59 @@ def test_logprobs_reach_both_apis(env):
         "top_logprobs": 3})  # fmt: skip
     assert status == 200
     assert env.fakes[body["pdserve_route"]["decode_worker"]].requests[-1].sampling.logprobs == 3
+
+
+# --- replicas, liveness and readiness -----------------------------------------------------------
+
+
+def _get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_two_router_replicas_share_workers_and_cache_locations(env):
+
+    second = RouterServer(env.settings.model_copy(update={"http_port": _free_port()}))
+    env.loop.run(second.start())
+    try:
+        prompt = LONG + " replicas"
+        ids = env.router.model.tokenizer.encode(prompt)
+        root = root_key(env.router.model.fingerprint, None)
+        keys = chain_block_keys(ids, env.settings.block_size, root)  # as both routers do
+        client = connect(env.settings.redis_url)
+        publisher = KVEventPublisher(client, RedisLayout(env.settings.cluster_name), "d1",
+                                     lambda: (0, {}))  # fmt: skip
+        publisher.start()
+        for seq, key in enumerate(keys, start=1):  # d1's own cache holds the whole prompt
+            publisher.enqueue(LocationEvent(seq, "stored", key, Tier.HBM, None))
+        assert publisher.flush()
+        deadline = time.monotonic() + 10
+        routes = []
+        for server in (env.router, second):
+            while not server.directory.prefixes(keys) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with Client(f"127.0.0.1:{server.grpc_port}") as c:
+                routes.append(c.generate(prompt, max_tokens=2).route)
+        assert [r.decode_worker for r in routes] == ["d1", "d1"]
+        assert all("decode worker holds" in r.reason for r in routes)
+        assert _get(f"http://127.0.0.1:{second.http_port}/ready")[0] == 200
+        publisher.stop()
+    finally:
+        env.loop.run(second.stop())
+
+
+def test_a_router_without_decode_workers_is_alive_but_not_ready(env):
+    empty = env.settings.model_copy(update={"http_port": _free_port(),
+                                            "cluster_name": f"empty{uuid.uuid4().hex[:6]}"})  # fmt: skip
+    server = RouterServer(empty)
+    env.loop.run(server.start())
+    try:
+        base = f"http://127.0.0.1:{server.http_port}"
+        status, body = _get(base + "/ready")
+        assert status == 503 and body["decode_workers"] == 0
+        assert _get(base + "/live") == (200, {"status": "alive"})
+    finally:
+        env.loop.run(server.stop())
