@@ -38,6 +38,9 @@ from pdserve.workload.generate import Lengths, synthetic  # noqa: E402
 MODES = {"disaggregated": (1, ["prefill=0", "decode=1"]), "colocated": (0, ["decode=1"])}
 COMPARED = (("ttft_s", "p50"), ("ttft_s", "p90"), ("itl_s", "p50"))
 TOLERANCE = 0.15
+# Unquantized float32 weights on both sides: the figures compare the simulator with the engine
+# it models, whatever the engine's default weight mode.
+QUANTIZATION = "none"
 
 
 def make_workload(num_requests: int, rate: float, seed: int):
@@ -48,7 +51,8 @@ def make_workload(num_requests: int, rate: float, seed: int):
 def stack_config(mode: str, name: str) -> StackConfig:
     num_prefill, affinity = MODES[mode]
     env = {"PDSERVE_PREFILL_NUM_THREADS": "1", "PDSERVE_DECODE_NUM_THREADS": "1",
-           "PDSERVE_LOG_LEVEL": "warning"}  # fmt: skip
+           "PDSERVE_LOG_LEVEL": "warning", **{f"PDSERVE_{role}_QUANTIZATION": QUANTIZATION
+                                              for role in ("PREFILL", "DECODE", "KVSTORE")}}  # fmt: skip
     return StackConfig(num_prefill=num_prefill, num_decode=1, default_ports=False, env=env,
                        cpu_affinity=parse_cpu_affinity(affinity), cluster_name=name)  # fmt: skip
 
@@ -70,7 +74,8 @@ def live(stack: Stack, workload, slo: result.Slo, conditions: dict) -> dict:
 
 def profile(stack: Stack, out: Path, repeats: int) -> None:
     cmd = [sys.executable, "-m", "pdserve.cli", "profile", "--out", str(out), "--cpus", "1",
-           "--threads", "1", "--repeats", str(repeats), "--url", stack.grpc_address]  # fmt: skip
+           "--threads", "1", "--repeats", str(repeats), "--url", stack.grpc_address,
+           "--quantization", QUANTIZATION]  # fmt: skip
     subprocess.run(cmd, check=True)
 
 

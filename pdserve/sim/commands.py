@@ -157,6 +157,9 @@ def profile(
         str | None,
         typer.Option("--url", help="a running disaggregated stack (1P+1D): calibrate handoff"),
     ] = None,
+    quantization: Annotated[
+        str | None, typer.Option("--quantization", help="the workers' weight mode, if not default")
+    ] = None,
 ) -> None:
     """Measure this machine's engine step times (and, with --url, dispatch and KV handoff)."""
     from pdserve.sim import profile as prof
@@ -166,7 +169,9 @@ def profile(
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
     machine = prof.machine()
     typer.echo(f"profiling the engine on {machine} ...")
-    rows, engine = prof.measure_engine(threads, kv_cache_bytes, repeats, typer.echo)
+    rows, engine = prof.measure_engine(
+        threads, kv_cache_bytes, repeats, typer.echo, quantization=quantization
+    )
     coefficients, error = prof.fit(rows)
     data = {"machine": machine, "engine": engine, "step_fit": {
         "features": list(prof.FEATURES), "coefficients": coefficients,

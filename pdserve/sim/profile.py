@@ -40,8 +40,10 @@ def measure_engine(
     repeats: int,
     log: Callable[[str], None],
     cases: list[tuple[int, int, int]] = ENGINE_CASES,
+    quantization: str | None = None,
 ) -> tuple[list[list[float]], dict]:
-    """(rows of FEATURES + seconds, the engine section of the profile)."""
+    """(rows of FEATURES + seconds, the engine section of the profile). ``quantization``:
+    the workers' weight mode when it is not the engine's default."""
     import torch
 
     from pdserve.config import WorkerSettings
@@ -51,7 +53,8 @@ def measure_engine(
 
     torch.set_num_threads(threads)
     defaults = WorkerSettings.model_fields
-    config = EngineConfig(kv_cache_bytes=kv_cache_bytes, num_threads=threads)
+    chosen = {"quantization": quantization} if quantization else {}
+    config = EngineConfig(kv_cache_bytes=kv_cache_bytes, num_threads=threads, **chosen)
     engine = LLMEngine(config)
     engine.generate([[5] * 32], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     rows: list[list[float]] = []
@@ -73,7 +76,7 @@ def measure_engine(
         "max_num_batched_tokens": defaults["max_num_batched_tokens"].default,
         "num_layers": m.num_layers,
         "kv_bytes_per_token": 2 * m.num_layers * m.num_kv_heads * m.head_dim * dtype_bytes,
-        "threads": threads, "dtype": config.dtype,
+        "threads": threads, "dtype": config.dtype, **chosen,
     }  # fmt: skip
     return rows, engine_section
 
