@@ -210,7 +210,9 @@ def decide_disaggregation(
             PrefillMode.LOCAL, uncached, "colocated: no prefill workers", NO_PREFILL_WORKERS
         )
     if uncached < threshold_tokens:
-        held = f"; decode worker holds {decode.cached_tokens} tokens" if decode.cached_tokens else ""
+        held = (
+            f"; decode worker holds {decode.cached_tokens} tokens" if decode.cached_tokens else ""
+        )
         return Disaggregation(
             PrefillMode.LOCAL,
             uncached,

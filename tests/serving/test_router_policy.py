@@ -73,7 +73,9 @@ def test_disaggregation_threshold_and_colocated():
     assert d.reason == "uncached suffix 40 < threshold 128; decode worker holds 960 tokens"
     d = decide_disaggregation(5000, WorkerLoad("d", 0, 64), None, 128)
     assert (d.mode, d.reason) == (PrefillMode.LOCAL, "colocated: no prefill workers")
-    assert decide_disaggregation(128, WorkerLoad("d", 0, 64), idle_p, 128).mode is PrefillMode.REMOTE
+    assert (
+        decide_disaggregation(128, WorkerLoad("d", 0, 64), idle_p, 128).mode is PrefillMode.REMOTE
+    )
 
 
 # Round numbers: 1,000 prompt tokens/s everywhere, 40 ms decode steps, 50 ms handoff.
