@@ -124,6 +124,7 @@ def decode_request(call: DecodeCall) -> decode_pb2.DecodeRequest:
         cache_salt=call.cache_salt or "",
         kv_fetch_timeout_s=call.kv_fetch_timeout_s,
         resume_token_ids=list(call.resume_token_ids),
+        prefill_address=call.prefill_address or "",
     )
     prefilled = call.prefilled
     if prefilled is not None:
