@@ -186,6 +186,36 @@ class BlockManager:
         self._evictable[block_id] = None
         return block_id
 
+    def reserve(self, num_blocks: int) -> list[int]:
+        """Up to `num_blocks` free blocks, referenced once by the caller (a KV load): no
+        sequence is handed them and no eviction takes them until `release_reserved`."""
+        reserved = []
+        for _ in range(min(num_blocks, self.num_free_blocks)):
+            block_id = self._take_free_block()
+            self.blocks[block_id].ref_count = 1
+            reserved.append(block_id)
+        return reserved
+
+    def release_reserved(
+        self, block_ids: SequenceABC[int], cached: SequenceABC[tuple[BlockKey, SequenceABC[int]]]
+    ) -> None:
+        """Drop the caller's reference on reserved blocks; `cached[i]` = (key, tokens) puts
+        `block_ids[i]` in the prefix cache first (its bytes were loaded), unless that key is
+        already cached by another block."""
+        for i, block_id in enumerate(block_ids):
+            block = self.blocks[block_id]
+            if i < len(cached) and self.enable_prefix_caching and cached[i][0] not in self._cached:
+                key, token_ids = cached[i]
+                block.key, block.token_ids = key, tuple(token_ids)
+                self._cached[key] = block_id
+            block.ref_count -= 1
+            if block.ref_count != 0:
+                raise AssertionError(f"reserved block {block_id} is shared")
+            if block.key is None:
+                self._free_uncached.append(block_id)
+            else:
+                self._evictable[block_id] = None
+
     def check_invariants(self) -> None:
         free = set(self._free_uncached) | set(self._evictable)
         for block in self.blocks:

@@ -471,7 +471,10 @@ class LLMEngine:
         keys = self.block_keys(tokens, cache_salt)
         first = 0
         while first < len(keys):
-            if self.block_manager.lookup(keys[first], tokens[first * bs : (first + 1) * bs]) is None:
+            if (
+                self.block_manager.lookup(keys[first], tokens[first * bs : (first + 1) * bs])
+                is None
+            ):
                 break
             first += 1
         block_ids = self.block_manager.reserve(len(keys) - first)
@@ -479,24 +482,26 @@ class LLMEngine:
 
     def load_layer(self, load: KVLoad, layer: int, start: int, payloads: SequenceABC) -> None:
         """Worker side (any thread): layer `layer` of blocks `keys_to_load[start:]`."""
-        self._check_open(load)
-        self.runner.write_layer(layer, load.block_ids[start : start + len(payloads)], payloads)
+        with load.lock:
+            self._check_open(load)
+            self.runner.write_layer(layer, load.block_ids[start : start + len(payloads)], payloads)
 
     def load_blocks(self, load: KVLoad, start: int, payloads: SequenceABC) -> None:
         """Worker side (any thread): whole blocks `keys_to_load[start:]`."""
-        self._check_open(load)
-        block_ids = load.block_ids[start : start + len(payloads)]
-        for block_id, payload in zip(block_ids, payloads, strict=True):
-            self.runner.write_block(block_id, payload)
+        with load.lock:
+            self._check_open(load)
+            block_ids = load.block_ids[start : start + len(payloads)]
+            for block_id, payload in zip(block_ids, payloads, strict=True):
+                self.runner.write_block(block_id, payload)
 
     def release_load(self, load: KVLoad) -> None:
         """Give a load's blocks back without caching them (engine thread; idempotent)."""
-        if not load.done:
-            load.done = True
-            self.block_manager.release_reserved(load.block_ids, [])
+        with load.lock:
+            if not load.done:
+                load.done = True
+                self.block_manager.release_reserved(load.block_ids, [])
 
     def _commit_load(self, load: KVLoad, num_loaded_blocks: int) -> None:
-        self._check_open(load)
         if not 0 <= num_loaded_blocks <= load.num_to_load:
             raise ValueError(f"num_loaded_blocks must be in [0, {load.num_to_load}]")
         bs, first = self.config.block_size, load.first
@@ -504,13 +509,17 @@ class LLMEngine:
             (load.keys[first + i], load.token_ids[(first + i) * bs : (first + i + 1) * bs])
             for i in range(num_loaded_blocks)
         ]
-        load.done = True
-        self.block_manager.release_reserved(load.block_ids, cached)
+        with load.lock:
+            self._check_open(load)
+            load.done = True
+            self.block_manager.release_reserved(load.block_ids, cached)
 
     @staticmethod
     def _check_open(load: KVLoad) -> None:
         if load.done:
-            raise ValueError(f"the KV load of {load.request_id!r} was already committed or released")
+            raise ValueError(
+                f"the KV load of {load.request_id!r} was already committed or released"
+            )
 
     # -- what the services publish (engine thread) -----------------------------------------
     @property
