@@ -132,3 +132,36 @@ def test_signals_from_the_services_metrics_pages():
     router = 'pdserve_queue_depth_requests{queue="router_admitted"} 9.0\n'
     s = signals_from_metrics([prefill, decode, decode, router])
     assert s == PoolSignals(1, 2, 3.0, 6.0, 0.7, 9.0)
+
+
+def test_plan_reads_a_live_stacks_metrics(tmp_path):
+    import http.server
+    import threading
+
+    pages = {
+        "/prefill": b'pdserve_queue_depth_requests{queue="prefill_waiting"} 0.0\n',
+        "/decode": b'pdserve_queue_depth_requests{queue="decode_waiting"} 3.0\n'
+        b"pdserve_kv_cache_usage_ratio 0.4\n",
+    }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = pages[self.path]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        out = CliRunner().invoke(app, ["plan", "-", "--metrics", f"{base}/prefill",
+                                       "--metrics", f"{base}/decode"])  # fmt: skip
+    finally:
+        server.shutdown()
+    assert out.exit_code == 0, out.output
+    assert "live: 1 prefill, 1 decode workers; grow: decode (3.0 requests waiting" in out.output
