@@ -407,26 +407,68 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
+_DEMO_LONG = (
+    "Summarise in one sentence: In distributed systems, consensus protocols such as Raft and "
+    "Paxos let a group of machines agree on a sequence of values even when some of them fail. "
+) * 12  # long enough that the router hands the prompt to a prefill worker
+
+
 def run_demo(grpc_address: str, echo, ca_file: Path | None = None) -> None:
-    """One chat request through the SDK; prints the answer and the route explanation."""
+    """What pdserve is for: a long prompt that is disaggregated (its route and the trace
+    waterfall of its handoff), next to a short one prefilled on the decode worker."""
     from pdserve.client import Client
 
     roots = ca_file.read_bytes() if ca_file is not None else None
     with Client(grpc_address, root_certificates=roots) as client:
-        done = client.generate(
+        long = client.generate(
+            messages=[{"role": "user", "content": _DEMO_LONG}], max_tokens=24, temperature=0.0
+        )
+        short = client.generate(
             messages=[{"role": "user", "content": "What is the capital of France?"}],
-            max_tokens=48,
+            max_tokens=24,
             temperature=0.0,
         )
+    for name, done in (("long", long), ("short", short)):
+        echo(f"demo {name} answer: {done.text.strip()}")
+        echo(f"demo {name} route: {_route_line(done)}")
+    _show_waterfall(long.request_id, echo)
+
+
+def _route_line(done) -> str:
     r = done.route
-    echo(f"demo answer: {done.text.strip()}")
     where = (
         f"prefill {r.prefill_worker} -> decode {r.decode_worker}"
         if r.disaggregated
-        else (f"local prefill on decode {r.decode_worker}")
+        else f"local prefill on decode {r.decode_worker}"
     )
-    echo(f"demo route: {where}; {r.reason}; prompt {r.prompt_tokens} tokens, "
-         f"{done.usage.cached_tokens} cached, {done.usage.completion_tokens} generated")  # fmt: skip
+    return (
+        f"{where}; {r.reason}; prompt {r.prompt_tokens} tokens, {done.usage.cached_tokens} "
+        f"cached, {done.usage.completion_tokens} generated"
+    )
+
+
+def _show_waterfall(request_id: str, echo, wait_s: float = 12.0) -> None:
+    """The request's trace from the services' span files, once the decode worker's spans are
+    in (each service flushes its spans every few seconds)."""
+    from rich.console import Console
+
+    from pdserve.span_file import DEFAULT_TRACE_DIR
+    from pdserve.trace_view import TraceNotFound, load_trace, render
+
+    trace_dir = Path(os.environ.get("PDSERVE_TRACE_DIR") or DEFAULT_TRACE_DIR)
+    deadline = time.monotonic() + wait_s
+    trace = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(TraceNotFound):
+            trace = load_trace(trace_dir, request_id)
+            if any(span["name"] == "decode.loop" for span in trace.spans):
+                break
+        time.sleep(0.5)
+    if trace is None:
+        echo(f"demo trace: none in {trace_dir} (spans exported over OTLP instead?)")
+        return
+    echo(f"demo trace of the long request ({trace.trace_id}; `pdserve trace {request_id}`):")
+    render(trace, Console())
 
 
 def _echo(line: str) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -123,9 +125,14 @@ class GrpcTransport(KVTransport):
         max_message_bytes: int = 64 << 20,
         timeout_s: float = 60.0,
         security: ClusterSecurity | None = None,
+        streams: int = 4,
     ) -> None:
-        """``security``: mTLS or the cluster token when the store demands one (pdserve.tls)."""
+        """``security``: mTLS or the cluster token when the store demands one (pdserve.tls);
+        ``streams``: Get streams in flight for one multi-block read (one HTTP/2 connection)."""
         self.address = address
+        self._streams = max(1, streams)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self._raw_channel = (security or ClusterSecurity()).channel(
             address, channel_options(max_message_bytes)
         )
@@ -134,6 +141,10 @@ class GrpcTransport(KVTransport):
         self._chunk_bytes = chunk_bytes
         self._timeout_s = timeout_s
         self._block_size: int | None = None
+
+    @property
+    def kind(self) -> str:
+        return "grpc"
 
     def _call(self, method, request):
         try:
@@ -181,6 +192,25 @@ class GrpcTransport(KVTransport):
     def get_blocks_tiered(
         self, keys: Sequence[BlockKey], *, trace_context=None
     ) -> list[tuple[Buffer, Tier] | None]:
+        """Contiguous slices of ``keys`` on up to ``streams`` Get streams at once."""
+        keys = list(keys)
+        size = -(-len(keys) // self._streams) if keys else 1
+        groups = [keys[i : i + size] for i in range(0, len(keys), size)]
+        if len(groups) <= 1:
+            found = self._get_stream(keys, trace_context)
+        else:
+            found = {}
+            for part in self._executor().map(lambda g: self._get_stream(g, trace_context), groups):
+                found.update(part)
+        return [found.get(k) for k in keys]
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._streams, thread_name_prefix="kv-get")
+            return self._pool
+
+    def _get_stream(self, keys, trace_context) -> dict[bytes, tuple[Buffer, Tier]]:
         request = kvstore_pb2.GetRequest(
             keys=list(keys), trace_context=_trace(trace_context), chunk_bytes=self._chunk_bytes
         )
@@ -197,7 +227,7 @@ class GrpcTransport(KVTransport):
                     found[end.key] = (data, _tier(end.tier) or Tier.DRAM)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
-        return [found.get(k) for k in keys]
+        return found
 
     def lookup(self, keys: Sequence[BlockKey]) -> LookupResult:
         r = self._call(self._stub.Lookup, kvstore_pb2.LookupRequest(keys=list(keys)))
@@ -245,6 +275,8 @@ class GrpcTransport(KVTransport):
         )
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         self._raw_channel.close()
 
 
@@ -307,6 +339,10 @@ class SharedMemoryTransport(GrpcTransport):
     @property
     def shared(self) -> bool:
         return self.segment is not None
+
+    @property
+    def kind(self) -> str:
+        return "shm" if self.shared else "grpc"
 
     def reserve(self, keys: Sequence[BlockKey], skip_existing: bool) -> list[int | None]:
         r = self._call(

@@ -93,6 +93,10 @@ class BlockWriter(abc.ABC):
     @abc.abstractmethod
     def abort(self) -> None: ...
 
+    def reserve(self, keys: Sequence[BlockKey]) -> None:  # noqa: B027 - optional capability
+        """Announce the blocks this writer is about to write. A shared-memory writer reserves
+        every slot in one round trip; others need nothing."""
+
     def put(self, key: BlockKey, data: Buffer) -> None:
         """Write a whole block and seal it."""
         self.write(key, 0, data)
@@ -109,7 +113,14 @@ class BlockWriter(abc.ABC):
 
 
 class KVTransport(abc.ABC):
-    """A connection to one kvstore. Thread-safe; ``get_blocks`` never returns unverified bytes."""
+    """A connection to one kvstore. Thread-safe; ``get_blocks`` never returns unverified bytes.
+
+    ``kind`` names the path the bytes take (``"shm"``, ``"grpc"``, ``"inproc"``): metrics and
+    spans label transfers with it, and callers choose behaviour by it, never by probing."""
+
+    @property
+    @abc.abstractmethod
+    def kind(self) -> str: ...
 
     @property
     @abc.abstractmethod
@@ -223,6 +234,10 @@ class InProcessTransport(KVTransport):
 
     def __init__(self, store: StoreLike) -> None:
         self._store = store
+
+    @property
+    def kind(self) -> str:
+        return "inproc"
 
     @property
     def block_size_bytes(self) -> int:

@@ -77,7 +77,7 @@ class KVFetcher:
         name = ""
         try:
             transport = self._transport(source)
-            name = "shm" if getattr(transport, "shared", False) else "grpc"
+            name = transport.kind
             got = transport.get_blocks_tiered(list(keys), trace_context=trace_context)
         except Exception as exc:  # noqa: BLE001 - any failure is a miss; the caller recomputes
             self._drop(source.kvstore_address)

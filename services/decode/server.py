@@ -41,6 +41,8 @@ def spec_from_proto(request: decode_pb2.DecodeRequest, vocab_size: int) -> Decod
         first_token = wire.sampled_token_from_proto(
             request.first_token_id, logprob, vocab_size=vocab_size
         )
+    if request.prefill_address and (first_token is not None or request.HasField("kv")):
+        raise ValueError("prefill_address comes without first_token_id and kv (they come from it)")
     if request.kv_fetch_timeout_s < 0:
         raise ValueError(f"kv_fetch_timeout_s must be >= 0, got {request.kv_fetch_timeout_s}")
     return DecodeSpec(
@@ -57,6 +59,7 @@ def spec_from_proto(request: decode_pb2.DecodeRequest, vocab_size: int) -> Decod
         kv=wire.kv_source_from_proto(request.kv if request.HasField("kv") else None),
         kv_fetch_timeout_s=request.kv_fetch_timeout_s or None,
         prefill_trace=wire.trace_from_proto(request.trace) if request.HasField("trace") else {},
+        prefill_address=request.prefill_address or None,
     )
 
 

@@ -23,6 +23,12 @@ class DecodeSettings(WorkerSettings):
         2.0, gt=0, description="wait this long for a request's KV blocks, then recompute locally"
     )
     kv_fetch_threads: int = Field(4, ge=1, description="concurrent KV fetches")
+    handoff_wait_s: float = Field(
+        5.0, gt=0, description="overlapped handoff: wait this long for the prefill to start"
+    )
+    handoff_timeout_s: float = Field(
+        300.0, gt=0, description="overlapped handoff: follow a prefill at most this long"
+    )
     kv_transport: Literal["auto", "grpc"] = Field(
         "auto", description="auto: shared memory for a kvstore on this node, else gRPC"
     )

@@ -44,6 +44,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from pdserve import metrics
+from pdserve.engine.kv_connector import KVLoad
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
@@ -60,7 +61,8 @@ from pdserve.telemetry import (
 )
 from pdserve.tls import ClusterSecurity
 from pdserve.wire import KVSource
-from services.decode.fetch import FetchResult, KVFetcher
+from services.decode.fetch import KVFetcher
+from services.decode.follow import HandoffStream, PrefillFollower
 from services.decode.hbm import HbmPublisher
 from services.decode.settings import DecodeSettings
 from services.engine_inbox import EngineInbox
@@ -95,6 +97,7 @@ class DecodeSpec:
     kv_fetch_timeout_s: float | None = None  # None: the worker's default
     trace_context: dict[str, str] = dataclasses.field(default_factory=dict)  # parent of spans
     prefill_trace: dict[str, str] = dataclasses.field(default_factory=dict)  # linked by kv.fetch
+    prefill_address: str | None = None  # overlapped handoff: follow this prefill worker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +128,9 @@ class _Job:
     spec: DecodeSpec
     sink: Sink
     state: DecodeState = DecodeState.WAITING_FOR_KV
-    keys: list[bytes] = dataclasses.field(default_factory=list)  # our own chain keys
-    first_fetch: int = 0  # index of the first key fetched (the ones before: own cache)
+    load: KVLoad | None = None  # engine blocks reserved for the fetched prompt blocks
+    first_token: SampledToken | None = None  # from the spec, or from the followed prefill
+    follow: HandoffStream | None = None  # the Prefill.Handoff being followed
     kv_deadline: float = 0.0
     num_fetched: int = 0
     recomputed: bool = False
@@ -175,6 +179,9 @@ class DecodeWorker:
         self.address = address
         self.engine = LLMEngine(settings.engine_config(), checkpoint=checkpoint)
         self.block_size = settings.block_size
+        self.follower = PrefillFollower(
+            self.engine.model_config.vocab_size, ClusterSecurity.from_settings(settings)
+        )
         self.fetcher = KVFetcher(
             settings.node_id,
             allow_shm=settings.kv_transport == "auto",
@@ -220,6 +227,7 @@ class DecodeWorker:
         if self._hbm is not None:
             self._hbm.stop()
         self.fetcher.close()
+        self.follower.close()
 
     def worker_info(self) -> WorkerInfo:
         load = self.load
@@ -275,37 +283,90 @@ class DecodeWorker:
 
     def _start(self, job: _Job) -> None:
         spec = job.spec
+        job.first_token = spec.first_token
         job.admission_span = tracer.start_span(
             "decode.admission",
             context=job.parent(),
             attributes={Attr.REQUEST_ID: spec.request_id, Attr.QUEUE: "decode_kv_fetching"},
         )
+        if spec.prefill_address:
+            self._start_follow(job)
+            return
         if spec.kv is None or not spec.kv.block_keys:
-            self._admit(job, [])
+            self._admit(job, 0)
             return
         bs, n = self.block_size, len(spec.prompt)
         usable = n // bs if spec.first_token is not None else (n - 1) // bs
-        job.keys = self.engine.block_keys(spec.prompt[: usable * bs], spec.cache_salt)
         offered = min(len(spec.kv.block_keys), usable)
-        if list(spec.kv.block_keys[:offered]) != job.keys[:offered]:
+        keys = self.engine.block_keys(spec.prompt[: offered * bs], spec.cache_salt)
+        if list(spec.kv.block_keys[:offered]) != keys:
             _log(job, "decode.kv_keys_mismatch")
             _fallback(job, "mismatch")
             job.recomputed = True  # another model, block size or salt: never import those
-            self._admit(job, [])
+            self._admit(job, 0)
             return
-        bm = self.engine.block_manager
-        while job.first_fetch < offered and bm.cached_block(job.keys[job.first_fetch]) is not None:
-            job.first_fetch += 1
-        job.keys = job.keys[:offered]
-        if job.first_fetch == offered:
-            self._admit(job, [])
+        job.load = self.engine.start_load(spec.request_id, spec.prompt, offered, spec.cache_salt)
+        if job.load.num_to_load == 0:
+            self._admit(job, 0)
             return
         timeout_s = spec.kv_fetch_timeout_s or self.settings.kv_fetch_timeout_s
         job.kv_deadline = time.monotonic() + timeout_s
-        keys = job.keys[job.first_fetch :]
-        self._fetch_pool.submit(self._fetch, job, spec.kv, keys)
+        self._fetch_pool.submit(self._fetch, job, spec.kv)
 
-    def _fetch(self, job: _Job, source: KVSource, keys: Sequence[bytes]) -> None:
+    def _start_follow(self, job: _Job) -> None:
+        """Overlapped handoff: reserve blocks for every full prompt block now, then follow the
+        prefill (fetch pool), pulling each step's blocks as they are sealed."""
+        spec = job.spec
+        num_full = len(spec.prompt) // self.block_size
+        job.load = self.engine.start_load(spec.request_id, spec.prompt, num_full, spec.cache_salt)
+        self._fetch_pool.submit(self._follow, job)
+
+    def _follow(self, job: _Job) -> None:
+        spec, s = job.spec, self.settings
+        num_loaded, first, error = 0, None, None
+        with structlog.contextvars.bound_contextvars(request_id=spec.request_id):
+            try:
+                job.follow = self.follower.follow(
+                    spec.prefill_address, spec.request_id, wait_s=s.handoff_wait_s,
+                    timeout_s=s.handoff_timeout_s,
+                )  # fmt: skip
+                for progress in job.follow:
+                    if job.state is not DecodeState.WAITING_FOR_KV:
+                        job.follow.cancel()
+                        return
+                    num_loaded += self._pull(job, progress.kv, num_loaded)
+                    first = progress.first_token or first
+            except Exception as exc:  # noqa: BLE001 - any failure: recompute locally
+                error = str(exc)
+        self._inbox.call_soon(lambda: self._on_followed(job, first, num_loaded, error))
+
+    def _pull(self, job: _Job, source: KVSource, num_loaded: int) -> int:
+        """Fetch the newly sealed blocks into the reserved ones; how many were loaded."""
+        load = job.load
+        num_sealed = min(len(source.block_keys) - load.first, load.num_to_load)
+        keys = load.keys_to_load[num_loaded:num_sealed]
+        sealed = tuple(source.block_keys[load.first : load.first + num_sealed])
+        if not keys or sealed != load.keys_to_load[:num_sealed]:
+            return 0  # nothing new, or another model or salt: never load those
+        return len(self._fetch_into(job, source, keys, num_loaded))
+
+    def _on_followed(self, job: _Job, first: SampledToken | None, num_loaded: int, error) -> None:
+        if job.state is not DecodeState.WAITING_FOR_KV:
+            return  # cancelled meanwhile
+        if first is None:  # the prefill failed or was cancelled: recompute what is missing
+            _log(job, "decode.handoff_failed", error=error)
+            _fallback(job, "error")
+            job.recomputed = True
+        job.first_token = first
+        self._admit(job, num_loaded)
+
+    def _fetch(self, job: _Job, source: KVSource) -> None:
+        payloads = self._fetch_into(job, source, job.load.keys_to_load, 0)
+        self._inbox.call_soon(lambda: self._on_fetched(job, len(payloads)))
+
+    def _fetch_into(self, job: _Job, source: KVSource, keys: Sequence[bytes], start: int) -> list:
+        """Fetch ``keys`` and write them into the job's reserved blocks from ``start`` on
+        (this thread: the engine keeps stepping). Returns the verified prefix written."""
         attributes = {
             Attr.REQUEST_ID: job.spec.request_id, Attr.KV_DIRECTION: "get",
             Attr.KV_NODE: source.node_id,
@@ -320,25 +381,27 @@ class DecodeWorker:
             structlog.contextvars.bound_contextvars(request_id=job.spec.request_id),
         ):
             result = self.fetcher.fetch(source, keys, trace_context=inject_context())
+            payloads = result.payloads
+            try:
+                self.engine.load_blocks(job.load, start, payloads)
+            except ValueError:  # released meanwhile (cancelled, timed out)
+                payloads = []
             span.set_attributes({
-                Attr.KV_BYTES: result.num_bytes, Attr.KV_BLOCKS: len(result.payloads),
+                Attr.KV_BYTES: result.num_bytes, Attr.KV_BLOCKS: len(payloads),
                 Attr.KV_TIER: result.tier or "none", Attr.KV_TRANSPORT: result.transport or "none",
             })  # fmt: skip
             if result.error is not None:
                 span.set_status(Status(StatusCode.ERROR, f"kv fetch failed: {result.error}"))
-        self._inbox.call_soon(lambda: self._on_fetched(job, result))
+        _observe_fetch(result)
+        return payloads
 
-    def _on_fetched(self, job: _Job, result: FetchResult) -> None:
+    def _on_fetched(self, job: _Job, num_loaded: int) -> None:
         if job.state is not DecodeState.WAITING_FOR_KV:
             return  # timed out (already recomputing) or cancelled
-        _observe_fetch(result)
-        if len(result.payloads) < len(job.keys) - job.first_fetch:
-            _fallback(job, "error" if result.error else "miss")
-        _log(
-            job, "decode.kv_fetched", "debug", blocks=len(result.payloads),
-            seconds=round(result.seconds, 4), transport=result.transport,
-        )  # fmt: skip
-        self._admit(job, result.payloads)
+        if num_loaded < job.load.num_to_load:
+            _fallback(job, "miss")
+        _log(job, "decode.kv_fetched", "debug", blocks=num_loaded)
+        self._admit(job, num_loaded)
 
     def _expire_fetches(self) -> None:
         now = time.monotonic()
@@ -350,22 +413,19 @@ class DecodeWorker:
             ):
                 _log(job, "decode.kv_fetch_timeout")
                 _fallback(job, "timeout")
-                self._admit(job, [])
+                self._admit(job, 0)
 
     # ---- ADMITTED → RUNNING → FINISHED (engine thread) ----
 
-    def _admit(self, job: _Job, payloads: list) -> None:
-        spec, bs = job.spec, self.block_size
+    def _admit(self, job: _Job, num_loaded: int) -> None:
+        """Commit the loaded blocks (the rest of the reservation is freed) and queue."""
+        spec, bs, load = job.spec, self.block_size, job.load
         metrics.PREFIX_CACHE_QUERY_TOKENS.inc(len(spec.prompt))
-        if job.first_fetch:
-            metrics.PREFIX_CACHE_HIT_TOKENS.labels("hbm").inc(job.first_fetch * bs)
-        if payloads:
-            first = job.first_fetch
-            keys = job.keys[first : first + len(payloads)]
-            self.engine.import_blocks(spec.prompt[first * bs :], keys, payloads)
-            job.num_fetched = len(payloads)
-            self._num_fetched += len(payloads)
-        if spec.kv is not None and job.first_fetch + len(payloads) < len(job.keys):
+        if load is not None and load.first:
+            metrics.PREFIX_CACHE_HIT_TOKENS.labels("hbm").inc(load.first * bs)
+        job.num_fetched = num_loaded
+        self._num_fetched += num_loaded
+        if load is not None and num_loaded < load.num_to_load:
             job.recomputed = True
         self._num_recomputed += job.recomputed
         try:
@@ -374,10 +434,14 @@ class DecodeWorker:
                 spec.params,
                 request_id=spec.request_id,
                 cache_salt=spec.cache_salt,
-                first_token=spec.first_token,
+                first_token=job.first_token,
                 resume_token_ids=spec.resume_token_ids,
+                kv_load=load,
+                num_loaded_blocks=num_loaded,
             )
         except ValueError as exc:
+            if load is not None:
+                self.engine.release_load(load)
             self._end(job, DecodeEvent([], error=str(exc)))
             return
         job.state = DecodeState.ADMITTED
@@ -390,6 +454,10 @@ class DecodeWorker:
             return
         if job.state in (DecodeState.ADMITTED, DecodeState.RUNNING):
             self.engine.abort(request_id)
+        elif job.load is not None:
+            self.engine.release_load(job.load)
+            if job.follow is not None:
+                job.follow.cancel()
         job.state = DecodeState.ABORTED
         self._end(job, DecodeEvent([], finish_reason="abort"))
 
@@ -422,8 +490,7 @@ class DecodeWorker:
                 self._inbox.wait(self._idle_wait_s())
             self._publish_load()
             if self._hbm is not None and self._hbm.due():
-                bm = self.engine.block_manager
-                self._hbm.sync(b.key for b in bm.blocks if b.key is not None)
+                self._hbm.sync(self.engine.cached_keys())
         for job in self._snapshot_jobs():
             self._abort(job.spec.request_id)
 
@@ -512,7 +579,7 @@ class DecodeWorker:
                 metrics.QUEUE_WAIT.labels("decode_kv_fetching").observe(max(0.0, wait_s))
             span.set_attributes({
                 Attr.KV_BLOCKS: job.num_fetched, "pdserve.decode.recomputed": job.recomputed,
-                Attr.CACHED_TOKENS: job.first_fetch * self.block_size,
+                Attr.CACHED_TOKENS: (job.load.first if job.load else 0) * self.block_size,
             })  # fmt: skip
             span.end()
         spec = job.spec
@@ -539,27 +606,27 @@ class DecodeWorker:
         )
 
     def _publish_load(self) -> None:
-        bm, sched, stats = self.engine.block_manager, self.engine.scheduler, self.engine.stats
+        engine, stats = self.engine, self.engine.stats
         fetching = sum(j.state is DecodeState.WAITING_FOR_KV for j in self._snapshot_jobs())
         self.load = DecodeLoad(
-            running=len(sched.running),
-            waiting=len(sched.waiting) + fetching,
-            num_free_blocks=bm.num_free_blocks,
-            num_total_blocks=bm.num_blocks,
-            num_cached_blocks=bm.num_cached_blocks,
+            running=engine.num_running,
+            waiting=engine.num_waiting + fetching,
+            num_free_blocks=engine.num_free_kv_blocks,
+            num_total_blocks=engine.num_kv_blocks,
+            num_cached_blocks=engine.num_cached_kv_blocks,
             num_prompt_tokens_computed=stats.num_prompt_tokens_computed,
             num_generation_tokens=stats.num_generation_tokens,
             num_kv_blocks_fetched=self._num_fetched,
             num_recomputed=self._num_recomputed,
             step_ms=self._last_step_ms,
         )
-        metrics.QUEUE_DEPTH.labels("decode_waiting").set(len(sched.waiting))
+        metrics.QUEUE_DEPTH.labels("decode_waiting").set(engine.num_waiting)
         metrics.QUEUE_DEPTH.labels("decode_kv_fetching").set(fetching)
-        metrics.RUNNING_BATCH_SIZE.set(len(sched.running))
-        metrics.KV_CACHE_USAGE.set(1 - bm.num_free_blocks / bm.num_blocks)
+        metrics.RUNNING_BATCH_SIZE.set(engine.num_running)
+        metrics.KV_CACHE_USAGE.set(1 - engine.num_free_kv_blocks / engine.num_kv_blocks)
 
 
-def _observe_fetch(result: FetchResult) -> None:
+def _observe_fetch(result) -> None:
     if not result.transport:
         return
     labels = ("get", result.transport, result.tier or "none")

@@ -13,6 +13,10 @@ Invariants:
   not moving. Pinned blocks are never evicted, demoted or promoted, so a shared-memory
   reader's offsets stay valid for its lease.
 - A block's slot passes to whoever planned the move out of it: the block that replaces it.
+- Commit in place: the DRAM tier and the staging area share one slab (the shared-memory
+  segment), so a block sealed into DRAM keeps the staging slot its writer filled; no byte is
+  copied at the seal. Tiers count their blocks against their capacity; the slab has room
+  for both capacities, so an allocation within them never fails.
 - One directory lock (``_cond``) guards the maps and is held only for O(1) bookkeeping;
   copies, checksums and file I/O run outside it. A reader holds a read reference (no lock)
   while it copies; a mover owns its block exclusively (readers of a moving block wait).
@@ -95,6 +99,7 @@ class _Staged:
     touched_at: float
     writers: int = 0
     sealing: bool = False
+    adopted: bool = False  # its slot became the stored block's (commit in place)
 
 
 @dataclass(slots=True)
@@ -129,7 +134,7 @@ class _TierState:
         self.backend = backend
         self.capacity_blocks = capacity_blocks
         self.lru: collections.OrderedDict[BlockKey, _Entry] = collections.OrderedDict()
-        self._ssd_tokens = capacity_blocks  # SSD capacity is a count; slabs have free lists
+        self._tokens = capacity_blocks  # blocks it may still take (a slab may be shared)
         self.num_evicted = self.num_promoted_in = self.num_demoted_in = 0
 
     @property
@@ -137,18 +142,21 @@ class _TierState:
         return not isinstance(self.backend, SsdDir)
 
     def take(self) -> int | None:
-        if self.is_slab:
-            return self.backend.allocate()
-        if self._ssd_tokens == 0:
+        if not self.adopt():
             return None
-        self._ssd_tokens -= 1
-        return 0
+        return self.backend.allocate() if self.is_slab else 0
+
+    def adopt(self) -> bool:
+        """Count in a block whose slot is already allocated in this tier's slab."""
+        if self._tokens == 0:
+            return False
+        self._tokens -= 1
+        return True
 
     def give(self, loc: int) -> None:
+        self._tokens += 1
         if self.is_slab:
             self.backend.free(loc)
-        else:
-            self._ssd_tokens += 1
 
     def write(self, loc: int, key: BlockKey, data, block_checksum: int) -> None:
         if self.is_slab:
@@ -220,11 +228,10 @@ class TieredStore:
             slots = s.hbm_capacity_bytes // size
             tiers.append(_TierState(Tier.HBM, CudaSlabPool(slots, size), slots))
         dram_slots = self._dram_slots()
+        # One slab for DRAM and staging: a sealed block is committed in place.
+        self._staging_pool = SlabPool(self._buffer, 0, dram_slots + s.staging_blocks, size)
         if dram_slots:
-            tiers.append(
-                _TierState(Tier.DRAM, SlabPool(self._buffer, 0, dram_slots, size), dram_slots)
-            )
-        self._staging_pool = SlabPool(self._buffer, dram_slots * size, s.staging_blocks, size)
+            tiers.append(_TierState(Tier.DRAM, self._staging_pool, dram_slots))
         if s.ssd_capacity_bytes and s.ssd_dir is not None:
             slots = s.ssd_capacity_bytes // size
             tiers.append(_TierState(Tier.SSD, SsdDir(s.ssd_dir, size, fsync=s.ssd_fsync), slots))
@@ -327,9 +334,10 @@ class TieredStore:
             if staged.sealing:
                 raise BlockExistsError(f"block {key.hex()} is being stored by another writer")
             return staged
-        slot = self._staging_pool.allocate()
-        if slot is None:
+        if len(self._staging) >= self.settings.staging_blocks:
             self._expire_staging(self._clock())
+        slot = None
+        if len(self._staging) < self.settings.staging_blocks:
             slot = self._staging_pool.allocate()
         if slot is None:
             raise CapacityError(
@@ -381,25 +389,33 @@ class TieredStore:
     def _drop_staged(self, staged: _Staged) -> None:
         if self._staging.get(staged.key) is staged:
             del self._staging[staged.key]
-            self._staging_pool.free(staged.slot)
+            if not staged.adopted:
+                self._staging_pool.free(staged.slot)
 
     def _commit(self, staged: _Staged, data, block_checksum: int) -> Tier:
         with self._cond:
             plan = None
-            for index in range(len(self._tiers)):
-                plan = self._plan_room(index)
+            for index, state in enumerate(self._tiers):
+                in_place = state.backend is self._staging_pool
+                plan = self._plan_room(index, adopt=staged.slot if in_place else None)
                 if plan is not None:
                     break
             if plan is None:
                 raise CapacityError("every tier is full of pinned blocks; unpin or add capacity")
-            dst, loc, moves = plan
+            dst, loc, moves, freed = plan
         self._run_moves(moves)
-        try:
-            dst.write(loc, staged.key, data, block_checksum)
-        except OSError:
+        if dst.backend is self._staging_pool and loc == staged.slot:
             with self._cond:
-                dst.give(loc)
-            raise
+                staged.adopted = True  # the bytes are where they belong: no copy
+                if freed is not None:  # the victim's slot, which nobody took over
+                    self._staging_pool.free(freed)
+        else:
+            try:
+                dst.write(loc, staged.key, data, block_checksum)
+            except OSError:
+                with self._cond:
+                    dst.give(loc)
+                raise
         with self._cond:
             entry = _Entry(staged.key, dst.tier, loc, block_checksum)
             self._entries[staged.key] = entry
@@ -410,18 +426,22 @@ class TieredStore:
     # ---- moving between tiers ----
 
     def _plan_room(
-        self, index: int, spare: _Spare | None = None
-    ) -> tuple[_TierState, int, list[_Move]] | None:
+        self, index: int, spare: _Spare | None = None, adopt: int | None = None
+    ) -> tuple[_TierState, int, list[_Move], int | None] | None:
         """Reserve a location in tier ``index``, demoting LRU victims down the chain.
 
-        ``spare`` is a location the caller is vacating and may hand on.
-        Returns (tier, loc, moves) with moves ordered top-down, or None when the tier is full
-        of blocks that may not move. Caller holds the lock.
+        ``spare`` is a location the caller is vacating and may hand on; ``adopt`` a staging
+        slot of this tier's slab the new block keeps (commit in place).
+        Returns (tier, loc, moves, freed) with moves ordered top-down and ``freed`` the
+        victim's slot when an adopted slot replaces it (the caller frees it after the moves),
+        or None when the tier is full of blocks that may not move. Caller holds the lock.
         """
         top = self._tiers[index]
-        loc = self._take(index, spare)
+        if adopt is not None and top.adopt():
+            return top, adopt, [], None
+        loc = self._take(index, spare) if adopt is None else None
         if loc is not None:
-            return top, loc, []
+            return top, loc, [], None
         victim = self._pick_victim(top)
         if victim is None:
             return None
@@ -445,7 +465,9 @@ class TieredStore:
                 break
             moves.append(_Move(victim, lower, next_victim.loc))
             victim, level = next_victim, below
-        return top, first_loc, moves
+        if adopt is not None:
+            return top, adopt, moves, first_loc
+        return top, first_loc, moves, None
 
     def _take(self, index: int, spare: _Spare | None) -> int | None:
         if spare is not None and spare.index == index and not spare.used:
@@ -510,7 +532,7 @@ class TieredStore:
                 entry.moving = False
                 self._cond.notify_all()
                 return
-            dst, loc, moves = plan
+            dst, loc, moves, _ = plan
         self._run_moves(moves)
         dst.write(loc, entry.key, data, entry.checksum)
         with self._cond:

@@ -114,7 +114,8 @@ class KVHandoff:
     def end_step(self) -> None:
         """Every layer was written: seal the blocks."""
         step, self._current = self._current, None
-        self._queue.put(("end", step))
+        if step is not None:  # nothing begun this step: nothing to seal
+            self._queue.put(("end", step))
 
     def abort_step(self) -> None:
         """The step failed part-way: drop its unsealed blocks."""
@@ -171,11 +172,9 @@ class KVHandoff:
         )  # fmt: skip
         with trace.use_span(step.span, end_on_exit=False):  # the Put RPC's parent
             transport = self._transport()
-            step.transport = "shm" if getattr(transport, "shared", False) else "grpc"
+            step.transport = transport.kind
             step.writer = transport.open_writer(skip_existing=True, trace_context=inject_context())
-            reserve = getattr(step.writer, "reserve", None)
-            if reserve is not None:  # shared memory: one round trip for every slot of the step
-                reserve(step.keys)
+            step.writer.reserve(step.keys)  # shared memory: one round trip for the whole step
 
     def _write_layer(self, step: _Step, layer: int, payloads: Sequence[bytes]) -> None:
         if step.error is not None or step.writer is None:

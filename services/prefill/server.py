@@ -34,6 +34,7 @@ from services.prefill.worker import (
 )
 
 log = structlog.get_logger(__name__)
+_HANDOFF_WAIT_S = 5.0  # a Handoff may arrive before its Prefill call
 SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
 
 
@@ -56,7 +57,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 Attr.COMPUTED_TOKENS: result.num_computed_tokens,
                 Attr.KV_BLOCKS: len(result.kv.block_keys), Attr.KV_NODE: result.kv.node_id,
             })  # fmt: skip
-            response = _response(result, params)
+            response = _response(result, params.logprobs is not None)
             response.trace.CopyFrom(wire.trace_to_proto(inject_context()))
             return response
 
@@ -95,6 +96,27 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             log.exception("prefill.failed")
             await _abort(context, span, grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
 
+    async def Handoff(self, request, context):
+        """Stream ``worker.follow``: it blocks, so each step runs on a thread."""
+        events = self.worker.follow(request.request_id, request.wait_s or _HANDOFF_WAIT_S)
+        settings = self.worker.settings
+        try:
+            while (item := await asyncio.to_thread(next, events, None)) is not None:
+                keys, result = item
+                kv = wire.KVSource(keys, settings.kvstore_address, settings.kv_node_id)
+                event = prefill_pb2.HandoffEvent(kv=wire.kv_source_to_proto(kv))
+                if result is not None:
+                    event.done.CopyFrom(_response(result, result.first_token.logprob is not None))
+                yield event
+        except KeyError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
+        except DeadlineExceededError as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except CancelledError as exc:
+            await context.abort(grpc.StatusCode.CANCELLED, str(exc))
+        except RuntimeError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
+
     async def Stats(self, request, context):
         load = self.worker.load
         return prefill_pb2.PrefillStatsResponse(
@@ -121,7 +143,7 @@ async def _abort(context, span: trace.Span, code: grpc.StatusCode, message: str)
     await context.abort(code, message)
 
 
-def _response(result, params) -> prefill_pb2.PrefillResponse:
+def _response(result, with_logprob: bool) -> prefill_pb2.PrefillResponse:
     msg = prefill_pb2.PrefillResponse(
         first_token_id=result.first_token.token_id,
         kv=wire.kv_source_to_proto(result.kv),
@@ -129,7 +151,7 @@ def _response(result, params) -> prefill_pb2.PrefillResponse:
         num_computed_tokens=result.num_computed_tokens,
         worker_id=result.worker_id,
     )
-    if params.logprobs is not None:
+    if with_logprob:
         msg.first_logprob.CopyFrom(wire.logprob_to_proto(result.first_token))
     return msg
 

@@ -10,8 +10,10 @@ Lifecycle of a request (:class:`PrefillState`)::
 
 Invariants:
 - The engine is driven by one thread (``engine-prefill``); other threads hand it work with
-  ``_inbox.call_soon`` and never touch it (except ``block_manager.cached_block``, a single dict
-  read used as a hint: a stale answer only costs a fetch or a recompute).
+  ``_inbox.call_soon`` and never touch it (except ``LLMEngine.cached_prefix_blocks``, a hint).
+- KV leaves the engine only through its KV-connector seam: the worker is the engine's
+  ``KVSaver`` (``begin_save`` picks the blocks the kvstore lacks, ``save_layer`` queues each
+  layer's slices for the handoff thread, ``end_save`` seals or drops them).
 - Every full block of the prompt is in the kvstore when DONE, except blocks whose write
   failed; the returned KVSource lists the longest stored prefix, so a reader never looks for
   a block that is not there.
@@ -32,9 +34,11 @@ import contextlib
 import dataclasses
 import enum
 import itertools
+import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 
 import structlog
@@ -42,6 +46,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from pdserve import metrics
+from pdserve.engine.kv_connector import KVSaver, SaveBlock
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
@@ -59,6 +64,7 @@ from services.prefill.settings import PrefillSettings
 
 log = structlog.get_logger(__name__)
 tracer = get_tracer(__name__)
+_NUM_RECENT = 256  # settled requests a late follow() can still read
 
 
 class PrefillState(enum.Enum):
@@ -109,6 +115,22 @@ class _Job:
     admitted_at: float = 0.0  # time.monotonic(), same moment
     compute_span: trace.Span | None = None
     handoff_span: trace.Span | None = None
+    watchers: list[queue.SimpleQueue] = dataclasses.field(default_factory=list)  # follow()
+
+    def notify(self) -> None:
+        """Wake every ``follow`` of this job (any thread)."""
+        for watcher in list(self.watchers):
+            watcher.put(None)
+
+    def sealed_keys(self) -> tuple[bytes, ...]:
+        """The leading keys of the prompt that the kvstore holds now."""
+        sealed = []
+        for key in self.keys:
+            fut = self.block_futures.get(key)
+            if key not in self.stored and not (fut is not None and fut.done() and fut.result()):
+                break
+            sealed.append(key)
+        return tuple(sealed)
 
     def context(self) -> dict[str, str]:
         """The innermost open span of this job, for children made on other threads."""
@@ -123,6 +145,7 @@ class _Job:
                 self.future.set_exception(error)
             else:
                 self.future.set_result(result)
+        self.notify()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +194,7 @@ class KVConnection:
             self._transport = None
 
 
-class PrefillWorker:
+class PrefillWorker(KVSaver):
     def __init__(
         self,
         settings: PrefillSettings,
@@ -191,15 +214,15 @@ class PrefillWorker:
             timeout_s=settings.kv_timeout_s,
             security=ClusterSecurity.from_settings(settings),
         )
-        self.handoff = KVHandoff(
-            self.kv.get, self.engine.runner.layer_nbytes, node_id=settings.kv_node_id
-        )
-        self.load = PrefillLoad(num_free_blocks=self.engine.block_manager.num_free_blocks)
+        self.handoff = KVHandoff(self.kv.get, self.engine.layer_nbytes, node_id=settings.kv_node_id)
+        self.engine.kv_saver = self
+        self.load = PrefillLoad(num_free_blocks=self.engine.num_free_kv_blocks)
         self._jobs: dict[str, _Job] = {}
         self._num_active = 0  # jobs not yet settled; guarded by _lock
         self._lock = threading.Lock()
+        self._jobs_changed = threading.Condition(self._lock)
+        self._recent: OrderedDict[str, Future] = OrderedDict()  # settled jobs, for follow()
         self._inbox = EngineInbox()
-        self._step_blocks: list[tuple[bytes, int]] = []  # (key, block id) written this step
         self._step_started_ns = 0
         self._last_step_ms = 0.0
         self._batch_span: trace.Span | None = None
@@ -229,7 +252,7 @@ class PrefillWorker:
             address=self.address,
             node_id=self.settings.node_id,
             capacity={
-                "num_blocks": self.engine.block_manager.num_blocks,
+                "num_blocks": self.engine.num_kv_blocks,
                 "max_num_batched_tokens": self.settings.max_num_batched_tokens,
             },
             load={
@@ -283,6 +306,7 @@ class PrefillWorker:
                 )
             self._jobs[request_id] = job
             self._num_active += 1
+            self._jobs_changed.notify_all()
         job.future.add_done_callback(lambda _: self._forget(job))
         self._fetch_pool.submit(self._load_prefix, job)
         return job.future
@@ -296,6 +320,51 @@ class PrefillWorker:
             if self._jobs.get(job.request_id) is job:
                 del self._jobs[job.request_id]
             self._num_active -= 1
+            self._recent[job.request_id] = job.future
+            while len(self._recent) > _NUM_RECENT:
+                self._recent.popitem(last=False)
+
+    def follow(
+        self, request_id: str, wait_s: float
+    ) -> Iterator[tuple[tuple[bytes, ...], PrefillResult | None]]:
+        """The overlapped handoff, from the decode side (blocking; any thread).
+
+        Yields (sealed prefix of the prompt's block keys, None) each time it grows, then
+        (every stored key, the result) once. Raises the prefill's own error, or KeyError when
+        no such request arrives within ``wait_s`` (the decode may ask before the Prefill call
+        lands; a request that already ended is answered from the last few)."""
+        job, done = self._find(request_id, wait_s)
+        if done is not None:
+            result = done.result()
+            yield result.kv.block_keys, result
+            return
+        watcher: queue.SimpleQueue = queue.SimpleQueue()
+        job.watchers.append(watcher)
+        try:
+            num_sealed = -1
+            while not job.future.done():
+                keys = job.sealed_keys()
+                if len(keys) > num_sealed:
+                    num_sealed = len(keys)
+                    yield keys, None
+                with contextlib.suppress(queue.Empty):
+                    watcher.get(timeout=1.0)
+            result = job.future.result()
+            yield result.kv.block_keys, result
+        finally:
+            job.watchers.remove(watcher)
+
+    def _find(self, request_id: str, wait_s: float) -> tuple[_Job | None, Future | None]:
+        deadline = time.monotonic() + wait_s
+        with self._jobs_changed:
+            while True:
+                job = self._jobs.get(request_id)
+                if job is not None or request_id in self._recent:
+                    return job, None if job is not None else self._recent[request_id]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise KeyError(f"no prefill of request {request_id!r} within {wait_s:g}s")
+                self._jobs_changed.wait(remaining)
 
     def _snapshot_jobs(self) -> list[_Job]:
         with self._lock:
@@ -333,9 +402,7 @@ class PrefillWorker:
             return first, payloads
         job.stored = {k for k, t in zip(job.keys, lookup.tiers, strict=True) if t}
         usable = min(usable, lookup.prefix_blocks)
-        bm = self.engine.block_manager
-        while first < usable and bm.cached_block(job.keys[first]) is not None:
-            first += 1  # already in our own cache (a hint; see the module docstring)
+        first = self.engine.cached_prefix_blocks(job.keys[:usable])  # a hint (module docstring)
         if first < usable:
             got = kv.get_blocks(job.keys[first:usable], trace_context=inject_context())
             payloads = list(itertools.takewhile(lambda b: b is not None, got))
@@ -344,7 +411,7 @@ class PrefillWorker:
         span.set_attributes({
             Attr.KV_BLOCKS: len(payloads), Attr.KV_BYTES: sum(len(b) for b in payloads),
             Attr.KV_TIER: tiers[0].label if tiers and tiers[0] else "none",
-            Attr.KV_TRANSPORT: "shm" if getattr(kv, "shared", False) else "grpc",
+            Attr.KV_TRANSPORT: kv.kind,
             Attr.KV_NODE: self.settings.kv_node_id,
             Attr.CACHED_TOKENS: (first + len(payloads)) * self.block_size,
         })  # fmt: skip
@@ -410,57 +477,57 @@ class PrefillWorker:
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
             log.exception("prefill.step_failed")
             self._end_batch_span(exc)
-            self.handoff.abort_step()
-            self._step_blocks = []
             for job in self._snapshot_jobs():
                 if job.state is PrefillState.COMPUTING:
                     self.engine.abort(job.request_id)
                     job.settle(PrefillState.FAILED, error=RuntimeError(f"prefill failed: {exc}"))
             return
         self._end_batch_span(None)
-        if self._step_blocks:
-            self.handoff.end_step()
-            self._step_blocks = []
         for out in outputs:
             self._on_output(out)
 
     def _on_layer_done(self, layer: int, plan: SchedulerPlan) -> None:
         if layer == 0:
             self._trace_step(plan)
-            self._begin_handoff(plan)
-        if self._step_blocks:
-            block_ids = [block_id for _, block_id in self._step_blocks]
-            self.handoff.write_layer(layer, self.engine.runner.read_layer(layer, block_ids))
 
-    def _begin_handoff(self, plan: SchedulerPlan) -> None:
+    # ---- the engine's KVSaver (engine thread) ----
+
+    def begin_save(self, blocks: Sequence[SaveBlock]) -> list[SaveBlock]:
         """Pick the blocks this step completes that the kvstore lacks and nobody is writing;
         every job of the step that needs one of them waits on its future."""
-        bs = self.block_size
-        step: dict[bytes, int] = {}  # key -> block id, in write order
+        picked: dict[bytes, SaveBlock] = {}  # key -> block, in write order
         needs: list[tuple[_Job, bytes]] = []
-        for chunk in plan.chunks:
-            job = self._jobs.get(chunk.seq.request_id)
-            if job is None:
+        for block in blocks:
+            job = self._jobs.get(block.request_id)
+            if job is None or block.index >= len(job.keys):
                 continue
-            for i in range(
-                chunk.start // bs, min((chunk.start + chunk.num_tokens) // bs, len(job.keys))
-            ):
-                key = job.keys[i]
-                if key in job.stored or key in job.block_futures:
-                    continue
-                pending = self.handoff.inflight(key)
-                if pending is not None:
-                    job.block_futures[key] = pending
-                    continue
-                step.setdefault(key, chunk.seq.block_table[i])  # shared by two prompts: once
-                needs.append((job, key))
-        self._step_blocks = list(step.items())
-        if step:
+            key = block.key
+            if key in job.stored or key in job.block_futures:
+                continue
+            pending = self.handoff.inflight(key)
+            if pending is not None:
+                job.block_futures[key] = pending
+                continue
+            picked.setdefault(key, block)  # shared by two prompts: written once
+            needs.append((job, key))
+        if picked:
             contexts = list({id(job): job for job, _ in needs}.values())
-            begun = self.handoff.begin_step(list(step), [job.context() for job in contexts])
-            futures = dict(zip(step, begun, strict=True))
+            begun = self.handoff.begin_step(list(picked), [job.context() for job in contexts])
+            futures = dict(zip(picked, begun, strict=True))
             for job, key in needs:
                 job.block_futures[key] = futures[key]
+            for job in contexts:
+                _notify_when_done(job, [futures[key] for j, key in needs if j is job])
+        return list(picked.values())
+
+    def save_layer(self, layer: int, payloads: Sequence[bytes]) -> None:
+        self.handoff.write_layer(layer, payloads)
+
+    def end_save(self, error: Exception | None) -> None:
+        if error is None:
+            self.handoff.end_step()
+        else:
+            self.handoff.abort_step()
 
     def _on_output(self, out: RequestOutput) -> None:
         job = self._jobs.get(out.request_id)
@@ -505,6 +572,7 @@ class PrefillWorker:
             return  # evicted meanwhile: the KVSource prefix ends before them
         futures = self.handoff.put_whole(list(zip(missing, payloads, strict=True)), [job.context()])
         job.block_futures.update(zip(missing, futures, strict=True))
+        _notify_when_done(job, futures)
 
     def _complete(self, job: _Job, first_token: SampledToken, num_cached_tokens: int) -> None:
         """Runs on whichever thread resolved the last block future."""
@@ -588,20 +656,19 @@ class PrefillWorker:
             span.end()
 
     def _publish_load(self) -> None:
-        sched, stats = self.engine.scheduler, self.engine.stats
+        engine = self.engine
         self.load = PrefillLoad(
-            running=len(sched.running),
-            waiting=len(sched.waiting)
+            running=engine.num_running,
+            waiting=engine.num_waiting
             + sum(j.state is PrefillState.LOADING for j in self._snapshot_jobs()),
-            num_free_blocks=self.engine.block_manager.num_free_blocks,
-            num_prompt_tokens_computed=stats.num_prompt_tokens_computed,
+            num_free_blocks=engine.num_free_kv_blocks,
+            num_prompt_tokens_computed=engine.stats.num_prompt_tokens_computed,
             num_prompt_tokens_cached=self._num_cached,
             step_ms=self._last_step_ms,
         )
         metrics.QUEUE_DEPTH.labels("prefill_waiting").set(self.load.waiting)
         metrics.RUNNING_BATCH_SIZE.set(self.load.running)
-        bm = self.engine.block_manager
-        metrics.KV_CACHE_USAGE.set(1 - bm.num_free_blocks / bm.num_blocks)
+        metrics.KV_CACHE_USAGE.set(1 - engine.num_free_kv_blocks / engine.num_kv_blocks)
 
 
 def _end_spans(job: _Job, error: Exception | None) -> None:
@@ -623,6 +690,12 @@ def _count_prefix_hits(num_own_blocks: int, fetched_tiers, block_size: int) -> N
     for tier in fetched_tiers:
         if tier is not None:
             metrics.PREFIX_CACHE_HIT_TOKENS.labels(tier.label).inc(block_size)
+
+
+def _notify_when_done(job: _Job, futures: list[Future]) -> None:
+    """Wake the job's followers when its blocks are sealed (once per step, not per block)."""
+    if futures:
+        _when_all(futures, job.notify)
 
 
 def _when_all(futures: list[Future], callback: Callable[[], None]) -> None:

@@ -1,0 +1,190 @@
+"""The overlapped handoff: the decode worker hears of a request when its prefill starts,
+reserves its blocks, follows Prefill.Handoff and pulls each step's blocks as they are sealed;
+the first token comes from the prefill worker. Failures on the prefill side, a decode that is
+cancelled while it follows, and the gRPC transport between two node ids are covered too."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from pdserve._proto.pdserve.v1 import (
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+)
+from pdserve.engine.sampling_params import SamplingParams
+from tests.conftest import free_port
+from tests.serving.conftest import PASSAGE
+
+MAX_TOKENS = 6
+
+
+def greedy(max_tokens: int = MAX_TOKENS) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+
+def offline(oracle, prompt: list[int]) -> list[int]:
+    [done] = oracle.generate([prompt], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+    return done.token_ids
+
+
+def distinct_prompt(oracle, length: int, tag: int) -> list[int]:
+    prompt = (oracle.tokenizer.encode(PASSAGE) * 30)[:length]
+    prompt[0] = tag  # nothing cached anywhere yet
+    return prompt
+
+
+def overlapped(prefill_stub, decode_stub, prefill_address: str, prompt, rid: str):
+    """Start the Decode (following the prefill) first, then the Prefill, as a router may."""
+    out: dict = {}
+
+    def run_prefill() -> None:
+        time.sleep(0.2)  # the decode asks before the prefill arrives
+        request = prefill_pb2.PrefillRequest(
+            request_id=rid, prompt_token_ids=prompt, sampling=greedy()
+        )
+        out["prefill"] = prefill_stub.Prefill(request, timeout=120)
+
+    thread = threading.Thread(target=run_prefill)
+    thread.start()
+    request = decode_pb2.DecodeRequest(
+        request_id=rid, prompt_token_ids=prompt, sampling=greedy(),
+        prefill_address=prefill_address,
+    )  # fmt: skip
+    chunks = list(decode_stub.Decode(request, timeout=120))
+    thread.join(120)
+    return out.get("prefill"), chunks
+
+
+def tokens(chunks) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def test_overlapped_handoff_equals_offline_engine(oracle, prefill, prefill_stub, decode_stub):
+    prompt = distinct_prompt(oracle, 1100, 3101)  # three prefill steps of 512 tokens
+    p, chunks = overlapped(prefill_stub, decode_stub, prefill.address, prompt, "ov-1")
+    expected = offline(oracle, prompt)
+    assert p.first_token_id == expected[0]
+    assert tokens(chunks) == expected
+    assert chunks[0].num_kv_blocks_fetched == 1100 // 16
+    assert not chunks[0].recomputed
+    assert chunks[-1].usage.prompt_tokens == 1100
+
+
+def test_follow_reports_the_sealed_prefix_step_by_step(oracle, prefill, prefill_stub):
+    prompt = distinct_prompt(oracle, 1100, 3102)
+    stub = prefill_pb2_grpc.PrefillStub(grpc.insecure_channel(prefill.address))
+    events: list = []
+
+    def follow() -> None:
+        request = prefill_pb2.HandoffRequest(request_id="ov-2", wait_s=30)
+        events.extend(stub.Handoff(request, timeout=120))
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    time.sleep(0.2)
+    response = prefill_stub.Prefill(
+        prefill_pb2.PrefillRequest(request_id="ov-2", prompt_token_ids=prompt, sampling=greedy()),
+        timeout=120,
+    )
+    thread.join(60)
+    counts = [len(e.kv.block_keys) for e in events]
+    assert counts == sorted(counts) and counts[-1] == 1100 // 16
+    assert any(0 < n < 1100 // 16 for n in counts), counts  # blocks came before the end
+    assert [e.HasField("done") for e in events] == [False] * (len(events) - 1) + [True]
+    assert events[-1].done.first_token_id == response.first_token_id
+    assert list(events[-1].kv.block_keys) == list(response.kv.block_keys)
+    # A follower that comes after the end gets the result at once.
+    late = list(stub.Handoff(prefill_pb2.HandoffRequest(request_id="ov-2"), timeout=10))
+    assert len(late) == 1 and late[0].done.first_token_id == response.first_token_id
+
+
+def test_unknown_prefill_is_not_found(prefill):
+    stub = prefill_pb2_grpc.PrefillStub(grpc.insecure_channel(prefill.address))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Handoff(prefill_pb2.HandoffRequest(request_id="never", wait_s=0.2), timeout=10))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_unreachable_prefill_worker_falls_back_to_local_recompute(oracle, decode_stub):
+    prompt = distinct_prompt(oracle, 300, 3103)
+    request = decode_pb2.DecodeRequest(
+        request_id="ov-3", prompt_token_ids=prompt, sampling=greedy(),
+        prefill_address=f"127.0.0.1:{free_port()}",
+    )  # fmt: skip
+    chunks = list(decode_stub.Decode(request, timeout=120))
+    assert tokens(chunks) == offline(oracle, prompt)
+    assert chunks[0].recomputed and chunks[0].num_kv_blocks_fetched == 0
+
+
+def test_decode_cancelled_while_following_releases_its_reservation(oracle, prefill, decode_stub):
+    prompt = distinct_prompt(oracle, 400, 3104)  # its prefill never comes
+    request = decode_pb2.DecodeRequest(
+        request_id="ov-4", prompt_token_ids=prompt, sampling=greedy(),
+        prefill_address=prefill.address,
+    )  # fmt: skip
+    stream = decode_stub.Decode(request, timeout=120)
+    deadline = time.monotonic() + 10
+    stats = decode_stub.Stats(decode_pb2.DecodeStatsRequest(), timeout=5)
+    while stats.num_free_blocks == stats.num_total_blocks and time.monotonic() < deadline:
+        time.sleep(0.02)  # the reservation is made on the engine thread
+        stats = decode_stub.Stats(decode_pb2.DecodeStatsRequest(), timeout=5)
+    assert stats.num_total_blocks - stats.num_free_blocks == 400 // 16
+    stream.cancel()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = decode_stub.Stats(decode_pb2.DecodeStatsRequest(), timeout=5)
+        if stats.num_free_blocks == stats.num_total_blocks and stats.waiting == 0:
+            break
+        time.sleep(0.02)
+    assert (stats.num_free_blocks, stats.waiting) == (stats.num_total_blocks, 0)
+
+
+def test_prefill_and_decode_on_different_nodes_hand_off_over_grpc(
+    oracle, make_kvstore, make_prefill, make_decode
+):
+    """The compose / Kubernetes path: the decode worker's node differs from the kvstore's, so
+    blocks travel over the gRPC stream, not shared memory."""
+
+    def grpc_gets() -> float:
+        labels = {"direction": "get", "transport": "grpc", "tier": "dram"}
+        return REGISTRY.get_sample_value("pdserve_kv_transfer_blocks_total", labels) or 0.0
+
+    store = make_kvstore(node_id="node-a")
+    prefill_a = make_prefill(f"127.0.0.1:{store.port}", node_id="node-a")
+    decode_b = make_decode(node_id="node-b")
+    prompt = distinct_prompt(oracle, 200, 3105)
+    before = grpc_gets()
+    with (
+        grpc.insecure_channel(prefill_a.address) as pch,
+        grpc.insecure_channel(decode_b.address) as dch,
+    ):
+        pstub = prefill_pb2_grpc.PrefillStub(pch)
+        dstub = decode_pb2_grpc.DecodeStub(dch)
+        p, chunks = overlapped(pstub, dstub, prefill_a.address, prompt, "ov-5")
+        assert p.kv.node_id == "node-a"
+        assert tokens(chunks) == offline(oracle, prompt)
+        assert chunks[0].num_kv_blocks_fetched == 200 // 16 and not chunks[0].recomputed
+
+        # The sequential path (router without overlap, or a retry) takes the same transport.
+        prompt2 = distinct_prompt(oracle, 100, 3106)
+        p2 = pstub.Prefill(
+            prefill_pb2.PrefillRequest(request_id="ov-6", prompt_token_ids=prompt2,
+                                       sampling=greedy()), timeout=120,
+        )  # fmt: skip
+        request = decode_pb2.DecodeRequest(
+            request_id="ov-6", prompt_token_ids=prompt2, sampling=greedy(),
+            first_token_id=p2.first_token_id, kv=p2.kv,
+        )  # fmt: skip
+        chunks2 = list(dstub.Decode(request, timeout=120))
+        assert tokens(chunks2) == offline(oracle, prompt2)
+        assert chunks2[0].num_kv_blocks_fetched == 100 // 16
+    # Both ends count the Get stream's blocks (the kvstore runs in this process too).
+    assert grpc_gets() - before == 2 * (200 // 16 + 100 // 16)
