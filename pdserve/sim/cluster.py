@@ -74,6 +74,10 @@ class SimConfig:
     handoff_s_per_token: float = _router_default("handoff_s_per_token")
     prefill_tokens_per_s: float = _router_default("prefill_tokens_per_s")
     decode_target_step_s: float | None = _decode_default("target_step_s")
+    # The router calls Decode with Prefill (the decode worker follows the prefill's KV), so the
+    # decode worker counts the request from the start. Its block reservation is not modelled:
+    # the blocks are taken when the KV lands.
+    overlap_handoff: bool = _router_default("overlap_handoff")
     weights: policy.Weights = field(default_factory=lambda: policy.Weights(
         _router_default("overlap_weight"), _router_default("load_weight")))  # fmt: skip
     max_inflight_requests: int = _router_default("max_inflight_requests")
@@ -257,6 +261,8 @@ class Simulator:
             wid = plan.prefill.worker_id
             self.inflight[wid] += 1
             self.queued_tokens[wid] += plan.uncached_tokens
+            if self.config.overlap_handoff:
+                self.inflight[plan.decode.worker_id] += 1
             seq = self._sequence(index, prompt, 1)
             self._push(dispatch_at, self._submit, self.replicas[wid], seq)
         else:
@@ -400,7 +406,8 @@ class Simulator:
         n = flight.req.num_prefill_tokens
         ready = self.cost.handoff_ready_s(flight.prefill_start_s, t, n)
         decode = self.replicas[flight.plan.decode.worker_id]
-        self.inflight[decode.worker_id] += 1
+        if not self.config.overlap_handoff:
+            self.inflight[decode.worker_id] += 1
         self._push(ready, self._handoff, decode, flight)
 
     def _observe_rate(self, num_tokens: int, elapsed_s: float) -> None:
@@ -436,6 +443,8 @@ class Simulator:
         never_started = flight.num_tokens == 0 and flight.plan.prefill is None
         if rep.role == "prefill" or never_started:
             self.queued_tokens[rep.worker_id] -= flight.plan.uncached_tokens
+        if rep.role == "prefill" and self.config.overlap_handoff:  # its decode call ends too
+            self.inflight[flight.plan.decode.worker_id] -= 1
         self.num_inflight -= 1
         del self.flights[str(flight.record.index)]
 
