@@ -105,11 +105,19 @@ def main() -> None:
     ap.add_argument("--modes", default="disaggregated,colocated")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/sim_validation"))
     ap.add_argument("--profile", type=Path, help="reuse this profile instead of measuring")
+    ap.add_argument(
+        "--sim-only",
+        action="store_true",
+        help="re-simulate the saved live runs in --out (after a simulator change)",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     slo = result.Slo()
     rates = [float(r) for r in args.rates.split(",")]
     profile_path = args.profile or args.out / "profile.json"
+    if args.sim_only:
+        report(resimulate(args, rates, slo, profile_path), args, profile_path)
+        return
     rows = []
     for mode in args.modes.split(","):
         with Stack(stack_config(mode, f"simval-{mode}")) as stack:
@@ -130,6 +138,22 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     report(rows, args, profile_path)
+
+
+def resimulate(args, rates: list[float], slo: result.Slo, profile_path: Path) -> list[dict]:
+    from pdserve.workload.format import load
+
+    rows = []
+    for mode in args.modes.split(","):
+        for rate in rates:
+            live_res = json.loads((args.out / f"bench-{mode}-{rate}.json").read_text())
+            workload = load(args.out / f"workload-{rate}.jsonl")
+            sim_res = simulate(workload, mode, profile_path, slo)
+            result.write(args.out / f"sim-{mode}-{rate}.json", sim_res)
+            rows.append({"mode": mode, "rate": rate, "wall_s": None,
+                         "load_avg_1m": live_res["conditions"]["load_avg_1m"],
+                         **compare(live_res, sim_res)})  # fmt: skip
+    return rows
 
 
 def report(rows: list[dict], args, profile_path: Path) -> None:
