@@ -35,7 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pdserve.errors import NotFound, PdserveError
+from pdserve.errors import InvalidRequest, NotFound, PdserveError, quoted
 from pdserve.kv.metadata import WorkerRegistry
 from pdserve.span_file import default_trace_dir
 from pdserve.trace_view import Trace, waterfall
@@ -55,6 +55,7 @@ CSP = (
 LOAD_WINDOW_S = 300.0
 LOAD_BUCKET_S = 10.0
 JAEGER_UI_PORT = 16686
+REQUESTS_LIMIT = 200  # rows the request list sends by default
 
 
 class RequestNotFound(NotFound):
@@ -181,16 +182,26 @@ class Console:
         return self._json({"workers": views, "redis_ok": self.router.directory.redis_ok})
 
     async def requests(self, request: web.Request) -> web.Response:
+        """The newest ``limit`` (default 200) of the requests held."""
         self._auth(request)
-        return self._json({"requests": [r.to_json() for r in self.spans.requests()]})
+        try:
+            limit = int(request.query.get("limit", REQUESTS_LIMIT))
+        except ValueError:
+            raise InvalidRequest("limit must be an integer", param="limit") from None
+        held = self.spans.requests()
+        return self._json({
+            "requests": [r.to_json() for r in held[: max(limit, 0)]], "num_held": len(held),
+        })  # fmt: skip
 
     async def request_detail(self, request: web.Request) -> web.Response:
         self._auth(request)
         wanted = request.match_info["request_id"]
         summary = next((r for r in self.spans.requests() if r.request_id == wanted), None)
         if summary is None:
-            raise RequestNotFound(f"no recent request {wanted!r} on this router")
+            raise RequestNotFound(f"no recent request {quoted(wanted)} on this router")
         spans = await asyncio.to_thread(self._trace_spans, summary.trace_id)
+        if not spans:
+            raise RequestNotFound(f"the spans of request {quoted(wanted)} are no longer held")
         return self._json({
             "request": summary.to_json(),
             "route": console_data.route_details(spans),

@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
@@ -34,51 +34,58 @@ Span = dict[str, Any]
 ROOT_SPAN = "router.request"
 ROUTE_SPAN = "router.route"
 ROLE_ORDER = ("router", "prefill", "decode", "kvstore")
+T = TypeVar("T")
 
 
-class _TraceGroups:
-    """Spans grouped by trace id, the ``max_traces`` most recently touched kept (LRU)."""
+class _TraceGroups(Generic[T]):
+    """Items (spans) grouped by trace id and keyed by span id; the ``max_traces`` most
+    recently touched traces are kept (LRU)."""
 
     def __init__(self, max_traces: int) -> None:
         if max_traces < 1:
             raise ValueError(f"max_traces must be >= 1 (got {max_traces})")
         self.max_traces = max_traces
-        self._groups: OrderedDict[str, dict[str, Span]] = OrderedDict()
+        self._groups: OrderedDict[str, dict[str, T]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def add(self, spans: Iterable[Span]) -> None:
+    def add(self, items: Iterable[tuple[str, str, T]]) -> None:
+        """``(trace_id, span_id, item)`` triples."""
         with self._lock:
-            for span in spans:
-                group = self._groups.setdefault(span["trace_id"], {})
-                group[span["span_id"]] = span
-                self._groups.move_to_end(span["trace_id"])
+            for trace_id, span_id, item in items:
+                self._groups.setdefault(trace_id, {})[span_id] = item
+                self._groups.move_to_end(trace_id)
                 while len(self._groups) > self.max_traces:
                     self._groups.popitem(last=False)
 
-    def spans(self, trace_id: str) -> list[Span]:
+    def get(self, trace_id: str) -> list[T]:
         with self._lock:
             return list(self._groups.get(trace_id, {}).values())
 
-    def all(self) -> list[list[Span]]:
-        """Every kept trace's spans, oldest trace first."""
-        with self._lock:
-            return [list(g.values()) for g in self._groups.values()]
-
 
 class RecentSpans(SpanProcessor):
-    """The router's finished spans of its most recent traces, in memory.
+    """The router's finished spans of its last ``max_traces`` traces, and a summary of each
+    of its last ``max_traces`` requests, in memory.
 
-    ``on_end`` runs in the thread that ends the span (the router's event loop): it converts
-    the span with the span files' own format (``span_to_dict``) and takes a lock briefly."""
+    ``on_end`` runs in the thread that ends the span (the router's event loop), so it only
+    files the span away; a request's summary is made once, when its ``router.request`` ends,
+    and spans are turned into the span files' format only when a request is opened."""
 
     def __init__(self, max_traces: int = 1024) -> None:
-        self._traces = _TraceGroups(max_traces)
+        self._traces: _TraceGroups[ReadableSpan] = _TraceGroups(max_traces)
+        self._requests: deque[RequestSummary] = deque(maxlen=max_traces)
 
     def on_start(self, span, parent_context=None) -> None:
         return None
 
     def on_end(self, span: ReadableSpan) -> None:
-        self._traces.add([span_to_dict(span)])
+        ctx = span.get_span_context()
+        trace_id = format(ctx.trace_id, "032x")
+        self._traces.add([(trace_id, format(ctx.span_id, "016x"), span)])
+        if span.name == ROOT_SPAN:
+            routes = [s for s in self._traces.get(trace_id) if s.name == ROUTE_SPAN]
+            last = max(routes, key=lambda s: s.start_time or 0, default=None)
+            route = None if last is None else _summary_fields(last, trace_id)
+            self._requests.append(summarize(_summary_fields(span, trace_id), route))
 
     def shutdown(self) -> None:
         return None
@@ -87,16 +94,24 @@ class RecentSpans(SpanProcessor):
         return True
 
     def spans(self, trace_id: str) -> list[Span]:
-        return self._traces.spans(trace_id)
+        return [span_to_dict(s) for s in self._traces.get(trace_id)]
 
     def requests(self) -> list[RequestSummary]:
-        """Every finished request still held, newest first."""
-        out = []
-        for spans in self._traces.all():
-            routes = sorted((s for s in spans if s["name"] == ROUTE_SPAN), key=_start)
-            for root in (s for s in spans if s["name"] == ROOT_SPAN):
-                out.append(summarize(root, routes[-1] if routes else None))
-        return sorted(out, key=lambda r: r.started_unix_ms, reverse=True)
+        """The summaries of the last ``max_traces`` finished requests, newest first."""
+        return sorted(self._requests, key=lambda r: r.started_unix_ms, reverse=True)
+
+
+def _summary_fields(span: ReadableSpan, trace_id: str) -> Span:
+    """What :func:`summarize` reads, without the resource: ``span_to_dict`` costs several
+    times more, and this runs on the router's event loop for every request."""
+    return {
+        "trace_id": trace_id,
+        "start_ns": span.start_time,
+        "end_ns": span.end_time,
+        "attributes": dict(span.attributes or {}),
+        "events": [{"name": e.name, "attributes": dict(e.attributes or {})} for e in span.events],
+        "status": {"code": span.status.status_code.name, "description": span.status.description},
+    }
 
 
 def _start(span: Span) -> int:
@@ -113,7 +128,7 @@ class SpanFileTail:
         self.directory = Path(directory)
         self._since_unix_s = since_unix_s
         self._offsets: dict[Path, int] = {}
-        self._traces = _TraceGroups(max_traces)
+        self._traces: _TraceGroups[Span] = _TraceGroups(max_traces)
         self._lock = threading.Lock()
 
     def poll(self) -> None:
@@ -140,11 +155,11 @@ class SpanFileTail:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
             if isinstance(span, dict) and "trace_id" in span and "span_id" in span:
-                spans.append(span)
+                spans.append((span["trace_id"], span["span_id"], span))
         self._traces.add(spans)
 
     def spans(self, trace_id: str) -> list[Span]:
-        return self._traces.spans(trace_id)
+        return self._traces.get(trace_id)
 
 
 # ---- requests ----
@@ -170,7 +185,7 @@ class RequestSummary:
     error: str
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return dict(vars(self))  # flat fields: no need for asdict's deep copy
 
 
 def summarize(root: Span, route: Span | None) -> RequestSummary:

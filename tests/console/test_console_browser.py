@@ -35,7 +35,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 KEY = "console-test-key-7f3a"
 BLOCK_SIZE = 16
-BLOCK_BYTES = 737_280  # SmolLM2-135M, float32, one 16-token block
+BLOCK_BYTES = 737_280  # SmolLM2-135M, one 16-token block in float32 (half that in bf16)
+KV_CACHE_BYTES = 64 * BLOCK_BYTES  # a whole number of blocks in either dtype
 THRESHOLD_TOKENS = 32
 STACK_ENV = {
     "PDSERVE_ROUTER_DISAGG_THRESHOLD_TOKENS": str(THRESHOLD_TOKENS),
@@ -43,8 +44,8 @@ STACK_ENV = {
     # the cost model would predict on this machine.
     "PDSERVE_ROUTER_DISAGGREGATION_POLICY": "threshold",
     "PDSERVE_ROUTER_API_KEY": KEY,
-    "PDSERVE_PREFILL_KV_CACHE_BYTES": str(64 * BLOCK_BYTES),
-    "PDSERVE_DECODE_KV_CACHE_BYTES": str(64 * BLOCK_BYTES),
+    "PDSERVE_PREFILL_KV_CACHE_BYTES": str(KV_CACHE_BYTES),
+    "PDSERVE_DECODE_KV_CACHE_BYTES": str(KV_CACHE_BYTES),
     "PDSERVE_KVSTORE_DRAM_CAPACITY_BYTES": str(128 * BLOCK_BYTES),
     "PDSERVE_PREFILL_NUM_THREADS": "1",
     "PDSERVE_DECODE_NUM_THREADS": "1",
@@ -187,7 +188,11 @@ def test_console_api_needs_the_key_and_reports_the_cluster(stack, two_requests):
 def test_console_shows_the_cluster_the_requests_and_the_handoff(stack, two_requests, browser):
     disagg, _ = two_requests
     registry = WorkerRegistry(connect(stack.redis_url), RedisLayout(stack.config.cluster_name), 10)
-    worker_ids = {w.role: w.worker_id for w in registry.workers() if w.role != "router"}
+    workers = {w.role: w for w in registry.workers() if w.role != "router"}
+    worker_ids = {role: w.worker_id for role, w in workers.items()}
+    # The engine's own block geometry (its KV dtype depends on the engine's settings): the
+    # pool it sized from KV_CACHE_BYTES, as its heartbeat reports it.
+    block_bytes = KV_CACHE_BYTES // workers["decode"].capacity["num_blocks"]
     shots = artifact_dir()
     context = browser.new_context(viewport=LAPTOP)
     page = context.new_page()
@@ -219,7 +224,7 @@ def test_console_shows_the_cluster_the_requests_and_the_handoff(stack, two_reque
         # The disaggregated request's waterfall: prefill, the KV transfer and its bytes, decode.
         rows["console-disagg"].click()
         waterfall = page.locator("[data-testid=waterfall]")
-        nbytes = (disagg.route.prompt_tokens // BLOCK_SIZE) * BLOCK_BYTES
+        nbytes = (disagg.route.prompt_tokens // BLOCK_SIZE) * block_bytes
         fetch = waterfall.locator('[data-testid=wf-row][data-name="kv.fetch"]')
         # The workers' spans reach their files about a second after the request ends.
         page.wait_for_function(SUM_BYTES, arg=["kv.fetch", "decode@", nbytes], timeout=WAIT_MS)
@@ -247,5 +252,8 @@ def test_console_shows_the_cluster_the_requests_and_the_handoff(stack, two_reque
         assert no_sideways_scroll(page)
         page.screenshot(path=str(shots / "console-1280.png"))
         assert problems.items == []
+    except Exception:
+        page.screenshot(path=str(shots / "console-failure.png"), full_page=True)
+        raise
     finally:
         context.close()

@@ -114,7 +114,7 @@ def test_api_needs_the_key_when_one_is_set(tmp_path):
     assert by[("overview", ok)][1]["jaeger_url"] == "http://jaeger.example:16686"
     [decode] = by[("cluster", ok)][1]["workers"]
     assert (decode["worker_id"], decode["kv_used_ratio"]) == ("decode-1", 0.25)
-    assert by[("requests", ok)] == (200, {"requests": []})
+    assert by[("requests", ok)] == (200, {"requests": [], "num_held": 0})
     status, body = by[("requests/x", ok)]
     assert status == 404 and body["error"]["code"] == "request_not_found"
 
@@ -132,12 +132,20 @@ def test_request_view_merges_the_routers_spans_with_the_span_files(tmp_path):
              "attributes": {"pdserve.kv.bytes": 2048}}  # fmt: skip
     (tmp_path / "pdserve-decode-1.spans.jsonl").write_text(json.dumps(line) + "\n")
 
+    record_request(provider.get_tracer("test"), "req-2", start_ns + 1000 * MS)
+
     async def calls(client):
         r = await client.get("/console/api/requests/req-1")
         load = await client.get("/console/api/load")
-        return r.status, await r.json(), r.headers["Cache-Control"], await load.json()
+        pages = [await (await client.get(f"/console/api/requests{q}")).json()
+                 for q in ("", "?limit=1", "?limit=x")]  # fmt: skip
+        return r.status, await r.json(), r.headers["Cache-Control"], await load.json(), pages
 
-    status, body, cache, load = serve(make_console(tmp_path, spans, key=False), calls)
+    status, body, cache, load, pages = serve(make_console(tmp_path, spans, key=False), calls)
+    assert [[r["request_id"] for r in p["requests"]] for p in pages[:2]] == [
+        ["req-2", "req-1"], ["req-2"],
+    ]  # fmt: skip
+    assert pages[1]["num_held"] == 2 and pages[2]["error"]["param"] == "limit"
     assert status == 200 and cache == "no-store"
     assert body["request"]["request_id"] == "req-1" and body["request"]["ttft_ms"] == 100.0
     assert body["route"]["decision"] == "disaggregated"
@@ -147,7 +155,7 @@ def test_request_view_merges_the_routers_spans_with_the_span_files(tmp_path):
     ]  # fmt: skip
     [fetch] = [r for r in rows if r["name"] == "kv.fetch"]
     assert (fetch["kv_bytes"], fetch["bytes_text"]) == (2048, "2.0 KiB")
-    assert load["overall"]["requests"] == 1 and load["overall"]["ttft_ms"]["p50"] == 100.0
+    assert load["overall"]["requests"] == 2 and load["overall"]["ttft_ms"]["p50"] == 100.0
 
 
 def test_jaeger_link_is_the_setting_else_the_collectors_host():

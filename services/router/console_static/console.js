@@ -214,6 +214,8 @@ function renderRequests(r) {
     h("td", { class: "num" }, q.num_output_tokens),
     h("td", { class: q.finish_reason === "error" ? "error" : "" }, q.finish_reason)));
   $("requests").tBodies[0].replaceChildren(...rows);
+  const shown = rows.length < r.num_held ? `the newest ${rows.length} of ${r.num_held}` : `${rows.length}`;
+  $("requests-count").textContent = `(${shown}, newest first; click one for its trace)`;
   $("no-requests").hidden = rows.length > 0;
 }
 
