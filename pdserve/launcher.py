@@ -186,6 +186,8 @@ class Stack:
         }
         if role != "router":
             env[f"{p}ADVERTISE_ADDRESS"] = f"{HOST}:{grpc_port}"
+        else:
+            env.setdefault("PDSERVE_ROUTER_OVERLAP_HANDOFF", "true")  # the pipelined handoff
         if self.pki is not None:
             env.update(self.pki.env(role))
         cpus = self.config.cpu_affinity.get(role)

@@ -96,7 +96,9 @@ class RouterSettings(ServiceSettings):
     max_json_depth: int = Field(32, ge=4, description="nesting of an HTTP JSON body")
     kv_fetch_timeout_s: float = Field(0.0, ge=0, description="passed to decode; 0 = its default")
     overlap_handoff: bool = Field(
-        True, description="start Decode with Prefill: the decode worker follows the prefill's KV"
+        False,
+        description="start Decode with Prefill (the decode worker follows the prefill's KV; a "
+        "failed prefill is recomputed by the decode worker instead of retried elsewhere)",
     )
     registry_refresh_s: float = Field(0.5, gt=0, description="worker list refresh period")
     affinity_capacity_blocks: int = Field(
