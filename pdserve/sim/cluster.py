@@ -83,7 +83,7 @@ class SimConfig:
     max_inflight_requests: int = _router_default("max_inflight_requests")
     max_inflight_per_worker: int = _router_default("max_inflight_per_worker")
     deadline_s: float = _router_default("default_deadline_s")
-    staleness_s: float = _router_default("registry_refresh_s")
+    staleness_s: float = _router_default("heartbeat_interval_s")  # workers publish their load
     fast_forward: bool = True
 
     def __post_init__(self) -> None:
