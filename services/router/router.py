@@ -486,6 +486,8 @@ class Router:
             await self._prefill(route.prefill, parsed, route.plan, deadline)
         except (WorkerCallError, DeadlineExceeded) as exc:  # the decode worker recomputes
             log.warning("router.prefill_failed", worker=route.prefill.worker_id, error=str(exc))
+            if isinstance(exc, WorkerCallError) and exc.failure is Failure.UNAVAILABLE:
+                self._mark_down(route.prefill.worker_id)  # gone: the next requests go elsewhere
 
     def _decode_call(self, parsed, prefilled, resume_token_ids=()) -> DecodeCall:
         return DecodeCall(

@@ -143,7 +143,7 @@ def test_a_disaggregated_request_whose_decode_dies_before_its_first_token_restar
 
 def test_a_failed_prefill_is_retried_on_the_other_worker():
     """Deterministic: p0 wins the tie (smallest id), fails, and p1 serves the retry."""
-    router, clients = make_router(prefill=("p0", "p1"))
+    router, clients = make_router(prefill=("p0", "p1"), overlap_handoff=False)
     clients.prefill_workers["p0"].fail = Failure.UNAVAILABLE
     chunks = run(router, prompt=LONG)
     route = chunks[0].route
@@ -160,3 +160,13 @@ def test_logprobs_ride_through_a_migration():
     clients.decode_workers["d0"].die_after = 3
     chunks = run(router, logprobs=1)
     assert [lp.token_id for c in chunks for lp in c.logprobs] == expected(PROMPT, 12)
+
+
+def test_a_failed_overlapped_prefill_is_recomputed_and_its_worker_taken_out():
+    """Overlapped handoff: the decode worker follows the prefill and recomputes when it dies."""
+    router, clients = make_router(prefill=("p0", "p1"), overlap_handoff=True)
+    clients.prefill_workers["p0"].fail = Failure.UNAVAILABLE
+    chunks = run(router, prompt=LONG)
+    assert [t for c in chunks for t in c.token_ids] == expected(LONG, 12)
+    assert [w.worker_id for w in router._alive("prefill")] == ["p1"]
+    assert run(router, prompt="other " * 60)[0].route.prefill_worker == "p1"
