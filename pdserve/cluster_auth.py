@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -42,7 +42,7 @@ class ClusterAuthPolicy:
 
     cluster_name: str
     mutual: bool
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never in a log line
 
     @property
     def is_open(self) -> bool:

@@ -22,7 +22,7 @@ import os
 import socket
 import ssl
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -225,7 +225,7 @@ class ClusterSecurity:
     cert_file: Path | None = None
     key_file: Path | None = None
     ca_file: Path | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never in a log line
     server_name: str | None = None
 
     @classmethod

@@ -101,3 +101,8 @@ def test_token_mode_refuses_a_missing_or_wrong_token(token, expected):
 def test_policy_without_credentials_admits_everyone_and_says_so():
     policy = ClusterAuthPolicy(CLUSTER, mutual=False)
     assert policy.is_open and policy.refusal("/x.Y/Z", {}, {}) is None
+
+
+def test_the_token_is_not_in_a_repr():
+    security = ClusterSecurity(cluster_name=CLUSTER, token="s3cret")
+    assert "s3cret" not in repr(security) and "s3cret" not in repr(security.auth_policy())
