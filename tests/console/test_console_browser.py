@@ -10,8 +10,9 @@ with its exact byte count, the decode. Screenshots are kept under
 not scroll sideways at 1366 or 1280 pixels and must log no console error, raise no page
 error and get no failed response.
 
-Skipped, with the reason, only when no Chromium is installed (``make setup`` installs
-Debian's ``chromium`` with apt-get when it runs as root) or Playwright is missing.
+The API checks (key required, cluster figures from the heartbeats) need no browser. The
+browser test is skipped, with the reason, only when no Chromium is installed (``make setup``
+installs Debian's ``chromium`` with apt-get when it runs as root) or Playwright is missing.
 """
 
 from __future__ import annotations
@@ -100,8 +101,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def stack(browser, tmp_path_factory):
-    """Started after the browser check, so a machine without Chromium skips in a second."""
+def stack(tmp_path_factory):
     if os.environ.get("PDSERVE_E2E", "1") != "1":
         pytest.skip("PDSERVE_E2E=0")
     env = {**STACK_ENV, "PDSERVE_TRACE_DIR": str(tmp_path_factory.mktemp("traces"))}
