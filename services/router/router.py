@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import structlog
@@ -59,7 +60,7 @@ from pdserve.errors import (
 from pdserve.kv.blocks import Tier
 from pdserve.kv.metadata import NodePrefix, WorkerInfo
 from pdserve.telemetry import Attr, get_tracer, request_span
-from services.router import observe, policy
+from services.router import admission, observe, policy
 from services.router.affinity import PrefixAffinity
 from services.router.messages import (
     CachedTokens,
@@ -115,6 +116,8 @@ class Router:
         self._inflight: Counter[str] = Counter()  # worker id -> requests
         self._queued_tokens: Counter[str] = Counter()  # worker id -> prompt tokens to compute
         self._down_until: dict[str, float] = {}
+        # decode worker id -> request id -> its remaining output and KV blocks (admission)
+        self._decode_inflight: defaultdict[str, dict[str, admission.Inflight]] = defaultdict(dict)
         self.prefill_tokens_per_s = settings.prefill_tokens_per_s
 
     # ---- parsing ----
@@ -316,14 +319,23 @@ class Router:
                 ))  # fmt: skip
         return route
 
-    def _admit(self, route: Route, timeout_s: float, obs: observe.RequestObserver) -> None:
-        """Admission control inside ``router.admission``; raises Overloaded on a refusal."""
+    def _admit(
+        self, route: Route, num_tokens: int, timeout_s: float, obs: observe.RequestObserver
+    ) -> None:
+        """Admission control inside ``router.admission``; raises Overloaded on a refusal.
+
+        The predicted time to first token is the prefill queue's (the target's queued prompt
+        tokens) plus the decode worker's wait for a batch slot and KV blocks for the whole
+        ``num_tokens`` (prompt + max_tokens), from its reports (admission.py)."""
         plan = route.plan
         target = plan.prefill.worker_id if plan.prefill else plan.decode.worker_id
         queued = self._queued_tokens[target]
-        ttft = policy.predict_ttft_s(queued, plan.uncached_tokens, self.prefill_tokens_per_s)
+        prefill_s = policy.predict_ttft_s(queued, plan.uncached_tokens, self.prefill_tokens_per_s)
+        decode_wait_s = self._decode_wait_s(route.decode, num_tokens)
+        ttft = prefill_s + decode_wait_s
         attributes = {Attr.QUEUE: observe.ROUTER_QUEUE, "pdserve.admission.num_inflight":
-                      self.num_inflight, "pdserve.admission.predicted_ttft_s": round(ttft, 4)}  # fmt: skip
+                      self.num_inflight, "pdserve.admission.predicted_ttft_s": round(ttft, 4),
+                      "pdserve.admission.decode_wait_s": round(decode_wait_s, 4)}  # fmt: skip
         with _tracer.start_as_current_span("router.admission", attributes=attributes) as span:
             verdict = policy.admit(
                 self.num_inflight, self.settings.max_inflight_requests, ttft, timeout_s,
@@ -335,10 +347,32 @@ class Router:
             })  # fmt: skip
             if not verdict.admitted:
                 span.set_attribute("pdserve.admission.reason", verdict.reason_class)
+                retry_after_s = max(verdict.retry_after_s, math.ceil(decode_wait_s))
                 raise Overloaded(
-                    verdict.reason, retry_after_s=verdict.retry_after_s,
+                    verdict.reason, retry_after_s=retry_after_s,
                     reason_class=verdict.reason_class,
                 )  # fmt: skip
+
+    def _decode_wait_s(self, worker: WorkerInfo, num_tokens: int) -> float:
+        load, capacity = worker.load, worker.capacity
+        free = load.get("num_free_blocks")
+        state = admission.DecodeCapacity(
+            max_num_seqs=int(capacity.get("max_num_seqs", self.settings.max_inflight_per_worker)),
+            num_total_blocks=int(capacity.get("num_blocks", 0)),
+            num_free_blocks=None if free is None else int(free),
+            num_reported_seqs=int(load.get("running", 0) + load.get("waiting", 0)),
+            step_s=float(load.get("step_s", 0.0)) or self.settings.decode_step_s,
+            inflight=tuple(self._decode_inflight[worker.worker_id].values()),
+        )
+        needed = admission.blocks_needed(num_tokens, self.settings.block_size)
+        wait_s = admission.decode_wait_s(state, needed)
+        if wait_s is None:
+            raise InvalidRequest(
+                f"prompt + max_tokens ({num_tokens} tokens) needs {needed} KV blocks; decode "
+                f"worker {worker.worker_id} holds {state.num_total_blocks}",
+                param="max_tokens",
+            )
+        return wait_s
 
     # ---- serving ----
 
@@ -392,7 +426,7 @@ class Router:
         route = self._route(keys, n, attempt=1)
         if route is None:
             raise NoWorkers("no decode worker is available; is the stack up?")
-        self._admit(route, timeout_s, obs)
+        self._admit(route, n + parsed.params.max_tokens, timeout_s, obs)
         obs.admitted(n)
         self.num_inflight += 1
         try:
@@ -564,15 +598,23 @@ class Router:
         queued = route.plan.uncached_tokens if local_prefill else 0
         self._inflight[wid] += 1
         self._queued_tokens[wid] += queued
+        remaining = call.params.max_tokens - len(call.resume_token_ids)
+        num_tokens = len(call.prompt_token_ids) + call.params.max_tokens
+        blocks = admission.blocks_needed(num_tokens, self.settings.block_size)
+        held = self._decode_inflight[wid]
+        held[call.request_id] = admission.Inflight(remaining, blocks)
         try:
             stream = self.clients.decode(worker.address, call, self._remaining(deadline, "decode"))
             async for chunk in self._paced(stream, deadline, wid):
                 self._queued_tokens[wid] -= queued
                 queued = 0
+                remaining -= len(chunk.token_ids)
+                held[call.request_id] = admission.Inflight(remaining, blocks)
                 yield chunk
         finally:
             self._inflight[wid] -= 1
             self._queued_tokens[wid] -= queued
+            held.pop(call.request_id, None)
 
     async def _paced(self, stream, deadline: float, wid: str):
         """Forward chunks; a stream silent past the stall timeout fails with Failure.STALL."""
