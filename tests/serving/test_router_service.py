@@ -117,6 +117,7 @@ def env(redis_server):
     loop = LoopThread()
     registry = WorkerRegistry(connect(redis_server.url), RedisLayout(cluster), ttl_s=60)
     fakes: dict[str, object] = {}
+    infos: list[WorkerInfo] = []
     servers = []
 
     async def start_fake(servicer, adder, role):
@@ -125,7 +126,9 @@ def env(redis_server):
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         servers.append(server)
-        registry.heartbeat(WorkerInfo(servicer.worker_id, role, f"127.0.0.1:{port}", "nodeA"))
+        info = WorkerInfo(servicer.worker_id, role, f"127.0.0.1:{port}", "nodeA")
+        registry.heartbeat(info)
+        infos.append(info)
         fakes[servicer.worker_id] = servicer
 
     for wid in ("p0", "p1"):
@@ -146,6 +149,7 @@ def env(redis_server):
     router = RouterServer(settings)
     loop.run(router.start())
     yield type("Env", (), dict(router=router, fakes=fakes, loop=loop, settings=settings,
+                               registry=registry, infos=infos,
                                grpc=f"127.0.0.1:{router.grpc_port}",
                                http=f"http://127.0.0.1:{router.http_port}"))  # fmt: skip
     loop.run(router.stop())
@@ -645,3 +649,15 @@ def test_a_router_without_decode_workers_is_alive_but_not_ready(env):
         assert _get(base + "/live") == (200, {"status": "alive"})
     finally:
         env.loop.run(server.stop())
+
+
+def test_an_emptied_registry_is_not_read_as_no_workers(env):
+    """A Redis restart loses every worker key until the next heartbeats: the router keeps its
+    last known workers for a heartbeat TTL meanwhile, and serves."""
+    connect(env.settings.redis_url).flushall()
+    time.sleep(3 * env.settings.registry_refresh_s)
+    with Client(env.grpc, max_retries=0) as client:
+        assert client.generate("Hi", max_tokens=2).text == "t0 t1 "
+    assert _get(env.http + "/ready")[0] == 200
+    for info in env.infos:  # the heartbeats arrive again
+        env.registry.heartbeat(info)
