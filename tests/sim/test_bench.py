@@ -165,3 +165,74 @@ def test_plan_reads_a_live_stacks_metrics(tmp_path):
         server.shutdown()
     assert out.exit_code == 0, out.output
     assert "live: 1 prefill, 1 decode workers; grow: decode (3.0 requests waiting" in out.output
+
+
+def _sse_server(gap_s: float, streaming):
+    """A stand-in for the router's /v1/completions: one token per event, gap_s apart;
+    ``streaming`` is set once a long request has sent a few tokens."""
+    import http.server
+    import threading
+    import time
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            try:
+                for i in range(body["max_tokens"]):
+                    time.sleep(gap_s)
+                    if i == 5 and body["max_tokens"] > 1000:
+                        streaming.set()
+                    event = {"choices": [{"text": "x", "logprobs": {"tokens": ["x"]}}]}
+                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_bench_cli_over_http_and_ctrl_c_still_writes_the_result(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    streaming = threading.Event()
+    server = _sse_server(0.02, streaming)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    workload = tmp_path / "w.jsonl"
+    save(workload, [Request(0.0, 16, 4), Request(0.0, 16, 100_000), Request(600.0, 16, 1)])
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdserve.cli", "bench", str(workload), "--url", url, "--out",
+         str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        assert streaming.wait(timeout=90), "the bench never sent its long request"
+        time.sleep(0.5)  # the first request (4 tokens) has finished by now
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        proc.kill()
+        server.shutdown()
+    assert proc.returncode == 130, output
+    res = json.loads(out.read_text())
+    assert res["conditions"]["interrupted"] is True
+    first, second = res["requests"]  # the third was never sent
+    assert first["error"] is None and first["num_output_tokens"] == 4
+    assert second["error"] == "interrupted" and second["num_output_tokens"] > 0
