@@ -3,7 +3,7 @@
 costs), colocated vs disaggregated, the cheapest configuration meeting the SLO at the trace's
 rate × ``--speedup``, its goodput per GPU and its cost per million output tokens.
 
-    .venv/bin/python benchmarks/sim_at_scale.py [--max-requests 600 --speedup 8]
+    .venv/bin/python benchmarks/sim_at_scale.py [--max-requests 1000 --speedup 2]
 
 Writes benchmarks/sim_at_scale/: plan-<model>.json, plan-<model>.png and TABLE.md.
 """
@@ -28,8 +28,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--max-requests", type=int, default=600)
-    ap.add_argument("--speedup", type=float, default=8.0, help="compress the trace's time")
+    ap.add_argument("--max-requests", type=int, default=1000)
+    ap.add_argument("--speedup", type=float, default=2.0, help="compress the trace's time")
+    ap.add_argument(
+        "--min-span-s",
+        type=float,
+        default=30.0,
+        help="goodput search: the compressed sample must last this long",
+    )
     ap.add_argument("--models", default="llama-3-8b,llama-3-70b")
     ap.add_argument("--gpus", default="H100,H200,B200")
     ap.add_argument("--slo-ttft-s", type=float, default=2.0)
@@ -45,7 +51,8 @@ def main() -> None:
         started = time.perf_counter()
         lines: list[str] = []
         run_plan(workload, args.gpus.split(","), model, slo, 0.9, 32,
-                 args.out / f"plan-{model}.json", args.out / f"plan-{model}.png", lines.append)  # fmt: skip
+                 args.out / f"plan-{model}.json", args.out / f"plan-{model}.png", lines.append,
+                 args.min_span_s)  # fmt: skip
         table_start = next(i for i, ln in enumerate(lines) if ln.startswith("| GPU"))
         sections.append(f"### {model}\n\n" + "\n".join(lines[table_start:]) +
                         f"\n\n(planned in {time.perf_counter() - started:.0f}s)\n")  # fmt: skip

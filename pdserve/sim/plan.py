@@ -51,6 +51,7 @@ class Planner:
     base: SimConfig
     attainment: float = 0.9
     max_replicas: int = 32
+    min_span_s: float = 60.0  # the shortest a compressed sample may last (see goodput_rps)
     log: Callable[[str], None] = lambda _line: None
     num_sims: int = 0
 
@@ -101,13 +102,15 @@ class Planner:
                 best = out
         return best
 
-    def goodput_rps(
-        self, out: Outcome, iterations: int = 6
-    ) -> tuple[float, list[tuple[float, float]]]:
-        """The highest mean arrival rate meeting the SLO, and (rate, attainment) samples."""
+    def goodput_rps(self, out: Outcome, iterations: int = 5) -> tuple[float, bool, list]:
+        """(the highest mean arrival rate meeting the SLO, whether it hit the sample's cap,
+        (rate, attainment) samples). A finite sample compressed too far is one burst that a big
+        batch swallows whole, so rates are capped where the sample would last less than
+        ``min_span_s``; a goodput at the cap is a lower bound."""
         from pdserve.workload.generate import at_rate, mean_rate_rps
 
         rate0 = mean_rate_rps(self.workload)
+        cap = max(rate0, len(self.workload) / self.min_span_s)
         curve: list[tuple[float, float]] = []
 
         def attain(rate: float) -> float:
@@ -115,13 +118,15 @@ class Planner:
             curve.append((rate, res["slo_attainment"]))
             return res["slo_attainment"]
 
-        low, high = rate0, rate0 * 2
-        while attain(high) >= self.attainment and high < rate0 * 64:
-            low, high = high, high * 2
+        low, high = rate0, min(cap, rate0 * 2)
+        while high < cap and attain(high) >= self.attainment:
+            low, high = high, min(cap, high * 2)
+        if high >= cap and attain(cap) >= self.attainment:
+            return cap, True, sorted(curve)
         for _ in range(iterations):
             mid = (low + high) / 2
             low, high = (mid, high) if attain(mid) >= self.attainment else (low, mid)
-        return low, sorted(curve)
+        return low, False, sorted(curve)
 
 
 # ---- scaling advice from a live stack's metrics ----

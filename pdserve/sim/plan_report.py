@@ -26,6 +26,7 @@ def run_plan(
     out: Path | None,
     plot: Path | None,
     echo: Callable[[str], None],
+    min_span_s: float = 60.0,
 ) -> list[dict]:
     model = parse_model(model_spec)
     rate = mean_rate_rps(workload)
@@ -37,7 +38,7 @@ def run_plan(
         gpu = parse_gpu(spec)
         cost = roofline(gpu, model)
         planner = Planner(workload, cost, gpu.price_per_hour, SimConfig(0, 1, slo), attainment,
-                          max_replicas, log=echo)  # fmt: skip
+                          max_replicas, min_span_s, log=echo)  # fmt: skip
         echo(f"{gpu.name} (${gpu.price_per_hour:.2f}/h, {cost.tp} GPU(s) per replica):")
         for mode, search in (("colocated", planner.colocated),
                              ("disaggregated", planner.disaggregated)):  # fmt: skip
@@ -46,9 +47,10 @@ def run_plan(
                 rows.append({"gpu": gpu.name, "mode": mode, "config": None,
                              "why": f"no configuration up to {max_replicas} replicas meets the SLO"})  # fmt: skip
                 continue
-            goodput, curve = planner.goodput_rps(best)
+            goodput, capped, curve = planner.goodput_rps(best)
             curves[f"{gpu.name} {mode} {best.label}"] = curve
             rows.append(_row(gpu.name, mode, best, goodput, cost.tp) | {
+                "goodput_is_lower_bound": capped,
                 "prefill_load_replicas": rate * prompt_tokens / cost.prefill_tokens_per_s})  # fmt: skip
         echo(f"  ({planner.num_sims} simulations)")
     _explain(rows)
@@ -123,10 +125,15 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['gpu']} | {r['mode']} | {r['config']} ({r['pd_ratio']}) | {r['gpus']} | "
             f"{r['price_per_hour']:.2f} | {r['cost_per_million_output_tokens']:.3f} | "
-            f"{r['goodput_rps']:.2f} | {r['goodput_per_gpu_rps']:.2f} | "
+            f"{'≥ ' if r['goodput_is_lower_bound'] else ''}{r['goodput_rps']:.2f} | "
+            f"{'≥ ' if r['goodput_is_lower_bound'] else ''}{r['goodput_per_gpu_rps']:.2f} | "
             f"{r['ttft_p90_s']:.3f} | {r['tpot_p90_s'] or 0:.4f} |"
         )
     whys = sorted({f"- {r['gpu']}: {r['why']}" for r in rows if r.get("why") and r["config"]})
+    if any(r.get("goodput_is_lower_bound") for r in rows):
+        whys.append(
+            "- ≥: goodput reached the rate cap (the sample must last the minimum span); a lower bound"
+        )
     return "\n".join(lines + [""] + whys)
 
 
