@@ -126,6 +126,18 @@ def test_plain_text_clients_are_refused(stack):
     http_url = stack.http_url.replace("https://", "http://")
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(http_url + "/v1/models", timeout=10).read()
+    # the workers take only mTLS callers too
+    for name, call in (
+        ("prefill-0", lambda ch: ch.unary_unary("/pdserve.v1.Prefill/Prefill")(b"", timeout=10)),
+        (
+            "decode-0",
+            lambda ch: list(ch.unary_stream("/pdserve.v1.Decode/Decode")(b"", timeout=10)),
+        ),
+    ):
+        channel = grpc.insecure_channel(stack.endpoints()[name])
+        with channel, pytest.raises(grpc.RpcError) as refused:
+            call(channel)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, name
 
 
 @pytest.mark.parametrize("caller", ["no-certificate", "foreign-certificate"])
