@@ -38,8 +38,11 @@ endif
 test: setup
 	$(PY) -m pytest -q
 
+# The demo shows a disaggregated request next to a colocated one, so it asks for a prefill
+# worker even where `pdserve up` alone would size the pools colocated (fewer than 4 cores), and
+# for the threshold policy (the cost policy keeps an idle small host colocated).
 up: setup
-	$(PY) -m pdserve.cli up --demo
+	PDSERVE_ROUTER_DISAGGREGATION_POLICY=threshold $(PY) -m pdserve.cli up --demo --prefill 1
 
 bench: setup
 	$(PY) benchmarks/engine.py

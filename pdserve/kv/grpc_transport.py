@@ -21,6 +21,7 @@ from pdserve._proto.pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from pdserve.grpc_tracing import traced_channel
 from pdserve.kv.blocks import BlockKey, Tier, checksum, iter_chunks
 from pdserve.kv.errors import BY_GRPC_CODE, KVError
+from pdserve.kv.frames import parse_get_response, put_chunk_frame
 from pdserve.kv.shm import SharedSegment, host_id
 from pdserve.kv.transport import (
     BlockWriter,
@@ -61,6 +62,12 @@ def _trace(ctx: TraceContext | None) -> common_pb2.TraceContext | None:
     return common_pb2.TraceContext(entries=dict(ctx)) if ctx else None
 
 
+def _seal_frame(key: bytes, block_checksum: int) -> bytes:
+    return kvstore_pb2.PutRequest(
+        seal=kvstore_pb2.BlockSeal(key=key, checksum=block_checksum)
+    ).SerializeToString()
+
+
 def _tier(value: int) -> Tier | None:
     return Tier(value) if value else None
 
@@ -71,15 +78,15 @@ class _StreamWriter(BlockWriter):
     _END = object()
 
     def __init__(
-        self, stub, chunk_bytes: int, header: kvstore_pb2.PutHeader, timeout_s: float
+        self, put, chunk_bytes: int, header: kvstore_pb2.PutHeader, timeout_s: float
     ) -> None:
         self._chunk_bytes = chunk_bytes
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._queue.put(kvstore_pb2.PutRequest(header=header))
-        self._future = stub.Put.future(self._requests(), timeout=timeout_s)
+        self._queue.put(kvstore_pb2.PutRequest(header=header).SerializeToString())
+        self._future = put.future(self._requests(), timeout=timeout_s)
         self._result: PutResult | None = None
 
-    def _requests(self) -> Iterator[kvstore_pb2.PutRequest]:
+    def _requests(self) -> Iterator[bytes]:
         while (item := self._queue.get()) is not self._END:
             yield item
 
@@ -90,14 +97,11 @@ class _StreamWriter(BlockWriter):
     def write(self, key: BlockKey, offset: int, data: Buffer) -> None:
         self._check()
         for start, piece in iter_chunks(memoryview(data), self._chunk_bytes):
-            chunk = kvstore_pb2.BlockChunk(key=key, offset=offset + start, data=bytes(piece))
-            self._queue.put(kvstore_pb2.PutRequest(chunk=chunk))
+            self._queue.put(put_chunk_frame(key, offset + start, piece))
 
     def seal(self, key: BlockKey, checksum: int) -> None:
         self._check()
-        self._queue.put(
-            kvstore_pb2.PutRequest(seal=kvstore_pb2.BlockSeal(key=key, checksum=checksum))
-        )
+        self._queue.put(_seal_frame(key, checksum))
 
     def close(self) -> PutResult:
         if self._result is None:
@@ -138,6 +142,17 @@ class GrpcTransport(KVTransport):
         )
         self._channel = traced_channel(self._raw_channel)
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
+        # The bulk calls carry pre-encoded frames (pdserve.kv.frames): bytes in, bytes out.
+        self._put = self._channel.stream_unary(
+            "/pdserve.v1.KVStore/Put",
+            request_serializer=None,
+            response_deserializer=kvstore_pb2.PutResponse.FromString,
+        )
+        self._get = self._channel.unary_stream(
+            "/pdserve.v1.KVStore/Get",
+            request_serializer=kvstore_pb2.GetRequest.SerializeToString,
+            response_deserializer=None,
+        )
         self._chunk_bytes = chunk_bytes
         self._timeout_s = timeout_s
         self._block_size: int | None = None
@@ -162,25 +177,23 @@ class GrpcTransport(KVTransport):
         header = kvstore_pb2.PutHeader(
             trace_context=_trace(trace_context), skip_existing=skip_existing
         )
-        return _StreamWriter(self._stub, self._chunk_bytes, header, self._timeout_s)
+        return _StreamWriter(self._put, self._chunk_bytes, header, self._timeout_s)
 
     def put_blocks(self, blocks, *, trace_context=None, skip_existing=False) -> PutResult:
         """Whole blocks in one blocking Put stream (no writer thread: cheaper for small batches)."""
 
-        def requests() -> Iterator[kvstore_pb2.PutRequest]:
+        def requests() -> Iterator[bytes]:
             header = kvstore_pb2.PutHeader(
                 trace_context=_trace(trace_context), skip_existing=skip_existing
             )
-            yield kvstore_pb2.PutRequest(header=header)
+            yield kvstore_pb2.PutRequest(header=header).SerializeToString()
             for key, data in blocks:
                 for start, piece in iter_chunks(memoryview(data), self._chunk_bytes):
-                    chunk = kvstore_pb2.BlockChunk(key=key, offset=start, data=bytes(piece))
-                    yield kvstore_pb2.PutRequest(chunk=chunk)
-                seal = kvstore_pb2.BlockSeal(key=key, checksum=checksum(data))
-                yield kvstore_pb2.PutRequest(seal=seal)
+                    yield put_chunk_frame(key, start, piece)
+                yield _seal_frame(key, checksum(data))
 
         try:
-            r = self._stub.Put(requests(), timeout=self._timeout_s)
+            r = self._put(requests(), timeout=self._timeout_s)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return PutResult(r.num_stored, r.num_skipped, tuple(Tier(t) for t in r.tiers))
@@ -215,13 +228,14 @@ class GrpcTransport(KVTransport):
             keys=list(keys), trace_context=_trace(trace_context), chunk_bytes=self._chunk_bytes
         )
         found: dict[bytes, tuple[Buffer, Tier]] = {}
-        parts: list[bytes] = []
+        parts: list[memoryview] = []
         try:
-            for response in self._stub.Get(request, timeout=self._timeout_s):
-                if response.WhichOneof("kind") == "chunk":
-                    parts.append(response.chunk.data)
+            for frame in self._get(request, timeout=self._timeout_s):
+                piece, end = parse_get_response(frame)
+                if end is None:
+                    parts.append(piece)  # a view into the frame: the join is the one copy
                     continue
-                end, data = response.end, b"".join(parts)
+                data = b"".join(parts)
                 parts = []
                 if end.found and checksum(data) == end.checksum:
                     found[end.key] = (data, _tier(end.tier) or Tier.DRAM)
