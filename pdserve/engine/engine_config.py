@@ -8,12 +8,16 @@ from pathlib import Path
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _BACKENDS = ("auto", "flash", "sdpa", "reference")
+_QUANTIZATION = ("auto", "none", "int8", "int4")  # pdserve.model.quant.QUANTIZATION_MODES
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | Path | None = None  # GGUF file or safetensors directory; None = default model
     dtype: str = "float32"
+    # Weight precision (pdserve.model.quant): auto → int4 with bf16 activations on a CPU with
+    # native bf16, else the dense weights in `dtype`; none → dense (fp32: exact, = HF).
+    quantization: str = "auto"
     device: str = "auto"  # auto → cuda when available, else cpu
     block_size: int = 16
     kv_cache_bytes: int = 1 << 30
@@ -27,10 +31,17 @@ class EngineConfig:
     # A step that carries prompt chunks next to running decodes aims to end within this
     # (the decode SLO); None → prompt chunks are limited by max_num_batched_tokens only.
     target_step_s: float | None = None
+    # ... unless the queued prompt work would then take longer than this to compute: the step
+    # grows as far as needed to drain it in time (None: the step target alone decides).
+    prompt_drain_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.quantization not in _QUANTIZATION:
+            raise ValueError(
+                f"quantization must be one of {', '.join(_QUANTIZATION)}; got {self.quantization!r}"
+            )
         if self.attention_backend not in _BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(_BACKENDS)}; got {self.attention_backend!r}"
@@ -47,6 +58,8 @@ class EngineConfig:
             )
         if self.target_step_s is not None and self.target_step_s <= 0:
             raise ValueError(f"target_step_s must be > 0 when set, got {self.target_step_s}")
+        if self.prompt_drain_s is not None and self.prompt_drain_s <= 0:
+            raise ValueError(f"prompt_drain_s must be > 0 when set, got {self.prompt_drain_s}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

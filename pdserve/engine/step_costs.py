@@ -50,14 +50,34 @@ class StepCosts:
         """Prompt throughput while prefilling (0 while unknown)."""
         return 1.0 / self.prompt_token_s if self.prompt_token_s > 0 else 0.0
 
-    def prompt_budget(self, target_step_s: float, floor_tokens: int, cap_tokens: int) -> int:
-        """Prompt tokens a step may carry next to running decodes and still end within
-        ``target_step_s``; never below ``floor_tokens`` (prompts must progress) nor above
-        ``cap_tokens``. The cap while either cost is still unknown."""
+    def prompt_budget(
+        self,
+        target_step_s: float,
+        floor_tokens: int,
+        cap_tokens: int,
+        pending_prompt_tokens: int = 0,
+        drain_s: float | None = None,
+    ) -> int:
+        """Prompt tokens a step may carry next to running decodes: what keeps the step within
+        ``target_step_s``, or more when that is too slow to compute the ``pending_prompt_tokens``
+        within ``drain_s`` (a time to first token that misses its SLO is no better than a slow
+        stream); never below ``floor_tokens`` nor above ``cap_tokens``. The cap while either
+        cost is still unknown.
+
+        Draining W tokens in chunks of P takes (W / P) steps of (base + P * c) seconds, so
+        W * base / P + W * c <= drain_s needs P >= W * base / (drain_s - W * c)."""
         if self.prompt_token_s <= 0 or self.base_step_s <= 0:
             return cap_tokens
         fits = math.floor((target_step_s - self.base_step_s) / self.prompt_token_s)
-        return max(floor_tokens, min(cap_tokens, fits))
+        needed = 0
+        if drain_s is not None and pending_prompt_tokens > 0:
+            spare_s = drain_s - pending_prompt_tokens * self.prompt_token_s
+            needed = (
+                cap_tokens
+                if spare_s <= 0
+                else math.ceil(pending_prompt_tokens * self.base_step_s / spare_s - 1e-9)
+            )
+        return max(floor_tokens, min(cap_tokens, max(fits, needed)))
 
     def report(self) -> dict[str, float]:
         """The figures a worker publishes with its load (seconds; tokens per second)."""

@@ -82,3 +82,14 @@ def test_prompt_budget_does_not_apply_without_decodes():
     sched.add(_seq("b", 40, 0))
     plan = sched.schedule(prompt_budget=10)
     assert [(c.seq.request_id, c.num_tokens) for c in plan.chunks] == [("b", 40)]
+
+
+def test_prompt_budget_grows_to_drain_queued_prompts_in_time():
+    costs = StepCosts()
+    costs.record(0, 4, 0.040)
+    costs.record(200, 4, 0.240)  # 40 ms base, 1 ms per prompt token
+    # 600 queued tokens within 1 s: 0.6 s of compute leaves 0.4 s for 600 * 0.04 / P of bases
+    assert costs.prompt_budget(0.1, 16, 512, pending_prompt_tokens=600, drain_s=1.0) == 60
+    assert costs.prompt_budget(0.1, 16, 512, pending_prompt_tokens=600, drain_s=0.7) == 240
+    assert costs.prompt_budget(0.1, 16, 512, pending_prompt_tokens=900, drain_s=0.7) == 512
+    assert costs.prompt_budget(0.1, 16, 512, pending_prompt_tokens=20, drain_s=1.0) == 60
