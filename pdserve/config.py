@@ -144,6 +144,9 @@ class WorkerSettings(ServiceSettings):
     # The engine (see pdserve.engine.engine_config.EngineConfig).
     model: Path | None = Field(None, description="GGUF file or safetensors dir; default model")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: Literal["auto", "none", "int8", "int4"] = Field(
+        "auto", description="weights: auto (int4 on a CPU with native bf16), none (exact), int8, int4"
+    )
     device: str = Field("auto", description="auto, cpu or cuda[:N]")
     block_size: int = Field(16, ge=1, le=1024, description="KV block size, tokens")
     kv_cache_bytes: int = Field(1 << 30, ge=1, description="the worker's own paged KV pool")
@@ -174,6 +177,7 @@ class WorkerSettings(ServiceSettings):
             device=self.device,
             block_size=self.block_size,
             kv_cache_bytes=self.kv_cache_bytes,
+            quantization=self.quantization,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,

@@ -24,7 +24,8 @@ from pdserve.engine.sampler import SampledToken, Sampler, SamplingRow, make_gene
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerPlan
 from pdserve.engine.sequence import FinishReason, Sequence
-from pdserve.model.loader import Checkpoint, load_checkpoint
+from pdserve.model.loader import Checkpoint, load_checkpoint, load_quantized
+from pdserve.model.quant import compute_dtype, resolve_quantization, variant_fingerprint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,11 +89,19 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = _resolve_device(config.device)
-        self.dtype = _DTYPES[config.dtype]
-        self.checkpoint = checkpoint or load_checkpoint(config.model, dtype=self.dtype)
+        self.checkpoint = checkpoint or load_checkpoint(config.model, dtype=_DTYPES[config.dtype])
         self.model_config = self.checkpoint.config
         self.tokenizer = self.checkpoint.tokenizer
-        self.fingerprint = self.checkpoint.fingerprint
+        # Quantized weights compute (and cache KV) in bf16 and give other tokens than the exact
+        # path, so their KV blocks carry a fingerprint of their own.
+        self.quantization = resolve_quantization(config.quantization, self.device)
+        self.dtype = compute_dtype(self.quantization, _DTYPES[config.dtype])
+        self.fingerprint = variant_fingerprint(self.checkpoint.fingerprint, self.quantization)
+        linears = (
+            None
+            if self.quantization == "none"
+            else load_quantized(self.checkpoint, self.quantization)
+        )
         self.max_model_len = min(
             config.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
@@ -125,6 +134,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(
             self.model_config.eos_token_ids or self.tokenizer.eos_token_ids
         )
+            linears,
 
     # -- requests --------------------------------------------------------------------------
     def encode_prompt(

@@ -14,6 +14,7 @@ from pdserve.engine.scheduler import SchedulerPlan
 from pdserve.kv.blocks import block_nbytes
 from pdserve.model.config import ModelConfig
 from pdserve.model.llama import LlamaModel
+from pdserve.model.quant import Linear
 
 
 def model_block_nbytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -40,13 +41,15 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         attention_backend: str | None = None,
+        linears: dict[str, Linear] | None = None,
     ):
+        """`linears`: quantized projections (`pdserve.model.quant`); None runs dense weights."""
         self.config = config
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
         self.backend = select_backend(attention_backend, device)
-        self.model = LlamaModel(config, weights, self.backend, device, dtype)
+        self.model = LlamaModel(config, weights, self.backend, device, dtype, linears)
         # [L, 2, num_blocks, block_size, KVH, D]
         self.kv_pool = torch.zeros(
             config.num_layers,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from pdserve.engine.attention import AttentionBackend, AttentionMetadata, softmax_scale
 from pdserve.model.config import ModelConfig
+from pdserve.model.quant import HEAD, DenseLinear, Int8Linear, Linear
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -76,6 +77,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class LlamaModel:
+    """`linears`: quantized projections (see `pdserve.model.quant`, keyed by `linear_names`);
+    None runs the dense weights in `dtype`."""
+
     def __init__(
         self,
         config: ModelConfig,
@@ -83,6 +87,7 @@ class LlamaModel:
         backend: AttentionBackend,
         device: torch.device,
         dtype: torch.dtype,
+        linears: dict[str, Linear] | None = None,
     ):
         self.config = config
         self.backend = backend
@@ -93,27 +98,29 @@ class LlamaModel:
         def w(name: str) -> torch.Tensor:
             return weights[name].to(device=device, dtype=dtype).contiguous()
 
-        self.embed_tokens = w("model.embed_tokens.weight")
-        self.lm_head = self.embed_tokens if config.tie_word_embeddings else w("lm_head.weight")
+        linears = linears or _dense_linears(config, w)
+        self.lm_head = linears[HEAD]
+        if config.tie_word_embeddings and isinstance(self.lm_head, (DenseLinear, Int8Linear)):
+            self._embed = self._tied_rows
+        else:
+            table = w("model.embed_tokens.weight")
+            self._embed = lambda ids: F.embedding(ids, table)
         self.norm = w("model.norm.weight")
         self.layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
-            self.layers.append(
-                {
-                    "input_norm": w(p + "input_layernorm.weight"),
-                    "post_norm": w(p + "post_attention_layernorm.weight"),
-                    "qkv": torch.cat(
-                        [w(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
-                    ).contiguous(),
-                    "o": w(p + "self_attn.o_proj.weight"),
-                    "gate_up": torch.cat(
-                        [w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]
-                    ).contiguous(),
-                    "down": w(p + "mlp.down_proj.weight"),
-                }
-            )
+            layer = {
+                name: linears[f"layers.{i}.{name}"] for name in ("qkv", "o", "gate_up", "down")
+            }
+            layer["input_norm"] = w(p + "input_layernorm.weight")
+            layer["post_norm"] = w(p + "post_attention_layernorm.weight")
+            self.layers.append(layer)
         self.rope = RotaryEmbedding(config, device)
+
+    def _tied_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.lm_head, Int8Linear):
+            return self.lm_head.rows(ids, self.dtype)
+        return F.embedding(ids, self.lm_head.weight)
 
     @torch.inference_mode()
     def forward(
@@ -131,10 +138,10 @@ class LlamaModel:
         q_size = cfg.num_heads * cfg.head_dim
         kv_size = cfg.num_kv_heads * cfg.head_dim
         cos, sin = self.rope(positions, self.dtype)
-        h = F.embedding(input_ids, self.embed_tokens)  # [T, hidden]
+        h = self._embed(input_ids)  # [T, hidden]
         for i, layer in enumerate(self.layers):
             x = rms_norm(h, layer["input_norm"], cfg.rms_norm_eps)
-            qk, v = F.linear(x, layer["qkv"]).split([q_size + kv_size, kv_size], dim=-1)
+            qk, v = layer["qkv"](x).split([q_size + kv_size, kv_size], dim=-1)
             # Rotate q and k heads together: one set of elementwise kernels instead of two.
             qk = qk.view(num_tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
             qk = qk * cos + _rotate_half(qk) * sin
@@ -143,10 +150,10 @@ class LlamaModel:
             o = self.backend.forward(
                 q, k.contiguous(), v.contiguous(), kv_pool[i, 0], kv_pool[i, 1], meta, self.scale
             )
-            h = h + F.linear(o.reshape(num_tokens, q_size), layer["o"])
+            h = h + layer["o"](o.reshape(num_tokens, q_size))
             x = rms_norm(h, layer["post_norm"], cfg.rms_norm_eps)
-            gate, up = F.linear(x, layer["gate_up"]).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer["down"])
+            gate, up = layer["gate_up"](x).chunk(2, dim=-1)
+            h = h + layer["down"](F.silu(gate) * up)
             if on_layer_done is not None:
                 on_layer_done(i)
         return rms_norm(h, self.norm, cfg.rms_norm_eps)
@@ -154,4 +161,25 @@ class LlamaModel:
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # [N, hidden] → [N, vocab] float32
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
+
+
+def _dense_linears(config: ModelConfig, w: Callable[[str], torch.Tensor]) -> dict[str, Linear]:
+    """Projections sharing an input fused (QKV, gate+up) to cut kernel calls; the output
+    projection is the embedding table itself when tied."""
+    parts = {
+        "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "o": ("self_attn.o_proj",),
+        "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
+        "down": ("mlp.down_proj",),
+    }
+    linears: dict[str, Linear] = {}
+    for i in range(config.num_layers):
+        for fused, names in parts.items():
+            tensors = [w(f"model.layers.{i}.{n}.weight") for n in names]
+            linears[f"layers.{i}.{fused}"] = DenseLinear(
+                tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+            )
+    head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    linears[HEAD] = DenseLinear(w(head))
+    return linears

@@ -39,9 +39,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pdserve.model import safetensors_dir
+from pdserve.model import quant, safetensors_dir
 from pdserve.model.config import ModelConfig
 from pdserve.model.gguf_reader import llama_config_from_gguf, llama_weights_from_gguf, read_gguf
+from pdserve.model.quant import Linear
 from pdserve.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ CACHE_DIR_ENV = "PDSERVE_CACHE_DIR"
 # Bump when what a cache entry holds, or how it is computed, changes.
 CACHE_FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+QUANTIZED_FILE = "quantized.safetensors"
 META_FILE = "meta.json"
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -61,6 +63,7 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]  # Hugging Face Llama names, [out, in], in the requested dtype
     tokenizer: Tokenizer
     fingerprint: str  # 32 hex chars; equal for equal model + dtype on every machine
+    source: Path | None = None  # the GGUF file or safetensors directory it came from
 
 
 def default_model_path() -> Path:
@@ -123,7 +126,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_root: Path, progress: bool)
     entry = cache_root / _entry_name(path.stem, [path], dtype)
     cached = _read_gguf_entry(entry, dtype, progress)
     if cached is not None:
-        return cached
+        return dataclasses.replace(cached, source=path)
     gguf = read_gguf(path)
     config = llama_config_from_gguf(gguf)
     tokenizer = Tokenizer.from_gguf(gguf, config.bos_token_id, config.eos_token_ids)
@@ -140,7 +143,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_root: Path, progress: bool)
         _write_meta(directory, config, dtype, source_digest, fingerprint)
 
     _write_entry(entry, write)
-    return Checkpoint(config, weights, tokenizer, fingerprint)
+    return Checkpoint(config, weights, tokenizer, fingerprint, path)
 
 
 def _read_gguf_entry(entry: Path, dtype: torch.dtype, progress: bool) -> Checkpoint | None:
@@ -184,7 +187,54 @@ def _load_safetensors_dir(
         source_digest = file_digest(files, root=directory)
         fingerprint = compute_fingerprint(config, dtype, source_digest)
         _write_entry(entry, lambda d: _write_meta(d, config, dtype, source_digest, fingerprint))
-    return Checkpoint(config, weights, tokenizer, fingerprint)
+    return Checkpoint(config, weights, tokenizer, fingerprint, directory)
+
+
+# ---- quantized projections -------------------------------------------------------------
+
+
+def load_quantized(
+    checkpoint: Checkpoint, mode: str, cache_dir: Path | None = None
+) -> dict[str, Linear]:
+    """The checkpoint's projections in `mode` ("int8" or "int4"; see `pdserve.model.quant`).
+
+    Packing takes seconds, so the result is cached like dequantized weights: one entry
+    `<stem>-<mode>-<key>/quantized.safetensors`, keyed by the source's identity, the mode, the
+    torch version and the CPU capability (the int4 kernel's packed layout depends on both).
+    """
+    if checkpoint.source is None:
+        raise ValueError("quantization needs a checkpoint loaded from a file or directory")
+    source = checkpoint.source
+    files = [source] if source.is_file() else safetensors_dir.source_files(source)
+    variant = f"{mode}-{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}"
+    entry = (cache_dir or default_cache_dir()) / _entry_name(source.stem, files, variant)
+    linears = _read_quantized_entry(entry, checkpoint.config)
+    if linears is not None:
+        return linears
+    if source.is_file():
+        linears = quant.quantize_gguf(source, checkpoint.config, mode)
+    else:
+        linears = quant.quantize_weights(checkpoint.weights, checkpoint.config, mode)
+    tensors = {f"{name}.{k}": t for name, lin in linears.items() for k, t in lin.state().items()}
+    _write_entry(entry, lambda d: save_file(tensors, str(d / QUANTIZED_FILE)))
+    return linears
+
+
+def _read_quantized_entry(entry: Path, config: ModelConfig) -> dict[str, Linear] | None:
+    if not (entry / QUANTIZED_FILE).is_file():
+        return None
+    try:
+        states: dict[str, dict[str, torch.Tensor]] = {}
+        with safe_open(str(entry / QUANTIZED_FILE), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                name, part = key.rsplit(".", 1)
+                states.setdefault(name, {})[part] = f.get_tensor(key)
+        if sorted(states) != sorted(quant.linear_names(config)):
+            raise ValueError("projections do not match the model")
+        return {name: quant.linear_from_state(state) for name, state in states.items()}
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        logger.warning("ignoring unreadable quantized cache entry %s: %s", entry, exc)
+        return None
 
 
 # ---- fingerprint and cache entries ------------------------------------------------------
@@ -213,17 +263,17 @@ def compute_fingerprint(config: ModelConfig, dtype: torch.dtype, source_digest: 
     return hashlib.blake2b(payload.encode(), digest_size=16).hexdigest()
 
 
-def _entry_name(stem: str, files: list[Path], dtype: torch.dtype) -> str:
+def _entry_name(stem: str, files: list[Path], dtype: torch.dtype | str) -> str:
     identity = [
         {"path": str(f.resolve()), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
         for f in files
     ]
+    variant = dtype if isinstance(dtype, str) else DTYPE_NAMES[dtype]
     payload = json.dumps(
-        {"files": identity, "dtype": DTYPE_NAMES[dtype], "format": CACHE_FORMAT_VERSION},
-        sort_keys=True,
+        {"files": identity, "dtype": variant, "format": CACHE_FORMAT_VERSION}, sort_keys=True
     )
     key = hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
-    return f"{stem}-{DTYPE_NAMES[dtype]}-{key}"
+    return f"{stem}-{variant.split('-')[0]}-{key}"
 
 
 def _write_meta(

@@ -34,6 +34,9 @@ def checkpoint() -> Checkpoint:
 @pytest.fixture(scope="session")
 def make_engine(checkpoint):
     def make(**overrides) -> LLMEngine:
+        # The exact path (dense fp32 weights, token for token equal to HF) unless a test asks
+        # for a quantized one.
+        overrides.setdefault("quantization", "none")
         return LLMEngine(EngineConfig(**overrides), checkpoint=checkpoint)
 
     return make
