@@ -74,6 +74,7 @@ class SimConfig:
     handoff_s_per_token: float = _router_default("handoff_s_per_token")
     prefill_tokens_per_s: float = _router_default("prefill_tokens_per_s")
     decode_target_step_s: float | None = _decode_default("target_step_s")
+    decode_prompt_drain_s: float | None = _decode_default("prompt_drain_s")
     # The router calls Decode with Prefill (the decode worker follows the prefill's KV), so the
     # decode worker counts the request from the start. Its block reservation is not modelled:
     # the blocks are taken when the KV lands.
@@ -163,6 +164,7 @@ class _Replica:
         self.step_costs = StepCosts()  # what the engine learns from its steps, and reports
         self.report: dict = {}  # the load published at the last heartbeat
         self.target_step_s: float | None = None  # decode workers' prompt-chunk target
+        self.prompt_drain_s: float | None = None
 
     def prompt_budget(self) -> int | None:
         """The engine's ``LLMEngine._prompt_budget``: prompt tokens next to running decodes."""
@@ -170,8 +172,9 @@ class _Replica:
             return None
         cap = self.sched.max_num_batched_tokens
         return self.step_costs.prompt_budget(
-            self.target_step_s, min(_MIN_PROMPT_CHUNK_TOKENS, cap), cap
-        )
+            self.target_step_s, min(_MIN_PROMPT_CHUNK_TOKENS, cap), cap,
+            self.sched.num_pending_prompt_tokens, self.prompt_drain_s,
+        )  # fmt: skip
 
     def publish(self) -> None:
         s = self.sched
@@ -195,6 +198,7 @@ class Simulator:
         ]
         for rep in self.decode:
             rep.target_step_s = config.decode_target_step_s
+            rep.prompt_drain_s = config.decode_prompt_drain_s
         self.prefill_tokens_per_s = config.prefill_tokens_per_s  # the router's prior, refined
         self.replicas = {r.worker_id: r for r in self.decode + self.prefill}
         self.flights: dict[str, _Flight] = {}
