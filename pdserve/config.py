@@ -201,7 +201,44 @@ class KVStoreSettings(ServiceSettings):
     max_message_bytes: int = Field(64 << 20, ge=1 << 20, description="gRPC send/receive limit")
     chunk_bytes: int = Field(1 << 20, ge=1024, description="bytes per streamed chunk")
 
-    block_size_bytes: int = Field(737_280, gt=0, description="every block is exactly this long")
+    # KV geometry: by default the store learns its block size from the model the workers
+    # serve (the same variables as the prefill worker), so a model or dtype change follows.
+    block_size_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="every block is exactly this long; unset: from model/dtype/block_size",
+    )
+    model: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("model", "PDSERVE_KVSTORE_MODEL", "PDSERVE_PREFILL_MODEL"),
+        description="the served model (GGUF or safetensors dir); default model when unset",
+    )
+    dtype: str = Field(
+        "float32",
+        validation_alias=AliasChoices("dtype", "PDSERVE_KVSTORE_DTYPE", "PDSERVE_PREFILL_DTYPE"),
+        description="the workers' dtype (EngineConfig validates it)",
+    )
+    block_size: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        validation_alias=AliasChoices(
+            "block_size", "PDSERVE_KVSTORE_BLOCK_SIZE", "PDSERVE_PREFILL_BLOCK_SIZE"
+        ),
+        description="KV block size, tokens",
+    )
+    quantization: str = Field(
+        "auto",
+        validation_alias=AliasChoices(
+            "quantization", "PDSERVE_KVSTORE_QUANTIZATION", "PDSERVE_PREFILL_QUANTIZATION"
+        ),
+        description="the workers' weight quantization (it decides the KV dtype)",
+    )
+    device: str = Field(
+        "auto",
+        validation_alias=AliasChoices("device", "PDSERVE_KVSTORE_DEVICE", "PDSERVE_PREFILL_DEVICE"),
+        description="the workers' device (it decides the KV dtype)",
+    )
     hbm_capacity_bytes: int = Field(0, ge=0, description="CUDA tier; ignored without CUDA")
     dram_capacity_bytes: int = Field(1 << 30, ge=0, description="host pool, preallocated")
     ssd_capacity_bytes: int = Field(0, ge=0, description="0 disables the SSD tier")
@@ -231,6 +268,14 @@ class KVStoreSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _check_kvstore(self) -> KVStoreSettings:
+        if self.block_size_bytes is None:  # resolved once, here; frozen from now on
+            from pdserve.engine.llm_engine import kv_block_nbytes
+
+            engine = EngineConfig(
+                model=self.model, dtype=self.dtype, block_size=self.block_size,
+                quantization=self.quantization, device=self.device,
+            )  # fmt: skip
+            object.__setattr__(self, "block_size_bytes", kv_block_nbytes(engine))
         if self.ssd_capacity_bytes and self.ssd_dir is None:
             raise ValueError("ssd_dir is required when ssd_capacity_bytes > 0")
         for name in ("hbm_capacity_bytes", "dram_capacity_bytes", "ssd_capacity_bytes"):

@@ -19,6 +19,7 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.kv_connector import KVLoad, KVSaver, SaveBlock
+from pdserve.kv.blocks import model_block_nbytes as model_block_nbytes_from_file
 from pdserve.engine.model_runner import ModelRunner, model_block_nbytes
 from pdserve.engine.sampler import SampledToken, Sampler, SamplingRow, make_generator
 from pdserve.engine.sampling_params import SamplingParams
@@ -76,6 +77,19 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def kv_dtype(config: EngineConfig) -> torch.dtype:
+    """The KV cache dtype of an engine built from `config` (quantized weights compute in bf16)."""
+    mode = resolve_quantization(config.quantization, _resolve_device(config.device))
+    return compute_dtype(mode, _DTYPES[config.dtype])
+
+
+def kv_block_nbytes(config: EngineConfig) -> int:
+    """Bytes of one KV block of the engine `config` describes, from the model's config alone:
+    the one geometry the kvstore, the handoff and the engine agree on."""
+    name = next(k for k, v in _DTYPES.items() if v == kv_dtype(config))
+    return model_block_nbytes_from_file(config.model, name, config.block_size)
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -116,6 +130,7 @@ class LLMEngine:
             self.device,
             self.dtype,
             None if config.attention_backend == "auto" else config.attention_backend,
+            linears,
         )
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
@@ -134,7 +149,6 @@ class LLMEngine:
         self.eos_token_ids = frozenset(
             self.model_config.eos_token_ids or self.tokenizer.eos_token_ids
         )
-            linears,
 
     # -- requests --------------------------------------------------------------------------
     def encode_prompt(

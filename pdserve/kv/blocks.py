@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import xxhash
 
@@ -49,6 +50,28 @@ def block_nbytes(
 ) -> int:
     """Bytes in one block: ``[layers, 2, block_size, kv_heads, head_dim]`` of the model dtype."""
     return num_layers * 2 * block_size * num_kv_heads * head_dim * dtype_size
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def model_block_nbytes(model: str | Path | None, dtype: str, block_size: int) -> int:
+    """Bytes in one block of ``model`` (a GGUF file or safetensors directory; None: the default
+    model) in ``dtype``, read from its config alone (no weights): the geometry the engine uses."""
+    from pdserve.model.gguf_reader import llama_config_from_gguf, read_gguf
+    from pdserve.model.loader import _resolve_gguf, default_model_path
+    from pdserve.model.safetensors_dir import is_checkpoint_dir, read_config
+
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPE_BYTES)}; got {dtype!r}")
+    source = Path(model) if model is not None else default_model_path()
+    if is_checkpoint_dir(source):
+        config = read_config(source)
+    else:
+        config = llama_config_from_gguf(read_gguf(_resolve_gguf(source)))
+    return block_nbytes(
+        config.num_layers, block_size, config.num_kv_heads, config.head_dim, _DTYPE_BYTES[dtype]
+    )
 
 
 def iter_chunks(data: memoryview, chunk_bytes: int) -> Iterator[tuple[int, memoryview]]:

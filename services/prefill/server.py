@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import structlog
@@ -41,6 +42,11 @@ SERVICE_NAME = prefill_pb2.DESCRIPTOR.services_by_name["Prefill"].full_name
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, worker: PrefillWorker) -> None:
         self.worker = worker
+        # Each followed handoff blocks one thread between events; the default executor (a
+        # handful of threads) would let a few followers stall every other one.
+        self._follow_pool = ThreadPoolExecutor(
+            worker.settings.max_queued_requests, thread_name_prefix="prefill-follow"
+        )
 
     async def Prefill(self, request, context):
         request_id = request.request_id or uuid.uuid4().hex
@@ -97,11 +103,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             await _abort(context, span, grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
 
     async def Handoff(self, request, context):
-        """Stream ``worker.follow``: it blocks, so each step runs on a thread."""
+        """Stream ``worker.follow``: it blocks, so each step runs on a follow thread."""
         events = self.worker.follow(request.request_id, request.wait_s or _HANDOFF_WAIT_S)
-        settings = self.worker.settings
+        settings, loop = self.worker.settings, asyncio.get_running_loop()
         try:
-            while (item := await asyncio.to_thread(next, events, None)) is not None:
+            while (
+                item := await loop.run_in_executor(self._follow_pool, next, events, None)
+            ) is not None:
                 keys, result = item
                 kv = wire.KVSource(keys, settings.kvstore_address, settings.kv_node_id)
                 event = prefill_pb2.HandoffEvent(kv=wire.kv_source_to_proto(kv))

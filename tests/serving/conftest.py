@@ -18,11 +18,13 @@ import torch
 from pdserve._proto.pdserve.v1 import decode_pb2_grpc, prefill_pb2_grpc
 from pdserve.config import KVStoreSettings
 from pdserve.engine.engine_config import EngineConfig
-from pdserve.engine.llm_engine import LLMEngine
+from pdserve.engine.llm_engine import LLMEngine, kv_block_nbytes
 from pdserve.model.loader import Checkpoint, load_checkpoint
 from services.kvstore.server import KVStoreServer
 
-BLOCK_BYTES = 737_280  # SmolLM2-135M, float32, 16 tokens
+# The default engine's block on this machine (SmolLM2-135M, 16 tokens; bf16 KV when the
+# weights are quantized, else float32): the kvstore must hold exactly these.
+BLOCK_BYTES = kv_block_nbytes(EngineConfig())
 ENGINE_BLOCKS = 96
 NODE = "localhost"  # node id that is also a dialable host name
 PASSAGE = (
