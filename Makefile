@@ -42,7 +42,7 @@ test: setup
 # worker even where `pdserve up` alone would size the pools colocated (fewer than 4 cores), and
 # for the threshold policy (the cost policy keeps an idle small host colocated).
 up: setup
-	PDSERVE_ROUTER_DISAGGREGATION_POLICY=threshold $(PY) -m pdserve.cli up --demo --prefill 1
+	$(PY) -m pdserve.cli up --demo --prefill 1
 
 bench: setup
 	$(PY) benchmarks/engine.py

@@ -45,10 +45,13 @@ def choose_pools(num_cpus: int, num_prefill: int | None, num_decode: int | None)
         auto = Pools(0, 1, f"{num_cpus} cores < {MIN_CPUS_TO_DISAGGREGATE}: colocated")
     else:
         auto = Pools(1, 1, f"{num_cpus} cores: one prefill and one decode worker")
+    if num_prefill is None and num_decode is None:
+        return auto
+    given = "--prefill" if num_prefill is not None else "--decode"
     return Pools(
         auto.num_prefill if num_prefill is None else num_prefill,
         auto.num_decode if num_decode is None else num_decode,
-        auto.reason,
+        f"{given} as requested, the other pool sized to {num_cpus} cores",
     )
 
 

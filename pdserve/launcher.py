@@ -417,14 +417,24 @@ _DEMO_LONG = (
 
 def run_demo(grpc_address: str, echo, ca_file: Path | None = None) -> None:
     """What pdserve is for: a long prompt that is disaggregated (its route and the trace
-    waterfall of its handoff), next to a short one prefilled on the decode worker."""
+    waterfall of its handoff), next to a short one prefilled on the decode worker.
+
+    A stream is already running on the decode worker when the long prompt arrives, as in
+    serving: the router's cost policy then hands the prompt to the prefill worker rather than
+    stretch that stream's steps (on an idle decode worker it would prefill it there)."""
     from pdserve.client import Client
 
     roots = ca_file.read_bytes() if ca_file is not None else None
     with Client(grpc_address, root_certificates=roots) as client:
+        running = client.stream(
+            messages=[{"role": "user", "content": "Count from one to one hundred."}],
+            max_tokens=256, temperature=0.0, ignore_eos=True,
+        )  # fmt: skip
+        next(running)  # its first token: the decode worker is busy from here on
         long = client.generate(
             messages=[{"role": "user", "content": _DEMO_LONG}], max_tokens=24, temperature=0.0
         )
+        running.close()
         short = client.generate(
             messages=[{"role": "user", "content": "What is the capital of France?"}],
             max_tokens=24,

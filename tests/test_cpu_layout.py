@@ -14,6 +14,9 @@ def test_small_hosts_run_colocated_and_larger_ones_split():
     assert choose_pools(2, None, None).reason == "2 cores < 4: colocated"
     assert sizes(choose_pools(8, None, None)) == (1, 1)
     assert sizes(choose_pools(2, 1, None)) == (1, 1)  # one flag given: the other is sized
+    assert (
+        choose_pools(2, 1, None).reason == "--prefill as requested, the other pool sized to 2 cores"
+    )
     assert choose_pools(2, 1, 3) == choose_pools(64, 1, 3)  # both given: as requested
 
 

@@ -232,7 +232,8 @@ class Router:
                     capacity=cap,
                     cached_tokens=cached_tokens.get(w.worker_id, 0),
                     queued_prefill_tokens=max(self._queued_tokens[w.worker_id], pending),
-                    num_running=int(w.load.get("running", 0)),
+                    # The router's own count is fresher than the last heartbeat.
+                    num_running=max(int(w.load.get("running", 0)), self._inflight[w.worker_id]),
                     step_s=float(w.load.get("step_s", 0.0)),
                     prompt_tokens_per_s=float(w.load.get("prompt_tokens_per_s", 0.0)),
                 )
