@@ -169,6 +169,9 @@ class Stack:
             "PDSERVE_REDIS_URL": self.redis_url,
             "PDSERVE_CLUSTER_NAME": self.config.cluster_name,
             "PDSERVE_LOG_JSON": "true",
+            # A native crash (a fault inside a torch kernel) leaves every thread's Python
+            # stack in the child's log instead of a silent exit.
+            "PYTHONFAULTHANDLER": "1",
             **self.config.env,
         }
         if self.config.model is not None:
