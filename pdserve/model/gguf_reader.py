@@ -4,9 +4,12 @@ A small reader of our own rather than `gguf.GGUFReader`: that one wraps every el
 metadata array in its own numpy view, which costs ~3 s on SmolLM2's 49k-token vocabulary, more
 than the whole rest of a first load. Tensor data is memory-mapped and read only when asked for.
 
-Dequantization gives bit-for-bit the float32 values of `gguf.quants.dequantize` (which is what
-transformers' GGUF loader uses): the same float32 operations in the same order, only done on
-whole tensors at once instead of 16-row groups. K-quants are delegated to `gguf.quants` itself.
+Type ids and block layouts are the `gguf` package's tables. Dequantization gives bit-for-bit the
+float32 values of `gguf.quants.dequantize` (which is what transformers' GGUF loader uses): the
+same float32 operations in the same order, only done on whole tensors at once instead of
+16-row groups, which is ~9x faster for Q8_0/Q4_0/Q4_1 (measured in one process on a busy
+2-core Xeon: SmolLM2's Q8_0 embedding 0.70 s vs 6.2 s, a Q4_1 FFN tensor 0.023 s vs 0.23 s).
+K-quants are delegated to `gguf.quants` itself.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from pdserve.model.config import ModelConfig
 
@@ -28,54 +32,16 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 
-# ggml type ids (gguf.GGMLQuantizationType) -> name
-GGML_TYPE_NAMES = {
-    0: "F32",
-    1: "F16",
-    2: "Q4_0",
-    3: "Q4_1",
-    6: "Q5_0",
-    7: "Q5_1",
-    8: "Q8_0",
-    9: "Q8_1",
-    10: "Q2_K",
-    11: "Q3_K",
-    12: "Q4_K",
-    13: "Q5_K",
-    14: "Q6_K",
-    15: "Q8_K",
-    16: "IQ2_XXS",
-    17: "IQ2_XS",
-    18: "IQ3_XXS",
-    19: "IQ1_S",
-    20: "IQ4_NL",
-    21: "IQ3_S",
-    22: "IQ2_S",
-    23: "IQ4_XS",
-    24: "I8",
-    25: "I16",
-    26: "I32",
-    27: "I64",
-    28: "F64",
-    29: "IQ1_M",
-    30: "BF16",
-    34: "TQ1_0",
-    35: "TQ2_0",
-    39: "MXFP4",
-}
-F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 13, 14, 30
-
+# ggml type ids and block layouts come from the gguf package's tables.
+GGML_TYPE_NAMES = {t.value: t.name for t in GGMLQuantizationType}
+F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = (
+    GGMLQuantizationType[name].value
+    for name in ("F32", "F16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "BF16")
+)
 # ggml type -> (elements per block, bytes per block), for the types this module reads
 BLOCK_LAYOUT = {
-    F32: (1, 4),
-    F16: (1, 2),
-    BF16: (1, 2),
-    Q4_0: (32, 18),
-    Q4_1: (32, 20),
-    Q8_0: (32, 34),
-    Q4_K: (256, 144),
-    Q5_K: (256, 176),
-    Q6_K: (256, 210),
+    t: GGML_QUANT_SIZES[GGMLQuantizationType(t)]
+    for t in (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)
 }
 SUPPORTED_TYPES = tuple(GGML_TYPE_NAMES[t] for t in BLOCK_LAYOUT)
 
