@@ -13,7 +13,7 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -43,23 +43,35 @@ class KVFetcher:
     """Connections to kvstores by address (built lazily, dropped after an error)."""
 
     def __init__(
-        self, node_id: str, *, allow_shm: bool, timeout_s: float, security: ClusterSecurity
+        self,
+        node_id: str,
+        *,
+        allow_shm: bool,
+        timeout_s: float,
+        security: ClusterSecurity,
+        connect: Callable[[KVSource], KVTransport] | None = None,
     ) -> None:
+        """``connect`` builds the transport to a source's kvstore; default: shared memory for a
+        kvstore on this node (when allowed), gRPC otherwise."""
         self._node_id = node_id
         self._allow_shm = allow_shm
         self._timeout_s = timeout_s
         self._security = security
+        self._connect = connect or self._connect_over_network
         self._transports: dict[str, KVTransport] = {}
         self._lock = threading.Lock()
+
+    def _connect_over_network(self, source: KVSource) -> KVTransport:
+        same_node = self._allow_shm and source.node_id == self._node_id
+        cls = SharedMemoryTransport if same_node else GrpcTransport
+        return cls(source.kvstore_address, timeout_s=self._timeout_s, security=self._security)
 
     def _transport(self, source: KVSource) -> KVTransport:
         with self._lock:
             transport = self._transports.get(source.kvstore_address)
         if transport is not None:
             return transport
-        same_node = self._allow_shm and source.node_id == self._node_id
-        cls = SharedMemoryTransport if same_node else GrpcTransport
-        transport = cls(source.kvstore_address, timeout_s=self._timeout_s, security=self._security)
+        transport = self._connect(source)
         with self._lock:
             return self._transports.setdefault(source.kvstore_address, transport)
 

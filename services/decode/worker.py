@@ -173,20 +173,25 @@ class DecodeWorker:
         checkpoint: Checkpoint | None = None,
         worker_id: str,
         address: str,
+        fetcher: KVFetcher | None = None,
+        follower: PrefillFollower | None = None,
+        registry: WorkerRegistry | None = None,
     ) -> None:
+        """``fetcher``, ``follower`` and ``registry`` default to the network and the Redis
+        registry the settings name; pass others (an in-process store, an in-memory registry) to
+        run without them. With a registry passed in, the HBM inventory is not published."""
         self.settings = settings
         self.worker_id = worker_id
         self.address = address
         self.engine = LLMEngine(settings.engine_config(), checkpoint=checkpoint)
         self.block_size = settings.block_size
-        self.follower = PrefillFollower(
-            self.engine.model_config.vocab_size, ClusterSecurity.from_settings(settings)
-        )
-        self.fetcher = KVFetcher(
+        security = ClusterSecurity.from_settings(settings)
+        self.follower = follower or PrefillFollower(self.engine.model_config.vocab_size, security)
+        self.fetcher = fetcher or KVFetcher(
             settings.node_id,
             allow_shm=settings.kv_transport == "auto",
             timeout_s=settings.kv_timeout_s,
-            security=ClusterSecurity.from_settings(settings),
+            security=security,
         )
         self._fetch_pool = ThreadPoolExecutor(
             settings.kv_fetch_threads, thread_name_prefix="decode-fetch"
@@ -200,16 +205,23 @@ class DecodeWorker:
         self._last_step_ms = 0.0
         self.load = DecodeLoad()
         self._publish_load()
+        self._hbm = None
+        if registry is None:
+            self._connect_redis(settings)
+        self._heartbeat = Heartbeat(
+            registry or self._registry, self.worker_info, settings.heartbeat_interval_s
+        )
+        self._thread = threading.Thread(target=self._run, name="engine-decode", daemon=True)
+
+    def _connect_redis(self, settings: DecodeSettings) -> None:
+        """The registry and, when enabled, the HBM inventory publisher, both in Redis."""
         self._redis = connect_for(settings)
         layout = RedisLayout(settings.cluster_name)
-        registry = WorkerRegistry(self._redis, layout, settings.heartbeat_ttl_s)
-        self._heartbeat = Heartbeat(registry, self.worker_info, settings.heartbeat_interval_s)
-        self._hbm = None
+        self._registry = WorkerRegistry(self._redis, layout, settings.heartbeat_ttl_s)
         if settings.hbm_publish_interval_s > 0:
             self._hbm = HbmPublisher(
-                self._redis, layout, worker_id, settings.hbm_publish_interval_s
+                self._redis, layout, self.worker_id, settings.hbm_publish_interval_s
             )
-        self._thread = threading.Thread(target=self._run, name="engine-decode", daemon=True)
 
     # ---- lifecycle ----
 

@@ -161,25 +161,29 @@ class PrefillLoad:
 
 
 class KVConnection:
-    """A lazily (re)built transport to one kvstore; thread-safe."""
+    """A lazily (re)built transport to one kvstore; thread-safe. ``make`` builds it (a gRPC or
+    shared-memory client; an in-process store's transport in tests and embedded use)."""
 
-    def __init__(
-        self, address: str, *, allow_shm: bool, timeout_s: float, security: ClusterSecurity
-    ) -> None:
-        self.address = address
-        self._allow_shm = allow_shm
-        self._timeout_s = timeout_s
-        self._security = security
+    def __init__(self, make: Callable[[], KVTransport]) -> None:
+        self._make = make
         self._transport: KVTransport | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def to_kvstore(cls, settings: PrefillSettings) -> KVConnection:
+        """The node's kvstore from the settings: shared memory when allowed, else gRPC."""
+        kind = SharedMemoryTransport if settings.kv_transport == "auto" else GrpcTransport
+        security = ClusterSecurity.from_settings(settings)
+        return cls(
+            lambda: kind(
+                settings.kvstore_address, timeout_s=settings.kv_timeout_s, security=security
+            )
+        )
 
     def get(self) -> KVTransport:
         with self._lock:
             if self._transport is None:
-                cls = SharedMemoryTransport if self._allow_shm else GrpcTransport
-                self._transport = cls(
-                    self.address, timeout_s=self._timeout_s, security=self._security
-                )
+                self._transport = self._make()
             return self._transport
 
     def reset(self) -> None:
@@ -202,18 +206,18 @@ class PrefillWorker(KVSaver):
         checkpoint: Checkpoint | None = None,
         worker_id: str,
         address: str,
+        kv: KVConnection | None = None,
+        registry: WorkerRegistry | None = None,
     ) -> None:
+        """``kv`` and ``registry`` default to the kvstore and the Redis registry the settings
+        name; pass others (an in-process store, an in-memory registry) to run without them."""
         self.settings = settings
         self.worker_id = worker_id
         self.address = address
         self.engine = LLMEngine(settings.engine_config(), checkpoint=checkpoint)
         self.block_size = settings.block_size
-        self.kv = KVConnection(
-            settings.kvstore_address,
-            allow_shm=settings.kv_transport == "auto",
-            timeout_s=settings.kv_timeout_s,
-            security=ClusterSecurity.from_settings(settings),
-        )
+        self.kv = kv or KVConnection.to_kvstore(settings)
+        self._registry = registry
         self.handoff = KVHandoff(self.kv.get, self.engine.layer_nbytes, node_id=settings.kv_node_id)
         self.engine.kv_saver = self
         self.load = PrefillLoad(num_free_blocks=self.engine.num_free_kv_blocks)
@@ -240,7 +244,9 @@ class PrefillWorker(KVSaver):
 
     def _make_heartbeat(self) -> Heartbeat:
         s = self.settings
-        registry = WorkerRegistry(connect_for(s), RedisLayout(s.cluster_name), s.heartbeat_ttl_s)
+        registry = self._registry or WorkerRegistry(
+            connect_for(s), RedisLayout(s.cluster_name), s.heartbeat_ttl_s
+        )
         return Heartbeat(registry, self.worker_info, s.heartbeat_interval_s)
 
     def worker_info(self) -> WorkerInfo:

@@ -1,0 +1,183 @@
+"""The prefill and decode workers with their transport, follower and registry passed in: an
+in-process kvstore (InProcessTransport over a TieredStore), the prefill worker followed
+directly, an in-memory registry, so their logic (sequential and overlapped handoff) runs
+without Redis, gRPC or shared memory."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from pdserve.config import KVStoreSettings
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv.metadata import WorkerInfo
+from pdserve.kv.transport import InProcessTransport
+from pdserve.wire import KVSource
+from services.decode.fetch import KVFetcher
+from services.decode.follow import HandoffProgress
+from services.decode.settings import DecodeSettings
+from services.decode.worker import DecodeSpec, DecodeWorker
+from services.kvstore.store import TieredStore
+from services.prefill.settings import PrefillSettings
+from services.prefill.worker import KVConnection, PrefillWorker
+from tests.serving.conftest import BLOCK_BYTES, ENGINE_BLOCKS, PASSAGE
+
+
+class MemoryRegistry:
+    """The WorkerRegistry calls a Heartbeat makes, kept in a dict."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, WorkerInfo] = {}
+
+    def heartbeat(self, info: WorkerInfo) -> None:
+        self.entries[info.worker_id] = info
+
+    def deregister(self, worker_id: str) -> None:
+        self.entries.pop(worker_id, None)
+
+
+class DirectFollower:
+    """PrefillFollower's interface over a prefill worker in this process."""
+
+    def __init__(self, prefill: PrefillWorker) -> None:
+        self.prefill = prefill
+
+    def follow(self, address: str, request_id: str, *, wait_s: float, timeout_s: float):
+        prefill = self.prefill
+
+        class Stream:
+            def __iter__(self):
+                for keys, result in prefill.follow(request_id, wait_s):
+                    kv = KVSource(keys, address, "n")
+                    yield HandoffProgress(kv, result.first_token if result else None)
+
+            def cancel(self) -> None:
+                pass  # the follow ends with the request; nothing to tear down in-process
+
+        return Stream()
+
+    def close(self) -> None:
+        pass
+
+
+COMMON = dict(
+    node_id="n", redis_url="redis://127.0.0.1:1/0", grpc_port=0, http_port=0,
+    kv_cache_bytes=ENGINE_BLOCKS * BLOCK_BYTES, heartbeat_interval_s=0.05, heartbeat_ttl_s=1.0,
+    log_json=False,
+)  # fmt: skip
+
+
+@pytest.fixture
+def store():
+    store = TieredStore(
+        KVStoreSettings(
+            node_id="n", block_size_bytes=BLOCK_BYTES, dram_capacity_bytes=64 * BLOCK_BYTES,
+            staging_blocks=64, shm_enabled=False, redis_url="redis://127.0.0.1:1/0",
+        )
+    )  # fmt: skip
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def workers(store, checkpoint):
+    registry = MemoryRegistry()
+    prefill = PrefillWorker(
+        PrefillSettings(kvstore_address="in-process:0", **COMMON), checkpoint=checkpoint,
+        worker_id="p-1", address="in-process:0",
+        kv=KVConnection(lambda: InProcessTransport(store)), registry=registry,
+    )  # fmt: skip
+    fetcher = KVFetcher(
+        "n", allow_shm=False, timeout_s=10, security=None,
+        connect=lambda source: InProcessTransport(store),
+    )  # fmt: skip
+    decode = DecodeWorker(
+        DecodeSettings(hbm_publish_interval_s=0, **COMMON), checkpoint=checkpoint,
+        worker_id="d-1", address="in-process:1", fetcher=fetcher,
+        follower=DirectFollower(prefill), registry=registry,
+    )  # fmt: skip
+    prefill.start()
+    decode.start()
+    yield prefill, decode, registry
+    decode.stop()
+    prefill.stop()
+    assert registry.entries == {}
+
+
+def decode_all(decode: DecodeWorker, spec: DecodeSpec) -> list:
+    events, done = [], threading.Event()
+
+    def sink(event) -> None:
+        events.append(event)
+        if event.is_last:
+            done.set()
+
+    decode.submit(spec, sink)
+    assert done.wait(120)
+    return events
+
+
+@pytest.mark.parametrize("overlapped", [False, True])
+def test_handoff_in_process(workers, oracle, overlapped):
+    prefill, decode, registry = workers
+    prompt = (oracle.tokenizer.encode(PASSAGE) * 3)[:70]
+    prompt[0] = 4000 + overlapped
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    [expected] = oracle.generate([prompt], params)
+    rid = f"h-{overlapped}"
+    if overlapped:  # the decode first, following the prefill that starts after it
+        spec = DecodeSpec(rid, prompt, params, prefill_address="in-process:0")
+        events: list = []
+        thread = threading.Thread(target=lambda: events.extend(decode_all(decode, spec)))
+        thread.start()
+        time.sleep(0.1)
+        prefill.submit(prompt, params, request_id=rid).result(120)
+        thread.join(120)
+    else:
+        result = prefill.submit(prompt, params, request_id=rid).result(120)
+        spec = DecodeSpec(rid, prompt, params, first_token=result.first_token, kv=result.kv)
+        events = decode_all(decode, spec)
+    assert [t for e in events for t in e.token_ids] == expected.token_ids
+    assert (events[0].num_kv_blocks_fetched, events[0].recomputed) == (4, False)
+    assert {"p-1", "d-1"} <= set(registry.entries)
+
+
+def test_prefill_worker_runs_on_an_in_process_store_without_redis(tmp_path, checkpoint, oracle):
+    store = TieredStore(
+        KVStoreSettings(
+            node_id="n", block_size_bytes=BLOCK_BYTES, dram_capacity_bytes=64 * BLOCK_BYTES,
+            staging_blocks=64, shm_enabled=False, redis_url="redis://127.0.0.1:1/0",
+        )
+    )  # fmt: skip
+    registry = MemoryRegistry()
+    settings = PrefillSettings(
+        node_id="n", redis_url="redis://127.0.0.1:1/0", kvstore_address="in-process:0",
+        grpc_port=0, http_port=0, kv_cache_bytes=ENGINE_BLOCKS * BLOCK_BYTES,
+        heartbeat_interval_s=0.05, heartbeat_ttl_s=1.0, log_json=False,
+    )  # fmt: skip
+    worker = PrefillWorker(
+        settings, checkpoint=checkpoint, worker_id="p-1", address="in-process:0",
+        kv=KVConnection(lambda: InProcessTransport(store)), registry=registry,
+    )  # fmt: skip
+    worker.start()
+    try:
+        prompt = (oracle.tokenizer.encode(PASSAGE) * 3)[:70]
+        result = worker.submit(prompt, SamplingParams(temperature=0.0), request_id="r").result(120)
+        [expected] = oracle.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1))
+        assert result.first_token.token_id == expected.token_ids[0]
+        keys = oracle.block_keys(prompt[:64])
+        assert result.kv.block_keys == tuple(keys)
+        assert store.lookup(keys).prefix_blocks == 4
+        assert all(len(store.get(k)[0]) == BLOCK_BYTES for k in keys)
+        events = list(worker.follow("r", wait_s=1.0))  # ended: the result at once
+        assert [(len(k), r is result) for k, r in events] == [(4, True)]
+        deadline = time.monotonic() + 5
+        while "p-1" not in registry.entries and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert registry.entries["p-1"].role == "prefill"
+    finally:
+        worker.stop()
+    assert registry.entries == {}
+    store.close()
