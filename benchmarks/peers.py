@@ -44,6 +44,7 @@ LOGS = PEERS / "logs"
 RESULTS = HERE / "RESULTS.md"
 BEGIN, END = "<!-- peers:begin -->", "<!-- peers:end -->"
 THREADS = 2
+WORKERS = ("pdserve", "llamacpp", "vllm")  # run in this order unless --only says otherwise
 N_CTX = 4096
 
 VLLM_VERSION = "0.32.0"
@@ -363,6 +364,8 @@ def run_peer(
     result = json.loads(lines[-1].split(" ", 1)[1])
     result["wall_s"] = time.perf_counter() - start
     result["load_avg"] = (load_before, os.getloadavg()[0])
+    result["finished_at"] = time.strftime("%Y-%m-%d %H:%M")
+    (LOGS / f"result-{name}.json").write_text(json.dumps(result))
     return result
 
 
@@ -527,6 +530,7 @@ def report(
     argv: str,
     reference: list[int],
     build: str,
+    reused: tuple[str, ...] = (),
 ) -> str:
     cols = columns(results, failures)
     notes = []
@@ -544,7 +548,7 @@ def report(
                 else "one engine per precision, built one after another in one process; "
             )
             notes.append(
-                f"- {titles[p]}: {r['version']}; {detail}"
+                f"- {titles[p]} (run finished {r['finished_at']}): {r['version']}; {detail}"
                 + (f"build: {build}; " if p == "llamacpp" else "")
                 + f"worker wall time {r['wall_s']:.0f} s; 1-min load average {r['load_avg'][0]:.1f} before, "
                 f"{r['load_avg'][1]:.1f} after"
@@ -571,7 +575,13 @@ def report(
         + "\n\n"
         + "\n".join(notes)
         + "\n\nThis machine's cores are shared with other work: absolute figures are noisy (the "
-        "load averages above); the ratios compare runs made minutes apart in one invocation.\n"
+        "load averages above); "
+        + (
+            f"{', '.join(reused)} reused from an earlier invocation (`--reuse`), so those ratios "
+            "compare runs made at different times.\n"
+            if reused
+            else "the ratios compare runs made minutes apart in one invocation.\n"
+        )
     )
 
 
@@ -589,11 +599,19 @@ def write_section(body: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="engine.py's --quick workload sizes")
-    parser.add_argument("--only", choices=("pdserve", "vllm", "llamacpp"), action="append")
+    parser.add_argument("--only", choices=WORKERS, action="append")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per peer run")
+    parser.add_argument(
+        "--reuse",
+        choices=WORKERS,
+        action="append",
+        default=[],
+        help="take this worker's result from its last run (benchmarks/.peers/logs) instead of "
+        "running it again; the report gives that run's time and load",
+    )
     args = parser.parse_args()
-    names = args.only or ["pdserve", "llamacpp", "vllm"]
+    names = args.only or list(WORKERS)
     LOGS.mkdir(parents=True, exist_ok=True)
 
     work = build_workload(args.quick)
@@ -602,6 +620,9 @@ def main() -> int:
     failures: dict = {}
     build = "not built"
     for name in names:
+        if name in args.reuse:
+            results[name] = json.loads((LOGS / f"result-{name}.json").read_text())
+            continue
         try:
             if name == "vllm":
                 setup_vllm()
@@ -620,7 +641,14 @@ def main() -> int:
 
     argv = "".join(f" {a}" for a in sys.argv[1:])
     body = report(
-        results, failures, work["sizes"], args.quick, argv, work["reference_tokens"], build
+        results,
+        failures,
+        work["sizes"],
+        args.quick,
+        argv,
+        work["reference_tokens"],
+        build,
+        tuple(args.reuse),
     )
     print(body)
     if not args.no_write:
