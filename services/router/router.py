@@ -559,7 +559,12 @@ class Router:
                 return
             except WorkerCallError as exc:
                 route = self._migration_route(parsed, exc, streamed, tried, deadline, obs)
-            call = self._decode_call(parsed, None, streamed)
+            # An id of its own: a worker frees the abandoned call's id only once its abort
+            # lands, and the retry may go to that very worker.
+            call = dataclasses.replace(
+                self._decode_call(parsed, None, streamed),
+                request_id=f"{parsed.request_id}.{len(tried)}",
+            )
             prefilled, cached = None, None
 
     def _migration_route(self, parsed, exc: WorkerCallError, streamed, tried, deadline, obs):
@@ -606,7 +611,11 @@ class Router:
         held[call.request_id] = admission.Inflight(remaining, blocks)
         try:
             stream = self.clients.decode(worker.address, call, self._remaining(deadline, "decode"))
-            async for chunk in self._paced(stream, deadline, wid):
+            # Overlapped: the first chunk waits for the prefill the decode worker follows.
+            first_s = self.settings.decode_first_chunk_timeout_s + (
+                self.settings.prefill_timeout_s if call.prefill_address else 0.0
+            )
+            async for chunk in self._paced(stream, deadline, wid, first_s):
                 self._queued_tokens[wid] -= queued
                 queued = 0
                 remaining -= len(chunk.token_ids)
@@ -617,13 +626,12 @@ class Router:
             self._queued_tokens[wid] -= queued
             held.pop(call.request_id, None)
 
-    async def _paced(self, stream, deadline: float, wid: str):
+    async def _paced(self, stream, deadline: float, wid: str, first_chunk_timeout_s: float):
         """Forward chunks; a stream silent past the stall timeout fails with Failure.STALL."""
         first = True
         try:
             while True:
-                s = self.settings
-                limit = s.decode_first_chunk_timeout_s if first else s.decode_stall_timeout_s
+                limit = first_chunk_timeout_s if first else self.settings.decode_stall_timeout_s
                 wait_s = min(limit, self._remaining(deadline, "decode"))
                 try:
                     chunk = await asyncio.wait_for(stream.__anext__(), wait_s)
