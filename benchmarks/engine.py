@@ -20,14 +20,12 @@ from pathlib import Path
 
 import torch
 from machine_info import cpu_model
+from results_md import write_section
 
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.model.loader import default_model_path, load_checkpoint
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
-BEGIN, END = "<!-- engine:begin -->", "<!-- engine:end -->"
 
 
 def machine() -> str:
@@ -257,18 +255,9 @@ def main() -> None:
         f"prefill {ours_prefill:.0f} tok/s ({ours_prefill / hf_prefill:.2f}× HF), overhead {overhead:.2f}×"
     )
     if not args.no_write:
-        write_section(body)
+        write_section("engine", "Engine", body)
 
 
-def write_section(body: str) -> None:
-    section = f"{BEGIN}\n## Engine\n\n{body}{END}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

@@ -37,13 +37,12 @@ sys.path.insert(0, str(HERE.parent))
 
 from machine_info import cpu_model  # noqa: E402
 from peers import LOGS, VLLM_VERSION, PeerError, _py, setup_vllm, write_model_dir  # noqa: E402
+from results_md import write_section  # noqa: E402
 
 from pdserve.cpu_layout import choose_pools  # noqa: E402
 from pdserve.launcher import Stack, StackConfig  # noqa: E402
 
 OUT = HERE / "goodput"
-RESULTS = HERE / "RESULTS.md"
-BEGIN, END = "<!-- goodput:begin -->", "<!-- goodput:end -->"
 SERVED_NAME = "SmolLM2-135M-Instruct"
 METRICS = ("request_throughput", "request_goodput", "median_ttft_ms", "p99_ttft_ms",
            "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "completed")  # fmt: skip
@@ -197,17 +196,6 @@ def ratios(rows: list[dict]) -> str:
     return "; ".join(out)
 
 
-def write_section(body: str) -> None:
-    section = f"{BEGIN}\n## Goodput (vLLM's `vllm bench serve` client)\n\n{body}\n{END}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")],
@@ -255,7 +243,7 @@ def main() -> int:
     )
     print(body)
     if not args.no_write:
-        write_section(body)
+        write_section("goodput", "Goodput (vLLM's `vllm bench serve` client)", body)
     return 0
 
 

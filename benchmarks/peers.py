@@ -36,13 +36,12 @@ import time
 from pathlib import Path
 
 from machine_info import cpu_model
+from results_md import write_section
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / ".peers"
 MODEL_DIR = PEERS / "model"
 LOGS = PEERS / "logs"
-RESULTS = HERE / "RESULTS.md"
-BEGIN, END = "<!-- peers:begin -->", "<!-- peers:end -->"
 THREADS = 2
 WORKERS = ("pdserve", "llamacpp", "vllm")  # run in this order unless --only says otherwise
 N_CTX = 4096
@@ -585,15 +584,6 @@ def report(
     )
 
 
-def write_section(body: str) -> None:
-    section = f"{BEGIN}\n## Peers\n\n{body}{END}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
 
 
 def main() -> int:
@@ -652,7 +642,7 @@ def main() -> int:
     )
     print(body)
     if not args.no_write:
-        write_section(body)
+        write_section("peers", "Peers", body)
     return 1 if failures else 0
 
 
