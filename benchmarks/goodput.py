@@ -102,16 +102,41 @@ def run_client(base_url: str, model_dir: Path, rate: float, label: str, args) ->
     return json.loads((OUT / name).read_text())
 
 
-def measure(label: str, base_url: str, model_dir: Path, args) -> list[dict]:
+def measure(label: str, base_url: str, model_dir: Path, args, own_bench: bool = False):
     rows = []
     for rate in args.rates:
         load_before = os.getloadavg()[0]
         result = run_client(base_url, model_dir, rate, label, args)
         row = {"target": label, "rate": rate, "load_avg_before": round(load_before, 1)}
         row.update({m: result.get(m) for m in METRICS})
+        if own_bench:
+            row["pdserve_bench"] = run_pdserve_bench(base_url, rate, label, args)
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def run_pdserve_bench(base_url: str, rate: float, label: str, args) -> dict:
+    """`pdserve bench` on a workload of the same shape (its own seeded prompts and arrivals),
+    for its figures next to vLLM's client's: the two clients should agree."""
+    workload = OUT / f"workload-rate{rate:g}.jsonl"
+    result_path = OUT / f"{label}-rate{rate:g}-pdserve-bench.json"
+    cli = [sys.executable, "-m", "pdserve.cli"]
+    subprocess.run([*cli, "workload", str(workload), "--num-requests", str(args.num_prompts),
+                    "--rate", str(rate), "--prompt", f"fixed:{args.input_len}",
+                    "--output", f"fixed:{args.output_len}", "--seed", "0"],
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run([*cli, "bench", str(workload), "--url", base_url, "--out", str(result_path),
+                    "--slo-ttft-s", str(args.slo_ttft_ms / 1000),
+                    "--slo-tpot-s", str(args.slo_tpot_ms / 1000)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    result = json.loads(result_path.read_text())
+    return {
+        "goodput_rps": result["goodput_rps"],
+        "ttft_p50_ms": result["ttft_s"]["p50"] * 1e3,
+        "ttft_p99_ms": result["ttft_s"]["p99"] * 1e3,
+        "itl_p50_ms": result["itl_s"]["p50"] * 1e3,
+    }
 
 
 def run_pdserve(label: str, num_prefill: int, num_decode: int, model_dir: Path, args) -> list:
@@ -120,7 +145,7 @@ def run_pdserve(label: str, num_prefill: int, num_decode: int, model_dir: Path, 
         log_dir=LOGS / f"goodput-{label}", startup_timeout_s=300, cluster_name=f"goodput{label}",
     )  # fmt: skip
     with Stack(config) as stack:
-        return measure(label, stack.http_url, model_dir, args)
+        return measure(label, stack.http_url, model_dir, args, own_bench=args.pdserve_bench)
 
 
 def run_vllm(model_dir: Path, args) -> list:
@@ -185,6 +210,23 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def own_bench_table(rows: list[dict]) -> str:
+    """`pdserve bench`'s figures for the pdserve targets, beside vLLM's client's goodput."""
+    mine = [r for r in rows if "pdserve_bench" in r]
+    if not mine:
+        return ""
+    lines = ["| target | rate | goodput, vllm bench serve | goodput, pdserve bench "
+             "| TTFT p50 / p99 (ms), pdserve bench | ITL p50 (ms), pdserve bench |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in mine:
+        b = r["pdserve_bench"]
+        lines.append(
+            f"| {r['target']} | {r['rate']:g} | {r['request_goodput']:.2f} | {b['goodput_rps']:.2f} "
+            f"| {b['ttft_p50_ms']:.0f} / {b['ttft_p99_ms']:.0f} | {b['itl_p50_ms']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def ratios(rows: list[dict]) -> str:
     """pdserve's goodput over vLLM's at each rate (the issue's target: >= 1.0 at every one)."""
     vllm = {r["rate"]: r["request_goodput"] for r in rows if r["target"] == "vllm"}
@@ -208,6 +250,8 @@ def main() -> int:
     parser.add_argument("--slo-tpot-ms", type=int, default=150)
     parser.add_argument("--vllm-startup-s", type=float, default=900)
     parser.add_argument("--no-write", action="store_true", help="leave RESULTS.md alone")
+    parser.add_argument("--no-pdserve-bench", dest="pdserve_bench", action="store_false",
+                        help="skip the `pdserve bench` pass on each pdserve target")  # fmt: skip
     args = parser.parse_args()
     targets = args.only or ["pdserve", "pdserve-1p1d", "vllm"]
     LOGS.mkdir(parents=True, exist_ok=True)
@@ -239,6 +283,7 @@ def main() -> int:
         f"{time.strftime('%Y-%m-%d %H:%M')}; the 1-minute load average before each rate is in "
         f"the last column (above the core count: other processes shared the machine).\n\n"
         f"{table(rows)}\n\nRatios: {ratios(rows) or 'no vLLM rows'}.\n\n"
+        f"{own_bench_table(rows)}\n\n"
         f"![goodput against rate]({chart.relative_to(HERE)})\n"
     )
     print(body)
