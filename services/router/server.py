@@ -145,13 +145,18 @@ def load_model_info(settings: RouterSettings) -> ModelInfo:
     import torch
 
     from pdserve.model.loader import load_checkpoint
+    from pdserve.model.quant import resolve_quantization, variant_fingerprint
 
     checkpoint = load_checkpoint(settings.model, dtype=getattr(torch, settings.dtype))
     config = checkpoint.config
+    # The workers' KV fingerprint: a quantized mode has its own (resolved on this host's
+    # device, as a worker with device=auto does).
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mode = resolve_quantization(settings.quantization, device)
     return ModelInfo(
         name=settings.model_name,
         tokenizer=checkpoint.tokenizer,
-        fingerprint=checkpoint.fingerprint,
+        fingerprint=variant_fingerprint(checkpoint.fingerprint, mode),
         vocab_size=config.vocab_size,
         max_model_len=min(settings.max_model_len, config.max_position_embeddings),
     )

@@ -42,6 +42,11 @@ class RouterSettings(ServiceSettings):
     model: Path | None = Field(None, description="GGUF file or safetensors dir; default model")
     model_name: str = Field("SmolLM2-135M-Instruct", description="name served on /v1/models")
     dtype: str = Field("float32", description="the workers' dtype: part of the KV fingerprint")
+    quantization: Literal["auto", "none", "int8", "int4"] = Field(
+        "auto",
+        description="the workers' quantization (resolved as they do): part of the "
+        "KV fingerprint, so the router's block keys match the blocks they publish",
+    )
     block_size: int = Field(16, ge=1, le=1024, description="the workers' KV block size, tokens")
     max_model_len: int = Field(8192, ge=2, description="prompt + max_tokens cap, tokens")
 
