@@ -200,9 +200,9 @@ class LLMEngine:
         decoding continues from it. `kv_load` (from `start_load`) is committed first: its first
         `num_loaded_blocks` blocks enter the prefix cache, the rest of its blocks are freed.
         `resume_token_ids` are output tokens another engine already produced and delivered (a
-        migrated request): they are recomputed like a preempted sequence's, never emitted, and
-        the next token is sampled at output position len(resume_token_ids), as the first
-        engine would have."""
+        migrated request): they are recomputed one per step through the decode path (so their
+        KV is bit-for-bit the first engine's), never emitted, and the next token is sampled at
+        output position len(resume_token_ids), as the first engine would have."""
         if kv_load is not None:
             self._commit_load(kv_load, num_loaded_blocks)
         params = params or SamplingParams()
@@ -232,6 +232,7 @@ class LLMEngine:
             self._first_tokens[request_id] = first_token
         if resumed:
             seq.output_token_ids.extend(resumed)
+            seq.replay_output = True
             for token_id in resumed:  # their text reached the client from the first engine
                 self._requests[request_id].detokenizer.add_token(token_id)
         self.scheduler.add(seq)

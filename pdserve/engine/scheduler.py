@@ -98,7 +98,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(_num_left(seq), budget)
             if not _is_decoding(seq):
                 num_new = prompts.take(num_new)
                 if num_new == 0:
@@ -129,7 +129,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, allowed)
+            num_new = min(_num_left(seq), allowed)
             prompts.spend(num_new)
             plan.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
             budget -= num_new
@@ -166,6 +166,17 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+
+def _num_left(seq: Sequence) -> int:
+    """Tokens the next chunk may compute. A replayed output (``seq.replay_output``) goes one
+    token a step, the way it was first computed: the prompt chunk stops at the prompt's end."""
+    left = seq.num_tokens - seq.num_computed_tokens
+    if not seq.replay_output:
+        return left
+    if seq.num_computed_tokens < seq.num_prompt_tokens:
+        return min(left, seq.num_prompt_tokens - seq.num_computed_tokens)
+    return min(left, 1)
 
 
 def _is_decoding(seq: Sequence) -> bool:

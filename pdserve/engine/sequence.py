@@ -43,6 +43,10 @@ class Sequence:
     # Keys of the full blocks registered in the cache so far (prefix of block_table).
     block_keys: list[BlockKey] = field(default_factory=list)
     num_preemptions: int = 0
+    # A migrated request (output tokens produced by another engine): its output is recomputed
+    # one token a step, through the decode path, so its KV is bit-for-bit what the first
+    # engine computed and the next tokens are the ones it would have sampled.
+    replay_output: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -1,8 +1,11 @@
 """A migrated request resumes on another engine exactly where the first one stopped.
 
-The seeded sampler draws at (seed, output position), so an engine given the prompt plus the
-tokens already streamed (``resume_token_ids``) must produce the rest of the original stream,
-token for token and character for character, emitting nothing for the resumed tokens.
+The seeded sampler draws at (seed, output position), and the resumed tokens are recomputed
+one per step through the decode path (as they were first computed), so an engine given the
+prompt plus the tokens already streamed (``resume_token_ids``) must produce the rest of the
+original stream, token for token and character for character, emitting nothing for them.
+The river prompt diverged at its 15th token when the resumed tokens were recomputed in one
+prefill chunk (float reduction order differs between the prefill and decode paths).
 """
 
 from __future__ import annotations
@@ -26,20 +29,21 @@ def _run(engine, prompt_ids, params, resume=()):
     return tokens, deltas, finish
 
 
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True,
+                        frequency_penalty=0.5, presence_penalty=0.3)  # fmt: skip
+RIVER = "Tell a long story about river number 0."
+
+
 @pytest.mark.parametrize(
-    "params",
-    [
-        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
-        SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True,
-                       frequency_penalty=0.5, presence_penalty=0.3),  # fmt: skip
-    ],
-    ids=["greedy", "seeded-penalties"],
+    ("prompt", "params", "cut"),
+    [(PROMPT, GREEDY, 7), (RIVER, GREEDY, 4), (PROMPT, SEEDED, 1), (PROMPT, SEEDED, 11)],
+    ids=["greedy", "greedy-river", "seeded-penalties-1", "seeded-penalties-11"],
 )
-@pytest.mark.parametrize("cut", [1, 7, 23])
-def test_resumed_request_continues_the_original_stream(engine, checkpoint, params, cut):
-    prompt_ids = checkpoint.tokenizer.encode(PROMPT)
+def test_resumed_request_continues_the_original_stream(engine, checkpoint, prompt, params, cut):
+    prompt_ids = checkpoint.tokenizer.encode(prompt)
     tokens, deltas, finish = _run(engine, prompt_ids, params)
-    assert len(tokens) == 24 and finish == "length"
+    assert len(tokens) == params.max_tokens and finish == "length"
     rest, rest_deltas, rest_finish = _run(engine, prompt_ids, params, resume=tokens[:cut])
     assert rest == tokens[cut:]
     assert rest_finish == "length"
