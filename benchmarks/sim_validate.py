@@ -57,12 +57,15 @@ def stack_config(mode: str, name: str) -> StackConfig:
                        cpu_affinity=parse_cpu_affinity(affinity), cluster_name=name)  # fmt: skip
 
 
-def live(stack: Stack, workload, slo: result.Slo, conditions: dict) -> dict:
+def live(stack: Stack, workload, slo: result.Slo, conditions: dict, prompt_seed: int) -> dict:
+    """``prompt_seed`` differs per run: one stack serves both loads, and a prompt it has seen
+    would be a prefix-cache hit the (cold) simulation does not have."""
+
     async def go():
         target = target_for(stack.grpc_address, 600)
         try:
             await replay(workload[:2], target, seed=-1)  # warm-up: other prompts, no cache hits
-            return await replay(workload, target)
+            return await replay(workload, target, seed=prompt_seed)
         finally:
             await target.close()
 
@@ -128,7 +131,9 @@ def main() -> None:
                 save(args.out / f"workload-{rate}.jsonl", workload)
                 print(f"{mode} at {rate} req/s: live ...", flush=True)
                 started = time.time()
-                live_res = live(stack, workload, slo, {"mode": mode, "rate": rate})
+                prompt_seed = args.seed * 100_000 + round(rate * 1000)
+                live_res = live(stack, workload, slo, {"mode": mode, "rate": rate,
+                                                       "prompt_seed": prompt_seed}, prompt_seed)  # fmt: skip
                 sim_res = simulate(workload, mode, profile_path, slo)
                 result.write(args.out / f"bench-{mode}-{rate}.json", live_res)
                 result.write(args.out / f"sim-{mode}-{rate}.json", sim_res)
