@@ -33,7 +33,9 @@ def generate(
     model: Annotated[
         Path | None, typer.Option("--model", help="GGUF file or safetensors directory")
     ] = None,
-    dtype: Annotated[str, typer.Option("--dtype")] = "float32",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="auto: bfloat16 on CUDA, float32 on the CPU")
+    ] = "auto",
     attention_backend: Annotated[str, typer.Option("--attention-backend")] = "auto",
     as_json: Annotated[
         bool, typer.Option("--json", help="print one JSON object at the end")
@@ -41,7 +43,7 @@ def generate(
 ) -> None:
     """Generate text offline with the in-process engine, streaming to the terminal."""
     from pdserve.engine.engine_config import EngineConfig
-    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.llm_engine import LLMEngine, requested_dtype
     from pdserve.engine.sampling_params import SamplingParams
     from pdserve.model.loader import load_checkpoint
 
@@ -50,10 +52,8 @@ def generate(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
         )
         config = EngineConfig(model=model, dtype=dtype, attention_backend=attention_backend)
-        import torch
-
         show_progress = not as_json and sys.stderr.isatty()
-        checkpoint = load_checkpoint(model, dtype=getattr(torch, dtype), progress=show_progress)
+        checkpoint = load_checkpoint(model, dtype=requested_dtype(config), progress=show_progress)
         engine = LLMEngine(config, checkpoint=checkpoint)
         request = (
             {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}

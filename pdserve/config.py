@@ -143,7 +143,9 @@ class WorkerSettings(ServiceSettings):
 
     # The engine (see pdserve.engine.engine_config.EngineConfig).
     model: Path | None = Field(None, description="GGUF file or safetensors dir; default model")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on the CPU"
+    )
     quantization: Literal["auto", "none", "int8", "int4"] = Field(
         "auto", description="weights: auto (int4 on a CPU with native bf16), none (exact), int8, int4"
     )

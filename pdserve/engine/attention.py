@@ -10,17 +10,28 @@ A step's batch is varlen-packed: T tokens from several sequences. Sequences with
 
 Backends: `flash` (flash-attn varlen + paged kernels; CUDA only), `sdpa` (torch
 scaled_dot_product_attention; PyTorch's own FlashAttention kernel on CUDA), `reference` (plain
-math, the yardstick for tests).
+math, the yardstick for tests). Which one runs, and why, is `device_selection.choose_backend`.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import structlog
 import torch
 import torch.nn.functional as F
+
+from pdserve.engine.device_selection import (
+    FLASH_PAGE_MULTIPLE,
+    DeviceFacts,
+    choose_backend,
+    flash_unsupported,
+)
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -175,67 +186,98 @@ class ReferenceBackend(_GatheringBackend):
         return self._attend(q, k, v, mask, scale)
 
 
+@dataclass
+class FlashPrefillInputs:
+    """The fresh prefill chunks (no cached context) of a step, packed for one varlen call."""
+
+    rows: slice | torch.Tensor  # their rows of the packed batch (a slice when contiguous)
+    cu_seqlens: torch.Tensor  # [num_fresh + 1] int32, row offsets into the packed chunks
+    max_seqlen: int
+
+
+def flash_prefill_inputs(
+    prefills: list[PrefillSegment], device: torch.device
+) -> FlashPrefillInputs | None:
+    fresh = [s for s in prefills if s.context_len == s.num_tokens]
+    if not fresh:
+        return None
+    rows = [r for s in fresh for r in range(s.token_start, s.token_start + s.num_tokens)]
+    offsets = [0]
+    for s in fresh:
+        offsets.append(offsets[-1] + s.num_tokens)
+    contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+    return FlashPrefillInputs(
+        slice(rows[0], rows[0] + len(rows))
+        if contiguous
+        else torch.tensor(rows, dtype=torch.int64, device=device),
+        torch.tensor(offsets, dtype=torch.int32, device=device),
+        max(s.num_tokens for s in fresh),
+    )
+
+
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[B, max_blocks * block_size, KVH, D]: each sequence's blocks laid end to end (padding
+    entries of the table gather block 0, which the kernel's cache_seqlens masks off)."""
+    b, max_blocks = block_tables.shape
+    _, block_size, kv_heads, head_dim = cache.shape
+    return cache[block_tables].view(b, max_blocks * block_size, kv_heads, head_dim)
+
+
 class FlashBackend(AttentionBackend):
-    """flash-attn 2 on CUDA: the varlen kernel for prefill chunks without cached context and
-    `flash_attn_with_kvcache` for decodes and chunks with a cached prefix. Upstream flash-attn
-    reads a paged cache directly only when the page size is a multiple of 256; for smaller
-    blocks the context is gathered into a contiguous buffer first."""
+    """flash-attn 2 on CUDA: one varlen call over every fresh prefill chunk of the step (packed),
+    and `flash_attn_with_kvcache` for decodes and for chunks after a cached prefix (causal is
+    bottom-right aligned there, so the chunk's queries are the last positions of its context).
+    The kernel reads the pool through the block table when the block size is a multiple of 256
+    (its `page_block_size` check); smaller blocks are gathered into a contiguous buffer first.
+
+    `varlen` / `with_kvcache` default to flash-attn's kernels; tests pass functions with the
+    same documented contract to check the inputs this class builds on a CPU."""
 
     name = "flash"
 
-    def __init__(self) -> None:
-        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+    def __init__(self, varlen: Callable | None = None, with_kvcache: Callable | None = None):
+        if varlen is None or with_kvcache is None:
+            from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
-        self._varlen = flash_attn_varlen_func
-        self._with_kvcache = flash_attn_with_kvcache
+            varlen, with_kvcache = flash_attn_varlen_func, flash_attn_with_kvcache
+        self._varlen = varlen
+        self._with_kvcache = with_kvcache
 
     def _attend_cached(self, q, k_cache, v_cache, block_tables, context_lens, scale):
-        # q [B, S, H, D]; block_tables [B, max_blocks]; context_lens [B]
+        # q [B, S, H, D]; block_tables [B, max_blocks]; context_lens [B] → [B, S, H, D]
         seqlens = context_lens.to(torch.int32)
-        if k_cache.shape[1] % 256 == 0:
+        if k_cache.shape[1] % FLASH_PAGE_MULTIPLE == 0:
             return self._with_kvcache(
                 q,
                 k_cache,
                 v_cache,
                 cache_seqlens=seqlens,
-                block_table=block_tables.to(torch.int32),
+                block_table=block_tables.to(torch.int32).contiguous(),
                 softmax_scale=scale,
                 causal=True,
             )
-        b, max_blocks = block_tables.shape
-        _, block_size, kv_heads, head_dim = k_cache.shape
-        k = k_cache[block_tables].view(b, max_blocks * block_size, kv_heads, head_dim)
-        v = v_cache[block_tables].view(b, max_blocks * block_size, kv_heads, head_dim)
+        k = gather_blocks(k_cache, block_tables)
+        v = gather_blocks(v_cache, block_tables)
         return self._with_kvcache(q, k, v, cache_seqlens=seqlens, softmax_scale=scale, causal=True)
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
+        fresh = flash_prefill_inputs(meta.prefills, q.device)
+        if fresh is not None:
+            cu, n = fresh.cu_seqlens, fresh.max_seqlen
+            out[fresh.rows] = self._varlen(
+                q[fresh.rows], k[fresh.rows], v[fresh.rows], cu, cu, n, n,
+                softmax_scale=scale, causal=True,
+            )  # fmt: skip
         for seg in meta.prefills:
-            rows = slice(seg.token_start, seg.token_start + seg.num_tokens)
             if seg.context_len == seg.num_tokens:
-                cu = torch.tensor([0, seg.num_tokens], dtype=torch.int32, device=q.device)
-                out[rows] = self._varlen(
-                    q[rows],
-                    k[rows],
-                    v[rows],
-                    cu,
-                    cu,
-                    seg.num_tokens,
-                    seg.num_tokens,
-                    softmax_scale=scale,
-                    causal=True,
-                )
-            else:
-                lens = torch.tensor([seg.context_len], device=q.device)
-                out[rows] = self._attend_cached(
-                    q[rows].unsqueeze(0),
-                    k_cache,
-                    v_cache,
-                    seg.block_table.unsqueeze(0),
-                    lens,
-                    scale,
-                ).squeeze(0)
+                continue
+            rows = slice(seg.token_start, seg.token_start + seg.num_tokens)
+            lens = torch.tensor([seg.context_len], device=q.device)
+            out[rows] = self._attend_cached(
+                q[rows].unsqueeze(0), k_cache, v_cache, seg.block_table.unsqueeze(0), lens, scale
+            ).squeeze(0)
         if meta.num_decodes:
             q_dec = q.index_select(0, meta.decode_token_index).unsqueeze(1)  # [Bd, 1, H, D]
             o = self._attend_cached(
@@ -245,9 +287,7 @@ class FlashBackend(AttentionBackend):
         return out
 
 
-def flash_available(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
+def _flash_importable() -> bool:
     try:
         import flash_attn  # noqa: F401
     except ImportError:
@@ -255,19 +295,41 @@ def flash_available(device: torch.device) -> bool:
     return True
 
 
-def select_backend(name: str | None, device: torch.device) -> AttentionBackend:
-    """`None`/"auto": flash when importable on CUDA, else sdpa."""
-    if name in (None, "auto"):
-        name = "flash" if flash_available(device) else "sdpa"
-    if name == "flash":
-        if not flash_available(device):
-            raise ValueError("attention backend 'flash' needs CUDA and the flash-attn package")
-        return FlashBackend()
-    if name == "sdpa":
-        return SdpaBackend()
-    if name == "reference":
-        return ReferenceBackend()
-    raise ValueError(f"attention backend must be one of auto, flash, sdpa, reference; got {name!r}")
+def device_facts(device: torch.device) -> DeviceFacts:
+    """What the backend choice needs to know about `device` (read once, at engine start)."""
+    if device.type != "cuda":
+        return DeviceFacts(device.type)
+    return DeviceFacts(
+        "cuda",
+        torch.cuda.get_device_capability(device),
+        _flash_importable(),
+        torch.cuda.get_device_name(device),
+    )
+
+
+def flash_available(device: torch.device) -> bool:
+    """flash-attn is installed and runs on `device` (for a half-precision model it supports)."""
+    return flash_unsupported(device_facts(device), "bfloat16", 64) is None
+
+
+def select_backend(
+    name: str | None, device: torch.device, *, dtype: torch.dtype, head_dim: int, block_size: int
+) -> AttentionBackend:
+    """`None`/"auto": flash where it supports the device, dtype and head size, else sdpa
+    (`device_selection.choose_backend`); logs which and why. A forced backend that cannot run
+    here raises ValueError."""
+    facts = device_facts(device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    choice = choose_backend(name, facts, dtype_name, head_dim, block_size)
+    log.info(
+        "attention.backend",
+        backend=choice.name,
+        reason=choice.reason,
+        device=facts.name or facts.kind,
+        dtype=dtype_name,
+    )
+    backends = {"flash": FlashBackend, "sdpa": SdpaBackend, "reference": ReferenceBackend}
+    return backends[choice.name]()
 
 
 def softmax_scale(head_dim: int) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")  # device_selection.DTYPE_NAMES
 _BACKENDS = ("auto", "flash", "sdpa", "reference")
 _QUANTIZATION = ("auto", "none", "int8", "int4")  # pdserve.model.quant.QUANTIZATION_MODES
 
@@ -14,7 +14,7 @@ _QUANTIZATION = ("auto", "none", "int8", "int4")  # pdserve.model.quant.QUANTIZA
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | Path | None = None  # GGUF file or safetensors directory; None = default model
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto → bfloat16 on CUDA, float32 on the CPU (device_selection)
     # Weight precision (pdserve.model.quant): auto → int4 with bf16 activations on a CPU with
     # native bf16, else the dense weights in `dtype`; none → dense (fp32: exact, = HF).
     quantization: str = "auto"

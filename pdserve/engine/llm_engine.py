@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.engine.attention import device_facts
 from pdserve.engine.block_hash import BlockKey, chain_block_keys, next_block_key, root_key
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.detokenizer import IncrementalDetokenizer
+from pdserve.engine.device_selection import resolve_dtype
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.kv_connector import KVLoad, KVSaver, SaveBlock
 from pdserve.kv.blocks import model_block_nbytes as model_block_nbytes_from_file
@@ -77,10 +79,17 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def requested_dtype(config: EngineConfig) -> torch.dtype:
+    """What `config.dtype` stands for on the engine's device (`auto`: bf16 on CUDA, fp32 on the
+    CPU; see `device_selection.default_dtype`)."""
+    facts = device_facts(_resolve_device(config.device))
+    return _DTYPES[resolve_dtype(config.dtype, facts)]
+
+
 def kv_dtype(config: EngineConfig) -> torch.dtype:
     """The KV cache dtype of an engine built from `config` (quantized weights compute in bf16)."""
     mode = resolve_quantization(config.quantization, _resolve_device(config.device))
-    return compute_dtype(mode, _DTYPES[config.dtype])
+    return compute_dtype(mode, requested_dtype(config))
 
 
 def kv_block_nbytes(config: EngineConfig) -> int:
@@ -103,13 +112,13 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = _resolve_device(config.device)
-        self.checkpoint = checkpoint or load_checkpoint(config.model, dtype=_DTYPES[config.dtype])
+        self.checkpoint = checkpoint or load_checkpoint(config.model, dtype=requested_dtype(config))
         self.model_config = self.checkpoint.config
         self.tokenizer = self.checkpoint.tokenizer
         # Quantized weights compute (and cache KV) in bf16 and give other tokens than the exact
         # path, so their KV blocks carry a fingerprint of their own.
         self.quantization = resolve_quantization(config.quantization, self.device)
-        self.dtype = compute_dtype(self.quantization, _DTYPES[config.dtype])
+        self.dtype = compute_dtype(self.quantization, requested_dtype(config))
         self.fingerprint = variant_fingerprint(self.checkpoint.fingerprint, self.quantization)
         linears = (
             None

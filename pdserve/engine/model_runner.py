@@ -48,7 +48,9 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
-        self.backend = select_backend(attention_backend, device)
+        self.backend = select_backend(
+            attention_backend, device, dtype=dtype, head_dim=config.head_dim, block_size=block_size
+        )
         self.model = LlamaModel(config, weights, self.backend, device, dtype, linears)
         # [L, 2, num_blocks, block_size, KVH, D]
         self.kv_pool = torch.zeros(

@@ -48,7 +48,7 @@ def measure_engine(
 
     from pdserve.config import WorkerSettings
     from pdserve.engine.engine_config import EngineConfig
-    from pdserve.engine.llm_engine import LLMEngine
+    from pdserve.engine.llm_engine import LLMEngine, requested_dtype
     from pdserve.engine.sampling_params import SamplingParams
 
     torch.set_num_threads(threads)
@@ -69,14 +69,14 @@ def measure_engine(
             f"{len(rows)} steps so far")  # fmt: skip
     bm = engine.block_manager
     m = engine.model_config
-    dtype_bytes = torch.empty(0, dtype=getattr(torch, config.dtype)).element_size()
+    dtype = requested_dtype(config)  # what `auto` stands for on this device
     engine_section = {
         "num_kv_blocks": bm.num_blocks, "block_size": bm.block_size,
         "max_num_seqs": defaults["max_num_seqs"].default,
         "max_num_batched_tokens": defaults["max_num_batched_tokens"].default,
         "num_layers": m.num_layers,
-        "kv_bytes_per_token": 2 * m.num_layers * m.num_kv_heads * m.head_dim * dtype_bytes,
-        "threads": threads, "dtype": config.dtype, **chosen,
+        "kv_bytes_per_token": 2 * m.num_layers * m.num_kv_heads * m.head_dim * dtype.itemsize,
+        "threads": threads, "dtype": str(dtype).removeprefix("torch."), **chosen,
     }  # fmt: skip
     return rows, engine_section
 

@@ -15,6 +15,7 @@ from pdserve.engine.attention import (
 
 BLOCK_SIZE = 4
 HEADS, KV_HEADS, HEAD_DIM = 6, 2, 16
+CPU_FP32 = {"dtype": torch.float32, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE}
 
 
 def build_case(device, dtype, seed=0):
@@ -123,12 +124,20 @@ def test_cuda_backends_match_reference(name):
     case = build_case(device, torch.float16)
     expected = run(ReferenceBackend(), case).float()
     torch.testing.assert_close(
-        run(select_backend(name, device), case).float(), expected, atol=2e-3, rtol=2e-3
+        run(
+            select_backend(
+                name, device, dtype=torch.float16, head_dim=HEAD_DIM, block_size=BLOCK_SIZE
+            ),
+            case,
+        ).float(),
+        expected,
+        atol=2e-3,
+        rtol=2e-3,
     )
 
 
 def test_unknown_backend_is_rejected_with_choices():
     with pytest.raises(ValueError, match="flash, sdpa, reference"):
-        select_backend("magic", torch.device("cpu"))
+        select_backend("magic", torch.device("cpu"), **CPU_FP32)
     with pytest.raises(ValueError, match="needs CUDA"):
-        select_backend("flash", torch.device("cpu"))
+        select_backend("flash", torch.device("cpu"), **CPU_FP32)
