@@ -159,6 +159,12 @@ class WorkerSettings(ServiceSettings):
     max_model_len: int | None = Field(None, ge=2, description="None: the model's context")
     attention_backend: Literal["auto", "flash", "sdpa", "reference"] = "auto"
     num_threads: int | None = Field(None, ge=1, description="CPU intra-op threads")
+    target_step_s: float | None = Field(
+        None, gt=0, description="a step with prompt chunks next to decodes aims to end within this"
+    )
+    prompt_drain_s: float | None = Field(
+        None, gt=0, description="but grows so that queued prompts are computed within this"
+    )
 
     shutdown_grace_s: float = Field(5.0, ge=0)
 
@@ -185,6 +191,8 @@ class WorkerSettings(ServiceSettings):
             max_model_len=self.max_model_len,
             attention_backend=self.attention_backend,
             num_threads=self.num_threads,
+            target_step_s=self.target_step_s,
+            prompt_drain_s=self.prompt_drain_s,
         )
 
 

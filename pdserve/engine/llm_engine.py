@@ -8,6 +8,7 @@ Every path to finished releases the request's blocks through `Scheduler.finish`.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
@@ -27,9 +28,12 @@ from pdserve.engine.sampler import SampledToken, Sampler, SamplingRow, make_gene
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerPlan
 from pdserve.engine.sequence import FinishReason, Sequence
+from pdserve.engine.step_costs import StepCosts
 from pdserve.model.loader import Checkpoint, load_checkpoint, load_quantized
 from pdserve.model.quant import compute_dtype, resolve_quantization, variant_fingerprint
 
+# A step always lets this many prompt tokens through, however tight its target: prompts progress.
+_MIN_PROMPT_CHUNK_TOKENS = 32
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -149,6 +153,7 @@ class LLMEngine:
         )
         self.sampler = Sampler(config.seed)
         self.stats = EngineStats()
+        self.step_costs = StepCosts()
         self._requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
         self._request_ids = itertools.count()
@@ -282,9 +287,10 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         """One iteration: schedule, execute, update. `on_layer_done(layer, plan)` is called as
         each layer finishes writing this step's KV (telemetry), before the `kv_saver` sees it."""
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(self._prompt_budget())
         if plan.is_empty:
             return self._fail_unschedulable()
+        started_s = time.perf_counter()
         save = _StepSave(self, plan) if self.kv_saver is not None else None
         hook = _layer_hook(plan, on_layer_done, save)
         try:
@@ -298,7 +304,23 @@ class LLMEngine:
             raise
         if save is not None:
             save.end(None)
+        num_decodes = sum(1 for c in plan.chunks if c.is_decode)
+        self.step_costs.record(plan.num_prompt_tokens, num_decodes, time.perf_counter() - started_s)
         return self._update(plan, dict(zip(result.request_ids, sampled, strict=True)))
+
+    def _prompt_budget(self) -> int | None:
+        """Prompt tokens the next step may carry next to running decodes (None: no step target)."""
+        target_s = self.config.target_step_s
+        if target_s is None:
+            return None
+        cap = self.config.max_num_batched_tokens
+        return self.step_costs.prompt_budget(
+            target_s,
+            min(_MIN_PROMPT_CHUNK_TOKENS, cap),
+            cap,
+            self.scheduler.num_pending_prompt_tokens,
+            self.config.prompt_drain_s,
+        )
 
     def _completed_blocks(self, plan: SchedulerPlan) -> list[SaveBlock]:
         """Every full block this step's chunks complete, with its chain key."""
@@ -582,6 +604,10 @@ class LLMEngine:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
+
+    @property
+    def num_pending_prompt_tokens(self) -> int:
+        return self.scheduler.num_pending_prompt_tokens
 
 
 class _StepSave:

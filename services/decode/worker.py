@@ -163,6 +163,7 @@ class DecodeLoad:
     num_kv_blocks_fetched: int = 0
     num_recomputed: int = 0
     step_ms: float = 0.0  # the last engine step's wall time (the console shows it)
+    pending_prompt_tokens: int = 0  # prompt tokens queued or mid-prefill here
 
 
 class DecodeWorker:
@@ -258,6 +259,8 @@ class DecodeWorker:
                 "num_free_blocks": load.num_free_blocks,
                 "num_cached_blocks": load.num_cached_blocks,
                 "step_ms": round(load.step_ms, 3),
+                "pending_prompt_tokens": load.pending_prompt_tokens,
+                **self.engine.step_costs.report(),
             },
         )
 
@@ -631,6 +634,7 @@ class DecodeWorker:
             num_kv_blocks_fetched=self._num_fetched,
             num_recomputed=self._num_recomputed,
             step_ms=self._last_step_ms,
+            pending_prompt_tokens=self.engine.num_pending_prompt_tokens,
         )
         metrics.QUEUE_DEPTH.labels("decode_waiting").set(engine.num_waiting)
         metrics.QUEUE_DEPTH.labels("decode_kv_fetching").set(fetching)

@@ -158,6 +158,7 @@ class PrefillLoad:
     num_prompt_tokens_computed: int = 0
     num_prompt_tokens_cached: int = 0
     step_ms: float = 0.0  # the last engine step's wall time (the console shows it)
+    pending_prompt_tokens: int = 0  # prompt tokens queued or mid-prefill here
 
 
 class KVConnection:
@@ -266,6 +267,8 @@ class PrefillWorker(KVSaver):
                 "waiting": load.waiting,
                 "num_free_blocks": load.num_free_blocks,
                 "step_ms": round(load.step_ms, 3),
+                "pending_prompt_tokens": load.pending_prompt_tokens,
+                **self.engine.step_costs.report(),
             },
         )
 
@@ -671,6 +674,7 @@ class PrefillWorker(KVSaver):
             num_prompt_tokens_computed=engine.stats.num_prompt_tokens_computed,
             num_prompt_tokens_cached=self._num_cached,
             step_ms=self._last_step_ms,
+            pending_prompt_tokens=self.engine.num_pending_prompt_tokens,
         )
         metrics.QUEUE_DEPTH.labels("prefill_waiting").set(self.load.waiting)
         metrics.RUNNING_BATCH_SIZE.set(self.load.running)
