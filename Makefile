@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 SETUP_STAMP := $(VENV)/.setup-done
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup browser test up bench bench-peers lint protos clean
+.PHONY: setup browser test up bench bench-peers gpu-check lint protos clean
 
 setup: $(SETUP_STAMP) browser
 
@@ -52,6 +52,14 @@ bench: setup
 # benchmarks/.peers/ (first run installs them: minutes); writes RESULTS.md's Peers section.
 bench-peers: setup
 	$(PY) benchmarks/peers.py
+
+# The GPU device check (issue 13; README, GPU): installs what is missing into the interpreter that
+# runs it (the venv when there is one, else $(PYTHON), e.g. an image's system PyTorch), then the
+# CUDA oracle, `pytest -m gpu` and the 8B-shape benchmark; writes RESULTS.md's GPU section.
+# Without a GPU it says why and exits 2. WHEELS=dir installs from a folder of wheels (offline).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS),)
 
 lint: setup
 	$(PY) -m ruff check pdserve services tests benchmarks

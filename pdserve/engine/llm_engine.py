@@ -22,6 +22,7 @@ from pdserve.engine.detokenizer import IncrementalDetokenizer
 from pdserve.engine.device_selection import resolve_dtype
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.kv_connector import KVLoad, KVSaver, SaveBlock
+from pdserve.engine.layer_copy import make_layer_copier
 from pdserve.kv.blocks import model_block_nbytes as model_block_nbytes_from_file
 from pdserve.engine.model_runner import ModelRunner, model_block_nbytes
 from pdserve.engine.sampler import SampledToken, Sampler, SamplingRow, make_generator
@@ -617,6 +618,8 @@ class _StepSave:
         self.engine, self.plan = engine, plan
         self.block_ids: list[int] = []
         self.begun = False
+        # CUDA: side-stream copies into pinned memory, handed on as they complete (layer_copy)
+        self.copier = make_layer_copier(engine.device)
 
     def layer(self, layer: int) -> None:
         saver, engine = self.engine.kv_saver, self.engine
@@ -626,10 +629,15 @@ class _StepSave:
             tables = {c.seq.request_id: c.seq.block_table for c in self.plan.chunks}
             self.block_ids = [tables[b.request_id][b.index] for b in picked]
         if self.block_ids:
-            saver.save_layer(layer, engine.runner.read_layer(layer, self.block_ids))
+            self.copier.start(layer, engine.runner.kv_pool[layer], self.block_ids)
+            for done, payloads in self.copier.ready():
+                saver.save_layer(done, payloads)
 
     def end(self, error: Exception | None) -> None:
         if self.begun:
+            in_flight = self.copier.drain()  # on a failed step too: no copy is left running
+            for done, payloads in in_flight if error is None else ():
+                self.engine.kv_saver.save_layer(done, payloads)
             self.engine.kv_saver.end_save(error)
 
 
