@@ -20,12 +20,15 @@ PROMPT = "The three most useful habits of a careful engineer are"
 def _run(engine, prompt_ids, params, resume=()):
     rid = engine.add_request(prompt_ids, params, resume_token_ids=resume)
     tokens, deltas, finish = [], [], None
-    while engine.has_unfinished:
-        for out in engine.step():
-            assert out.request_id == rid and len(out.new_token_ids) == 1
-            tokens += out.new_token_ids
-            deltas.append(out.text_delta)
-            finish = out.finish_reason
+    try:
+        while engine.has_unfinished:
+            for out in engine.step():
+                assert out.request_id == rid and len(out.new_token_ids) == 1
+                tokens += out.new_token_ids
+                deltas.append(out.text_delta)
+                finish = out.finish_reason
+    finally:
+        engine.abort(rid)  # a failed test leaves nothing behind in the shared engine
     return tokens, deltas, finish
 
 
