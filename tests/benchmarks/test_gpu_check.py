@@ -101,3 +101,17 @@ def test_the_gpu_stage_collects_every_gpu_marked_file():
     ):
         assert path in files
     assert "tests/engine/test_device_selection.py" not in files
+
+
+@pytest.mark.slow
+def test_random_oracle_model_matches_hf_on_the_cpu():
+    """The offline fallback of the oracle stage: the engine and HF read the same random weights
+    (names, GQA, rope theta, tokenizer), checked here in bf16 on the CPU with the stage's own
+    comparison and tolerance."""
+    oracle = gpu_stages.random_oracle_model(vocab_size=512)
+    oracle.prompts = oracle.prompts[:2]
+    got = gpu_stages.engine_runs(oracle, "sdpa", device="cpu", dtype="bfloat16", max_tokens=4)
+    hf = gpu_stages.hf_runs(oracle, torch.device("cpu"), max_tokens=4)
+    worst, same_first, matched = gpu_stages.compare_with_hf(got, hf)
+    assert worst <= gpu_check.ORACLE_LOGPROB_TOL and same_first
+    assert all(m >= 1 for m in matched)
