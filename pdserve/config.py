@@ -224,9 +224,9 @@ class KVStoreSettings(ServiceSettings):
         description="the served model (GGUF or safetensors dir); default model when unset",
     )
     dtype: str = Field(
-        "float32",
+        "auto",
         validation_alias=AliasChoices("dtype", "PDSERVE_KVSTORE_DTYPE", "PDSERVE_PREFILL_DTYPE"),
-        description="the workers' dtype (EngineConfig validates it)",
+        description="the workers' dtype (EngineConfig validates it); auto: bf16 on CUDA, fp32 on CPU",
     )
     block_size: int = Field(
         16,
