@@ -136,3 +136,38 @@ def test_contiguous_fresh_rows_are_a_slice_and_no_fresh_rows_is_none():
     assert fresh.rows == slice(0, 5) and fresh.cu_seqlens.tolist() == [0, 3, 5]
     cached_only = [PrefillSegment(0, 2, 6, torch.tensor([1, 2]))]
     assert flash_prefill_inputs(cached_only, torch.device("cpu")) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "block_size,lengths",
+    [(16, (7, 21, 33, 5, 17, 40)), (256, (7, 300, 260, 9, 257, 513))],
+    ids=["gathered-block16", "paged-block256"],
+)
+def test_flash_attn_kernels_agree_with_reference_in_bf16(block_size, lengths):
+    """The real kernels on the same batch: varlen, with_kvcache gathered and paged."""
+    from pdserve.engine.attention import flash_available
+
+    device = torch.device("cuda")
+    if not flash_available(device):
+        pytest.skip("flash-attn not installed or not supported on this GPU")
+    q, k, v, pool, meta = build_case(block_size, lengths)
+    q, k, v, pool = (t.to(device, torch.bfloat16) for t in (q, k, v, pool))
+    meta = AttentionMetadata(
+        slot_mapping=meta.slot_mapping.to(device),
+        prefills=[
+            PrefillSegment(s.token_start, s.num_tokens, s.context_len, s.block_table.to(device))
+            for s in meta.prefills
+        ],
+        decode_token_index=meta.decode_token_index.to(device),
+        decode_block_tables=meta.decode_block_tables.to(device),
+        decode_context_lens=meta.decode_context_lens.to(device),
+        decode_mask=meta.decode_mask.to(device),
+        decode_max_len=meta.decode_max_len,
+    )
+    scale = HEAD_DIM**-0.5
+    flash_pool, ref_pool = pool.clone(), pool.clone()
+    got = FlashBackend().forward(q, k, v, flash_pool[0], flash_pool[1], meta, scale)
+    expected = ReferenceBackend().forward(q, k, v, ref_pool[0], ref_pool[1], meta, scale)
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
