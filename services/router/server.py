@@ -144,10 +144,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 def load_model_info(settings: RouterSettings) -> ModelInfo:
     import torch
 
+    from pdserve.engine.engine_config import EngineConfig
+    from pdserve.engine.llm_engine import requested_dtype
     from pdserve.model.loader import load_checkpoint
     from pdserve.model.quant import resolve_quantization, variant_fingerprint
 
-    checkpoint = load_checkpoint(settings.model, dtype=getattr(torch, settings.dtype))
+    # `auto` resolves on this host's device, as a worker with device=auto does (bf16 on CUDA).
+    dtype = requested_dtype(EngineConfig(model=settings.model, dtype=settings.dtype))
+    checkpoint = load_checkpoint(settings.model, dtype=dtype)
     config = checkpoint.config
     # The workers' KV fingerprint: a quantized mode has its own (resolved on this host's
     # device, as a worker with device=auto does).

@@ -41,7 +41,9 @@ class RouterSettings(ServiceSettings):
     # The model: only its tokenizer and fingerprint are used (weights stay memory-mapped).
     model: Path | None = Field(None, description="GGUF file or safetensors dir; default model")
     model_name: str = Field("SmolLM2-135M-Instruct", description="name served on /v1/models")
-    dtype: str = Field("float32", description="the workers' dtype: part of the KV fingerprint")
+    dtype: str = Field(
+        "auto", description="the workers' dtype: part of the KV fingerprint (auto: as the workers)"
+    )
     quantization: Literal["auto", "none", "int8", "int4"] = Field(
         "auto",
         description="the workers' quantization (resolved as they do): part of the "
@@ -122,8 +124,10 @@ class RouterSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _check_router(self) -> RouterSettings:
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16 (got {self.dtype!r})")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be auto, float32, bfloat16 or float16 (got {self.dtype!r})"
+            )
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must be non-empty when set")
         if (self.api_tls_cert_file is None) != (self.api_tls_key_file is None):
