@@ -22,9 +22,11 @@ from pdserve.engine.llm_engine import LLMEngine, kv_block_nbytes
 from pdserve.model.loader import Checkpoint, load_checkpoint
 from services.kvstore.server import KVStoreServer
 
-# The default engine's block on this machine (SmolLM2-135M, 16 tokens; bf16 KV when the
-# weights are quantized, else float32): the kvstore must hold exactly these.
-BLOCK_BYTES = kv_block_nbytes(EngineConfig())
+# Token-for-token comparisons need the exact path: quantized weights compute in bf16, whose
+# results depend on the batch a request shares (a concurrent stream diverged from the offline
+# engine). The kvstore holds exactly the engine's blocks (SmolLM2-135M, float32, 16 tokens).
+EXACT = "none"
+BLOCK_BYTES = kv_block_nbytes(EngineConfig(quantization=EXACT))
 ENGINE_BLOCKS = 96
 NODE = "localhost"  # node id that is also a dialable host name
 PASSAGE = (
@@ -67,7 +69,11 @@ def checkpoint() -> Checkpoint:
 def oracle(checkpoint) -> LLMEngine:
     """The offline engine: what the disaggregated path must reproduce token for token."""
     return LLMEngine(
-        EngineConfig(kv_cache_bytes=ENGINE_BLOCKS * BLOCK_BYTES, enable_prefix_caching=False),
+        EngineConfig(
+            kv_cache_bytes=ENGINE_BLOCKS * BLOCK_BYTES,
+            enable_prefix_caching=False,
+            quantization=EXACT,
+        ),
         checkpoint=checkpoint,
     )
 
@@ -103,7 +109,7 @@ def make_kvstore(redis_server, serving_cluster, tmp_path_factory):
 def _worker_fields(redis_server, cluster: str) -> dict:
     return dict(
         node_id=NODE, cluster_name=cluster, redis_url=redis_server.url, grpc_host="127.0.0.1",
-        grpc_port=0, http_port=0, kv_cache_bytes=ENGINE_BLOCKS * BLOCK_BYTES,
+        grpc_port=0, http_port=0, kv_cache_bytes=ENGINE_BLOCKS * BLOCK_BYTES, quantization=EXACT,
         max_num_batched_tokens=512, heartbeat_interval_s=0.5, heartbeat_ttl_s=3.0,
         shutdown_grace_s=0.5, log_json=False,
     )  # fmt: skip

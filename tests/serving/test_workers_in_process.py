@@ -22,7 +22,7 @@ from services.decode.worker import DecodeSpec, DecodeWorker
 from services.kvstore.store import TieredStore
 from services.prefill.settings import PrefillSettings
 from services.prefill.worker import KVConnection, PrefillWorker
-from tests.serving.conftest import BLOCK_BYTES, ENGINE_BLOCKS, PASSAGE
+from tests.serving.conftest import BLOCK_BYTES, ENGINE_BLOCKS, EXACT, PASSAGE
 
 
 class MemoryRegistry:
@@ -65,7 +65,7 @@ class DirectFollower:
 COMMON = dict(
     node_id="n", redis_url="redis://127.0.0.1:1/0", grpc_port=0, http_port=0,
     kv_cache_bytes=ENGINE_BLOCKS * BLOCK_BYTES, heartbeat_interval_s=0.05, heartbeat_ttl_s=1.0,
-    log_json=False,
+    log_json=False, quantization=EXACT,
 )  # fmt: skip
 
 
@@ -152,11 +152,7 @@ def test_prefill_worker_runs_on_an_in_process_store_without_redis(tmp_path, chec
         )
     )  # fmt: skip
     registry = MemoryRegistry()
-    settings = PrefillSettings(
-        node_id="n", redis_url="redis://127.0.0.1:1/0", kvstore_address="in-process:0",
-        grpc_port=0, http_port=0, kv_cache_bytes=ENGINE_BLOCKS * BLOCK_BYTES,
-        heartbeat_interval_s=0.05, heartbeat_ttl_s=1.0, log_json=False,
-    )  # fmt: skip
+    settings = PrefillSettings(kvstore_address="in-process:0", **COMMON)
     worker = PrefillWorker(
         settings, checkpoint=checkpoint, worker_id="p-1", address="in-process:0",
         kv=KVConnection(lambda: InProcessTransport(store)), registry=registry,
