@@ -206,7 +206,9 @@ def load_quantized(
         raise ValueError("quantization needs a checkpoint loaded from a file or directory")
     source = checkpoint.source
     files = [source] if source.is_file() else safetensors_dir.source_files(source)
-    variant = f"{mode}-{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}"
+    variant = (
+        f"{mode}-{quant.STATE_FORMAT}-{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}"
+    )
     entry = (cache_dir or default_cache_dir()) / _entry_name(source.stem, files, variant)
     linears = _read_quantized_entry(entry, checkpoint.config)
     if linears is not None:

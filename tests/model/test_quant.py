@@ -54,9 +54,19 @@ def test_int8_linear_rounds_each_row_to_its_scale():
     dequantized = linear.qweight.float() * linear.scales.float()[:, None]
     assert torch.all((dequantized - w).abs() <= linear.scales.float()[:, None] * 0.51)
     ids = torch.tensor([3, 0, 31])
-    torch.testing.assert_close(linear.rows(ids, torch.float32), dequantized[ids])
+    torch.testing.assert_close(linear.rows(ids, torch.float32), w.bfloat16().float()[ids])
     x = torch.randn(2, 64).bfloat16()
     torch.testing.assert_close(linear(x).float(), x.float() @ dequantized.T, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kind", [Int4Linear, Int8Linear])
+def test_many_rows_run_the_dense_copy_of_the_same_weights(kind):
+    w = torch.randn(32, 64)
+    linear = kind.quantize(w.numpy() if kind is Int4Linear else w)
+    x = torch.randn(quant.MAX_QUANTIZED_ROWS + 4, 64).bfloat16()
+    many = linear(x).float()  # the dense bf16 product
+    few = torch.cat([linear(x[i : i + 1]) for i in range(x.shape[0])]).float()  # the kernel
+    assert (many - few).norm() / few.norm() < 2e-2
 
 
 def test_int4_rejects_shapes_the_kernel_cannot_pack():
