@@ -36,6 +36,12 @@ def generate(
     dtype: Annotated[
         str, typer.Option("--dtype", help="auto: bfloat16 on CUDA, float32 on the CPU")
     ] = "auto",
+    quantization: Annotated[
+        str,
+        typer.Option(
+            "--quantization", help="auto (int4 on a CPU with native bf16), none (exact), int8, int4"
+        ),
+    ] = "auto",
     attention_backend: Annotated[str, typer.Option("--attention-backend")] = "auto",
     as_json: Annotated[
         bool, typer.Option("--json", help="print one JSON object at the end")
@@ -51,7 +57,12 @@ def generate(
         params = SamplingParams(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
         )
-        config = EngineConfig(model=model, dtype=dtype, attention_backend=attention_backend)
+        config = EngineConfig(
+            model=model,
+            dtype=dtype,
+            quantization=quantization,
+            attention_backend=attention_backend,
+        )
         show_progress = not as_json and sys.stderr.isatty()
         checkpoint = load_checkpoint(model, dtype=requested_dtype(config), progress=show_progress)
         engine = LLMEngine(config, checkpoint=checkpoint)
