@@ -60,7 +60,7 @@ def stack(redis, tmp_path_factory):
 
 
 def _cached_nodes(client: Client, prompt: str) -> set[str]:
-    return {c.node_id for c in client.generate(prompt, max_tokens=1).route.cached}
+    return set(client.generate(prompt, max_tokens=1).route.cached)  # node ids
 
 
 def test_redis_killed_and_restarted_under_load_fails_no_request(stack, redis):
