@@ -27,16 +27,17 @@ CASES = [(32, 1, 1), (192, 1, 1), (48, 8, 1), (48, 8, 4)]
 
 
 def test_live_bench_and_calibrated_sim_agree_roughly():
-    rows, engine = prof.measure_engine(
-        1, 1 << 30, 1, lambda _line: None, cases=CASES, quantization="none"
-    )
-    coefficients, _error = prof.fit(rows)
     workload = synthetic(6, 0.5, Lengths("uniform:32:192"), Lengths("fixed:8"), seed=7)
     env = {"PDSERVE_DECODE_NUM_THREADS": "1", "PDSERVE_LOG_LEVEL": "warning",
            "PDSERVE_DECODE_QUANTIZATION": "none", "PDSERVE_PREFILL_QUANTIZATION": "none"}  # fmt: skip
     config = StackConfig(num_prefill=0, num_decode=1, default_ports=False, env=env,
                          cluster_name="simtest")  # fmt: skip
     with Stack(config) as stack:
+        # Profiled while the stack idles next to it: the same contention as the live run.
+        rows, engine = prof.measure_engine(
+            1, 1 << 30, 1, lambda _line: None, cases=CASES, quantization="none"
+        )
+        coefficients, _error = prof.fit(rows)
         dispatch = prof.measure_dispatch(stack.grpc_address, coefficients, engine, 128, print)
 
         async def go():
