@@ -23,18 +23,16 @@ from pdserve.engine.device_selection import resolve_dtype
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.kv_connector import KVLoad, KVSaver, SaveBlock
 from pdserve.engine.layer_copy import make_layer_copier
-from pdserve.kv.blocks import model_block_nbytes as model_block_nbytes_from_file
 from pdserve.engine.model_runner import ModelRunner, model_block_nbytes
 from pdserve.engine.sampler import SampledToken, Sampler, SamplingRow, make_generator
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import Scheduler, SchedulerPlan
 from pdserve.engine.sequence import FinishReason, Sequence
 from pdserve.engine.step_costs import StepCosts
+from pdserve.kv.blocks import model_block_nbytes as model_block_nbytes_from_file
 from pdserve.model.loader import Checkpoint, load_checkpoint, load_quantized
 from pdserve.model.quant import compute_dtype, resolve_quantization, variant_fingerprint
 
-# A step always lets this many prompt tokens through, however tight its target: prompts progress.
-_MIN_PROMPT_CHUNK_TOKENS = 32
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -311,16 +309,12 @@ class LLMEngine:
 
     def _prompt_budget(self) -> int | None:
         """Prompt tokens the next step may carry next to running decodes (None: no step target)."""
-        target_s = self.config.target_step_s
-        if target_s is None:
-            return None
-        cap = self.config.max_num_batched_tokens
-        return self.step_costs.prompt_budget(
-            target_s,
-            min(_MIN_PROMPT_CHUNK_TOKENS, cap),
-            cap,
+        c = self.config
+        return self.step_costs.step_budget(
+            c.target_step_s,
+            c.prompt_drain_s,
+            c.max_num_batched_tokens,
             self.scheduler.num_pending_prompt_tokens,
-            self.config.prompt_drain_s,
         )
 
     def _completed_blocks(self, plan: SchedulerPlan) -> list[SaveBlock]:

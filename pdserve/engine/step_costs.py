@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 
 _ALPHA = 0.2  # weight of the newest step: about the last ten steps dominate
+# A step always lets this many prompt tokens through, however tight its target: prompts progress.
+MIN_PROMPT_CHUNK_TOKENS = 32
 _MIN_PROMPT_TOKENS = 16  # shorter prompt work is too noisy to separate from the base
 
 
@@ -78,6 +80,20 @@ class StepCosts:
                 else math.ceil(pending_prompt_tokens * self.base_step_s / spare_s - 1e-9)
             )
         return max(floor_tokens, min(cap_tokens, max(fits, needed)))
+
+    def step_budget(
+        self,
+        target_step_s: float | None,
+        drain_s: float | None,
+        cap_tokens: int,
+        pending_prompt_tokens: int,
+    ) -> int | None:
+        """An engine's prompt budget for its next step (None: it has no step target), as the
+        engine and the simulator both compute it."""
+        if target_step_s is None:
+            return None
+        floor = min(MIN_PROMPT_CHUNK_TOKENS, cap_tokens)
+        return self.prompt_budget(target_step_s, floor, cap_tokens, pending_prompt_tokens, drain_s)
 
     def report(self) -> dict[str, float]:
         """The figures a worker publishes with its load (seconds; tokens per second)."""

@@ -48,7 +48,6 @@ _UNIQUE_TOKEN_BASE = 1 << 20  # request i's own tokens are this + i; prefix grou
 # The router's refinement of its prefill-rate prior (services/router/router.py _observe_rate).
 _RATE_EWMA_ALPHA = 0.2
 _RATE_MIN_TOKENS = 64
-_MIN_PROMPT_CHUNK_TOKENS = 32  # the engine's floor for a prompt chunk next to decodes
 
 
 def _router_default(name: str):
@@ -168,12 +167,9 @@ class _Replica:
 
     def prompt_budget(self) -> int | None:
         """The engine's ``LLMEngine._prompt_budget``: prompt tokens next to running decodes."""
-        if self.target_step_s is None:
-            return None
-        cap = self.sched.max_num_batched_tokens
-        return self.step_costs.prompt_budget(
-            self.target_step_s, min(_MIN_PROMPT_CHUNK_TOKENS, cap), cap,
-            self.sched.num_pending_prompt_tokens, self.prompt_drain_s,
+        return self.step_costs.step_budget(
+            self.target_step_s, self.prompt_drain_s, self.sched.max_num_batched_tokens,
+            self.sched.num_pending_prompt_tokens,
         )  # fmt: skip
 
     def publish(self) -> None:

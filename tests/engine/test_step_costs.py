@@ -93,3 +93,12 @@ def test_prompt_budget_grows_to_drain_queued_prompts_in_time():
     assert costs.prompt_budget(0.1, 16, 512, pending_prompt_tokens=600, drain_s=0.7) == 240
     assert costs.prompt_budget(0.1, 16, 512, pending_prompt_tokens=900, drain_s=0.7) == 512
     assert costs.prompt_budget(0.1, 16, 512, pending_prompt_tokens=20, drain_s=1.0) == 60
+
+
+def test_step_budget_is_none_without_a_target_and_floored_with_one():
+    costs = StepCosts()
+    costs.record(0, 4, 0.040)
+    costs.record(200, 4, 0.240)
+    assert costs.step_budget(None, 0.5, 512, 600) is None
+    assert costs.step_budget(0.03, None, 512, 0) == 32  # MIN_PROMPT_CHUNK_TOKENS
+    assert costs.step_budget(0.03, None, 16, 0) == 16  # never above the token budget
