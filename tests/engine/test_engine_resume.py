@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import pytest
 
+from pdserve.engine.block_hash import root_key
+from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.sequence import Sequence
 
 PROMPT = "The three most useful habits of a careful engineer are"
 
@@ -62,3 +66,26 @@ def test_resume_is_checked(engine, checkpoint):
     with pytest.raises(ValueError, match="must be integers in"):
         engine.add_request(prompt_ids, params, resume_token_ids=[10**9])
     assert not engine.has_unfinished
+
+
+def test_a_replayed_output_is_scheduled_one_token_a_step_as_decodes():
+    """The prompt in one chunk (stopping at its end), then each resumed token alone, through
+    the decode path; only the last one samples. A preempted sequence is unaffected."""
+    sched = Scheduler(BlockManager(num_blocks=64, block_size=4), max_num_seqs=8,
+                      max_num_batched_tokens=64)  # fmt: skip
+    seq = Sequence("r", [1, 2, 3, 4, 5, 6], max_tokens=8, root_key=root_key("fp", None),
+                   arrival_index=0, output_token_ids=[7, 8, 9], replay_output=True)  # fmt: skip
+    other = Sequence("p", [1, 2, 3], max_tokens=8, root_key=root_key("fp", None),
+                     arrival_index=1, output_token_ids=[5, 6])  # fmt: skip
+    sched.add(seq)
+    sched.add(other)
+    steps = []
+    for _ in range(4):
+        plan = sched.schedule()
+        steps.append([(c.seq.request_id, c.start, c.num_tokens, c.samples, c.is_decode)
+                      for c in plan.chunks])  # fmt: skip
+        sched.update(plan, {c.seq.request_id: 0 for c in plan.chunks if c.samples})
+    assert steps[0] == [("r", 0, 6, False, False), ("p", 0, 5, True, False)]
+    assert steps[1] == [("r", 6, 1, False, True), ("p", 5, 1, True, True)]
+    assert steps[2][0] == ("r", 7, 1, False, True)
+    assert steps[3][0] == ("r", 8, 1, True, True)
