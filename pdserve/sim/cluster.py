@@ -45,9 +45,6 @@ from services.router.settings import RouterSettings
 
 _ROOT = root_key("pdserve-sim")
 _UNIQUE_TOKEN_BASE = 1 << 20  # request i's own tokens are this + i; prefix groups are below
-# The router's refinement of its prefill-rate prior (services/router/router.py _observe_rate).
-_RATE_EWMA_ALPHA = 0.2
-_RATE_MIN_TOKENS = 64
 
 
 def _router_default(name: str):
@@ -411,9 +408,9 @@ class Simulator:
         self._push(ready, self._handoff, decode, flight)
 
     def _observe_rate(self, num_tokens: int, elapsed_s: float) -> None:
-        if num_tokens >= _RATE_MIN_TOKENS and elapsed_s > 0:
-            rate = num_tokens / elapsed_s
-            self.prefill_tokens_per_s += _RATE_EWMA_ALPHA * (rate - self.prefill_tokens_per_s)
+        self.prefill_tokens_per_s = policy.observe_prefill_rate(
+            self.prefill_tokens_per_s, num_tokens, elapsed_s
+        )
 
     def _handoff(self, t: float, rep: _Replica, flight: _Flight) -> None:
         """The KV is in: import the prompt's full blocks, then decode from the prefill's token."""

@@ -305,6 +305,18 @@ class Admission:
     reason_class: str = ""  # "queue_full" | "deadline" (metric label) when rejected
 
 
+_RATE_EWMA_ALPHA = 0.2  # weight of the newest observation
+_MIN_TOKENS_FOR_RATE = 64  # shorter prefills are dominated by fixed costs
+
+
+def observe_prefill_rate(tokens_per_s: float, num_tokens: int, elapsed_s: float) -> float:
+    """The router's prefill-rate prior after one remote prefill of ``num_tokens`` that took
+    ``elapsed_s`` (an exponentially weighted average; short prefills leave it alone)."""
+    if num_tokens < _MIN_TOKENS_FOR_RATE or elapsed_s <= 0:
+        return tokens_per_s
+    return tokens_per_s + _RATE_EWMA_ALPHA * (num_tokens / elapsed_s - tokens_per_s)
+
+
 def predict_ttft_s(queued_prefill_tokens: int, uncached_tokens: int, tokens_per_s: float) -> float:
     return (queued_prefill_tokens + uncached_tokens) / tokens_per_s
 

@@ -80,8 +80,6 @@ from services.router.workers import WorkerClients, WorkerDirectory
 
 log = structlog.get_logger(__name__)
 _tracer = get_tracer("pdserve.router")
-_EWMA_ALPHA = 0.2
-_MIN_TOKENS_FOR_RATE = 64
 _MAX_DEADLINE_S = 24 * 3600
 MAX_ID_CHARS = 256  # request_id, cache_salt, model, one stop string
 MAX_STOP = 16
@@ -495,9 +493,9 @@ class Router:
         return prefilled
 
     def _observe_rate(self, num_tokens: int, elapsed_s: float) -> None:
-        if num_tokens >= _MIN_TOKENS_FOR_RATE and elapsed_s > 0:
-            rate = num_tokens / elapsed_s
-            self.prefill_tokens_per_s += _EWMA_ALPHA * (rate - self.prefill_tokens_per_s)
+        self.prefill_tokens_per_s = policy.observe_prefill_rate(
+            self.prefill_tokens_per_s, num_tokens, elapsed_s
+        )
 
     async def _serve_overlapped(self, parsed, route: Route, deadline, obs):
         """Prefill and Decode start together: the decode worker reserves its blocks and follows

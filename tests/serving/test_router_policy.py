@@ -182,3 +182,11 @@ def test_prefix_affinity_lru():
     assert aff.prefix_blocks("d0", k) == 1
     aff.forget_worker("d0")
     assert aff.prefix_blocks("d0", k) == 0
+
+
+def test_prefill_rate_prior_follows_long_prefills_only():
+    from services.router.policy import observe_prefill_rate
+
+    assert observe_prefill_rate(2000.0, 1000, 1.0) == pytest.approx(2000.0 - 0.2 * 1000)
+    assert observe_prefill_rate(2000.0, 63, 0.001) == 2000.0  # too short to tell
+    assert observe_prefill_rate(2000.0, 500, 0.0) == 2000.0
