@@ -122,9 +122,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         try:
             metadata = metadata_carrier(context.invocation_metadata())
             tenant = self._gate.authenticate(metadata.get("authorization"))
+            # Admitted: the response headers go out at once (the first token may be far).
             stream = self._gate.generate(
                 tenant, self._router, generate_input(request), context.time_remaining(),
                 trace_context=extract_context(metadata),
+                on_admitted=lambda: context.send_initial_metadata(()),
             )  # fmt: skip
             async with contextlib.aclosing(stream):
                 async for chunk in stream:

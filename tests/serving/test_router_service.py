@@ -24,6 +24,8 @@ from pdserve._proto.pdserve.v1 import (
     decode_pb2_grpc,
     prefill_pb2,
     prefill_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
 )
 from pdserve.client import (
     Client,
@@ -98,6 +100,8 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker crashed")
             if self.mode == "hang" and i - start == 1:
                 await asyncio.sleep(3600)
+            if self.mode == "slow" and i == start:
+                await asyncio.sleep(2.0)
             tid = (
                 request.first_token_id if i == 0 and request.HasField("first_token_id") else 100 + i
             )
@@ -661,3 +665,17 @@ def test_an_emptied_registry_is_not_read_as_no_workers(env):
     assert _get(env.http + "/ready")[0] == 200
     for info in env.infos:  # the heartbeats arrive again
         env.registry.heartbeat(info)
+
+
+def test_an_admitted_grpc_stream_gets_its_headers_before_the_first_token(env):
+    env.fakes["d0"].mode = env.fakes["d1"].mode = "slow"
+    with grpc.insecure_channel(env.grpc) as channel:
+        call = router_pb2_grpc.RouterStub(channel).Generate(
+            router_pb2.GenerateRequest(prompt="Hi", sampling=common_pb2.SamplingParams(
+                max_tokens=2)), timeout=30)  # fmt: skip
+        started = time.monotonic()
+        call.initial_metadata()
+        headers_s = time.monotonic() - started
+        chunks = list(call)
+    assert headers_s < 1.5 and time.monotonic() - started >= 2.0
+    assert "".join(c.text for c in chunks) == "t0 t1 "
