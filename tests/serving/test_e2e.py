@@ -341,11 +341,12 @@ def test_pdserve_up_colocated_demo_and_clean_sigterm(tmp_path):
         if not line:
             break
         lines.append(line.rstrip())
-        if line.startswith("demo route:"):
+        if line.startswith("demo short route:"):  # the last route the demo prints
             break
     output = "\n".join(lines)
     assert "ready" in lines, output
-    assert "demo answer:" in output and "local prefill on decode" in output, output
+    assert "demo long answer:" in output and "demo short answer:" in output, output
+    assert "demo long route: local prefill on decode" in output, output
     ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", output)]
     assert len(ports) >= 5, output
     proc.send_signal(signal.SIGTERM)
