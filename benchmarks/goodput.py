@@ -232,9 +232,11 @@ def ratios(rows: list[dict]) -> str:
     vllm = {r["rate"]: r["request_goodput"] for r in rows if r["target"] == "vllm"}
     out = []
     for r in rows:
-        if r["target"] != "vllm" and vllm.get(r["rate"]):
-            out.append(f"{r['target']} at {r['rate']:g} req/s: "
-                       f"{r['request_goodput'] / vllm[r['rate']]:.2f}× vLLM")  # fmt: skip
+        if r["target"] == "vllm" or r["rate"] not in vllm:
+            continue
+        theirs, ours = vllm[r["rate"]], r["request_goodput"]
+        ratio = f"{ours / theirs:.2f}× vLLM" if theirs else f"{ours:.2f} req/s vs vLLM's 0"
+        out.append(f"{r['target']} at {r['rate']:g} req/s: {ratio}")
     return "; ".join(out)
 
 

@@ -9,11 +9,12 @@ def sizes(pools) -> tuple[int, int]:
     return pools.num_prefill, pools.num_decode
 
 
-def test_small_hosts_run_colocated_and_larger_ones_split():
-    assert sizes(choose_pools(2, None, None)) == (0, 1)
-    assert choose_pools(2, None, None).reason == "2 cores < 4: colocated"
+def test_one_core_runs_colocated_and_two_or_more_split():
+    assert sizes(choose_pools(1, None, None)) == (0, 1)
+    assert choose_pools(1, None, None).reason == "1 cores < 2: colocated"
+    assert sizes(choose_pools(2, None, None)) == (1, 1)
     assert sizes(choose_pools(8, None, None)) == (1, 1)
-    assert sizes(choose_pools(2, 1, None)) == (1, 1)  # one flag given: the other is sized
+    assert sizes(choose_pools(2, 0, None)) == (0, 1)  # one flag given: the other is sized
     assert (
         choose_pools(2, 1, None).reason == "--prefill as requested, the other pool sized to 2 cores"
     )
