@@ -30,13 +30,11 @@ _MIN_PROMPT_TOKENS = 16  # shorter prompt work is too noisy to separate from the
 class StepCosts:
     base_step_s: float = 0.0  # 0 until a decode-only step was seen
     prompt_token_s: float = 0.0  # 0 until a step with enough prompt tokens was seen
-    num_steps: int = 0
 
     def record(self, num_prompt_tokens: int, num_decode_tokens: int, elapsed_s: float) -> None:
         """One finished step: how many prompt and decode tokens it computed, and how long."""
         if elapsed_s <= 0 or num_prompt_tokens + num_decode_tokens == 0:
             return
-        self.num_steps += 1
         if num_prompt_tokens == 0:
             self.base_step_s = _ewma(self.base_step_s, elapsed_s)
             return
