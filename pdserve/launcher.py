@@ -193,9 +193,6 @@ class Stack:
             env.setdefault("PDSERVE_ROUTER_OVERLAP_HANDOFF", "true")  # the pipelined handoff
         if self.pki is not None:
             env.update(self.pki.env(role))
-        cpus = self.config.cpu_affinity.get(role)
-        if cpus and role in ("prefill", "decode"):
-            env.setdefault(f"{p}NUM_THREADS", str(len(cpus)))
         return env
 
     def _lay_out_engines(self) -> None:
