@@ -34,6 +34,13 @@ class PrefixAffinity:
         while len(self._workers) > self._capacity:
             self._workers.popitem(last=False)
 
+    def forget(self, worker_id: str, keys: Sequence[BlockKey]) -> None:
+        """``worker_id`` never got ``keys`` (the call was cancelled before it ran)."""
+        for key in keys:
+            holders = self._workers.get(key)
+            if holders is not None:
+                holders.discard(worker_id)
+
     def forget_worker(self, worker_id: str) -> None:
         for holders in self._workers.values():
             holders.discard(worker_id)

@@ -9,7 +9,9 @@ Request lifecycle::
              → planned (decode worker, prefill worker or none; else NoWorkers)
              → admitted (else Overloaded: RESOURCE_EXHAUSTED / 429 + Retry-After)
              → prefilling (remote; a failure is retried on another worker up to
-               ``prefill_attempts``, then the decode worker prefills locally)
+               ``prefill_attempts``, then the decode worker prefills locally; with the
+               overlapped handoff the Decode call starts with the Prefill and is cancelled
+               and restarted with the retry)
              → streaming (decode chunks forwarded; the route explanation rides the first)
                ⇄ migrating (the decode worker failed: the prompt plus the tokens already
                  streamed go to another decode worker, which recomputes them and continues
@@ -32,6 +34,7 @@ Metrics and log lines: observe.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import time
@@ -441,33 +444,32 @@ class Router:
         return chain_block_keys(token_ids, self.settings.block_size, root)
 
     async def _serve(self, parsed, keys, route: Route, deadline, obs):
-        if route.prefill is not None and self.settings.overlap_handoff:
-            async for chunk in self._serve_overlapped(parsed, route, deadline, obs):
-                yield chunk
-            return
+        """Prefill remotely when the plan says so, then stream the decode.
+
+        A failed prefill (sequential or overlapped) is retried on another prefill worker, up
+        to ``prefill_attempts`` in all; then the decode worker prefills locally."""
         excluded: set[str] = set()
-        attempts, prefilled, reason_prefix = 0, None, ""
+        attempts, prefilled, reason_prefix, started = 0, None, "", None
         while route.prefill is not None:
             attempts += 1
             worker = route.prefill
             try:
-                prefilled = await self._prefill(worker, parsed, route.plan, deadline)
+                if self.settings.overlap_handoff:
+                    started = await self._start_overlapped(
+                        parsed, route, attempts, reason_prefix, deadline, obs
+                    )
+                else:
+                    prefilled = await self._prefill(worker, parsed, route.plan, deadline)
                 break
             except WorkerCallError as exc:
-                if exc.failure is Failure.INVALID:
-                    raise InvalidRequest(exc.message) from None
-                log.warning("router.prefill_failed", worker=worker.worker_id, error=exc.message)
-                if exc.failure is Failure.UNAVAILABLE:
-                    self._mark_down(worker.worker_id)
-                excluded.add(worker.worker_id)
                 reason_prefix += f"prefill on {worker.worker_id} failed ({exc.failure.value}); "
-                self._check_deadline(deadline, "prefill")
-                if attempts >= self.settings.prefill_attempts:
-                    excluded |= {w.worker_id for w in self.directory.workers("prefill")}
-                n = len(parsed.prompt_token_ids)
-                route = self._route(keys, n, attempts + 1, exclude_prefill=excluded)
-                if route is None:
-                    raise NoWorkers("no decode worker is available") from None
+                route = self._after_failed_prefill(parsed, keys, worker, exc, excluded, attempts,
+                                                   deadline)  # fmt: skip
+        if started is not None:
+            async with contextlib.aclosing(started):
+                async for chunk in started:
+                    yield chunk
+            return
         failed_over = bool(reason_prefix) and route.prefill is None
         plan = route.plan
         obs.routed(plan, policy.PREFILL_FAILED if failed_over else plan.disaggregation.reason_class)
@@ -475,10 +477,33 @@ class Router:
         async for chunk in self._decode(parsed, route, prefilled, explanation, deadline, obs):
             yield chunk
 
-    async def _prefill(self, worker, parsed, plan, deadline) -> Prefilled:
+    def _after_failed_prefill(
+        self, parsed, keys, worker: WorkerInfo, exc: WorkerCallError, excluded: set[str],
+        attempts: int, deadline: float,
+    ) -> Route:  # fmt: skip
+        """The next route after a prefill on ``worker`` failed: another prefill worker, or the
+        decode worker alone once ``prefill_attempts`` are spent; raises when none is left."""
+        if exc.failure is Failure.INVALID:
+            raise InvalidRequest(exc.message) from None
+        log.warning("router.prefill_failed", worker=worker.worker_id, failure=exc.failure.value,
+                    error=exc.message)  # fmt: skip
+        if exc.failure is Failure.UNAVAILABLE:
+            self._mark_down(worker.worker_id)  # gone: the next requests go elsewhere
+        excluded.add(worker.worker_id)
+        self._check_deadline(deadline, "prefill")
+        if attempts >= self.settings.prefill_attempts:
+            excluded |= {w.worker_id for w in self.directory.workers("prefill")}
+        n = len(parsed.prompt_token_ids)
+        route = self._route(keys, n, attempts + 1, exclude_prefill=excluded)
+        if route is None:
+            raise NoWorkers("no decode worker is available") from None
+        return route
+
+    async def _prefill(self, worker, parsed, plan, deadline, call_id: str = "") -> Prefilled:
         call = PrefillCall(
-            parsed.request_id, parsed.prompt_token_ids, parsed.params, parsed.cache_salt
-        )
+            call_id or parsed.request_id, parsed.prompt_token_ids, parsed.params,
+            parsed.cache_salt,
+        )  # fmt: skip
         wid = worker.worker_id
         self._inflight[wid] += 1
         self._queued_tokens[wid] += plan.uncached_tokens
@@ -497,30 +522,57 @@ class Router:
             self.prefill_tokens_per_s, num_tokens, elapsed_s
         )
 
-    async def _serve_overlapped(self, parsed, route: Route, deadline, obs):
-        """Prefill and Decode start together: the decode worker reserves its blocks and follows
-        the prefill (Prefill.Handoff), pulling blocks as they are sealed, and takes the first
-        token from it. A failed prefill is recomputed by the decode worker; a client that goes
-        away cancels both calls."""
-        prefill = asyncio.create_task(self._prefill_quietly(route, parsed, deadline))
-        obs.routed(route.plan, route.plan.disaggregation.reason_class)
-        explanation = self._explain(route, None, 1, "")
-        call = dataclasses.replace(
-            self._decode_call(parsed, None), prefill_address=route.prefill.address
-        )
-        try:
-            async for chunk in self._decode(parsed, route, None, explanation, deadline, obs, call):
-                yield chunk
-        finally:
-            prefill.cancel()
+    async def _start_overlapped(self, parsed, route: Route, attempt, reason_prefix, deadline, obs):
+        """Start Prefill and the Decode that follows it together (the decode worker reserves
+        its blocks, pulls each one as the prefill seals it and takes the first token from it).
 
-    async def _prefill_quietly(self, route: Route, parsed, deadline) -> None:
+        Returns the decode stream with its first chunk in hand. When the prefill fails before
+        that chunk, the decode call is cancelled and the prefill's WorkerCallError raised, so
+        :meth:`_serve` starts both again with another prefill worker rather than leaving the
+        decode worker to recompute the whole prompt next to its running batch. A retry gets
+        a call id of its own (the decode worker may still hold the abandoned one)."""
+        call_id = parsed.request_id if attempt == 1 else f"{parsed.request_id}.p{attempt}"
+        prefill = asyncio.create_task(
+            self._prefill(route.prefill, parsed, route.plan, deadline, call_id)
+        )
+        obs.routed(route.plan, route.plan.disaggregation.reason_class)
+        explanation = self._explain(route, None, attempt, reason_prefix)
+        call = dataclasses.replace(
+            self._decode_call(parsed, None), request_id=call_id,
+            prefill_address=route.prefill.address,
+        )  # fmt: skip
+        stream = self._decode(parsed, route, None, explanation, deadline, obs, call)
+        first = asyncio.create_task(_first_item(stream))
         try:
-            await self._prefill(route.prefill, parsed, route.plan, deadline)
-        except (WorkerCallError, DeadlineExceeded) as exc:  # the decode worker recomputes
-            log.warning("router.prefill_failed", worker=route.prefill.worker_id, error=str(exc))
+            await asyncio.wait((prefill, first), return_when=asyncio.FIRST_COMPLETED)
+            if not first.done() and prefill.exception() is not None:
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+                # The cancelled call reserved blocks that it never filled: not a cached prefix.
+                self.affinity.forget(
+                    route.decode.worker_id, self._keys(parsed, call.prompt_token_ids)
+                )
+                raise prefill.exception()
+            chunk = await first
+        except BaseException:
+            prefill.cancel()
+            first.cancel()
+            await asyncio.gather(prefill, first, return_exceptions=True)
+            await stream.aclose()
+            raise
+        # The stream has its first token; a prefill still running is no longer needed.
+        prefill.add_done_callback(self._late_prefill(route.prefill.worker_id))
+        return _continue(chunk, stream, prefill)
+
+    def _late_prefill(self, worker_id: str) -> Callable[[asyncio.Task], None]:
+        def done(task: asyncio.Task) -> None:
+            if task.cancelled():
+                return
+            exc = task.exception()
             if isinstance(exc, WorkerCallError) and exc.failure is Failure.UNAVAILABLE:
-                self._mark_down(route.prefill.worker_id)  # gone: the next requests go elsewhere
+                self._mark_down(worker_id)
+
+        return done
 
     def _decode_call(self, parsed, prefilled, resume_token_ids=()) -> DecodeCall:
         return DecodeCall(
@@ -717,6 +769,25 @@ def _client_chunk(
         usage=usage,
         route=route,
     )
+
+
+async def _first_item(stream: AsyncIterator[Chunk]) -> Chunk:
+    """The stream's first chunk (a task of its own, raced against the prefill)."""
+    async for chunk in stream:
+        return chunk
+    raise WorkerFailed("the decode worker ended the stream without a token")
+
+
+async def _continue(
+    first: Chunk, stream: AsyncIterator[Chunk], prefill: asyncio.Task
+) -> AsyncIterator[Chunk]:
+    try:
+        yield first
+        async for chunk in stream:
+            yield chunk
+    finally:
+        prefill.cancel()
+        await stream.aclose()
 
 
 def _with_id(inp: GenerateInput) -> GenerateInput:

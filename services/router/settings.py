@@ -105,7 +105,7 @@ class RouterSettings(ServiceSettings):
     overlap_handoff: bool = Field(
         False,
         description="start Decode with Prefill (the decode worker follows the prefill's KV; a "
-        "failed prefill is recomputed by the decode worker instead of retried elsewhere)",
+        "failed prefill cancels both and they start again with another prefill worker)",
     )
     registry_refresh_s: float = Field(0.5, gt=0, description="worker list refresh period")
     affinity_capacity_blocks: int = Field(

@@ -58,13 +58,16 @@ class FakeDirectory(WorkerDirectory):
 
 class FakeDecode:
     """``die_after`` / ``stall_after``: chunks sent before failing (None: never);
-    ``refuse``: a Failure raised before the first chunk."""
+    ``refuse``: a Failure raised before the first chunk; ``recompute_s``: how long an
+    overlapped call whose prefill failed takes to prefill the prompt itself."""
 
     def __init__(self) -> None:
         self.calls: list[DecodeCall] = []
         self.die_after: int | None = None
         self.stall_after: int | None = None
         self.refuse: Failure | None = None
+        self.recompute_s = 0.5
+        self.recomputed: list[str] = []  # overlapped calls that prefilled the prompt themselves
 
     async def stream(self, call: DecodeCall) -> AsyncIterator[WorkerChunk]:
         self.calls.append(call)
@@ -91,17 +94,42 @@ class FakeDecode:
 
 
 class FakePrefill:
+    """``fail``: the Failure raised after ``compute_s`` (a worker dying mid-prefill)."""
+
     def __init__(self) -> None:
         self.calls: list[PrefillCall] = []
         self.fail: Failure | None = None
+        self.compute_s = 0.0
+        self._outcomes: dict[str, asyncio.Future[bool]] = {}
+
+    def _outcome(self, request_id: str) -> asyncio.Future[bool]:
+        loop = asyncio.get_running_loop()
+        return self._outcomes.setdefault(request_id, loop.create_future())
+
+    async def handoff(self, request_id: str) -> bool:
+        """What a decode worker following this prefill learns: True once it is done, False
+        when it failed (the Handoff stream broke)."""
+        return await asyncio.shield(self._outcome(request_id))
 
     async def prefill(self, call: PrefillCall) -> Prefilled:
         self.calls.append(call)
-        if self.fail is not None:
-            raise WorkerCallError(self.fail, f"{self.fail.value}: prefill worker gone")
+        outcome = self._outcome(call.request_id)
+        try:
+            await asyncio.sleep(self.compute_s)
+            if self.fail is not None:
+                raise WorkerCallError(self.fail, f"{self.fail.value}: prefill worker gone")
+        except BaseException:
+            _settle(outcome, False)
+            raise
+        _settle(outcome, True)
         token = token_at(call.prompt_token_ids, 0)
         kv = KVSource((b"k" * 16,), "kvstore:1", "n")
         return Prefilled(SampledToken(token, None, None), kv, len(call.prompt_token_ids))
+
+
+def _settle(outcome: asyncio.Future[bool], value: bool) -> None:
+    if not outcome.done():
+        outcome.set_result(value)
 
 
 class FakeClients(WorkerClients):
@@ -115,4 +143,14 @@ class FakeClients(WorkerClients):
         return await self.prefill_workers[address].prefill(call)
 
     def decode(self, address: str, call: DecodeCall, timeout_s: float):
-        return self.decode_workers[address].stream(call)
+        return self._decode(self.decode_workers[address], call)
+
+    async def _decode(self, worker: FakeDecode, call: DecodeCall) -> AsyncIterator[WorkerChunk]:
+        """An overlapped call first follows its prefill, as the real decode worker does."""
+        if call.prefill_address is not None:
+            prefilled = await self.prefill_workers[call.prefill_address].handoff(call.request_id)
+            if not prefilled:
+                await asyncio.sleep(worker.recompute_s)
+                worker.recomputed.append(call.request_id)
+        async for chunk in worker.stream(call):
+            yield chunk

@@ -162,11 +162,59 @@ def test_logprobs_ride_through_a_migration():
     assert [lp.token_id for c in chunks for lp in c.logprobs] == expected(PROMPT, 12)
 
 
-def test_a_failed_overlapped_prefill_is_recomputed_and_its_worker_taken_out():
-    """Overlapped handoff: the decode worker follows the prefill and recomputes when it dies."""
+def test_an_overlapped_prefill_dying_mid_prefill_is_retried_on_another_worker():
+    """Overlapped handoff: p0 (the tie's winner) dies 0.1 s into the prefill. The decode call
+    that followed it is cancelled and both start again with p1; the decode worker never
+    recomputes (without a retry it would, after 0.5 s, and p1 would see no call)."""
     router, clients = make_router(prefill=("p0", "p1"), overlap_handoff=True)
-    clients.prefill_workers["p0"].fail = Failure.UNAVAILABLE
+    p0, p1 = clients.prefill_workers["p0"], clients.prefill_workers["p1"]
+    p0.fail, p0.compute_s = Failure.UNAVAILABLE, 0.1
     chunks = run(router, prompt=LONG)
     assert [t for c in chunks for t in c.token_ids] == expected(LONG, 12)
+    assert len(p0.calls) == 1 and len(p1.calls) == 1
+    route = chunks[0].route
+    assert route.prefill_worker == "p1" and route.prefill_attempts == 2
+    assert route.reason.startswith("prefill on p0 failed (unavailable); ")
+    decode_calls = [c for w in clients.decode_workers.values() for c in w.calls]
+    assert [c.prefill_address for c in decode_calls] == ["p1"]
+    assert decode_calls[0].request_id == p1.calls[0].request_id != p0.calls[0].request_id
+    assert not any(w.recomputed for w in clients.decode_workers.values())
+    assert {c.request_id for c in chunks} == {p0.calls[0].request_id}  # the client's id
     assert [w.worker_id for w in router._alive("prefill")] == ["p1"]
     assert run(router, prompt="other " * 60)[0].route.prefill_worker == "p1"
+
+
+def test_overlapped_prefills_failing_everywhere_fall_back_to_a_local_prefill():
+    router, clients = make_router(prefill=("p0", "p1"), overlap_handoff=True)
+    for worker in clients.prefill_workers.values():
+        worker.fail = Failure.OVERLOADED  # busy, not dead: both stay in rotation
+    chunks = run(router, prompt=LONG)
+    assert [t for c in chunks for t in c.token_ids] == expected(LONG, 12)
+    route = chunks[0].route
+    assert not route.disaggregated and route.prefill_attempts == 2
+    assert route.reason.startswith(
+        "prefill on p0 failed (overloaded); prefill on p1 failed (overloaded); "
+    )
+    [call] = [c for w in clients.decode_workers.values() for c in w.calls]
+    assert call.prefill_address is None and call.prefilled is None
+    assert {w.worker_id for w in router._alive("prefill")} == {"p0", "p1"}
+
+
+def test_an_overlapped_prefill_that_fails_after_the_decode_recomputed_is_not_retried():
+    """The decode worker's first token came first (its handoff broke at once and it
+    recomputed before the router heard of the failure): the stream goes on from there."""
+    router, clients = make_router(prefill=("p0", "p1"), overlap_handoff=True)
+    p0 = clients.prefill_workers["p0"]
+    p0.fail, p0.compute_s = Failure.UNAVAILABLE, 0.3
+    for worker in clients.decode_workers.values():
+        worker.recompute_s = 0.0
+
+    async def broken_handoff(request_id):
+        return False  # the Handoff stream broke at once
+
+    p0.handoff = broken_handoff
+    chunks = run(router, prompt=LONG)
+    assert [t for c in chunks for t in c.token_ids] == expected(LONG, 12)
+    assert chunks[0].route.prefill_worker == "p0" and chunks[0].route.prefill_attempts == 1
+    assert [len(w.recomputed) for w in clients.decode_workers.values()] == [1, 0]
+    assert not clients.prefill_workers["p1"].calls
