@@ -1,6 +1,7 @@
-"""Fault tests on the real stack (`pdserve up`'s launcher: own Redis, kvstore, 1 prefill,
-2 decode, router as child processes): Redis killed and restarted under load, 256 concurrent
-streaming clients, and a client cancellation storm.
+"""Fault tests on the real stack (`pdserve up`'s launcher: own Redis, kvstore, 2 prefill,
+2 decode, router as child processes, the overlapped handoff on as `pdserve up` runs it):
+Redis killed and restarted under load, 256 concurrent streaming clients, a client
+cancellation storm, and a prefill worker SIGKILLed mid-prefill (runs last: it kills one).
 
 Long: marked slow (``make test`` runs them). Figures such as latencies are not asserted:
 the 2-core machine is shared; what is asserted is that nothing fails or hangs.
@@ -17,8 +18,16 @@ import time
 import aiohttp
 import pytest
 
-from pdserve._proto.pdserve.v1 import decode_pb2, decode_pb2_grpc, kvstore_pb2, kvstore_pb2_grpc
+from pdserve._proto.pdserve.v1 import (
+    decode_pb2,
+    decode_pb2_grpc,
+    kvstore_pb2,
+    kvstore_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+)
 from pdserve.client import Client
+from pdserve.kv.metadata import RedisLayout, WorkerRegistry, connect
 from pdserve.launcher import Stack, StackConfig
 from tests.conftest import RedisServer
 
@@ -34,6 +43,9 @@ STACK_ENV = {
     "PDSERVE_HEARTBEAT_INTERVAL_S": "1.0",
     "PDSERVE_HEARTBEAT_TTL_S": "5.0",
     "PDSERVE_LOG_LEVEL": "info",
+    # The static rule: a long prompt is disaggregated even on an idle stack (the cost policy
+    # could prefill it on an idle decode worker), so the prefill worker is the one to kill.
+    "PDSERVE_ROUTER_DISAGGREGATION_POLICY": "threshold",
 }
 SHARED = "Glaciers shape valleys over thousands of years as ice grinds the rock below. " * 8
 
@@ -51,7 +63,7 @@ def stack(redis, tmp_path_factory):
     if os.environ.get("PDSERVE_E2E", "1") != "1":
         pytest.skip("PDSERVE_E2E=0")
     config = StackConfig(
-        num_prefill=1, num_decode=2, default_ports=False, env=STACK_ENV, redis_url=redis.url,
+        num_prefill=2, num_decode=2, default_ports=False, env=STACK_ENV, redis_url=redis.url,
         log_dir=tmp_path_factory.mktemp("faults-logs"), startup_timeout_s=240,
         cluster_name="faults",
     )  # fmt: skip
@@ -165,6 +177,52 @@ def test_a_cancellation_storm_releases_every_block_and_pin(stack):
         time.sleep(0.5)
     assert idle and free, [(d.running, d.waiting, d.num_free_blocks) for d in decodes]
     assert unpinned, (store.num_pinned_blocks, store.num_staging_blocks)
+
+
+def test_a_prefill_worker_killed_mid_prefill_is_retried_on_the_other(stack):
+    """Deterministic: both prefill workers idle, the smaller worker id wins the tie; it is
+    SIGKILLed once its Stats show the request running (a ~2,000-token prompt: seconds of
+    compute). The request must complete on the other prefill worker as attempt 2; a decode
+    worker recomputing the prompt instead would report attempt 1 and fail the test."""
+    ids = _worker_ids(stack)
+    victim_name = min(("prefill-0", "prefill-1"), key=lambda n: ids[n])
+    victim, survivor = ids[victim_name], ids[({"prefill-0", "prefill-1"} - {victim_name}).pop()]
+    prompt = "A long report on tides. " + "Tides follow the moon around the earth. " * 220
+    result: dict = {}
+
+    def request() -> None:
+        with Client(stack.grpc_address, timeout_s=300, max_retries=0) as client:
+            try:
+                result["done"] = client.generate(prompt, max_tokens=4, ignore_eos=True)
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                result["error"] = f"{type(exc).__name__}: {exc}"
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while _prefill_stats(stack, victim_name).running == 0:
+        assert thread.is_alive() and time.monotonic() < deadline, "the prefill never ran there"
+        time.sleep(0.01)
+    stack.kill(victim_name)
+    thread.join(300)
+    assert "error" not in result, result["error"]
+    route = result["done"].route
+    assert route.prefill_worker == survivor and route.prefill_attempts == 2
+    assert route.reason.startswith(f"prefill on {victim} failed (unavailable)")
+    assert result["done"].usage.completion_tokens == 4
+
+
+def _worker_ids(stack) -> dict[str, str]:
+    """Child name (prefill-0, decode-1, ...) -> registry worker id."""
+    registry = WorkerRegistry(connect(stack.redis_url), RedisLayout("faults"), 10)
+    by_port = {int(w.address.rsplit(":", 1)[1]): w.worker_id for w in registry.workers()}
+    return {c.name: by_port[c.grpc_port] for c in stack.children if c.grpc_port in by_port}
+
+
+def _prefill_stats(stack, name: str):
+    with stack.security.channel(f"127.0.0.1:{stack.child(name).grpc_port}", []) as channel:
+        stub = prefill_pb2_grpc.PrefillStub(channel)
+        return stub.Stats(prefill_pb2.PrefillStatsRequest(), timeout=10)
 
 
 def _decode_stats(stack, child):
