@@ -79,6 +79,13 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None)
     raise PeerError(f"{url} was not ready within {timeout_s:.0f} s")
 
 
+def workload_seed(rate: float) -> int:
+    """Each rate draws its own prompts (the same ones for every target): with one seed for the
+    whole sweep, every rate after the first replays prompts both servers already hold in their
+    prefix caches, and measures cache hits instead of prefill."""
+    return round(rate * 1000)
+
+
 def run_client(base_url: str, model_dir: Path, rate: float, label: str, args) -> dict:
     """One `vllm bench serve` run; returns its result JSON."""
     OUT.mkdir(exist_ok=True)
@@ -88,7 +95,7 @@ def run_client(base_url: str, model_dir: Path, rate: float, label: str, args) ->
         "--endpoint", "/v1/completions", "--model", str(model_dir), "--tokenizer", str(model_dir),
         "--served-model-name", SERVED_NAME, "--dataset-name", "random",
         "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-        "--num-prompts", str(args.num_prompts), "--request-rate", str(rate), "--seed", "0",
+        "--num-prompts", str(args.num_prompts), "--request-rate", str(rate), "--seed", str(workload_seed(rate)),
         "--ignore-eos", "--temperature", "0", "--goodput", f"ttft:{args.slo_ttft_ms}",
         f"tpot:{args.slo_tpot_ms}", "--percentile-metrics", "ttft,tpot,itl,e2el",
         "--metric-percentiles", "50,90,99", "--save-result", "--result-dir", str(OUT),
@@ -124,7 +131,7 @@ def run_pdserve_bench(base_url: str, rate: float, label: str, args) -> dict:
     cli = [sys.executable, "-m", "pdserve.cli"]
     subprocess.run([*cli, "workload", str(workload), "--num-requests", str(args.num_prompts),
                     "--rate", str(rate), "--prompt", f"fixed:{args.input_len}",
-                    "--output", f"fixed:{args.output_len}", "--seed", "0"],
+                    "--output", f"fixed:{args.output_len}", "--seed", str(workload_seed(rate))],
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     subprocess.run([*cli, "bench", str(workload), "--url", base_url, "--out", str(result_path),
                     "--slo-ttft-s", str(args.slo_ttft_ms / 1000),
