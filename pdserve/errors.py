@@ -1,8 +1,8 @@
 """One error vocabulary for pdserve's request path.
 
-The logic raises these typed errors; each service edge maps them once, with
-:func:`grpc_status` (gRPC status code name) or :func:`http_status` (HTTP code and OpenAI
-``error.type``). ``code`` is OpenAI's ``error.code`` and the ``error.type`` span attribute.
+The logic raises these typed errors; each service edge (router, prefill, decode, kvstore)
+maps them once, with :func:`grpc_status` (gRPC status code name) or :func:`http_status`
+(HTTP code and OpenAI ``error.type``). ``code`` is OpenAI's ``error.code`` and the ``error.type`` span attribute.
 
 Messages are for the caller: they name the field (``param``) and never echo unbounded input
 (quote user values with :func:`quoted`). Calls to workers fail with :class:`WorkerCallError`,
@@ -60,11 +60,23 @@ class Overloaded(PdserveError):
         self.reason_class = reason_class  # a metric label: queue_full | deadline | kv_full
 
 
-class NoWorkers(PdserveError):
+class AlreadyExists(PdserveError):
+    """The thing to create exists and is immutable (a KV block)."""
+
+    code = "already_exists"
+
+
+class Unavailable(PdserveError):
+    """The service cannot take the call now (shutting down, no capacity behind it)."""
+
+    code = "unavailable"
+
+
+class NoWorkers(Unavailable):
     code = "no_workers"
 
 
-class WorkerFailed(PdserveError):
+class WorkerFailed(Unavailable):
     """A worker died or misbehaved and the request could not be moved elsewhere."""
 
     code = "worker_failed"
@@ -72,6 +84,18 @@ class WorkerFailed(PdserveError):
 
 class DeadlineExceeded(PdserveError):
     code = "deadline_exceeded"
+
+
+class Cancelled(PdserveError):
+    """The request was aborted (its caller went away) before it finished."""
+
+    code = "cancelled"
+
+
+class DataLoss(PdserveError):
+    """Bytes arrived corrupted (a checksum did not match)."""
+
+    code = "data_loss"
 
 
 class InternalError(PdserveError):
@@ -83,19 +107,22 @@ _GRPC = {
     InvalidRequest: "INVALID_ARGUMENT",
     Unauthenticated: "UNAUTHENTICATED",
     NotFound: "NOT_FOUND",
+    AlreadyExists: "ALREADY_EXISTS",
     Overloaded: "RESOURCE_EXHAUSTED",
-    NoWorkers: "UNAVAILABLE",
-    WorkerFailed: "UNAVAILABLE",
+    Unavailable: "UNAVAILABLE",
     DeadlineExceeded: "DEADLINE_EXCEEDED",
+    Cancelled: "CANCELLED",
+    DataLoss: "DATA_LOSS",
     PdserveError: "INTERNAL",
 }
 _HTTP = {
     InvalidRequest: (400, "invalid_request_error"),
     Unauthenticated: (401, "authentication_error"),
     NotFound: (404, "not_found_error"),
+    AlreadyExists: (409, "conflict_error"),
     Overloaded: (429, "rate_limit_error"),
-    NoWorkers: (503, "service_unavailable"),
-    WorkerFailed: (503, "service_unavailable"),
+    Cancelled: (499, "cancelled"),  # the client closed the request (nginx's code)
+    Unavailable: (503, "service_unavailable"),
     DeadlineExceeded: (504, "timeout"),
     PdserveError: (500, "server_error"),
 }

@@ -1,7 +1,8 @@
 """gRPC wiring of the decode worker (grpc.aio): messages in, worker calls, chunks out.
 
-Errors are mapped here and only here: ValueError → INVALID_ARGUMENT, OverloadedError →
-RESOURCE_EXHAUSTED, a failed request → INTERNAL (after the chunks already sent). A client
+Errors are mapped here and only here, into pdserve.errors' vocabulary (whose tables give the
+status): ValueError → InvalidRequest, OverloadedError → Overloaded, a failed request →
+InternalError (after the chunks already sent). A client
 that cancels the stream (or whose deadline passes) has its sequence aborted at once.
 
 Telemetry: the server runs under the tracing interceptor (one SERVER span per RPC); each
@@ -23,6 +24,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from pdserve import wire
 from pdserve._proto.pdserve.v1 import decode_pb2, decode_pb2_grpc
+from pdserve.errors import InternalError, InvalidRequest, Overloaded, PdserveError, grpc_status
 from pdserve.grpc_server import WorkerServer, serve_until_signalled
 from pdserve.telemetry import Attr, inject_context, request_span
 from services.decode.settings import DecodeSettings
@@ -107,16 +109,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             span.set_attribute(Attr.MAX_TOKENS, spec.params.max_tokens)
             self.worker.submit(spec, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         except ValueError as exc:
-            await _abort(context, span, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _abort(context, span, InvalidRequest(str(exc)))
         except OverloadedError as exc:
-            await _abort(context, span, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            await _abort(context, span, Overloaded(str(exc)))
         finished, first = False, True
         try:
             while not finished:
                 event = await events.get()
                 finished = event.is_last
                 if event.error is not None:
-                    await _abort(context, span, grpc.StatusCode.INTERNAL, event.error)
+                    await _abort(context, span, InternalError(event.error))
                 if event.finish_reason is not None:
                     span.set_attributes({
                         Attr.FINISH_REASONS: [event.finish_reason],
@@ -143,12 +145,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         )
 
 
-async def _abort(context, span: trace.Span, code: grpc.StatusCode, message: str) -> None:
+async def _abort(context, span: trace.Span, exc: PdserveError) -> None:
     """Record the status on the request span, then end the RPC with it (raises)."""
+    code = grpc.StatusCode[grpc_status(exc)]
     span.set_attribute(Attr.RPC_STATUS, code.value[0])
-    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
-    log.info("decode.rejected", status=code.name, detail=message)
-    await context.abort(code, message)
+    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {exc.message}"))
+    log.info("decode.rejected", status=code.name, detail=exc.message)
+    await context.abort(code, exc.message)
 
 
 class DecodeServer(WorkerServer[DecodeWorker]):

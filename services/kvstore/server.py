@@ -1,6 +1,8 @@
 """gRPC wiring of the kvstore: messages in, store calls, messages out. No logic here.
 
-Every typed store error is mapped to a status in one place (:func:`_edge`).
+Every typed store error is mapped in one place (:func:`_edge`), into pdserve.errors'
+vocabulary, whose table gives the status (the KV errors' ``grpc_code`` agrees with it: the
+clients map statuses back to the same types).
 
 Telemetry: every RPC is a SERVER span (the tracing interceptor, parented on the caller's
 ``traceparent``); Put, Get and MapShared open a ``kv.put`` / ``kv.get`` span inside it,
@@ -28,10 +30,30 @@ from pdserve import metrics
 from pdserve._proto.pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 from pdserve.cluster_auth import ClusterAuthInterceptor
 from pdserve.config import KVStoreSettings
+from pdserve.errors import (
+    AlreadyExists,
+    DataLoss,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    PdserveError,
+    Unavailable,
+    grpc_status,
+)
 from pdserve.grpc_server import add_health_and_reflection
 from pdserve.grpc_tracing import ServerTracingInterceptor
 from pdserve.kv.blocks import Tier, block_key
-from pdserve.kv.errors import ChunkOrderError, KVError
+from pdserve.kv.errors import (
+    BlockExistsError,
+    CapacityError,
+    ChecksumMismatchError,
+    ChunkOrderError,
+    InvalidBlockError,
+    KVError,
+    LeaseNotFoundError,
+    StoreClosedError,
+)
 from pdserve.kv.grpc_transport import channel_options
 from pdserve.kv.shm import host_id
 from pdserve.telemetry import Attr, get_tracer, links_from
@@ -44,11 +66,28 @@ tracer = get_tracer(__name__)
 SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 
 
+# The store's typed errors in pdserve's vocabulary (most specific class first in the MRO).
+_AS_PDSERVE: dict[type[KVError], type[PdserveError]] = {
+    InvalidBlockError: InvalidRequest,
+    BlockExistsError: AlreadyExists,
+    ChecksumMismatchError: DataLoss,
+    CapacityError: Overloaded,
+    LeaseNotFoundError: NotFound,
+    StoreClosedError: Unavailable,
+}
+
+
+def as_pdserve_error(exc: KVError) -> PdserveError:
+    cls = next((_AS_PDSERVE[c] for c in type(exc).__mro__ if c in _AS_PDSERVE), InternalError)
+    return cls(str(exc))
+
+
 def _edge(method):
     """Map typed store errors to gRPC statuses (unary and server-streaming handlers)."""
 
     def abort(context, exc: KVError):
-        context.abort(grpc.StatusCode[exc.grpc_code], str(exc))
+        error = as_pdserve_error(exc)
+        context.abort(grpc.StatusCode[grpc_status(error)], error.message)
 
     if method.__name__ == "Get":
 

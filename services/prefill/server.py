@@ -1,8 +1,9 @@
 """gRPC wiring of the prefill worker (grpc.aio): messages in, worker calls, messages out.
 
-Errors are mapped to statuses here and only here: ValueError → INVALID_ARGUMENT,
-OverloadedError → RESOURCE_EXHAUSTED, deadline → DEADLINE_EXCEEDED, cancel → CANCELLED,
-anything else → INTERNAL. A client that cancels (or whose deadline passes) has its request
+Errors are mapped here and only here, into pdserve.errors' vocabulary (whose tables give the
+status): ValueError → InvalidRequest, OverloadedError → Overloaded, deadline →
+DeadlineExceeded, cancel → Cancelled, an unknown Handoff → NotFound, anything else →
+InternalError. A client that cancels (or whose deadline passes) has its request
 aborted in the engine at once.
 
 Telemetry: the server runs under the tracing interceptor (one SERVER span per RPC); each
@@ -24,6 +25,16 @@ from opentelemetry.trace import Status, StatusCode
 
 from pdserve import wire
 from pdserve._proto.pdserve.v1 import prefill_pb2, prefill_pb2_grpc
+from pdserve.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    PdserveError,
+    grpc_status,
+)
 from pdserve.grpc_server import WorkerServer, serve_until_signalled
 from pdserve.telemetry import Attr, inject_context, links_from, request_span
 from services.prefill.settings import PrefillSettings
@@ -84,23 +95,23 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 trace_context=inject_context(),
             )
         except ValueError as exc:
-            await _abort(context, span, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _abort(context, span, InvalidRequest(str(exc)))
         except OverloadedError as exc:
-            await _abort(context, span, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            await _abort(context, span, Overloaded(str(exc)))
         try:
             return await asyncio.wrap_future(future), params
         except asyncio.CancelledError:
             self.worker.cancel(request_id)
             raise
         except DeadlineExceededError as exc:
-            await _abort(context, span, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+            await _abort(context, span, DeadlineExceeded(str(exc)))
         except CancelledError as exc:
-            await _abort(context, span, grpc.StatusCode.CANCELLED, str(exc))
+            await _abort(context, span, Cancelled(str(exc)))
         except ValueError as exc:
-            await _abort(context, span, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _abort(context, span, InvalidRequest(str(exc)))
         except Exception as exc:  # noqa: BLE001 - the status says why
             log.exception("prefill.failed")
-            await _abort(context, span, grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
+            await _abort(context, span, InternalError(f"prefill failed: {exc}"))
 
     async def Handoff(self, request, context):
         """Stream ``worker.follow``: it blocks, so each step runs on a follow thread."""
@@ -117,13 +128,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                     event.done.CopyFrom(_response(result, result.first_token.logprob is not None))
                 yield event
         except KeyError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc.args[0]))
+            await _abort_with(context, NotFound(str(exc.args[0])))
         except DeadlineExceededError as exc:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+            await _abort_with(context, DeadlineExceeded(str(exc)))
         except CancelledError as exc:
-            await context.abort(grpc.StatusCode.CANCELLED, str(exc))
+            await _abort_with(context, Cancelled(str(exc)))
         except RuntimeError as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
+            await _abort_with(context, InternalError(f"prefill failed: {exc}"))
 
     async def Stats(self, request, context):
         load = self.worker.load
@@ -143,12 +154,17 @@ def _links(request) -> list[trace.Link]:
     return [link for link in links_from(entries) if link.context.trace_id != current]
 
 
-async def _abort(context, span: trace.Span, code: grpc.StatusCode, message: str) -> None:
+async def _abort(context, span: trace.Span, exc: PdserveError) -> None:
     """Record the status on the request span, then end the RPC with it (raises)."""
+    code = grpc.StatusCode[grpc_status(exc)]
     span.set_attribute(Attr.RPC_STATUS, code.value[0])
-    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"))
-    log.info("prefill.rejected", status=code.name, detail=message)
-    await context.abort(code, message)
+    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {exc.message}"))
+    log.info("prefill.rejected", status=code.name, detail=exc.message)
+    await context.abort(code, exc.message)
+
+
+async def _abort_with(context, exc: PdserveError) -> None:
+    await context.abort(grpc.StatusCode[grpc_status(exc)], exc.message)
 
 
 def _response(result, with_logprob: bool) -> prefill_pb2.PrefillResponse:
