@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pdserve.kv.blocks import BlockKey, Tier, block_nbytes  # noqa: E402
 from pdserve.kv.grpc_transport import GrpcTransport, SharedMemoryTransport  # noqa: E402
+from pdserve.kv.malloc import keep_large_buffers  # noqa: E402
 from pdserve.kv.metadata import KVEventPublisher, LocationIndex, RedisLayout, connect  # noqa: E402
 
 SMOLLM2 = block_nbytes(30, 16, 3, 64, 4)  # 737,280: SmolLM2-135M fp32
@@ -139,7 +140,7 @@ def bench_block_size(
     out = {"memcpy": best_rate(memcpy, nbytes, repeats)}
     proc, address = start_kvstore(redis_url, block_bytes, n + 8, workdir)
     try:
-        shm = SharedMemoryTransport(address, chunk_bytes=1 << 20)
+        shm = SharedMemoryTransport(address)
         assert shm.shared, "shared memory not available"
         out["shm_put"] = put_rate(shm, blocks, nbytes, repeats)
 
@@ -148,7 +149,7 @@ def bench_block_size(
 
         out["shm_get"] = best_rate(shm_handoff, nbytes, repeats)
         assert all(bytes(d) == s for d, s in zip(dst, src, strict=True))
-        rpc = GrpcTransport(address, chunk_bytes=1 << 20)
+        rpc = GrpcTransport(address)
         got = rpc.get_blocks(keys)
         assert all(bytes(g) == s for g, s in zip(got, src, strict=True))
         out["grpc_get"] = best_rate(lambda: rpc.get_blocks(keys), nbytes, repeats)
@@ -235,6 +236,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (CI smoke run)")
     parser.add_argument("--total-mib", type=int, default=256, help="bytes moved per measurement")
     args = parser.parse_args()
+    keep_large_buffers()  # as the services do at start-up (the kvstore child does too)
     total = (32 if args.quick else args.total_mib) << 20
     repeats = 3 if args.quick else 7
     index_blocks = 100_000 if args.quick else 1_000_000

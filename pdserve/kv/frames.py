@@ -1,10 +1,12 @@
-"""Pre-encoded KVStore stream frames: block bytes go from the caller's buffer to the wire (and
-back) with one copy, instead of a copy into a protobuf message, another at serialization
-and a third when the received pieces are joined.
+"""Pre-encoded KVStore stream frames: block bytes go from a buffer (the caller's, or the
+store's slab) to the wire with one copy, and are read back as views into the received
+message, instead of a copy into a protobuf message, another at serialization, a third at
+parsing and a fourth when the received pieces are joined.
 
-Only the two bulk messages are hand-framed, and they are exactly the protobuf wire encoding
-of ``PutRequest{chunk: BlockChunk{key, offset, data}}`` and of ``GetResponse`` (chunk or end),
-so the server side is untouched. tests/kvstore/test_frames.py checks both against protobuf.
+Only the bulk messages are hand-framed, on both ends of the Put and Get streams, and they
+are exactly the protobuf wire encoding of ``PutRequest{chunk: BlockChunk{key, offset, data}}``
+and of ``GetResponse{chunk: ...}``; every other message (header, seal, end) goes through
+protobuf. tests/kvstore/test_frames.py checks each against protobuf.
 """
 
 from __future__ import annotations
@@ -36,15 +38,37 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def put_chunk_frame(key: bytes, offset: int, data: memoryview) -> bytes:
-    """``PutRequest{chunk: BlockChunk{key, offset, data}}`` serialized; one copy of ``data``."""
+def _chunk_frame(outer_tag: bytes, key: bytes, offset: int, data: memoryview) -> bytes:
     inner_head = b"\x0a" + _varint(len(key)) + key
     if offset:
         inner_head += b"\x10" + _varint(offset)
     if len(data):  # protobuf omits an empty bytes field
         inner_head += b"\x1a" + _varint(len(data))
     inner_len = len(inner_head) + len(data)
-    return b"".join((b"\x12", _varint(inner_len), inner_head, data))
+    return b"".join((outer_tag, _varint(inner_len), inner_head, data))
+
+
+def put_chunk_frame(key: bytes, offset: int, data: memoryview) -> bytes:
+    """``PutRequest{chunk: BlockChunk{key, offset, data}}`` serialized; one copy of ``data``."""
+    return _chunk_frame(b"\x12", key, offset, data)
+
+
+def get_chunk_frame(key: bytes, offset: int, data: memoryview) -> bytes:
+    """``GetResponse{chunk: BlockChunk{key, offset, data}}`` serialized; one copy of ``data``
+    (the frame ends with ``data``, so ``frame[-len(data):]`` is the copy)."""
+    return _chunk_frame(b"\x0a", key, offset, data)
+
+
+def parse_put_request(
+    frame: bytes,
+) -> tuple[tuple[bytes, int, memoryview] | None, kvstore_pb2.PutRequest | None]:
+    """((key, offset, data view into ``frame``), None) for a chunk, else (None, the message)."""
+    buf = memoryview(frame)
+    if not frame or _read_varint(buf, 0)[0] >> 3 != 2:  # an empty frame is an empty message
+        return None, kvstore_pb2.PutRequest.FromString(frame)
+    tag, pos = _read_varint(buf, 0)
+    length, pos = _read_varint(buf, pos)
+    return _chunk_fields(buf[pos : pos + length]), None
 
 
 def parse_get_response(frame: bytes) -> tuple[memoryview | None, kvstore_pb2.GetBlockEnd | None]:
@@ -55,19 +79,23 @@ def parse_get_response(frame: bytes) -> tuple[memoryview | None, kvstore_pb2.Get
     body = buf[pos : pos + length]
     if tag >> 3 == 2:
         return None, kvstore_pb2.GetBlockEnd.FromString(bytes(body))
-    return _chunk_data(body), None
+    return _chunk_fields(body)[2], None
 
 
-def _chunk_data(body: memoryview) -> memoryview:
-    """The ``data`` field of a serialized BlockChunk (key and offset are skipped)."""
-    pos, data = 0, body[0:0]
+def _chunk_fields(body: memoryview) -> tuple[bytes, int, memoryview]:
+    """(key, offset, data view) of a serialized BlockChunk; unknown fields are skipped."""
+    pos, key, offset, data = 0, b"", 0, body[0:0]
     while pos < len(body):
         tag, pos = _read_varint(body, pos)
         if tag & 7 == _VARINT:
-            _, pos = _read_varint(body, pos)
+            value, pos = _read_varint(body, pos)
+            if tag >> 3 == 2:
+                offset = value
             continue
         length, pos = _read_varint(body, pos)
-        if tag >> 3 == 3:
+        if tag >> 3 == 1:
+            key = bytes(body[pos : pos + length])
+        elif tag >> 3 == 3:
             data = body[pos : pos + length]
         pos += length
-    return data
+    return key, offset, data

@@ -68,6 +68,12 @@ def _seal_frame(key: bytes, block_checksum: int) -> bytes:
     ).SerializeToString()
 
 
+def _split(items: list, parts: int) -> list[list]:
+    """``items`` in at most ``parts`` contiguous slices of near-equal length (at least one)."""
+    size = max(1, -(-len(items) // parts))
+    return [items[i : i + size] for i in range(0, len(items), size)] or [items]
+
+
 def _tier(value: int) -> Tier | None:
     return Tier(value) if value else None
 
@@ -125,14 +131,15 @@ class GrpcTransport(KVTransport):
         self,
         address: str,
         *,
-        chunk_bytes: int = 1 << 20,
+        chunk_bytes: int = 4 << 20,
         max_message_bytes: int = 64 << 20,
         timeout_s: float = 60.0,
         security: ClusterSecurity | None = None,
         streams: int = 4,
     ) -> None:
         """``security``: mTLS or the cluster token when the store demands one (pdserve.tls);
-        ``streams``: Get streams in flight for one multi-block read (one HTTP/2 connection)."""
+        ``streams``: Get streams in flight for one multi-block read (one HTTP/2 connection); ``chunk_bytes``: the largest message of a block's bytes (the
+        default carries a 2 MiB block in one message, which a reader uses in place)."""
         self.address = address
         self._streams = max(1, streams)
         self._pool: ThreadPoolExecutor | None = None
@@ -180,8 +187,11 @@ class GrpcTransport(KVTransport):
         return _StreamWriter(self._put, self._chunk_bytes, header, self._timeout_s)
 
     def put_blocks(self, blocks, *, trace_context=None, skip_existing=False) -> PutResult:
-        """Whole blocks in one blocking Put stream (no writer thread: cheaper for small batches)."""
+        """Whole blocks in one blocking Put stream (no writer thread: cheaper for small
+        batches). One stream, so blocks are sealed, and enter the store's LRU, in order."""
+        return self._put_stream(blocks, trace_context=trace_context, skip_existing=skip_existing)
 
+    def _put_stream(self, blocks, *, trace_context, skip_existing) -> PutResult:
         def requests() -> Iterator[bytes]:
             header = kvstore_pb2.PutHeader(
                 trace_context=_trace(trace_context), skip_existing=skip_existing
@@ -207,9 +217,8 @@ class GrpcTransport(KVTransport):
     ) -> list[tuple[Buffer, Tier] | None]:
         """Contiguous slices of ``keys`` on up to ``streams`` Get streams at once."""
         keys = list(keys)
-        size = -(-len(keys) // self._streams) if keys else 1
-        groups = [keys[i : i + size] for i in range(0, len(keys), size)]
-        if len(groups) <= 1:
+        groups = _split(keys, self._streams)
+        if len(groups) == 1:
             found = self._get_stream(keys, trace_context)
         else:
             found = {}
@@ -233,9 +242,10 @@ class GrpcTransport(KVTransport):
             for frame in self._get(request, timeout=self._timeout_s):
                 piece, end = parse_get_response(frame)
                 if end is None:
-                    parts.append(piece)  # a view into the frame: the join is the one copy
+                    parts.append(piece)  # a view into the received message
                     continue
-                data = b"".join(parts)
+                # A block in one message is used in place; only a split one is joined.
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
                 parts = []
                 if end.found and checksum(data) == end.checksum:
                     found[end.key] = (data, _tier(end.tier) or Tier.DRAM)

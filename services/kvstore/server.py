@@ -54,6 +54,7 @@ from pdserve.kv.errors import (
     LeaseNotFoundError,
     StoreClosedError,
 )
+from pdserve.kv.frames import get_chunk_frame, parse_put_request
 from pdserve.kv.grpc_transport import channel_options
 from pdserve.kv.shm import host_id
 from pdserve.telemetry import Attr, get_tracer, links_from
@@ -132,22 +133,25 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     @_edge
     def Put(self, request_iterator, context):
-        requests = iter(request_iterator)
+        """Frames in (pdserve.kv.frames): a chunk's bytes go from the received message to the
+        staging slot in one copy."""
+        requests = (parse_put_request(frame) for frame in request_iterator)
         first = next(requests, None)
-        has_header = first is not None and first.WhichOneof("kind") == "header"
-        header = first.header if has_header else kvstore_pb2.PutHeader()
+        has_header = first is not None and first[1] is not None and first[1].HasField("header")
+        header = first[1].header if has_header else kvstore_pb2.PutHeader()
         pending = [] if has_header or first is None else [first]
         with self._kv_span("put", _trace(header)) as transfer:
             session = self._store.open_put(
                 skip_existing=header.skip_existing, trace_context=_trace(header)
             )
             try:
-                for request in itertools.chain(pending, requests):
-                    kind = request.WhichOneof("kind")
-                    if kind == "chunk":
-                        session.chunk(request.chunk.key, request.chunk.offset, request.chunk.data)
+                for chunk, request in itertools.chain(pending, requests):
+                    if chunk is not None:
+                        session.chunk(*chunk)
                         transfer.transport = "grpc"  # bytes came over the stream
-                    elif kind == "seal":
+                        continue
+                    kind = request.WhichOneof("kind")
+                    if kind == "seal":
                         session.seal(request.seal.key, request.seal.checksum)
                     elif kind == "header":
                         raise ChunkOrderError("PutHeader must be the first message of a Put stream")
@@ -164,28 +168,26 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     @_edge
     def Get(self, request, context):
+        """Frames out (pdserve.kv.frames): each chunk is framed straight from the store's slab."""
         chunk_bytes = min(
             request.chunk_bytes or self._settings.chunk_bytes, self._settings.chunk_bytes
         )
         with self._kv_span("get", _trace(request)) as transfer:
             transfer.transport = "grpc"
             for key in request.keys:
-                found = self._store.get_chunks(block_key(key), chunk_bytes)
+                frame = functools.partial(get_chunk_frame, key)
+                found = self._store.get_chunks(block_key(key), chunk_bytes, frame)
                 if found is None:
-                    yield kvstore_pb2.GetResponse(end=kvstore_pb2.GetBlockEnd(key=key, found=False))
+                    end = kvstore_pb2.GetBlockEnd(key=key, found=False)
+                    yield kvstore_pb2.GetResponse(end=end).SerializeToString()
                     continue
-                chunks, tier, block_checksum = found
-                offset = 0
-                for data in chunks:
-                    yield kvstore_pb2.GetResponse(
-                        chunk=kvstore_pb2.BlockChunk(key=key, offset=offset, data=data)
-                    )
-                    offset += len(data)
+                frames, tier, block_checksum = found
+                yield from frames
                 end = kvstore_pb2.GetBlockEnd(
                     key=key, found=True, checksum=block_checksum, tier=tier
                 )
                 transfer.tiers.append(Tier(tier))
-                yield kvstore_pb2.GetResponse(end=end)
+                yield kvstore_pb2.GetResponse(end=end).SerializeToString()
 
     @_edge
     def Lookup(self, request, context):
@@ -269,6 +271,33 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         return kvstore_pb2.MapSharedResponse(lease_id=lease_id, slots=slots)
 
 
+_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+}
+
+
+def add_kvstore_servicer(servicer: KVStoreServicer, server: grpc.Server) -> None:
+    """``add_KVStoreServicer_to_server`` with Put's requests and Get's responses left as bytes
+    (the pre-encoded frames); every other message goes through protobuf as generated."""
+    service = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"]
+    handlers = {}
+    for method in service.methods:
+        request = getattr(kvstore_pb2, method.input_type.name)
+        response = getattr(kvstore_pb2, method.output_type.name)
+        make = _HANDLERS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=None if method.name == "Put" else request.FromString,
+            response_serializer=None if method.name == "Get" else response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 class _Transfer:
     """What one Put/Get moved; ``finish`` puts it on the span and in the metrics.
 
@@ -322,9 +351,7 @@ class KVStoreServer:
             log.warning("kvstore.unauthenticated", hint="set tls_* files or cluster_token")
         address = settings.advertise_address or f"{settings.node_id}:{self.port}"
         self.node = KVStoreNode(settings, address=address)
-        kvstore_pb2_grpc.add_KVStoreServicer_to_server(
-            KVStoreServicer(self.node.store, settings), self.server
-        )
+        add_kvstore_servicer(KVStoreServicer(self.node.store, settings), self.server)
         self.health = add_health_and_reflection(self.server, SERVICE_NAME, health.HealthServicer())
 
     def start(self) -> None:

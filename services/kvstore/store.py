@@ -174,6 +174,10 @@ class _TierState:
         return data
 
 
+def _copy(offset: int, piece: memoryview) -> bytes:
+    return bytes(piece)
+
+
 class TieredStore:
     """The store logic behind the kvstore service (no gRPC here). Thread-safe."""
 
@@ -596,22 +600,28 @@ class TieredStore:
                 entry.corrupt = True
         return self._finish_read(entry, data, tier)
 
-    def get_chunks(self, key: bytes, chunk_bytes: int) -> tuple[list[bytes], Tier, int] | None:
-        """A verified copy of the block as ``chunk_bytes`` pieces (one copy, for gRPC)."""
+    def get_chunks(
+        self, key: bytes, chunk_bytes: int, encode: Callable[[int, memoryview], bytes] = _copy
+    ) -> tuple[list[bytes], Tier, int] | None:
+        """The block as ``chunk_bytes`` pieces, verified, in one copy: ``encode(offset, piece)``
+        makes that copy (the gRPC server frames it straight from the slab) and must end with
+        the piece's bytes, which are what is hashed."""
         with self._reading(key) as found:
             if found is None:
                 return None
             entry, raw = found
             view, hasher = memoryview(raw), xxhash.xxh3_64()
-            chunks = [bytes(view[i : i + chunk_bytes]) for i in range(0, len(view), chunk_bytes)]
-            for chunk in chunks:
-                hasher.update(chunk)
+            chunks = []
+            for start in range(0, len(view), chunk_bytes):
+                piece = view[start : start + chunk_bytes]
+                chunks.append(encode(start, piece))
+                hasher.update(memoryview(chunks[-1])[len(chunks[-1]) - len(piece) :])
             tier = entry.tier
             if len(view) != self.block_size_bytes or hasher.intdigest() != entry.checksum:
                 entry.corrupt = True
             owned = raw if isinstance(raw, bytearray) else None
-        if tier != self._tiers[0].tier and owned is None:
-            owned = b"".join(chunks)  # promotion needs a copy that outlives the slot
+            if tier != self._tiers[0].tier and owned is None:
+                owned = bytes(view)  # promotion needs a copy that outlives the read
         if self._finish_read(entry, owned, tier) is None:
             return None
         return chunks, tier, entry.checksum

@@ -226,6 +226,32 @@ def test_large_blocks_stream_with_configured_limits(tmp_path, redis_url, cluster
         srv.stop()
 
 
+def test_whole_block_messages_on_several_streams_arrive_in_place(tmp_path, redis_url, cluster_name):
+    """Defaults: a block travels in one message (chunk_bytes > block) and is used where it
+    landed; 7 keys on 3 streams come back in key order, a miss in the middle included."""
+    srv = KVStoreServer(
+        settings(
+            tmp_path, block_size_bytes=BIG, dram_capacity_bytes=8 * BIG, redis_url=redis_url,
+            cluster_name=cluster_name, grpc_host="127.0.0.1", grpc_port=0, chunk_bytes=4 << 20,
+        )
+    )  # fmt: skip
+    srv.start()
+    try:
+        kv = GrpcTransport(f"127.0.0.1:{srv.port}", streams=3)
+        blocks = [(key(i), payload(i, BIG)) for i in range(6)]
+        assert kv.put_blocks(blocks).tiers == (Tier.DRAM,) * 6
+        keys = [key(i) for i in (5, 0, 99, 1, 2, 3, 4)]
+        got = kv.get_blocks(keys)
+        assert [None if g is None else bytes(g) for g in got] == [
+            None if int.from_bytes(k, "big") == 99 else payload(int.from_bytes(k, "big"), BIG)
+            for k in keys
+        ]
+        assert all(isinstance(g, memoryview) for g in got if g is not None)  # not joined
+        kv.close()
+    finally:
+        srv.stop()
+
+
 def test_sigterm_flushes_and_deregisters(tmp_path, redis_url, cluster_name):
     port = free_port()
     env = dict(
