@@ -209,7 +209,9 @@ class KVStoreSettings(ServiceSettings):
     )
     grpc_workers: int = Field(16, ge=1, description="server threads (concurrent RPCs)")
     max_message_bytes: int = Field(64 << 20, ge=1 << 20, description="gRPC send/receive limit")
-    chunk_bytes: int = Field(1 << 20, ge=1024, description="bytes per streamed chunk")
+    chunk_bytes: int = Field(
+        4 << 20, ge=1024, description="bytes per streamed chunk (a 2 MiB block: one message)"
+    )
 
     # KV geometry: by default the store learns its block size from the model the workers
     # serve (the same variables as the prefill worker), so a model or dtype change follows.
