@@ -17,8 +17,15 @@ comment (``: keep-alive``) every ``SSE_KEEPALIVE_S`` while no token has come, so
 never waits without a byte. A failure after that is an in-band ``{"error": ...}`` event
 followed by ``[DONE]``.
 
-The route explanation: the ``x-pdserve-route`` header (compact JSON, non-streaming responses)
-and a ``pdserve_route`` field (non-streaming body, first streamed chunk).
+Not streaming: the response is sent whole, with its real status, when it is ready within
+``SSE_KEEPALIVE_S`` of admission. Past that, its ``200`` headers go out and then a space
+every ``SSE_KEEPALIVE_S`` (whitespace before a JSON value is valid JSON) until the body, so
+no client waits without a byte either. The status is committed then: a failure after it is
+the ``{"error": ...}`` object in that 200 body (clients that need the status of a long
+request should stream). The ``x-pdserve-route`` header rides only on a response sent whole.
+
+The route explanation: the ``x-pdserve-route`` header (compact JSON, non-streaming responses
+sent whole) and a ``pdserve_route`` field (non-streaming body, first streamed chunk).
 
 Extensions beyond OpenAI's fields: ``top_k``, ``min_p``, ``repetition_penalty``,
 ``ignore_eos``, ``stop_token_ids``, ``cache_salt``; header ``x-pdserve-deadline-s``.
@@ -377,6 +384,37 @@ class _SSE:
             await self.response.write_eof()
 
 
+class _JSONBody:
+    """One non-streaming response: whole when ready within ``SSE_KEEPALIVE_S`` of admission,
+    else its 200 headers then, a space every ``SSE_KEEPALIVE_S``, and the body at the end."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        self._keepalive: asyncio.Task | None = None
+
+    async def admitted(self) -> None:
+        self._keepalive = asyncio.create_task(self._keep_alive())
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(SSE_KEEPALIVE_S)
+            if not self.response.prepared:
+                await self.response.prepare(self._request)
+            await self.response.write(b" ")
+
+    async def finish(self, payload: dict, status: int = 200, headers=None) -> web.StreamResponse:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive
+        if not self.response.prepared:
+            return web.json_response(payload, status=status, headers=headers)
+        await self.response.write(json.dumps(payload).encode())
+        await self.response.write_eof()
+        return self.response
+
+
 class OpenAIHandlers:
     def __init__(self, router: Router, gate: TenantGate) -> None:
         self.router = router
@@ -422,20 +460,26 @@ class OpenAIHandlers:
         meta = {"id": inp.request_id, "created": int(time.time()),
                 "model": self.router.model.name}  # fmt: skip
         sse = _SSE(request) if body.stream else None
+        whole = _JSONBody(request) if sse is None else None
         stream = self.gate.generate(
             tenant, self.router, inp, _deadline(request), trace_context=caller,
-            on_admitted=sse.open if sse is not None else None,
+            on_admitted=sse.open if sse is not None else whole.admitted,
         )  # fmt: skip
         async with contextlib.aclosing(stream):  # closed in this task, whatever happens
-            if sse is None:
-                return await self._collect(stream, meta, chat)
+            if whole is not None:
+                return await self._collect(whole, stream, meta, chat)
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return await self._stream(sse, stream, meta, chat, include_usage)
 
-    async def _collect(self, stream, meta, chat) -> web.Response:
-        chunks = [chunk async for chunk in stream]
-        if not chunks:
-            raise PdserveError("the decode worker ended the stream without a token")
+    async def _collect(self, whole: _JSONBody, stream, meta, chat) -> web.StreamResponse:
+        try:
+            chunks = [chunk async for chunk in stream]
+            if not chunks:
+                raise PdserveError("the decode worker ended the stream without a token")
+        except PdserveError as exc:
+            status = http_status(exc)[0]
+            headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+            return await whole.finish(error_body(exc), status, headers)
         first, last = chunks[0], chunks[-1]
         text = "".join(c.text for c in chunks)
         logprobs = [lp for c in chunks for lp in c.logprobs]
@@ -454,7 +498,7 @@ class OpenAIHandlers:
         out = {**meta, "object": obj, "choices": [choice], "usage": usage,
                "pdserve_route": route}  # fmt: skip
         headers = {"x-pdserve-route": json.dumps(route, separators=(",", ":"))} if route else None
-        return web.json_response(out, headers=headers)
+        return await whole.finish(out, headers=headers)
 
     def _choice(self, chunk: Chunk, chat: bool, offset: int) -> dict:
         if chat:

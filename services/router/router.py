@@ -602,7 +602,7 @@ class Router:
             tried.append(route.decode.worker_id)
             num_resumed = len(streamed)
             try:
-                async for chunk in self._stream(route, call, deadline, prefilled is None):
+                async for chunk in self._stream(route, call, deadline):
                     streamed.extend(chunk.token_ids)
                     first = explanation if len(streamed) == len(chunk.token_ids) else None
                     yield _client_chunk(parsed.request_id, chunk, first, num_resumed, cached)
@@ -646,12 +646,14 @@ class Router:
         return route
 
     async def _stream(
-        self, route: Route, call: DecodeCall, deadline: float, local_prefill: bool
+        self, route: Route, call: DecodeCall, deadline: float
     ) -> AsyncIterator[WorkerChunk]:
         worker = route.decode
         wid = worker.worker_id
         self.affinity.record(wid, self._keys(call, call.prompt_token_ids))
-        queued = route.plan.uncached_tokens if local_prefill else 0
+        # A prompt prefilled elsewhere arrives as KV (sequential or overlapped handoff): it
+        # queues on the prefill worker only.
+        queued = route.plan.uncached_tokens if route.prefill is None else 0
         self._inflight[wid] += 1
         self._queued_tokens[wid] += queued
         remaining = call.params.max_tokens - len(call.resume_token_ids)

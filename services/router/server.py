@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import time
+import uuid
 
 import grpc
 import structlog
@@ -190,8 +191,8 @@ class RouterServer:
             settings.registry_refresh_s,
         )  # fmt: skip
         self.clients = GrpcWorkerClients(settings.max_message_bytes, security=self.security)
-        self.router = Router(settings, self.model, self.directory, self.clients)
-        self.worker_id = f"router-{settings.node_id}-{os.getpid()}"
+        self.worker_id = f"router-{settings.node_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.router = Router(settings, self.model, self.directory, self.clients, self.worker_id)
         self._heartbeat: Heartbeat | None = None
         self._runner: web.AppRunner | None = None
         self.grpc_port = 0
@@ -227,7 +228,9 @@ class RouterServer:
             )
             await site.start()
             self.http_port = self._runner.addresses[0][1]
-        self._heartbeat = Heartbeat(self.directory.registry, self._info, s.heartbeat_interval_s)
+        # As often as the replicas read the registry: its load is their admission input.
+        interval_s = min(s.heartbeat_interval_s, s.registry_refresh_s)
+        self._heartbeat = Heartbeat(self.directory.registry, self._info, interval_s)
         self._heartbeat.start()
         await set_serving(self.health, SERVICE_NAME, True)
         metrics.QUEUE_DEPTH.labels(observe.ROUTER_QUEUE).set_function(

@@ -43,6 +43,7 @@ from services.router.messages import DecodeCall, PrefillCall, Prefilled, Usage, 
 
 log = structlog.get_logger(__name__)
 ROLES = ("prefill", "decode")
+PEERS = "router"  # the other router replicas: their heartbeats carry their admitted requests
 
 
 class WorkerDirectory(abc.ABC):
@@ -51,7 +52,8 @@ class WorkerDirectory(abc.ABC):
     redis_ok: bool = True
 
     @abc.abstractmethod
-    def workers(self, role: str) -> list[WorkerInfo]: ...
+    def workers(self, role: str) -> list[WorkerInfo]:
+        """Live workers of ``role``: prefill, decode, or router (this router's replicas)."""
 
     @abc.abstractmethod
     def prefixes(self, keys: Sequence[BlockKey]) -> list[NodePrefix]: ...
@@ -244,7 +246,7 @@ class RedisWorkerDirectory(WorkerDirectory):
             log.info("router.redis_up", workers=len(found))
         self.redis_ok = True
         now = time.monotonic()
-        seen = {w.worker_id: (w, now) for w in found if w.role in ROLES}
+        seen = {w.worker_id: (w, now) for w in found if w.role in (*ROLES, PEERS)}
         for wid, (info, at) in self._seen.items():
             if wid not in seen and now - at < self._ttl_s:
                 seen[wid] = (info, at)  # not heard of since a Redis restart: keep for a TTL

@@ -10,7 +10,7 @@ across workers must therefore equal one worker's uninterrupted stream exactly.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from pdserve.engine.sampler import SampledToken
 from pdserve.errors import Failure, WorkerCallError
@@ -49,7 +49,14 @@ class FakeDirectory(WorkerDirectory):
         self.infos = [WorkerInfo(w, "prefill", w, "n-" + w) for w in prefill]
         self.infos += [WorkerInfo(w, "decode", w, "n-" + w) for w in decode]
 
+        self.routers: dict[str, object] = {}  # router id -> Router (replicas sharing this)
+
     def workers(self, role: str) -> list[WorkerInfo]:
+        if role == "router":  # what each replica's heartbeat says: its admitted requests
+            return [
+                WorkerInfo(rid, "router", rid, "n", load={"running": r.num_inflight})
+                for rid, r in self.routers.items()
+            ]
         return [w for w in self.infos if w.role == role]
 
     def prefixes(self, keys) -> list[NodePrefix]:
@@ -59,9 +66,11 @@ class FakeDirectory(WorkerDirectory):
 class FakeDecode:
     """``die_after`` / ``stall_after``: chunks sent before failing (None: never);
     ``refuse``: a Failure raised before the first chunk; ``recompute_s``: how long an
-    overlapped call whose prefill failed takes to prefill the prompt itself."""
+    overlapped call whose prefill failed takes to prefill the prompt itself; ``follow``: how an
+    overlapped call learns its prefill's outcome (FakeClients wires its prefill workers')."""
 
-    def __init__(self) -> None:
+    def __init__(self, follow: Callable[[DecodeCall], Awaitable[bool]] | None = None) -> None:
+        self.follow = follow
         self.calls: list[DecodeCall] = []
         self.die_after: int | None = None
         self.stall_after: int | None = None
@@ -73,6 +82,10 @@ class FakeDecode:
         self.calls.append(call)
         if self.refuse is not None:
             raise WorkerCallError(self.refuse, f"{self.refuse.value}: refused")
+        following = call.prefill_address is not None and self.follow is not None
+        if following and not await self.follow(call):  # the prefill failed: compute it here
+            await asyncio.sleep(self.recompute_s)
+            self.recomputed.append(call.request_id)
         params, start = call.params, len(call.resume_token_ids)
         for sent, pos in enumerate(range(start, params.max_tokens)):
             if sent == self.die_after:
@@ -137,20 +150,14 @@ class FakeClients(WorkerClients):
 
     def __init__(self, prefill: Sequence[str] = (), decode: Sequence[str] = ()) -> None:
         self.prefill_workers = {w: FakePrefill() for w in prefill}
-        self.decode_workers = {w: FakeDecode() for w in decode}
+        self.decode_workers = {w: FakeDecode(self._handoff) for w in decode}
 
     async def prefill(self, address: str, call: PrefillCall, timeout_s: float) -> Prefilled:
         return await self.prefill_workers[address].prefill(call)
 
     def decode(self, address: str, call: DecodeCall, timeout_s: float):
-        return self._decode(self.decode_workers[address], call)
+        return self.decode_workers[address].stream(call)
 
-    async def _decode(self, worker: FakeDecode, call: DecodeCall) -> AsyncIterator[WorkerChunk]:
-        """An overlapped call first follows its prefill, as the real decode worker does."""
-        if call.prefill_address is not None:
-            prefilled = await self.prefill_workers[call.prefill_address].handoff(call.request_id)
-            if not prefilled:
-                await asyncio.sleep(worker.recompute_s)
-                worker.recomputed.append(call.request_id)
-        async for chunk in worker.stream(call):
-            yield chunk
+    async def _handoff(self, call: DecodeCall) -> bool:
+        """An overlapped call follows its prefill first, as the real decode worker does."""
+        return await self.prefill_workers[call.prefill_address].handoff(call.request_id)

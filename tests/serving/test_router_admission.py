@@ -12,6 +12,7 @@ from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import InvalidRequest, Overloaded
 from services.router.admission import DecodeCapacity, Inflight, blocks_needed, decode_wait_s
 from services.router.messages import GenerateInput
+from services.router.router import Router
 from tests.serving.test_router_core import make_router
 
 
@@ -71,3 +72,39 @@ def test_a_decode_worker_that_cannot_start_in_time_gets_429_with_its_drain_time(
     assert refused.value.retry_after_s == 128 and refused.value.reason_class == "deadline"
     with pytest.raises(InvalidRequest, match="needs 65 KV blocks; decode worker d0 holds 64"):
         _generate(router, "Hi", 1024)
+
+
+def test_two_router_replicas_share_one_admission_limit():
+    """Replicas behind one address: each counts the requests the other admitted (its
+    heartbeat), so the cluster holds max_inflight_requests, not that many per replica."""
+    first, clients = make_router(max_inflight_requests=2)
+    second = Router(first.settings, first.model, first.directory, clients, router_id="r2")
+    first.router_id = "r1"
+    first.directory.routers = {"r1": first, "r2": second}
+    for worker in clients.decode_workers.values():
+        worker.stall_after = 1  # streams stay open: admitted and not finished
+
+    async def main():
+        streams = [
+            first.generate(GenerateInput(prompt=f"Hi {i}", params=SamplingParams(max_tokens=4)))
+            for i in range(2)
+        ]
+        for stream in streams:
+            await anext(stream)  # admitted on the first replica
+        refused = second.generate(GenerateInput(prompt="Hi", params=SamplingParams(max_tokens=4)))
+        with pytest.raises(Overloaded) as exc:
+            await anext(refused)
+        for stream in streams:
+            await stream.aclose()
+        return exc.value
+
+    refusal = asyncio.run(main())
+    assert refusal.reason_class == "queue_full" and "(2/2 requests)" in refusal.message
+    assert first.num_inflight == 0
+
+
+def test_a_replica_alone_admits_up_to_the_limit():
+    router, clients = make_router(max_inflight_requests=2)
+    router.router_id = "r1"
+    router.directory.routers = {"r1": router}  # itself only: not counted twice
+    assert len(_generate(router, "Hi", 2)) == 2

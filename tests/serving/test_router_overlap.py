@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from pdserve.errors import WorkerFailed
-from tests.serving.router_fakes import FakeDecode
+from tests.serving.router_fakes import FakeDecode, FakePrefill
 from tests.serving.test_router_core import LONG, expected, make_router, migrations, run
 
 
@@ -55,3 +55,31 @@ def test_the_same_wait_is_a_stall_without_a_prefill_to_follow():
     with pytest.raises(WorkerFailed, match="stall"):
         run(router)  # colocated: every decode worker is slow, the stream moves until the limit
     assert migrations("stall") > before
+
+
+class RecordsRouterQueues(FakePrefill):
+    """Notes, midway through its prefill, the prompt tokens the router believes each worker
+    must still compute."""
+
+    def __init__(self, router) -> None:
+        super().__init__()
+        self.router = router
+        self.queued_midway: dict[str, int] = {}
+
+    async def prefill(self, call):
+        self.compute_s = 0.05
+        task = asyncio.ensure_future(super().prefill(call))
+        await asyncio.sleep(0.02)  # the Decode call that follows has started by now
+        self.queued_midway = dict(self.router._queued_tokens)
+        return await task
+
+
+def test_an_overlapped_request_queues_its_prompt_on_the_prefill_worker_only():
+    """The decode worker following a remote prefill loads the prompt's KV; counting the prompt
+    in its queue too made the cost policy see every remote prefill twice and price a local
+    prefill at twice the real queue."""
+    router, clients = make_router(prefill=("p0",), decode=("d0",), overlap_handoff=True)
+    prefill = clients.prefill_workers["p0"] = RecordsRouterQueues(router)
+    run(router, prompt=LONG)
+    assert prefill.queued_midway.get("p0", 0) == len(LONG.encode())
+    assert prefill.queued_midway.get("d0", 0) == 0

@@ -8,6 +8,7 @@ running a model.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import threading
 import time
@@ -639,6 +640,59 @@ def test_two_router_replicas_share_workers_and_cache_locations(env):
         publisher.stop()
     finally:
         env.loop.run(second.stop())
+
+
+def test_two_router_replicas_share_one_admission_limit_through_their_heartbeats(env):
+    """A stream admitted by the first replica counts against the second's limit (here 1)."""
+    second = RouterServer(env.settings.model_copy(
+        update={"http_port": _free_port(), "max_inflight_requests": 1}))  # fmt: skip
+    env.loop.run(second.start())
+    env.fakes["d0"].mode = env.fakes["d1"].mode = "hang"
+    try:
+        with grpc.insecure_channel(env.grpc) as channel:
+            held = router_pb2_grpc.RouterStub(channel).Generate(
+                router_pb2.GenerateRequest(prompt="Hold", sampling=common_pb2.SamplingParams(
+                    max_tokens=8)), timeout=30)  # fmt: skip
+            next(held)  # admitted by the first replica, and left open
+            deadline = time.monotonic() + 10
+            while second.router._peer_inflight() < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with (
+                Client(f"127.0.0.1:{second.grpc_port}", max_retries=0) as client,
+                pytest.raises(ResourceExhausted, match=r"\(1/1 requests\)"),
+            ):
+                client.generate("Hi", max_tokens=2)
+            held.cancel()
+    finally:
+        env.loop.run(second.stop())
+
+
+def test_a_slow_non_streaming_response_sends_headers_and_whitespace_while_it_waits(
+    env, monkeypatch
+):
+    """Past the keep-alive period the 200 headers go out, then spaces, then the JSON body
+    (valid JSON as a whole); a response ready sooner is sent whole, route header included."""
+    from services.router import openai_api
+
+    monkeypatch.setattr(openai_api, "SSE_KEEPALIVE_S", 0.3)
+    env.fakes["d0"].mode = env.fakes["d1"].mode = "slow"  # 2 s before the first token
+    host, port = env.http.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    started = time.monotonic()
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 2}),
+                 {"Content-Type": "application/json"})  # fmt: skip
+    resp = conn.getresponse()
+    headers_s = time.monotonic() - started
+    first = resp.read(1)
+    raw = first + resp.read()
+    conn.close()
+    assert resp.status == 200 and headers_s < 1.5 and first == b" "
+    assert time.monotonic() - started >= 2.0
+    assert raw.startswith(b"  ")  # a space every 0.3 s during the 2 s wait
+    assert json.loads(raw)["choices"][0]["text"] == "t0 t1 "
+    env.fakes["d0"].mode = env.fakes["d1"].mode = "ok"
+    status, headers, body = post(env, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+    assert status == 200 and "x-pdserve-route" in {k.lower() for k in headers}
 
 
 def test_a_router_without_decode_workers_is_alive_but_not_ready(env):
