@@ -106,8 +106,11 @@ class Router:
         model: ModelInfo,
         directory: WorkerDirectory,
         clients: WorkerClients,
+        router_id: str = "",
     ) -> None:
+        """``router_id``: the id this replica heartbeats under (its peers' are the others)."""
         self.settings = settings
+        self.router_id = router_id
         self.model = model
         self.directory = directory
         self.clients = clients
@@ -330,17 +333,20 @@ class Router:
         tokens) plus the decode worker's wait for a batch slot and KV blocks for the whole
         ``num_tokens`` (prompt + max_tokens), from its reports (admission.py)."""
         plan = route.plan
-        target = plan.prefill.worker_id if plan.prefill else plan.decode.worker_id
-        queued = self._queued_tokens[target]
+        target = route.prefill or route.decode
+        # The target's own report counts every router's prompts; ours is fresher for ours.
+        reported = int(target.load.get("pending_prompt_tokens", 0))
+        queued = max(self._queued_tokens[target.worker_id], reported)
         prefill_s = policy.predict_ttft_s(queued, plan.uncached_tokens, self.prefill_tokens_per_s)
         decode_wait_s = self._decode_wait_s(route.decode, num_tokens)
         ttft = prefill_s + decode_wait_s
+        num_inflight = self.num_inflight + self._peer_inflight()
         attributes = {Attr.QUEUE: observe.ROUTER_QUEUE, "pdserve.admission.num_inflight":
-                      self.num_inflight, "pdserve.admission.predicted_ttft_s": round(ttft, 4),
+                      num_inflight, "pdserve.admission.predicted_ttft_s": round(ttft, 4),
                       "pdserve.admission.decode_wait_s": round(decode_wait_s, 4)}  # fmt: skip
         with _tracer.start_as_current_span("router.admission", attributes=attributes) as span:
             verdict = policy.admit(
-                self.num_inflight, self.settings.max_inflight_requests, ttft, timeout_s,
+                num_inflight, self.settings.max_inflight_requests, ttft, timeout_s,
                 queued, self.prefill_tokens_per_s,
             )  # fmt: skip
             span.set_attributes({
@@ -354,6 +360,15 @@ class Router:
                     verdict.reason, retry_after_s=retry_after_s,
                     reason_class=verdict.reason_class,
                 )  # fmt: skip
+
+    def _peer_inflight(self) -> int:
+        """Requests the other router replicas have admitted, from their last heartbeats: the
+        admission limit is the cluster's, whichever replica a request reaches."""
+        return sum(
+            int(w.load.get("running", 0))
+            for w in self.directory.workers("router")
+            if w.worker_id != self.router_id
+        )
 
     def _decode_wait_s(self, worker: WorkerInfo, num_tokens: int) -> float:
         load, capacity = worker.load, worker.capacity
