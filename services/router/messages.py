@@ -138,6 +138,7 @@ class DecodeCall:
     cache_salt: str | None
     prefilled: Prefilled | None = None
     resume_token_ids: tuple[int, ...] = ()  # a migrated request: tokens already streamed
+    kv: KVSource | None = None  # a migrated request: the prompt's blocks a prefill stored
     kv_fetch_timeout_s: float = 0.0  # 0: the worker's default
     prefill_address: str | None = None  # overlapped handoff: the prefill worker to follow
 

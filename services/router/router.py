@@ -14,8 +14,10 @@ Request lifecycle::
                and restarted with the retry)
              → streaming (decode chunks forwarded; the route explanation rides the first)
                ⇄ migrating (the decode worker failed: the prompt plus the tokens already
-                 streamed go to another decode worker, which recomputes them and continues
-                 at the same (seed, position); at most ``migration_limit`` times)
+                 streamed go to another decode worker, which fetches the prompt's blocks
+                 from the KV store when a prefill worker stored them, recomputes the rest
+                 and continues at the same (seed, position); at most ``migration_limit``
+                 times)
              → finished | failed (WorkerFailed / DeadlineExceeded) | cancelled (the client left;
                closing the decode stream aborts the sequence on the worker)
 
@@ -63,6 +65,7 @@ from pdserve.errors import (
 from pdserve.kv.blocks import Tier
 from pdserve.kv.metadata import NodePrefix, WorkerInfo
 from pdserve.telemetry import Attr, get_tracer, request_span
+from pdserve.wire import KVSource
 from services.router import admission, observe, policy
 from services.router.affinity import PrefixAffinity
 from services.router.messages import (
@@ -556,7 +559,8 @@ class Router:
             self._decode_call(parsed, None), request_id=call_id,
             prefill_address=route.prefill.address,
         )  # fmt: skip
-        stream = self._decode(parsed, route, None, explanation, deadline, obs, call)
+        stream = self._decode(parsed, route, None, explanation, deadline, obs, call,
+                              stored_kv=lambda: _stored_kv(prefill))  # fmt: skip
         first = asyncio.create_task(_first_item(stream))
         try:
             await asyncio.wait((prefill, first), return_when=asyncio.FIRST_COMPLETED)
@@ -602,13 +606,20 @@ class Router:
 
     # ---- decoding and migration ----
 
-    async def _decode(self, parsed, route: Route, prefilled, explanation, deadline, obs, call=None):
+    async def _decode(
+        self, parsed, route: Route, prefilled, explanation, deadline, obs, call=None,
+        stored_kv: Callable[[], KVSource | None] | None = None,
+    ):  # fmt: skip
         """Forward the decode stream; when its worker fails, continue on another one.
 
         ``streamed``: every token id already yielded to the client, in order. A migrated
-        call resumes after exactly those, so nothing is lost or repeated."""
+        call resumes after exactly those, so nothing is lost or repeated. ``stored_kv``: where
+        a prefill worker stored the prompt's blocks (default: ``prefilled.kv``); a migrated
+        call fetches them rather than recomputing the prompt."""
         streamed: list[int] = []
         call = call or self._decode_call(parsed, prefilled)
+        kv = prefilled.kv if prefilled is not None else None
+        stored_kv = stored_kv or (lambda: kv)
         tried: list[str] = []
         plan = route.plan
         # Disaggregated: the cached prompt tokens are what the prefill did not compute.
@@ -628,8 +639,8 @@ class Router:
             # lands, and the retry may go to that very worker.
             call = dataclasses.replace(
                 self._decode_call(parsed, None, streamed),
-                request_id=f"{parsed.request_id}.{len(tried)}",
-            )
+                request_id=f"{parsed.request_id}.{len(tried)}", kv=stored_kv(),
+            )  # fmt: skip
             prefilled, cached = None, None
 
     def _migration_route(self, parsed, exc: WorkerCallError, streamed, tried, deadline, obs):
@@ -786,6 +797,13 @@ def _client_chunk(
         usage=usage,
         route=route,
     )
+
+
+def _stored_kv(prefill: asyncio.Task) -> KVSource | None:
+    """Where the overlapped prefill stored the prompt's blocks, once it has succeeded."""
+    if prefill.done() and not prefill.cancelled() and prefill.exception() is None:
+        return prefill.result().kv
+    return None
 
 
 async def _first_item(stream: AsyncIterator[Chunk]) -> Chunk:

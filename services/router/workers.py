@@ -137,6 +137,8 @@ def decode_request(call: DecodeCall) -> decode_pb2.DecodeRequest:
             msg.kv.CopyFrom(wire.kv_source_to_proto(prefilled.kv))
         # The prefill's span: the decode worker links its KV fetch to it.
         msg.trace.CopyFrom(wire.trace_to_proto(prefilled.trace))
+    elif call.kv is not None:
+        msg.kv.CopyFrom(wire.kv_source_to_proto(call.kv))
     return msg
 
 

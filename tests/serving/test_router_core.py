@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.errors import Failure, InvalidRequest, WorkerFailed
+from pdserve.wire import KVSource
 from services.router.messages import GenerateInput
 from services.router.router import Router
 from services.router.settings import RouterSettings
@@ -220,3 +221,38 @@ def test_an_overlapped_prefill_that_fails_after_the_decode_recomputed_is_not_ret
     assert chunks[0].route.prefill_worker == "p0" and chunks[0].route.prefill_attempts == 1
     assert [len(w.recomputed) for w in clients.decode_workers.values()] == [1, 0]
     assert not clients.prefill_workers["p1"].calls
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
+def test_a_migrated_disaggregated_request_fetches_the_prompt_blocks_the_prefill_stored(overlap):
+    router, clients = make_router(prefill=("p0",), overlap_handoff=overlap)
+    clients.decode_workers["d0"].die_after = 4
+    chunks = run(router, prompt=LONG)
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert tokens == expected(LONG, 12)
+    [moved] = clients.decode_workers["d1"].calls
+    assert moved.kv == KVSource((b"k" * 16,), "kvstore:1", "n")  # FakePrefill's blocks
+    assert moved.resume_token_ids == tuple(tokens[:4]) and moved.prefilled is None
+    assert moved.prefill_address is None
+
+
+def test_a_migrated_request_decode_worker_prefilled_has_no_blocks_to_fetch():
+    router, clients = make_router(prefill=("p0",))
+    clients.decode_workers["d0"].die_after = 4
+    assert run(router)[0].route.disaggregated is False  # short: prefilled on d0
+    [moved] = clients.decode_workers["d1"].calls
+    assert moved.kv is None
+
+
+def test_a_migrated_call_carries_the_stored_blocks_to_the_decode_worker():
+    from services.decode.server import spec_from_proto
+    from services.router.messages import DecodeCall
+    from services.router.workers import decode_request
+
+    kv = KVSource((b"k" * 16, b"j" * 16), "kvstore:1", "n")
+    call = DecodeCall("r.1", [1] * 40, SamplingParams(max_tokens=8), None,
+                      resume_token_ids=(5, 6), kv=kv)  # fmt: skip
+    msg = decode_request(call)
+    assert not msg.HasField("first_token_id") and not msg.prefill_address
+    spec = spec_from_proto(msg, vocab_size=100)  # what the decode worker accepts
+    assert spec.kv == kv and spec.resume_token_ids == (5, 6) and spec.first_token is None
