@@ -75,7 +75,9 @@ class RouterSettings(ServiceSettings):
     )
     overlap_weight: float = Field(1.0, ge=0, description="weight of the cached-prefix ratio")
     load_weight: float = Field(1.0, ge=0, description="weight of the load ratio")
-    max_inflight_requests: int = Field(256, ge=1, description="admitted at once; then 429")
+    max_inflight_requests: int = Field(
+        256, ge=1, description="admitted at once by all router replicas together; then 429"
+    )
     max_inflight_per_worker: int = Field(64, ge=1, description="the load ratio's denominator")
     prefill_tokens_per_s: float = Field(
         2000.0, gt=0, description="prior for the TTFT prediction; refined by observation"
