@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,10 +44,10 @@ from opentelemetry.trace import Status, StatusCode
 
 from pdserve import metrics
 from pdserve.engine.kv_connector import KVLoad
-from pdserve.engine.llm_engine import LLMEngine, RequestOutput
+from pdserve.engine.llm_engine import RequestOutput
 from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.kv.metadata import Heartbeat, RedisLayout, WorkerInfo, WorkerRegistry, connect_for
+from pdserve.kv.metadata import RedisLayout, WorkerRegistry, connect_for
 from pdserve.model.loader import Checkpoint
 from pdserve.telemetry import (
     Attr,
@@ -65,7 +64,7 @@ from services.decode.fetch import KVFetcher
 from services.decode.follow import HandoffStream, PrefillFollower
 from services.decode.hbm import HbmPublisher
 from services.decode.settings import DecodeSettings
-from services.engine_inbox import EngineInbox
+from services.engine_worker import EngineWorker, OverloadedError, Registry  # noqa: F401 - re-exported for the server
 
 log = structlog.get_logger(__name__)
 tracer = get_tracer(__name__)
@@ -77,10 +76,6 @@ class DecodeState(enum.Enum):
     RUNNING = "running"
     FINISHED = "finished"
     ABORTED = "aborted"
-
-
-class OverloadedError(RuntimeError):
-    """Too many requests in the worker (RESOURCE_EXHAUSTED)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +161,9 @@ class DecodeLoad:
     pending_prompt_tokens: int = 0  # prompt tokens queued or mid-prefill here
 
 
-class DecodeWorker:
+class DecodeWorker(EngineWorker):
+    role = "decode"
+
     def __init__(
         self,
         settings: DecodeSettings,
@@ -176,16 +173,21 @@ class DecodeWorker:
         address: str,
         fetcher: KVFetcher | None = None,
         follower: PrefillFollower | None = None,
-        registry: WorkerRegistry | None = None,
+        registry: Registry | None = None,
     ) -> None:
         """``fetcher``, ``follower`` and ``registry`` default to the network and the Redis
         registry the settings name; pass others (an in-process store, an in-memory registry) to
         run without them. With a registry passed in, the HBM inventory is not published."""
-        self.settings = settings
-        self.worker_id = worker_id
-        self.address = address
-        self.engine = LLMEngine(settings.engine_config(), checkpoint=checkpoint)
-        self.block_size = settings.block_size
+        self._num_fetched = 0
+        self._num_recomputed = 0
+        self._phase = "decode"
+        self._hbm = None
+        if registry is None:
+            registry = self._connect_redis(settings, worker_id)
+        super().__init__(
+            settings, checkpoint=checkpoint, worker_id=worker_id, address=address,
+            registry=registry,
+        )  # fmt: skip
         security = ClusterSecurity.from_settings(settings)
         self.follower = follower or PrefillFollower(self.engine.model_config.vocab_size, security)
         self.fetcher = fetcher or KVFetcher(
@@ -197,72 +199,45 @@ class DecodeWorker:
         self._fetch_pool = ThreadPoolExecutor(
             settings.kv_fetch_threads, thread_name_prefix="decode-fetch"
         )
-        self._jobs: dict[str, _Job] = {}
-        self._lock = threading.Lock()
-        self._inbox = EngineInbox()
-        self._num_fetched = 0
-        self._num_recomputed = 0
-        self._step_phase = "decode"
-        self._last_step_ms = 0.0
-        self.load = DecodeLoad()
-        self._publish_load()
-        self._hbm = None
-        if registry is None:
-            self._connect_redis(settings)
-        self._heartbeat = Heartbeat(
-            registry or self._registry, self.worker_info, settings.heartbeat_interval_s
-        )
-        self._thread = threading.Thread(target=self._run, name="engine-decode", daemon=True)
 
-    def _connect_redis(self, settings: DecodeSettings) -> None:
+    def _connect_redis(self, settings: DecodeSettings, worker_id: str) -> WorkerRegistry:
         """The registry and, when enabled, the HBM inventory publisher, both in Redis."""
-        self._redis = connect_for(settings)
+        redis = connect_for(settings)
         layout = RedisLayout(settings.cluster_name)
-        self._registry = WorkerRegistry(self._redis, layout, settings.heartbeat_ttl_s)
         if settings.hbm_publish_interval_s > 0:
-            self._hbm = HbmPublisher(
-                self._redis, layout, self.worker_id, settings.hbm_publish_interval_s
-            )
+            self._hbm = HbmPublisher(redis, layout, worker_id, settings.hbm_publish_interval_s)
+        return WorkerRegistry(redis, layout, settings.heartbeat_ttl_s)
 
     # ---- lifecycle ----
 
     def start(self) -> None:
         if self._hbm is not None:
             self._hbm.start()
-        self._thread.start()
-        self._heartbeat.start()
+        super().start()
 
-    def stop(self) -> None:
-        self._heartbeat.stop(deregister=True)
-        self._inbox.close()
-        self._thread.join(10)
+    def _close(self) -> None:
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         if self._hbm is not None:
             self._hbm.stop()
         self.fetcher.close()
         self.follower.close()
 
-    def worker_info(self) -> WorkerInfo:
+    def _capacity(self) -> dict[str, int]:
+        return {
+            "num_blocks": self.load.num_total_blocks,
+            "max_num_seqs": self.settings.max_num_seqs,
+        }
+
+    def _load_fields(self) -> dict[str, float]:
         load = self.load
-        return WorkerInfo(
-            worker_id=self.worker_id,
-            role="decode",
-            address=self.address,
-            node_id=self.settings.node_id,
-            capacity={
-                "num_blocks": load.num_total_blocks,
-                "max_num_seqs": self.settings.max_num_seqs,
-            },
-            load={
-                "running": load.running,
-                "waiting": load.waiting,
-                "num_free_blocks": load.num_free_blocks,
-                "num_cached_blocks": load.num_cached_blocks,
-                "step_ms": round(load.step_ms, 3),
-                "pending_prompt_tokens": load.pending_prompt_tokens,
-                **self.engine.step_costs.report(),
-            },
-        )
+        return {
+            "running": load.running,
+            "waiting": load.waiting,
+            "num_free_blocks": load.num_free_blocks,
+            "num_cached_blocks": load.num_cached_blocks,
+            "step_ms": round(load.step_ms, 3),
+            "pending_prompt_tokens": load.pending_prompt_tokens,
+        }
 
     # ---- the API (any thread) ----
 
@@ -280,14 +255,7 @@ class DecodeWorker:
         if spec.kv_fetch_timeout_s is not None and spec.kv_fetch_timeout_s < 0:
             raise ValueError("kv_fetch_timeout_s must be >= 0")
         job = _Job(dataclasses.replace(spec, prompt=prompt), sink)
-        with self._lock:
-            if spec.request_id in self._jobs:
-                raise ValueError(f"request_id {spec.request_id!r} is already in use")
-            if len(self._jobs) >= self.settings.max_queued_requests:
-                raise OverloadedError(
-                    f"{len(self._jobs)} requests in progress (max_queued_requests)"
-                )
-            self._jobs[spec.request_id] = job
+        self._register(spec.request_id, job)
         self._inbox.call_soon(lambda: self._start(job))
 
     def cancel(self, request_id: str) -> None:
@@ -418,7 +386,7 @@ class DecodeWorker:
         _log(job, "decode.kv_fetched", "debug", blocks=num_loaded)
         self._admit(job, num_loaded)
 
-    def _expire_fetches(self) -> None:
+    def _expire(self) -> None:
         now = time.monotonic()
         for job in self._snapshot_jobs():
             if (
@@ -495,17 +463,11 @@ class DecodeWorker:
         except Exception:  # noqa: BLE001 - a gone consumer must not stop the batch
             _log(job, "decode.sink_failed")
 
-    def _run(self) -> None:
-        while not self._inbox.closed:
-            self._inbox.drain()
-            self._expire_fetches()
-            if self.engine.has_unfinished:
-                self._step()
-            else:
-                self._inbox.wait(self._idle_wait_s())
-            self._publish_load()
-            if self._hbm is not None and self._hbm.due():
-                self._hbm.sync(self.engine.cached_keys())
+    def _after_iteration(self) -> None:
+        if self._hbm is not None and self._hbm.due():
+            self._hbm.sync(self.engine.cached_keys())
+
+    def _shut_down_jobs(self) -> None:
         for job in self._snapshot_jobs():
             self._abort(job.spec.request_id)
 
@@ -513,20 +475,16 @@ class DecodeWorker:
         deadlines = [j.kv_deadline for j in self._snapshot_jobs() if j.kv_deadline]
         return max(0.0, min([0.05, *(d - time.monotonic() for d in deadlines)]))
 
-    def _step(self) -> None:
-        start = time.perf_counter()
-        try:
-            outputs = self.engine.step(on_layer_done=self._on_layer_done)
-            step_s = time.perf_counter() - start
-            metrics.STEP_DURATION.labels(self._step_phase).observe(step_s)
-            self._last_step_ms = step_s * 1000
-        except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
-            log.exception("decode.step_failed")
-            for job in self._snapshot_jobs():
-                if job.state in (DecodeState.ADMITTED, DecodeState.RUNNING):
-                    self.engine.abort(job.spec.request_id)
-                    self._end(job, DecodeEvent([], error=f"decode step failed: {exc}"))
-            return
+    def _step_phase(self) -> str:
+        return self._phase
+
+    def _step_failed(self, error: Exception) -> None:
+        for job in self._snapshot_jobs():
+            if job.state in (DecodeState.ADMITTED, DecodeState.RUNNING):
+                self.engine.abort(job.spec.request_id)
+                self._end(job, DecodeEvent([], error=f"decode step failed: {error}"))
+
+    def _on_outputs(self, outputs: Sequence[RequestOutput]) -> None:
         by_request: dict[str, list[RequestOutput]] = {}
         for out in outputs:
             by_request.setdefault(out.request_id, []).append(out)
@@ -571,18 +529,14 @@ class DecodeWorker:
         else:
             self._send(job, event)
 
-    def _snapshot_jobs(self) -> list[_Job]:
-        with self._lock:
-            return list(self._jobs.values())
-
     # ---- telemetry (engine thread) ----
 
     def _on_layer_done(self, layer: int, plan) -> None:
         if layer == 0:
             prefilling = any(c.start < c.seq.num_prompt_tokens for c in plan.chunks)
-            self._step_phase = "mixed" if prefilling else "decode"
+            self._phase = "mixed" if prefilling else "decode"
             num_tokens = sum(c.num_tokens for c in plan.chunks)
-            metrics.BATCH_TOKENS.labels(self._step_phase).observe(num_tokens)
+            metrics.BATCH_TOKENS.labels(self._phase).observe(num_tokens)
 
     def _trace_admitted(self, job: _Job) -> None:
         """ADMITTED: close the admission span, open the decode loop's."""

@@ -47,18 +47,18 @@ from opentelemetry.trace import Status, StatusCode
 
 from pdserve import metrics
 from pdserve.engine.kv_connector import KVSaver, SaveBlock
-from pdserve.engine.llm_engine import LLMEngine, RequestOutput
+from pdserve.engine.llm_engine import RequestOutput
 from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.scheduler import SchedulerPlan
 from pdserve.kv.grpc_transport import GrpcTransport, SharedMemoryTransport
-from pdserve.kv.metadata import Heartbeat, RedisLayout, WorkerInfo, WorkerRegistry, connect_for
+from pdserve.kv.metadata import RedisLayout, WorkerRegistry, connect_for
 from pdserve.kv.transport import KVTransport
 from pdserve.model.loader import Checkpoint
 from pdserve.telemetry import Attr, extract_context, get_tracer, inject_context
 from pdserve.tls import ClusterSecurity
 from pdserve.wire import KVSource
-from services.engine_inbox import EngineInbox
+from services.engine_worker import EngineWorker, OverloadedError, Registry  # noqa: F401 - re-exported for the server
 from services.prefill.handoff import KVHandoff
 from services.prefill.settings import PrefillSettings
 
@@ -74,10 +74,6 @@ class PrefillState(enum.Enum):
     DONE = "done"
     ABORTED = "aborted"
     FAILED = "failed"
-
-
-class OverloadedError(RuntimeError):
-    """Too many requests queued; the caller should retry elsewhere (RESOURCE_EXHAUSTED)."""
 
 
 class CancelledError(RuntimeError):
@@ -199,7 +195,9 @@ class KVConnection:
             self._transport = None
 
 
-class PrefillWorker(KVSaver):
+class PrefillWorker(EngineWorker, KVSaver):
+    role = "prefill"
+
     def __init__(
         self,
         settings: PrefillSettings,
@@ -208,77 +206,53 @@ class PrefillWorker(KVSaver):
         worker_id: str,
         address: str,
         kv: KVConnection | None = None,
-        registry: WorkerRegistry | None = None,
+        registry: Registry | None = None,
     ) -> None:
         """``kv`` and ``registry`` default to the kvstore and the Redis registry the settings
         name; pass others (an in-process store, an in-memory registry) to run without them."""
-        self.settings = settings
-        self.worker_id = worker_id
-        self.address = address
-        self.engine = LLMEngine(settings.engine_config(), checkpoint=checkpoint)
-        self.block_size = settings.block_size
+        self._num_cached = 0
+        self._recent: OrderedDict[str, Future] = OrderedDict()  # settled jobs, for follow()
+        self._step_started_ns = 0
+        self._batch_span: trace.Span | None = None
+        registry = registry or WorkerRegistry(
+            connect_for(settings), RedisLayout(settings.cluster_name), settings.heartbeat_ttl_s
+        )
+        super().__init__(
+            settings, checkpoint=checkpoint, worker_id=worker_id, address=address,
+            registry=registry,
+        )  # fmt: skip
+        self._jobs_changed = threading.Condition(self._lock)
         self.kv = kv or KVConnection.to_kvstore(settings)
-        self._registry = registry
         self.handoff = KVHandoff(self.kv.get, self.engine.layer_nbytes, node_id=settings.kv_node_id)
         self.engine.kv_saver = self
-        self.load = PrefillLoad(num_free_blocks=self.engine.num_free_kv_blocks)
-        self._jobs: dict[str, _Job] = {}
-        self._num_active = 0  # jobs not yet settled; guarded by _lock
-        self._lock = threading.Lock()
-        self._jobs_changed = threading.Condition(self._lock)
-        self._recent: OrderedDict[str, Future] = OrderedDict()  # settled jobs, for follow()
-        self._inbox = EngineInbox()
-        self._step_started_ns = 0
-        self._last_step_ms = 0.0
-        self._batch_span: trace.Span | None = None
-        self._num_cached = 0
         self._fetch_pool = ThreadPoolExecutor(4, thread_name_prefix="prefill-fetch")
-        self._thread = threading.Thread(target=self._run, name="engine-prefill", daemon=True)
 
     # ---- lifecycle ----
 
     def start(self) -> None:
         self.handoff.start()
-        self._thread.start()
-        self._heartbeat = self._make_heartbeat()
-        self._heartbeat.start()
+        super().start()
 
-    def _make_heartbeat(self) -> Heartbeat:
-        s = self.settings
-        registry = self._registry or WorkerRegistry(
-            connect_for(s), RedisLayout(s.cluster_name), s.heartbeat_ttl_s
-        )
-        return Heartbeat(registry, self.worker_info, s.heartbeat_interval_s)
-
-    def worker_info(self) -> WorkerInfo:
-        """This worker's registry entry (role prefill; load from the last snapshot)."""
-        load = self.load
-        return WorkerInfo(
-            worker_id=self.worker_id,
-            role="prefill",
-            address=self.address,
-            node_id=self.settings.node_id,
-            capacity={
-                "num_blocks": self.engine.num_kv_blocks,
-                "max_num_batched_tokens": self.settings.max_num_batched_tokens,
-            },
-            load={
-                "running": load.running,
-                "waiting": load.waiting,
-                "num_free_blocks": load.num_free_blocks,
-                "step_ms": round(load.step_ms, 3),
-                "pending_prompt_tokens": load.pending_prompt_tokens,
-                **self.engine.step_costs.report(),
-            },
-        )
-
-    def stop(self) -> None:
-        self._heartbeat.stop(deregister=True)
-        self._inbox.close()
-        self._thread.join(10)
+    def _close(self) -> None:
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         self.handoff.stop()
         self.kv.close()
+
+    def _capacity(self) -> dict[str, int]:
+        return {
+            "num_blocks": self.engine.num_kv_blocks,
+            "max_num_batched_tokens": self.settings.max_num_batched_tokens,
+        }
+
+    def _load_fields(self) -> dict[str, float]:
+        load = self.load
+        return {
+            "running": load.running,
+            "waiting": load.waiting,
+            "num_free_blocks": load.num_free_blocks,
+            "step_ms": round(load.step_ms, 3),
+            "pending_prompt_tokens": load.pending_prompt_tokens,
+        }
 
     # ---- the API (any thread) ----
 
@@ -306,16 +280,7 @@ class PrefillWorker(KVSaver):
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         job = _Job(request_id, prompt, params, cache_salt, list(keys), deadline)
         job.trace_context = dict(trace_context or {})
-        with self._lock:
-            if request_id in self._jobs:
-                raise ValueError(f"request_id {request_id!r} is already in use")
-            if self._num_active >= self.settings.max_queued_requests:
-                raise OverloadedError(
-                    f"{self._num_active} prefills in progress (max_queued_requests)"
-                )
-            self._jobs[request_id] = job
-            self._num_active += 1
-            self._jobs_changed.notify_all()
+        self._register(request_id, job)
         job.future.add_done_callback(lambda _: self._forget(job))
         self._fetch_pool.submit(self._load_prefix, job)
         return job.future
@@ -324,11 +289,13 @@ class PrefillWorker(KVSaver):
         """Abort a request in any state; its engine blocks are freed at once."""
         self._inbox.call_soon(lambda: self._abort(request_id, CancelledError("cancelled")))
 
+    def _on_registered(self) -> None:
+        self._jobs_changed.notify_all()  # a follow() may be waiting for this request
+
     def _forget(self, job: _Job) -> None:
         with self._lock:
             if self._jobs.get(job.request_id) is job:
                 del self._jobs[job.request_id]
-            self._num_active -= 1
             self._recent[job.request_id] = job.future
             while len(self._recent) > _NUM_RECENT:
                 self._recent.popitem(last=False)
@@ -374,10 +341,6 @@ class PrefillWorker(KVSaver):
                 if remaining <= 0:
                     raise KeyError(f"no prefill of request {request_id!r} within {wait_s:g}s")
                 self._jobs_changed.wait(remaining)
-
-    def _snapshot_jobs(self) -> list[_Job]:
-        with self._lock:
-            return list(self._jobs.values())
 
     # ---- LOADING (fetch pool) ----
 
@@ -457,40 +420,28 @@ class PrefillWorker(KVSaver):
             self.engine.abort(request_id)
         job.settle(PrefillState.ABORTED, error=error)
 
-    def _run(self) -> None:
-        while not self._inbox.closed:
-            self._inbox.drain()
-            self._expire_deadlines()
-            if self.engine.has_unfinished:
-                self._step()
-            else:
-                self._inbox.wait(0.05)
-            self._publish_load()
+    def _shut_down_jobs(self) -> None:
         for job in self._snapshot_jobs():
             self._abort(job.request_id, CancelledError("the prefill worker is shutting down"))
 
-    def _expire_deadlines(self) -> None:
+    def _expire(self) -> None:
         now = time.monotonic()
         for job in self._snapshot_jobs():
             if job.deadline is not None and now > job.deadline:
                 self._abort(job.request_id, DeadlineExceededError("deadline exceeded"))
 
     def _step(self) -> None:
-        start = time.perf_counter()
         self._step_started_ns = time.time_ns()
-        try:
-            outputs = self.engine.step(on_layer_done=self._on_layer_done)
-            step_s = time.perf_counter() - start
-            metrics.STEP_DURATION.labels("prefill").observe(step_s)
-            self._last_step_ms = step_s * 1000
-        except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
-            log.exception("prefill.step_failed")
-            self._end_batch_span(exc)
-            for job in self._snapshot_jobs():
-                if job.state is PrefillState.COMPUTING:
-                    self.engine.abort(job.request_id)
-                    job.settle(PrefillState.FAILED, error=RuntimeError(f"prefill failed: {exc}"))
-            return
+        super()._step()
+
+    def _step_failed(self, error: Exception) -> None:
+        self._end_batch_span(error)
+        for job in self._snapshot_jobs():
+            if job.state is PrefillState.COMPUTING:
+                self.engine.abort(job.request_id)
+                job.settle(PrefillState.FAILED, error=RuntimeError(f"prefill failed: {error}"))
+
+    def _on_outputs(self, outputs: Sequence[RequestOutput]) -> None:
         self._end_batch_span(None)
         for out in outputs:
             self._on_output(out)

@@ -19,6 +19,7 @@ from services.decode.fetch import KVFetcher
 from services.decode.follow import HandoffProgress
 from services.decode.settings import DecodeSettings
 from services.decode.worker import DecodeSpec, DecodeWorker
+from services.engine_worker import OverloadedError
 from services.kvstore.store import TieredStore
 from services.prefill.settings import PrefillSettings
 from services.prefill.worker import KVConnection, PrefillWorker
@@ -177,3 +178,66 @@ def test_prefill_worker_runs_on_an_in_process_store_without_redis(tmp_path, chec
         worker.stop()
     assert registry.entries == {}
     store.close()
+
+
+def test_both_workers_share_the_job_table_and_registry_entry(store, checkpoint):
+    """EngineWorker: one job table with the same limits, one registry entry shape, stop
+    aborts what is left and deregisters; the engine thread is not started until ``start``."""
+    registry = MemoryRegistry()
+    limits = {**COMMON, "max_queued_requests": 1}
+    prefill = PrefillWorker(
+        PrefillSettings(kvstore_address="in-process:0", **limits), checkpoint=checkpoint,
+        worker_id="p-1", address="in-process:0",
+        kv=KVConnection(lambda: InProcessTransport(store)), registry=registry,
+    )  # fmt: skip
+    decode = DecodeWorker(
+        DecodeSettings(hbm_publish_interval_s=0, **limits), checkpoint=checkpoint,
+        worker_id="d-1", address="in-process:1",
+        fetcher=KVFetcher("n", allow_shm=False, timeout_s=1, security=None),
+        follower=DirectFollower(prefill), registry=registry,
+    )  # fmt: skip
+    params = SamplingParams(temperature=0.0, max_tokens=2)
+    events: list = []
+    decode.submit(DecodeSpec("a", [5] * 20, params), events.append)
+    with pytest.raises(ValueError, match="already in use"):
+        decode.submit(DecodeSpec("a", [5] * 20, params), events.append)
+    with pytest.raises(OverloadedError, match="1 requests in progress"):
+        decode.submit(DecodeSpec("b", [5] * 20, params), events.append)
+    prefill.submit([5] * 20, params, request_id="a")
+    with pytest.raises(OverloadedError, match="1 requests in progress"):
+        prefill.submit([5] * 20, params, request_id="b")
+    for worker, role, capacity in (
+        (prefill, "prefill", {"num_blocks", "max_num_batched_tokens"}),
+        (decode, "decode", {"num_blocks", "max_num_seqs"}),
+    ):
+        info = worker.worker_info()
+        assert (info.worker_id, info.role, info.node_id) == (worker.worker_id, role, "n")
+        assert set(info.capacity) == capacity and info.capacity["num_blocks"] == ENGINE_BLOCKS
+        assert {"running", "waiting", "num_free_blocks", "step_ms"} <= set(info.load)
+    decode.start()
+    prefill.start()
+    decode.stop()
+    prefill.stop()
+    assert registry.entries == {}
+    [last] = [e for e in events if e.is_last]  # exactly one end, whichever came first
+    assert last.finish_reason in ("abort", "length")
+
+
+def test_a_failed_step_fails_its_requests_and_the_worker_serves_on(workers, oracle):
+    _, decode, _ = workers
+    prompt = (oracle.tokenizer.encode(PASSAGE) * 2)[:40]
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    real_step, failures = decode.engine.step, []
+
+    def step_once_failing(**kwargs):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("boom")
+        return real_step(**kwargs)
+
+    decode.engine.step = step_once_failing
+    failed = decode_all(decode, DecodeSpec("f-1", prompt, params))
+    assert failed[-1].error == "decode step failed: boom"
+    served = decode_all(decode, DecodeSpec("f-2", prompt, params))
+    [expected] = oracle.generate([prompt], params)
+    assert [t for e in served for t in e.token_ids] == expected.token_ids
