@@ -8,6 +8,7 @@ caller's request span into the Put/Get headers as well, so the store links its w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -20,6 +21,7 @@ import xxhash
 from pdserve._proto.pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from pdserve.grpc_tracing import traced_channel
 from pdserve.kv.blocks import BlockKey, Tier, checksum, iter_chunks
+from pdserve.kv.compression import KVGeometry, decode_int8
 from pdserve.kv.errors import BY_GRPC_CODE, KVError
 from pdserve.kv.frames import parse_get_response, put_chunk_frame
 from pdserve.kv.shm import SharedSegment, host_id
@@ -136,12 +138,16 @@ class GrpcTransport(KVTransport):
         timeout_s: float = 60.0,
         security: ClusterSecurity | None = None,
         streams: int = 4,
+        int8_geometry: KVGeometry | None = None,
     ) -> None:
         """``security``: mTLS or the cluster token when the store demands one (pdserve.tls);
         ``streams``: Get streams in flight for one multi-block read (one HTTP/2 connection); ``chunk_bytes``: the largest message of a block's bytes (the
-        default carries a 2 MiB block in one message, which a reader uses in place)."""
+        default carries a 2 MiB block in one message, which a reader uses in place);
+        ``int8_geometry``: Get asks for blocks of this layout int8-encoded on the wire
+        (pdserve.kv.compression) and decodes them, lossily, to the model's dtype."""
         self.address = address
         self._streams = max(1, streams)
+        self._int8 = int8_geometry
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._raw_channel = (security or ClusterSecurity()).channel(
@@ -236,6 +242,9 @@ class GrpcTransport(KVTransport):
         request = kvstore_pb2.GetRequest(
             keys=list(keys), trace_context=_trace(trace_context), chunk_bytes=self._chunk_bytes
         )
+        if self._int8 is not None:
+            request.encoding = kvstore_pb2.KV_ENCODING_INT8
+            request.geometry.CopyFrom(kvstore_pb2.KVGeometry(**dataclasses.asdict(self._int8)))
         found: dict[bytes, tuple[Buffer, Tier]] = {}
         parts: list[memoryview] = []
         try:
@@ -247,11 +256,19 @@ class GrpcTransport(KVTransport):
                 # A block in one message is used in place; only a split one is joined.
                 data = parts[0] if len(parts) == 1 else b"".join(parts)
                 parts = []
-                if end.found and checksum(data) == end.checksum:
+                if end.found and (data := self._verified(data, end)) is not None:
                     found[end.key] = (data, _tier(end.tier) or Tier.DRAM)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return found
+
+    def _verified(self, data: Buffer, end: kvstore_pb2.GetBlockEnd) -> Buffer | None:
+        """The block's bytes if what arrived is what was sent (decoded when int8), else None."""
+        if self._int8 is None:
+            return data if checksum(data) == end.checksum else None
+        if checksum(data) != end.wire_checksum:
+            return None
+        return decode_int8(data, self._int8)
 
     def lookup(self, keys: Sequence[BlockKey]) -> LookupResult:
         r = self._call(self._stub.Lookup, kvstore_pb2.LookupRequest(keys=list(keys)))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from pdserve.kv.compression import KVGeometry
 from pdserve.kv.grpc_transport import GrpcTransport, SharedMemoryTransport
 from pdserve.kv.transport import KVTransport, TraceContext
 from pdserve.tls import ClusterSecurity
@@ -50,21 +51,28 @@ class KVFetcher:
         timeout_s: float,
         security: ClusterSecurity,
         connect: Callable[[KVSource], KVTransport] | None = None,
+        int8_geometry: KVGeometry | None = None,
     ) -> None:
         """``connect`` builds the transport to a source's kvstore; default: shared memory for a
-        kvstore on this node (when allowed), gRPC otherwise."""
+        kvstore on this node (when allowed), gRPC otherwise, with blocks of ``int8_geometry``
+        int8-encoded on that wire when it is set (pdserve.kv.compression)."""
         self._node_id = node_id
         self._allow_shm = allow_shm
         self._timeout_s = timeout_s
         self._security = security
         self._connect = connect or self._connect_over_network
+        self._int8_geometry = int8_geometry
         self._transports: dict[str, KVTransport] = {}
         self._lock = threading.Lock()
 
     def _connect_over_network(self, source: KVSource) -> KVTransport:
-        same_node = self._allow_shm and source.node_id == self._node_id
-        cls = SharedMemoryTransport if same_node else GrpcTransport
-        return cls(source.kvstore_address, timeout_s=self._timeout_s, security=self._security)
+        address, timeout_s = source.kvstore_address, self._timeout_s
+        if self._allow_shm and source.node_id == self._node_id:
+            return SharedMemoryTransport(address, timeout_s=timeout_s, security=self._security)
+        return GrpcTransport(
+            address, timeout_s=timeout_s, security=self._security,
+            int8_geometry=self._int8_geometry,
+        )  # fmt: skip
 
     def _transport(self, source: KVSource) -> KVTransport:
         with self._lock:

@@ -43,6 +43,11 @@ class DecodeSettings(WorkerSettings):
     kv_timeout_s: float = Field(
         10.0, gt=0, description="one kvstore call; a fetch is abandoned after kv_fetch_timeout_s"
     )
+    kv_compression: Literal["none", "int8"] = Field(
+        "none",
+        description="int8: blocks from another node's kvstore cross the wire as int8 with a "
+        "scale per layer, K/V and head (lossy; 2-4x fewer bytes); shared memory stays exact",
+    )
     max_queued_requests: int = Field(
         1024, ge=1, description="requests waiting or running at once; more get RESOURCE_EXHAUSTED"
     )

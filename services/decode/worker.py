@@ -47,6 +47,7 @@ from pdserve.engine.kv_connector import KVLoad
 from pdserve.engine.llm_engine import RequestOutput
 from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.kv.compression import KVGeometry
 from pdserve.kv.metadata import RedisLayout, WorkerRegistry, connect_for
 from pdserve.model.loader import Checkpoint
 from pdserve.telemetry import (
@@ -195,10 +196,19 @@ class DecodeWorker(EngineWorker):
             allow_shm=settings.kv_transport == "auto",
             timeout_s=settings.kv_timeout_s,
             security=security,
+            int8_geometry=self.kv_geometry() if settings.kv_compression == "int8" else None,
         )
         self._fetch_pool = ThreadPoolExecutor(
             settings.kv_fetch_threads, thread_name_prefix="decode-fetch"
         )
+
+    def kv_geometry(self) -> KVGeometry:
+        """The layout of this engine's KV blocks (what an encoded fetch decodes into)."""
+        m = self.engine.model_config
+        dtype = str(self.engine.dtype).removeprefix("torch.")
+        geometry = KVGeometry(m.num_layers, self.block_size, m.num_kv_heads, m.head_dim, dtype)
+        assert geometry.block_nbytes == self.engine.block_bytes  # one layout, stated twice
+        return geometry
 
     def _connect_redis(self, settings: DecodeSettings, worker_id: str) -> WorkerRegistry:
         """The registry and, when enabled, the HBM inventory publisher, both in Redis."""

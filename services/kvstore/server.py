@@ -43,7 +43,8 @@ from pdserve.errors import (
 )
 from pdserve.grpc_server import add_health_and_reflection
 from pdserve.grpc_tracing import ServerTracingInterceptor
-from pdserve.kv.blocks import Tier, block_key
+from pdserve.kv.blocks import Tier, block_key, checksum, iter_chunks
+from pdserve.kv.compression import KVGeometry, encode_int8
 from pdserve.kv.errors import (
     BlockExistsError,
     CapacityError,
@@ -168,15 +169,23 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     @_edge
     def Get(self, request, context):
-        """Frames out (pdserve.kv.frames): each chunk is framed straight from the store's slab."""
+        """Frames out (pdserve.kv.frames): each chunk is framed straight from the store's slab,
+        or from the block's int8 encoding when the request asks for it."""
         chunk_bytes = min(
             request.chunk_bytes or self._settings.chunk_bytes, self._settings.chunk_bytes
         )
+        geometry = self._int8_geometry(request)
         with self._kv_span("get", _trace(request)) as transfer:
             transfer.transport = "grpc"
+            if geometry is not None:
+                transfer.block_size_bytes = geometry.int8_nbytes  # count what crossed the wire
             for key in request.keys:
-                frame = functools.partial(get_chunk_frame, key)
-                found = self._store.get_chunks(block_key(key), chunk_bytes, frame)
+                if geometry is None:
+                    frame = functools.partial(get_chunk_frame, key)
+                    found = self._store.get_chunks(block_key(key), chunk_bytes, frame)
+                    wire_checksum = 0
+                else:
+                    found, wire_checksum = self._encoded_frames(key, chunk_bytes, geometry)
                 if found is None:
                     end = kvstore_pb2.GetBlockEnd(key=key, found=False)
                     yield kvstore_pb2.GetResponse(end=end).SerializeToString()
@@ -184,10 +193,39 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
                 frames, tier, block_checksum = found
                 yield from frames
                 end = kvstore_pb2.GetBlockEnd(
-                    key=key, found=True, checksum=block_checksum, tier=tier
-                )
+                    key=key, found=True, checksum=block_checksum, tier=tier,
+                    wire_checksum=wire_checksum,
+                )  # fmt: skip
                 transfer.tiers.append(Tier(tier))
                 yield kvstore_pb2.GetResponse(end=end).SerializeToString()
+
+    def _int8_geometry(self, request) -> KVGeometry | None:
+        if request.encoding == kvstore_pb2.KV_ENCODING_NONE:
+            return None
+        g = request.geometry
+        try:
+            geometry = KVGeometry(g.num_layers, g.block_size, g.num_kv_heads, g.head_dim, g.dtype)
+        except ValueError as exc:
+            raise InvalidBlockError(f"bad geometry for an encoded Get: {exc}") from None
+        if geometry.block_nbytes != self._store.block_size_bytes:
+            raise InvalidBlockError(
+                f"geometry {geometry} makes {geometry.block_nbytes}-byte blocks; this store "
+                f"holds {self._store.block_size_bytes}-byte blocks"
+            )
+        return geometry
+
+    def _encoded_frames(self, key: bytes, chunk_bytes: int, geometry: KVGeometry):
+        """((frames, tier, checksum) of the block's int8 encoding, its checksum), or (None, 0)."""
+        found = self._store.get(block_key(key))  # a verified copy
+        if found is None:
+            return None, 0
+        data, tier, block_checksum = found
+        encoded = memoryview(encode_int8(data, geometry))
+        frames = [
+            get_chunk_frame(key, offset, piece)
+            for offset, piece in iter_chunks(encoded, chunk_bytes)
+        ]
+        return (frames, tier, block_checksum), checksum(encoded)
 
     @_edge
     def Lookup(self, request, context):

@@ -188,3 +188,31 @@ def test_prefill_and_decode_on_different_nodes_hand_off_over_grpc(
         assert chunks2[0].num_kv_blocks_fetched == 100 // 16
     # Both ends count the Get stream's blocks (the kvstore runs in this process too).
     assert grpc_gets() - before == 2 * (200 // 16 + 100 // 16)
+
+
+def test_int8_wire_compression_across_nodes_completes_the_request(
+    oracle, make_kvstore, make_prefill, make_decode
+):
+    """kv_compression=int8 on a decode worker of another node: its blocks arrive int8-encoded
+    over gRPC, are decoded into its pool, and the request runs on them (no recompute)."""
+    store = make_kvstore(node_id="node-c")
+    prefill_c = make_prefill(f"127.0.0.1:{store.port}", node_id="node-c")
+    decode_d = make_decode(node_id="node-d", kv_compression="int8")
+    prompt = distinct_prompt(oracle, 120, 3107)
+    with (
+        grpc.insecure_channel(prefill_c.address) as pch,
+        grpc.insecure_channel(decode_d.address) as dch,
+    ):
+        p = prefill_pb2_grpc.PrefillStub(pch).Prefill(
+            prefill_pb2.PrefillRequest(request_id="int8-1", prompt_token_ids=prompt,
+                                       sampling=greedy()), timeout=120,
+        )  # fmt: skip
+        request = decode_pb2.DecodeRequest(
+            request_id="int8-1", prompt_token_ids=prompt, sampling=greedy(),
+            first_token_id=p.first_token_id, kv=p.kv,
+        )  # fmt: skip
+        chunks = list(decode_pb2_grpc.DecodeStub(dch).Decode(request, timeout=120))
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert len(tokens(chunks)) == MAX_TOKENS
+    assert tokens(chunks)[0] == p.first_token_id  # the prefill worker's token comes first
+    assert chunks[0].num_kv_blocks_fetched == 120 // 16 and not chunks[0].recomputed

@@ -1,11 +1,19 @@
 from pdserve._proto.pdserve.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class KVEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_ENCODING_NONE: _ClassVar[KVEncoding]
+    KV_ENCODING_INT8: _ClassVar[KVEncoding]
+KV_ENCODING_NONE: KVEncoding
+KV_ENCODING_INT8: KVEncoding
 
 class PutHeader(_message.Message):
     __slots__ = ("trace_context", "skip_existing")
@@ -54,26 +62,46 @@ class PutResponse(_message.Message):
     def __init__(self, num_stored: _Optional[int] = ..., num_skipped: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[_common_pb2.Tier, str]]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("keys", "trace_context", "chunk_bytes")
+    __slots__ = ("keys", "trace_context", "chunk_bytes", "encoding", "geometry")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     trace_context: _common_pb2.TraceContext
     chunk_bytes: int
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    encoding: KVEncoding
+    geometry: KVGeometry
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., chunk_bytes: _Optional[int] = ..., encoding: _Optional[_Union[KVEncoding, str]] = ..., geometry: _Optional[_Union[KVGeometry, _Mapping]] = ...) -> None: ...
+
+class KVGeometry(_message.Message):
+    __slots__ = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    def __init__(self, num_layers: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class GetBlockEnd(_message.Message):
-    __slots__ = ("key", "found", "checksum", "tier")
+    __slots__ = ("key", "found", "checksum", "tier", "wire_checksum")
     KEY_FIELD_NUMBER: _ClassVar[int]
     FOUND_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    WIRE_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     found: bool
     checksum: int
     tier: _common_pb2.Tier
-    def __init__(self, key: _Optional[bytes] = ..., found: _Optional[bool] = ..., checksum: _Optional[int] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ...) -> None: ...
+    wire_checksum: int
+    def __init__(self, key: _Optional[bytes] = ..., found: _Optional[bool] = ..., checksum: _Optional[int] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., wire_checksum: _Optional[int] = ...) -> None: ...
 
 class GetResponse(_message.Message):
     __slots__ = ("chunk", "end")
