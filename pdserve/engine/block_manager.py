@@ -13,18 +13,21 @@ Invariants:
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 
 from pdserve.engine.block_hash import BlockKey, next_block_key
 from pdserve.engine.sequence import Sequence
 
+KeyFn = Callable[[BlockKey, SequenceABC[int]], BlockKey]
+
 
 class OutOfBlocksError(RuntimeError):
     """Raised when a request can never fit the pool, whatever is freed."""
 
 
-@dataclass
+@dataclass(slots=True)  # one compact object per block: the pool's hot loops touch many
 class Block:
     block_id: int
     ref_count: int = 0
@@ -33,12 +36,21 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        key_fn: KeyFn = next_block_key,
+    ):
+        """``key_fn`` chains a block's key from its parent's and its tokens: BLAKE2b in the
+        engine; a simulator, whose token ids are synthetic, may pass a cheaper chaining."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.key_fn = key_fn
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free_uncached: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()
@@ -64,22 +76,34 @@ class BlockManager:
         block = self.blocks[block_id]
         return block_id if block.token_ids == tuple(token_ids) else None
 
+    def block_key(self, seq: Sequence, index: int) -> BlockKey:
+        """The chained key of full block ``index`` of ``seq``, hashed once per sequence
+        (memoized in ``seq.key_chain``; the caller guarantees the block is full)."""
+        chain = seq.key_chain
+        if index < len(chain):
+            return chain[index]
+        bs, key_fn = self.block_size, self.key_fn
+        parent = chain[-1] if chain else seq.root_key
+        for start in range(len(chain) * bs, (index + 1) * bs, bs):
+            parent = key_fn(parent, seq.tokens_in_range(start, start + bs))
+            chain.append(parent)
+        return parent
+
     def cached_prefix(self, seq: Sequence) -> list[tuple[BlockKey, int]]:
         """(key, block id) of the longest cached prefix of `seq`, never covering its last token
         (at least one token must be computed to produce logits)."""
         if not self.enable_prefix_caching:
             return []
         hits: list[tuple[BlockKey, int]] = []
-        parent = seq.root_key
-        max_blocks = (seq.num_tokens - 1) // self.block_size
-        for i in range(max_blocks):
-            tokens = seq.tokens_in_range(i * self.block_size, (i + 1) * self.block_size)
-            key = next_block_key(parent, tokens)
-            block_id = self.lookup(key, tokens)
-            if block_id is None:
+        bs, cached, blocks = self.block_size, self._cached, self.blocks
+        for i in range((seq.num_tokens - 1) // bs):
+            key = self.block_key(seq, i)
+            block_id = cached.get(key)
+            if block_id is None or blocks[block_id].token_ids != tuple(
+                seq.tokens_in_range(i * bs, (i + 1) * bs)
+            ):
                 break
             hits.append((key, block_id))
-            parent = key
         return hits
 
     # -- allocation ------------------------------------------------------------------------
@@ -93,6 +117,25 @@ class BlockManager:
         block.key, block.token_ids = None, None
         self.num_evictions += 1
         return block_id
+
+    def _take_free_blocks(self, num_blocks: int) -> list[int]:
+        """``num_blocks`` free blocks, each now referenced once (the caller checked the pool
+        has them); uncached ones first, then evicting least-recently-used cached ones."""
+        free, blocks = self._free_uncached, self.blocks
+        block_ids = [free.popleft() for _ in range(min(num_blocks, len(free)))]
+        num_evicted = num_blocks - len(block_ids)
+        if num_evicted:
+            evictable, cached = self._evictable, self._cached
+            for _ in range(num_evicted):
+                block_id, _ = evictable.popitem(last=False)
+                block = blocks[block_id]
+                del cached[block.key]
+                block.key, block.token_ids = None, None
+                block_ids.append(block_id)
+            self.num_evictions += num_evicted
+        for block_id in block_ids:
+            blocks[block_id].ref_count = 1
+        return block_ids
 
     def _acquire(self, block_id: int) -> None:
         block = self.blocks[block_id]
@@ -115,10 +158,7 @@ class BlockManager:
             self._acquire(block_id)
             seq.block_table.append(block_id)
             seq.block_keys.append(key)
-        for _ in range(needed):
-            block_id = self._take_free_block()
-            self.blocks[block_id].ref_count = 1
-            seq.block_table.append(block_id)
+        seq.block_table.extend(self._take_free_blocks(needed))
         seq.num_computed_tokens = num_cached_tokens
         seq.num_cached_tokens = num_cached_tokens
         return True
@@ -128,40 +168,44 @@ class BlockManager:
         return target - len(seq.block_table) <= self.num_free_blocks
 
     def grow(self, seq: Sequence, num_new_tokens: int) -> None:
-        target = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)
-        for _ in range(target - len(seq.block_table)):
-            block_id = self._take_free_block()
-            self.blocks[block_id].ref_count = 1
-            seq.block_table.append(block_id)
+        num_blocks = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)
+        if num_blocks > len(seq.block_table):
+            seq.block_table.extend(self._take_free_blocks(num_blocks - len(seq.block_table)))
 
     def commit_full_blocks(self, seq: Sequence) -> None:
         """Register every block that `num_computed_tokens` now fully covers in the prefix
         cache (called after a step wrote their KV)."""
-        num_full = seq.num_computed_tokens // self.block_size
-        parent = seq.block_keys[-1] if seq.block_keys else seq.root_key
-        for i in range(len(seq.block_keys), num_full):
-            tokens = seq.tokens_in_range(i * self.block_size, (i + 1) * self.block_size)
-            key = next_block_key(parent, tokens)
-            seq.block_keys.append(key)
-            parent = key
-            if self.enable_prefix_caching and key not in self._cached:
-                block = self.blocks[seq.block_table[i]]
+        bs, keys = self.block_size, seq.block_keys
+        first, end = len(keys), seq.num_computed_tokens // bs
+        if first >= end:
+            return
+        self.block_key(seq, end - 1)
+        keys.extend(seq.key_chain[first:end])
+        if not self.enable_prefix_caching:
+            return
+        cached, blocks, table = self._cached, self.blocks, seq.block_table
+        for i in range(first, end):
+            key = keys[i]
+            if key not in cached:
+                block = blocks[table[i]]
                 if block.key is None:
-                    block.key, block.token_ids = key, tuple(tokens)
-                    self._cached[key] = block.block_id
+                    block.key = key
+                    block.token_ids = tuple(seq.tokens_in_range(i * bs, (i + 1) * bs))
+                    cached[key] = block.block_id
 
     def free(self, seq: Sequence) -> None:
         """Release every block of `seq`, tail first; resets its table."""
+        blocks, uncached, evictable = self.blocks, self._free_uncached, self._evictable
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
+            block = blocks[block_id]
             block.ref_count -= 1
-            if block.ref_count < 0:
-                raise AssertionError(f"block {block_id} released twice")
-            if block.ref_count == 0:
+            if block.ref_count <= 0:
+                if block.ref_count < 0:
+                    raise AssertionError(f"block {block_id} released twice")
                 if block.key is None:
-                    self._free_uncached.append(block_id)
+                    uncached.append(block_id)
                 else:
-                    self._evictable[block_id] = None
+                    evictable[block_id] = None
         seq.block_table = []
         seq.block_keys = []
 
@@ -189,12 +233,7 @@ class BlockManager:
     def reserve(self, num_blocks: int) -> list[int]:
         """Up to `num_blocks` free blocks, referenced once by the caller (a KV load): no
         sequence is handed them and no eviction takes them until `release_reserved`."""
-        reserved = []
-        for _ in range(min(num_blocks, self.num_free_blocks)):
-            block_id = self._take_free_block()
-            self.blocks[block_id].ref_count = 1
-            reserved.append(block_id)
-        return reserved
+        return self._take_free_blocks(min(num_blocks, self.num_free_blocks))
 
     def release_reserved(
         self, block_ids: SequenceABC[int], cached: SequenceABC[tuple[BlockKey, SequenceABC[int]]]

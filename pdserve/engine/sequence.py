@@ -26,7 +26,9 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"  # the step computing it failed
 
 
-@dataclass
+# eq=False: a sequence is one request's mutable state, the same only as itself; the
+# scheduler's list.remove and membership tests then compare identities, not every field.
+@dataclass(eq=False)
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
@@ -42,6 +44,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     # Keys of the full blocks registered in the cache so far (prefix of block_table).
     block_keys: list[BlockKey] = field(default_factory=list)
+    # Chained keys of the first full blocks of the tokens, each hashed once: tokens are only
+    # appended, so a key never changes (it outlives a preemption, unlike block_keys).
+    key_chain: list[BlockKey] = field(default_factory=list, repr=False)
     num_preemptions: int = 0
     # A migrated request (output tokens produced by another engine): its output is recomputed
     # one token a step, through the decode path, so its KV is bit-for-bit what the first

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from pdserve.engine.block_hash import BlockKey, next_block_key, root_key
+from pdserve.engine.block_hash import BlockKey
 from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.scheduler import Scheduler, SchedulerPlan
 from pdserve.engine.sequence import FinishReason, Sequence
@@ -40,11 +40,18 @@ from pdserve.sim.costs import CostModel, StepShape
 from pdserve.workload import result
 from pdserve.workload.format import Request
 from services.decode.settings import DecodeSettings
-from services.router import policy
+from services.router import admission, policy
 from services.router.settings import RouterSettings
 
-_ROOT = root_key("pdserve-sim")
+_ROOT = BlockKey(b"pdserve-sim")
 _UNIQUE_TOKEN_BASE = 1 << 20  # request i's own tokens are this + i; prefix groups are below
+
+
+def _sim_key(parent: BlockKey, block_token_ids: list[int]) -> BlockKey:
+    """The block-key chaining the simulated replicas use: equal prefixes get equal keys as
+    with BLAKE2b, at a fifth of the cost. Collision resistance guards real tenants' caches; the
+    simulated token ids are synthetic, and a hit still compares the block's tokens."""
+    return hash((parent, tuple(block_token_ids)))  # type: ignore[return-value]
 
 
 def _router_default(name: str):
@@ -94,25 +101,24 @@ class SimConfig:
 
 class _PromptKeys:
     """The prompt's chained block keys (the router's ``chain_block_keys``), computed only as
-    far as a lookup reads them: a prompt nobody holds costs one hash, not one per block."""
+    far as a lookup reads them: a prompt nobody holds costs one hash, not one per block.
+
+    ``chain`` is also the ``key_chain`` of the flight's sequences (prefill and decode), so a
+    block is hashed once per request, whoever reads it first: their tokens are the prompt and
+    then outputs that are all token 0, so their chains agree block for block."""
 
     def __init__(self, prompt: list[int], block_size: int) -> None:
         self.prompt, self.block_size = prompt, block_size
         self.num_blocks = len(prompt) // block_size
-        self.known: list[BlockKey] = []
+        self.chain: list[BlockKey] = []
 
     def get(self, i: int) -> BlockKey:
-        bs = self.block_size
-        while len(self.known) <= i:
-            j = len(self.known)
-            parent = self.known[-1] if self.known else _ROOT
-            self.known.append(next_block_key(parent, self.prompt[j * bs : (j + 1) * bs]))
-        return self.known[i]
-
-    def adopt(self, keys: list[BlockKey]) -> None:
-        """Keys an engine already chained for this prompt (equal by construction)."""
-        if len(keys) > len(self.known):
-            self.known = keys[: self.num_blocks]
+        bs, chain = self.block_size, self.chain
+        while len(chain) <= i:
+            j = len(chain)
+            parent = chain[-1] if chain else _ROOT
+            chain.append(_sim_key(parent, self.prompt[j * bs : (j + 1) * bs]))
+        return chain[i]
 
 
 @dataclass
@@ -129,6 +135,10 @@ class _Flight:
     num_tokens: int = 0
     last_token_s: float = 0.0
     seq: Sequence | None = None
+    # The decode worker's KV load (LLMEngine.start_load): pool blocks reserved for the prompt's
+    # full blocks from ``load_first`` on; None while none is open.
+    reserved: list[int] | None = None
+    load_first: int = 0
 
 
 @dataclass
@@ -142,8 +152,8 @@ class _Stretch:
     def record_started(self, costs: StepCosts, t: float) -> None:
         """Record every step started by ``t`` (the engine records a step as it runs)."""
         started = min(self.num_steps, int(np.searchsorted(self.ends_s, t, side="right")) + 1)
-        for d in self.durations_s[self.num_recorded : started]:
-            costs.record(0, len(self.seqs), float(d))
+        for d in self.durations_s[self.num_recorded : started].tolist():
+            costs.record(0, len(self.seqs), d)
         self.num_recorded = max(self.num_recorded, started)
 
 
@@ -151,7 +161,7 @@ class _Replica:
     def __init__(self, worker_id: str, role: str, cost: CostModel) -> None:
         lim = cost.limits
         self.worker_id, self.role = worker_id, role
-        self.bm = BlockManager(lim.num_kv_blocks, lim.block_size)
+        self.bm = BlockManager(lim.num_kv_blocks, lim.block_size, key_fn=_sim_key)
         self.sched = Scheduler(self.bm, lim.max_num_seqs, lim.max_num_batched_tokens)
         self.plan: SchedulerPlan | None = None
         self.stretch: _Stretch | None = None
@@ -161,6 +171,7 @@ class _Replica:
         self.report: dict = {}  # the load published at the last heartbeat
         self.target_step_s: float | None = None  # decode workers' prompt-chunk target
         self.prompt_drain_s: float | None = None
+        self.num_loading = 0  # KV loads open: the worker reports them as waiting
 
     def prompt_budget(self) -> int | None:
         """The engine's ``LLMEngine._prompt_budget``: prompt tokens next to running decodes."""
@@ -171,8 +182,9 @@ class _Replica:
 
     def publish(self) -> None:
         s = self.sched
-        self.report = {"running": len(s.running), "waiting": len(s.waiting),
+        self.report = {"running": len(s.running), "waiting": len(s.waiting) + self.num_loading,
                        "pending_prompt_tokens": s.num_pending_prompt_tokens,
+                       "num_free_blocks": self.bm.num_free_blocks,
                        **self.step_costs.report()}  # fmt: skip
 
     def cached_tokens(self, keys: _PromptKeys) -> int:
@@ -198,6 +210,8 @@ class Simulator:
         self.records: list[result.RequestRecord] = []
         self.inflight: dict[str, int] = dict.fromkeys(self.replicas, 0)
         self.queued_tokens: dict[str, int] = dict.fromkeys(self.replicas, 0)
+        # The router's Decode calls per decode worker (its ``_decode_inflight``), for admission.
+        self.decode_held: dict[str, dict[int, _Flight]] = {r.worker_id: {} for r in self.decode}
         self.num_inflight = 0
         self.groups: dict[str, int] = {}
         self._heap: list = []
@@ -247,7 +261,7 @@ class Simulator:
             req.num_prefill_tokens, self.config.weights, self.config.threshold_tokens,
             costs=self._costs(),
         )  # fmt: skip
-        if not self._admit(plan, record):
+        if not self._admit(plan, req, record):
             return
         flight.plan = plan
         self.flights[str(index)] = flight
@@ -259,16 +273,28 @@ class Simulator:
             self.inflight[wid] += 1
             self.queued_tokens[wid] += plan.uncached_tokens
             if self.config.overlap_handoff:
-                self.inflight[plan.decode.worker_id] += 1
-            seq = self._sequence(index, prompt, 1)
+                self._call_decode(plan.decode.worker_id, flight)
+                # (pushed first: the load is open before the prefill's first step can fail)
+                self._push(dispatch_at, self._start_load, self.replicas[plan.decode.worker_id],
+                           flight)  # fmt: skip
+            seq = self._sequence(index, keys, 1)
             self._push(dispatch_at, self._submit, self.replicas[wid], seq)
         else:
             record.route = "local"
             wid = plan.decode.worker_id
-            self.inflight[wid] += 1
+            self._call_decode(wid, flight)
             self.queued_tokens[wid] += plan.uncached_tokens
-            flight.seq = self._sequence(index, prompt, req.num_decode_tokens)
+            flight.seq = self._sequence(index, keys, req.num_decode_tokens)
             self._push(dispatch_at, self._submit, self.replicas[wid], flight.seq)
+
+    def _call_decode(self, worker_id: str, flight: _Flight) -> None:
+        """The router's Decode call starts: counted in flight, its whole output held."""
+        self.inflight[worker_id] += 1
+        self.decode_held[worker_id][flight.record.index] = flight
+
+    def _decode_call_ended(self, worker_id: str, flight: _Flight) -> None:
+        self.inflight[worker_id] -= 1
+        del self.decode_held[worker_id][flight.record.index]
 
     def _loads(self, replicas: list[_Replica], keys: _PromptKeys) -> list[policy.WorkerLoad]:
         """The router's ``_loads``: its own counts, or the worker's report when higher."""
@@ -283,7 +309,8 @@ class Simulator:
                 capacity=cap,
                 cached_tokens=r.cached_tokens(keys),
                 queued_prefill_tokens=max(self.queued_tokens[wid], rep.get("pending_prompt_tokens", 0)),
-                num_running=rep.get("running", 0),
+                # The router's own count is fresher than the last heartbeat.
+                num_running=max(rep.get("running", 0), self.inflight[wid]),
                 step_s=rep.get("step_s", 0.0),
                 prompt_tokens_per_s=rep.get("prompt_tokens_per_s", 0.0),
             ))  # fmt: skip
@@ -300,17 +327,45 @@ class Simulator:
             tpot_slo_s=c.tpot_slo_s,
         )  # fmt: skip
 
-    def _admit(self, plan: policy.RoutePlan | None, record: result.RequestRecord) -> bool:
+    def _admit(self, plan: policy.RoutePlan | None, req: Request,
+               record: result.RequestRecord) -> bool:  # fmt: skip
+        """The router's ``_admit``: the target's prompt queue (its own count or the target's
+        report, the larger) plus the decode worker's wait for a slot and blocks for the whole
+        output (``admission.decode_wait_s``), against the deadline."""
         assert plan is not None  # SimConfig guarantees a decode replica
-        target = plan.prefill.worker_id if plan.prefill else plan.decode.worker_id
-        queued = self.queued_tokens[target]
+        target = self.replicas[plan.prefill.worker_id if plan.prefill else plan.decode.worker_id]
+        queued = max(self.queued_tokens[target.worker_id],
+                     target.report.get("pending_prompt_tokens", 0))  # fmt: skip
         rate = self.prefill_tokens_per_s
-        ttft = policy.predict_ttft_s(queued, plan.uncached_tokens, rate)
+        decode = self.replicas[plan.decode.worker_id]
+        wait_s = self._decode_wait_s(decode, req.num_prefill_tokens + req.num_decode_tokens)
+        if wait_s is None:
+            record.error = "rejected: prompt + max_tokens needs more KV blocks than a decode worker has"
+            return False
+        ttft = policy.predict_ttft_s(queued, plan.uncached_tokens, rate) + wait_s
         verdict = policy.admit(self.num_inflight, self.config.max_inflight_requests, ttft,
                                self.config.deadline_s, queued, rate)  # fmt: skip
         if not verdict.admitted:
             record.error = f"rejected ({verdict.reason_class}): {verdict.reason}"
         return verdict.admitted
+
+    def _decode_wait_s(self, rep: _Replica, num_tokens: int) -> float | None:
+        """The router's ``_decode_wait_s`` from the worker's last report and the router's
+        calls there (their remaining output as last streamed)."""
+        lim, report, bs = self.cost.limits, rep.report, rep.bm.block_size
+        state = admission.DecodeCapacity(
+            max_num_seqs=lim.max_num_seqs, num_total_blocks=lim.num_kv_blocks,
+            num_free_blocks=report.get("num_free_blocks"),
+            num_reported_seqs=report.get("running", 0) + report.get("waiting", 0),
+            step_s=report.get("step_s", 0.0) or self.config.decode_step_s,
+            inflight=tuple(
+                admission.Inflight(f.req.num_decode_tokens - f.num_tokens,
+                                   admission.blocks_needed(f.req.num_prefill_tokens
+                                                           + f.req.num_decode_tokens, bs))
+                for f in self.decode_held[rep.worker_id].values()
+            ),
+        )  # fmt: skip
+        return admission.decode_wait_s(state, admission.blocks_needed(num_tokens, bs))
 
     def _prompt_ids(self, index: int, req: Request) -> list[int]:
         own = [_UNIQUE_TOKEN_BASE + index] * (req.num_prefill_tokens - req.prefix_tokens)
@@ -320,8 +375,10 @@ class Simulator:
         return [group] * req.prefix_tokens + own
 
     @staticmethod
-    def _sequence(index: int, prompt: list[int], max_tokens: int) -> Sequence:
-        return Sequence(str(index), prompt, max_tokens, _ROOT, index)
+    def _sequence(index: int, keys: _PromptKeys, max_tokens: int) -> Sequence:
+        seq = Sequence(str(index), keys.prompt, max_tokens, _ROOT, index)
+        seq.key_chain = keys.chain
+        return seq
 
     # ---- replicas ----
 
@@ -394,17 +451,17 @@ class Simulator:
         flight.last_token_s = t
 
     def _prefill_done(self, rep: _Replica, flight: _Flight, seq: Sequence, t: float) -> None:
-        flight.keys.adopt(seq.block_keys)
         rep.sched.finish(seq, FinishReason.LENGTH)
         wid = rep.worker_id
         self.inflight[wid] -= 1
         self.queued_tokens[wid] -= flight.plan.uncached_tokens
-        self._observe_rate(flight.plan.uncached_tokens, t - flight.prefill_start_s)
+        # as the router times its Prefill call: from the call to the reply, queueing included
+        self._observe_rate(seq.num_prompt_tokens - seq.num_cached_tokens, t - flight.req.arrived_at_s)
         n = flight.req.num_prefill_tokens
         ready = self.cost.handoff_ready_s(flight.prefill_start_s, t, n)
         decode = self.replicas[flight.plan.decode.worker_id]
         if not self.config.overlap_handoff:
-            self.inflight[decode.worker_id] += 1
+            self._call_decode(decode.worker_id, flight)
         self._push(ready, self._handoff, decode, flight)
 
     def _observe_rate(self, num_tokens: int, elapsed_s: float) -> None:
@@ -412,14 +469,36 @@ class Simulator:
             self.prefill_tokens_per_s, num_tokens, elapsed_s
         )
 
+    def _start_load(self, t: float, rep: _Replica, flight: _Flight) -> None:
+        """The decode worker's ``LLMEngine.start_load``: skip the prompt's leading blocks it
+        holds, reserve pool blocks for the rest (as many as fit; the rest is recomputed).
+        With the overlapped handoff it opens when the router calls Decode with Prefill, so the
+        reservation holds blocks while the prompt is prefilled; otherwise when the KV lands."""
+        bm, keys, prompt = rep.bm, flight.keys, flight.prompt_ids
+        bs, first = bm.block_size, 0
+        while first < keys.num_blocks and bm.lookup(
+            keys.get(first), prompt[first * bs : (first + 1) * bs]
+        ) is not None:  # fmt: skip
+            first += 1
+        flight.load_first, flight.reserved = first, bm.reserve(keys.num_blocks - first)
+        rep.num_loading += 1
+
+    def _close_load(self, rep: _Replica, flight: _Flight, num_loaded_blocks: int) -> None:
+        """Commit the first ``num_loaded_blocks`` reserved blocks to the prefix cache and free
+        the rest (``LLMEngine``'s commit of a KV load, or its release with 0)."""
+        bs, prompt, keys, first = rep.bm.block_size, flight.prompt_ids, flight.keys, flight.load_first
+        cached = [(keys.get(i), prompt[i * bs : (i + 1) * bs])
+                  for i in range(first, first + num_loaded_blocks)]  # fmt: skip
+        rep.bm.release_reserved(flight.reserved, cached)
+        flight.reserved = None
+        rep.num_loading -= 1
+
     def _handoff(self, t: float, rep: _Replica, flight: _Flight) -> None:
-        """The KV is in: import the prompt's full blocks, then decode from the prefill's token."""
-        bs, prompt = rep.bm.block_size, flight.prompt_ids
-        for i in range(flight.keys.num_blocks):
-            key = flight.keys.get(i)
-            if rep.bm.cached_block(key) is None:
-                rep.bm.insert_cached_block(key, prompt[i * bs : (i + 1) * bs])
-        flight.seq = self._sequence(flight.record.index, prompt, flight.req.num_decode_tokens)
+        """The KV is in: commit the loaded blocks, then decode from the prefill's token."""
+        if flight.reserved is None:
+            self._start_load(t, rep, flight)
+        self._close_load(rep, flight, len(flight.reserved))
+        flight.seq = self._sequence(flight.record.index, flight.keys, flight.req.num_decode_tokens)
         flight.seq.output_token_ids.append(0)
         if flight.req.num_decode_tokens == 1:  # the prefill's token was the whole answer
             self._tokens(flight, t, 1)
@@ -435,13 +514,19 @@ class Simulator:
         self._release(flight, rep, t)
 
     def _release(self, flight: _Flight, rep: _Replica, t: float) -> None:
-        self.inflight[rep.worker_id] -= 1
+        if rep.role == "decode":
+            self._decode_call_ended(rep.worker_id, flight)
+        else:
+            self.inflight[rep.worker_id] -= 1
         # Still queued at the router: failed on the prefill worker, or before a local first token.
         never_started = flight.num_tokens == 0 and flight.plan.prefill is None
         if rep.role == "prefill" or never_started:
             self.queued_tokens[rep.worker_id] -= flight.plan.uncached_tokens
         if rep.role == "prefill" and self.config.overlap_handoff:  # its decode call ends too
-            self.inflight[flight.plan.decode.worker_id] -= 1
+            decode = self.replicas[flight.plan.decode.worker_id]
+            self._decode_call_ended(decode.worker_id, flight)
+            if flight.reserved is not None:
+                self._close_load(decode, flight, 0)
         self.num_inflight -= 1
         del self.flights[str(flight.record.index)]
 
@@ -452,23 +537,26 @@ class Simulator:
         n = len(sched.running)
         if rep.role == "prefill" or sched.waiting or not n or n > sched.max_num_batched_tokens:
             return False
-        steps, context = 1 << 30, 0
-        for seq in sched.running:
-            if seq.num_computed_tokens != seq.num_tokens - 1 or (
-                seq.num_computed_tokens < seq.num_prompt_tokens
-            ):
+        steps, context, flights = 1 << 30, 0, self.flights
+        # newest first: a sequence still prefilling or holding a first token is usually the last
+        for seq in reversed(sched.running):
+            computed, num_prompt = seq.num_computed_tokens, len(seq.prompt_token_ids)
+            num_output = len(seq.output_token_ids)
+            if computed != num_prompt + num_output - 1 or computed < num_prompt:
                 return False
-            if self.flights[seq.request_id].first_pending:
+            if flights[seq.request_id].first_pending:
                 return False
-            steps = min(steps, seq.max_tokens - len(seq.output_token_ids))
-            context += seq.num_computed_tokens
+            if seq.max_tokens - num_output < steps:
+                steps = seq.max_tokens - num_output
+            context += computed
         steps = self._steps_that_fit(rep, steps)
         if steps < 2:
             return False
-        j = np.arange(steps, dtype=float)
-        ctx = context + j * n + n  # every sequence reads its context plus the new token
+        # every sequence reads its context plus the new token
+        ctx = np.arange(context + n, context + n * (steps + 1), n, dtype=float)
         durations = self.cost.step_s(StepShape(n, n, ctx, ctx))
-        durations = np.broadcast_to(durations, j.shape)
+        if np.ndim(durations) == 0:
+            durations = np.full(steps, float(durations))
         ends = t + np.cumsum(durations)
         rep.stretch = _Stretch(list(sched.running), durations, ends, steps)
         rep.stretch.record_started(rep.step_costs, t)
@@ -480,12 +568,14 @@ class Simulator:
     @staticmethod
     def _steps_that_fit(rep: _Replica, steps: int) -> int:
         """The most decode steps (<= ``steps``) whose new blocks the free pool covers."""
-        bm, seqs = rep.bm, rep.sched.running
-        free = bm.num_free_blocks
+        bs, seqs = rep.bm.block_size, rep.sched.running
+        free = rep.bm.num_free_blocks
+        # (tokens a sequence's blocks hold, minus its computed tokens): growing k more tokens
+        # needs a block exactly when k exceeds that room, and one more per block_size beyond.
+        rooms = [len(s.block_table) * bs - s.num_computed_tokens for s in seqs]
 
         def needed(k: int) -> int:
-            return sum(max(0, bm.blocks_needed(s.num_computed_tokens + k) - len(s.block_table))
-                       for s in seqs)  # fmt: skip
+            return sum(-(-(k - room) // bs) for room in rooms if k > room)
 
         if needed(steps) <= free:
             return steps
@@ -511,15 +601,17 @@ class Simulator:
         stretch, rep.stretch = rep.stretch, None
         m, bm, ends = stretch.num_steps, rep.bm, stretch.ends_s
         stretch.record_started(rep.step_costs, t)
+        first_end_s, bs, flights, zeros = float(ends[0]), bm.block_size, self.flights, [0] * m
+        gaps, gap_weights = self._gaps, self._gap_weights
         for seq in stretch.seqs:
             bm.grow(seq, m)
             seq.num_computed_tokens += m
-            seq.output_token_ids.extend([0] * m)
-            if seq.num_computed_tokens // bm.block_size > len(seq.block_keys):
+            seq.output_token_ids += zeros
+            if seq.num_computed_tokens // bs > len(seq.block_keys):
                 bm.commit_full_blocks(seq)  # (a no-op otherwise: skip the call)
-            flight = self.flights[seq.request_id]
-            self._gaps.append(float(ends[0]) - flight.last_token_s)
-            self._gap_weights.append(1)
+            flight = flights[seq.request_id]
+            gaps.append(first_end_s - flight.last_token_s)
+            gap_weights.append(1)
             flight.num_tokens += m
             flight.last_token_s = t
         if m > 1:

@@ -16,6 +16,7 @@ kernels reach less than peak at short contexts; all-reduce time assumes NVLink a
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 
@@ -135,22 +136,41 @@ class RooflineCost:
         n = self.limits.max_num_batched_tokens
         return n / float(self.step_s(StepShape(n, 1, n * (n + 1) / 2, n)))
 
-    def step_s(self, shape: StepShape):
+    @cached_property
+    def _seconds_per_unit(self) -> tuple[float, ...]:
+        """The formula's constants, folded once: seconds of compute per token, per sequence
+        and per attended pair; seconds of memory for the weights and per KV token; seconds of
+        all-reduce per token."""
         m, g = self.model, self.gpu
-        attn_flops = 4 * m.num_layers * m.num_heads * m.head_dim * shape.attended_pairs
-        flops = (2 * m.num_layers * m.layer_params * shape.num_tokens
-                 + 2 * m.vocab_size * m.hidden_size * shape.num_seqs + attn_flops)  # fmt: skip
-        kv_bytes = (shape.context_tokens + shape.num_tokens) * m.kv_bytes_per_token
-        nbytes = m.num_params * m.dtype_bytes + kv_bytes
-        compute_s = flops / (g.peak_flops * g.compute_efficiency * self.tp)
-        memory_s = nbytes / (g.hbm_bytes_per_s * g.bandwidth_efficiency * self.tp)
-        allreduce_s = 0.0
+        flop_s = g.peak_flops * g.compute_efficiency * self.tp
+        byte_s = g.hbm_bytes_per_s * g.bandwidth_efficiency * self.tp
+        allreduce_per_token = 0.0
         if self.tp > 1:  # two all-reduces of the activations per layer (ring: 2(tp-1)/tp)
-            act = 2 * m.num_layers * shape.num_tokens * m.hidden_size * m.dtype_bytes
-            allreduce_s = (
+            act = 2 * m.num_layers * m.hidden_size * m.dtype_bytes
+            allreduce_per_token = (
                 act * 2 * (self.tp - 1) / self.tp / (g.nvlink_bytes_per_s * g.link_efficiency)
             )
-        return np.maximum(compute_s, memory_s) + allreduce_s + g.step_overhead_s
+        return (
+            2 * m.num_layers * m.layer_params / flop_s,
+            2 * m.vocab_size * m.hidden_size / flop_s,
+            4 * m.num_layers * m.num_heads * m.head_dim / flop_s,
+            m.num_params * m.dtype_bytes / byte_s,
+            m.kv_bytes_per_token / byte_s,
+            allreduce_per_token,
+        )
+
+    def step_s(self, shape: StepShape):
+        token_s, seq_s, pair_s, weights_s, kv_token_s, allreduce_s = self._seconds_per_unit
+        n = shape.num_tokens
+        compute_s = token_s * n + seq_s * shape.num_seqs + pair_s * shape.attended_pairs
+        memory_s = weights_s + kv_token_s * (shape.context_tokens + n)
+        # (a step costed alone is plain floats: max() skips numpy's per-call overhead)
+        slower_s = (
+            max(compute_s, memory_s)
+            if isinstance(compute_s, float) and isinstance(memory_s, float)
+            else np.maximum(compute_s, memory_s)
+        )
+        return slower_s + allreduce_s * n + self.gpu.step_overhead_s
 
     def handoff_ready_s(self, prefill_start_s: float, prefill_end_s: float, num_tokens: int):
         m, g = self.model, self.gpu
