@@ -162,3 +162,30 @@ def test_invalid_sizes_rejected():
         BlockManager(0, 16)
     with pytest.raises(ValueError):
         Scheduler(BlockManager(4, 4), max_num_seqs=0, max_num_batched_tokens=8)
+
+
+def test_block_keys_are_hashed_once_per_sequence_and_equal_the_chain():
+    calls = []
+
+    def counting_key(parent, tokens):
+        calls.append(tuple(tokens))
+        return next_block_key(parent, tokens)
+
+    bm = BlockManager(num_blocks=8, block_size=4, key_fn=counting_key)
+    tokens = list(range(13))
+    seq = make_seq("a", tokens)
+    assert bm.admit(seq, 13) and calls == [(0, 1, 2, 3)]  # a miss costs one hash
+    seq.num_computed_tokens = 13
+    bm.commit_full_blocks(seq)
+    assert seq.block_keys == chain_block_keys(tokens, 4, ROOT) and len(calls) == 3
+    # A preempted sequence re-admitted: its keys come from its chain, not from hashing again.
+    bm.free(seq)
+    seq.num_computed_tokens = 0
+    assert bm.admit(seq, 13) and seq.num_computed_tokens == 12 and len(calls) == 3
+
+
+def test_sequences_compare_by_identity():
+    a, b = make_seq("x", [1, 2, 3]), make_seq("x", [1, 2, 3])
+    running = [a, b]
+    running.remove(b)
+    assert running == [a] and running[0] is a and a != b

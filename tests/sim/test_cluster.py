@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from pdserve.sim.cluster import SimConfig, simulate
+from pdserve.sim.cluster import SimConfig, Simulator, _PromptKeys, simulate
 from pdserve.sim.costs import CalibratedCost, EngineLimits, Link, StepShape, load_profile
 from pdserve.sim.roofline import GPUS, MODELS, min_tp, parse_gpu, roofline
 from pdserve.workload.format import Request, WorkloadError
@@ -104,6 +104,49 @@ def test_a_prompt_larger_than_the_pool_fails_alone():
     res = simulate([Request(0.0, 200, 2), Request(0.0, 20, 2)], SimConfig(0, 1, **T), small)
     assert res["requests"][0]["error"].startswith("rejected: prompt + max_tokens needs more KV")
     assert res["requests"][1]["error"] is None
+
+
+def test_admission_counts_the_decode_workers_wait_for_a_slot():
+    # One batch slot; request 0 holds it for 100 tokens at 11 ms a step. The router's
+    # admission (admission.decode_wait_s) predicts request 1 waits ~1 s for the slot: past its
+    # 0.5 s deadline, it is refused, as the real router refuses it.
+    one_slot = replace(LINEAR, limits=EngineLimits(64, 16, 1, 64))
+    config = SimConfig(0, 1, deadline_s=0.5, **T)
+    res = simulate([Request(0.0, 20, 100), Request(0.2, 20, 2)], config, one_slot)
+    assert res["requests"][0]["error"] is None
+    assert res["requests"][1]["error"].startswith("rejected (deadline)")
+    # With a deadline the wait fits, it is admitted and served after request 0.
+    res = simulate([Request(0.0, 20, 100), Request(0.2, 20, 2)], replace(config, deadline_s=5.0),
+                   one_slot)  # fmt: skip
+    assert res["requests"][1]["error"] is None and res["requests"][1]["ttft_s"] > 0.8
+
+
+def test_router_load_counts_its_own_calls_when_fresher_than_the_report():
+    sim = Simulator([], SimConfig(0, 1), LINEAR)
+    sim.inflight["decode-0"] = 3  # three Decode calls since the last heartbeat (reported 0)
+    load = sim._loads(sim.decode, _PromptKeys([1] * 32, 16))[0]
+    assert (load.num_inflight, load.num_running) == (3, 3)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_overlapped_handoff_reserves_decode_blocks_while_the_prompt_prefills(overlap):
+    # A 200-token prompt (12 full blocks) prefills from 5 ms to 245 ms; heartbeats every 10 ms
+    # publish the decode worker's free blocks. Overlapped, its KV load reserves the 12 blocks
+    # when the router calls Decode (with Prefill); sequential, only when the KV lands.
+    seen = []
+
+    class Probe(Simulator):
+        def _heartbeat(self, t):
+            super()._heartbeat(t)
+            seen.append((t, self.decode[0].report["num_free_blocks"]))
+
+    config = SimConfig(1, 1, threshold_tokens=128, staleness_s=0.01, overlap_handoff=overlap, **T)
+    sim = Probe([Request(0.0, 200, 3)], config, LINEAR)
+    sim.run()
+    during = {free for t, free in seen if 0.01 <= t <= 0.24}
+    assert during == ({64 - 12} if overlap else {64})
+    assert sim.decode[0].num_loading == 0 and sim.decode[0].bm.num_cached_blocks == 12
+    sim.decode[0].bm.check_invariants()
 
 
 def test_link_is_pipelined_with_prefill():
