@@ -3,15 +3,23 @@
 The same seeded workloads (Poisson arrivals, prompts uniform 32-640 tokens so that the router
 sends some to the prefill worker and prefills others locally, outputs 16-48 tokens) run live
 on a ``pdserve up`` stack (disaggregated: prefill pinned to CPU 0, decode to CPU 1; colocated:
-one decode worker on CPU 1; one torch thread each) and in the simulator with the calibrated
-profile measured on the same machine just before (engine steps on CPU 1, dispatch and handoff
-on the idle disaggregated stack). Target: TTFT p50/p90 and ITL p50 within 15 %, at two loads,
-for both stacks. Prints the table and writes benchmarks/sim_validation/.
+one decode worker on CPU 1, the router, kvstore and Redis on CPU 0; one torch thread each) and
+in the simulator with the calibrated profile measured on the same machine just before (engine
+steps on CPU 1 while the stack idles beside it; dispatch and handoff through the idle stack).
+The simulator runs the stack's settings: the router's defaults plus the overlapped handoff that
+``pdserve up`` turns on. Target: TTFT p50/p90 and ITL p50 within 15 %, at two loads, for both
+stacks. Prints the table and writes it (with every result) to --out.
 
-    .venv/bin/python benchmarks/sim_validate.py [--num-requests 40 --rates 0.3,1.0]
+Loads: by default two fractions of what one worker serves one request at a time (--loads,
+from the profile: a mean prompt's prefill plus its decode steps), so the rates follow the
+machine; --rates gives them in requests/s instead.
 
-Another process on the same cores moves the live figures and not the simulated ones: the
-1-minute load average is recorded before and after every live run.
+    .venv/bin/python benchmarks/sim_validate.py            # the full run (about 10 minutes)
+    .venv/bin/python benchmarks/sim_validate.py --quick    # 12 requests a run, a quick profile
+
+Run it on a quiet machine: another process on the same cores slows the live runs and not the
+simulated ones. The 1-minute load average is recorded before and after every live run, and
+the headline says when it was above --max-load.
 """
 
 from __future__ import annotations
@@ -29,23 +37,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pdserve.launcher import Stack, StackConfig, parse_cpu_affinity  # noqa: E402
 from pdserve.sim.cluster import SimConfig, Simulator  # noqa: E402
-from pdserve.sim.costs import load_profile  # noqa: E402
+from pdserve.sim.costs import StepShape, load_profile  # noqa: E402
 from pdserve.workload import result  # noqa: E402
 from pdserve.workload.bench import replay, target_for  # noqa: E402
-from pdserve.workload.format import save  # noqa: E402
+from pdserve.workload.format import load, save  # noqa: E402
 from pdserve.workload.generate import Lengths, synthetic  # noqa: E402
 
-MODES = {"disaggregated": (1, ["prefill=0", "decode=1"]), "colocated": (0, ["decode=1"])}
+# mode: (prefill workers, CPU pinning). Disaggregated first: its stack also calibrates the handoff.
+MODES = {
+    "disaggregated": (1, ["prefill=0", "decode=1"]),
+    "colocated": (0, ["decode=1", "router=0", "kvstore=0", "redis=0"]),
+}
 COMPARED = (("ttft_s", "p50"), ("ttft_s", "p90"), ("itl_s", "p50"))
 TOLERANCE = 0.15
+PROMPT, OUTPUT = (32, 640), (16, 48)  # uniform token ranges
 # Unquantized float32 weights on both sides: the figures compare the simulator with the engine
 # it models, whatever the engine's default weight mode.
 QUANTIZATION = "none"
+# What `pdserve up` sets on top of the router's defaults (pdserve/launcher.py): the simulated
+# router must run the same way.
+STACK_ROUTER = {"overlap_handoff": True}
 
 
 def make_workload(num_requests: int, rate: float, seed: int):
-    return synthetic(num_requests, rate, Lengths("uniform:32:640"), Lengths("uniform:16:48"),
-                     seed=seed)  # fmt: skip
+    return synthetic(num_requests, rate, Lengths(f"uniform:{PROMPT[0]}:{PROMPT[1]}"),
+                     Lengths(f"uniform:{OUTPUT[0]}:{OUTPUT[1]}"), seed=seed)  # fmt: skip
 
 
 def stack_config(mode: str, name: str) -> StackConfig:
@@ -75,16 +91,32 @@ def live(stack: Stack, workload, slo: result.Slo, conditions: dict, prompt_seed:
     return result.build(records, gaps, weights, slo, "bench", conditions)
 
 
-def profile(stack: Stack, out: Path, repeats: int) -> None:
+def profile(stack: Stack, out: Path, repeats: int, quick: bool, handoff: bool) -> None:
     cmd = [sys.executable, "-m", "pdserve.cli", "profile", "--out", str(out), "--cpus", "1",
            "--threads", "1", "--repeats", str(repeats), "--url", stack.grpc_address,
-           "--quantization", QUANTIZATION]  # fmt: skip
-    subprocess.run(cmd, check=True)
+           "--quantization", QUANTIZATION, "--handoff" if handoff else "--no-handoff"]  # fmt: skip
+    subprocess.run(cmd + (["--quick"] if quick else []), check=True)
+
+
+def rates_for(loads: list[float], profile_path: Path) -> list[float]:
+    """Requests/s at each fraction of one worker's one-at-a-time service rate: a mean prompt
+    prefilled alone, then its mean output decoded alone (the profile's step fit)."""
+    cost = load_profile(profile_path)
+    prompt, output = sum(PROMPT) / 2, sum(OUTPUT) / 2
+    budget = cost.limits.max_num_batched_tokens
+    prefill_s, done = 0.0, 0.0
+    while done < prompt:
+        n = min(budget, prompt - done)
+        prefill_s += float(cost.step_s(StepShape(n, 1, n * (done + (n + 1) / 2), done + n)))
+        done += n
+    context = prompt + output / 2
+    decode_s = output * float(cost.step_s(StepShape(1, 1, context, context)))
+    return [round(x / (prefill_s + decode_s), 3) for x in loads]
 
 
 def simulate(workload, mode: str, profile_path: Path, slo: result.Slo) -> dict:
-    num_prefill = MODES[mode][0]
-    sim = Simulator(workload, SimConfig(num_prefill, 1, slo), load_profile(profile_path))
+    config = SimConfig(MODES[mode][0], 1, slo, **STACK_ROUTER)
+    sim = Simulator(workload, config, load_profile(profile_path))
     sim.run()
     return sim.result()
 
@@ -93,39 +125,63 @@ def compare(live_res: dict, sim_res: dict) -> dict:
     out = {}
     for metric, q in COMPARED:
         a, b = live_res[metric][q], sim_res[metric][q]
-        out[f"{metric[:-2]}_{q}"] = {"live": a, "sim": b, "error": (b - a) / a if a else None}
+        err = (b - a) / a if a and b is not None else None
+        out[f"{metric[:-2]}_{q}"] = {"live": a, "sim": b, "error": err}
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--num-requests", type=int, default=40)
-    ap.add_argument("--rates", default="0.3,1.0", help="two loads, requests/s")
+    ap.add_argument("--quick", action="store_true",
+                    help="12 requests a run and a quick one-repeat profile, in --out/quick")  # fmt: skip
+    ap.add_argument("--num-requests", type=int, help="per run (default 40; --quick 12)")
+    ap.add_argument("--loads", default="0.3,0.8",
+                    help="two loads as fractions of one worker's one-at-a-time service rate")  # fmt: skip
+    ap.add_argument("--rates", help="two loads in requests/s (instead of --loads)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=2, help="profile repeats")
+    ap.add_argument("--repeats", type=int, help="profile repeats (default 2; --quick 1)")
     ap.add_argument("--modes", default="disaggregated,colocated")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/sim_validation"))
+    ap.add_argument("--out", type=Path, help="default benchmarks/sim_validation[/quick]")
     ap.add_argument("--profile", type=Path, help="reuse this profile instead of measuring")
-    ap.add_argument(
-        "--sim-only",
-        action="store_true",
-        help="re-simulate the saved live runs in --out (after a simulator change)",
-    )
-    args = ap.parse_args()
+    ap.add_argument("--max-load", type=float, default=1.0,
+                    help="the headline flags runs that started above this 1-minute load")  # fmt: skip
+    ap.add_argument("--sim-only", action="store_true",
+                    help="re-simulate the saved live runs in --out (after a simulator change)")  # fmt: skip
+    args = ap.parse_args(argv)
+    base = Path(__file__).resolve().parent / "sim_validation"
+    args.out = args.out or (base / "quick" if args.quick else base)
+    args.num_requests = args.num_requests or (12 if args.quick else 40)
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown:
+        ap.error(f"--modes: unknown {sorted(unknown)}; use {', '.join(MODES)}")
+    args.modes = [m for m in MODES if m in args.modes.split(",")]  # disaggregated first
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     slo = result.Slo()
-    rates = [float(r) for r in args.rates.split(",")]
     profile_path = args.profile or args.out / "profile.json"
     if args.sim_only:
-        report(resimulate(args, rates, slo, profile_path), args, profile_path)
-        return
-    rows = []
-    for mode in args.modes.split(","):
+        rows = resimulate(args, slo, profile_path)
+    else:
+        rows = run_live(args, slo, profile_path)
+    report(rows, args, profile_path)
+    return rows
+
+
+def run_live(args, slo: result.Slo, profile_path: Path) -> list[dict]:
+    rows, rates = [], None
+    for mode in args.modes:
         with Stack(stack_config(mode, f"simval-{mode}")) as stack:
-            if mode == "disaggregated" and args.profile is None:
-                profile(stack, profile_path, args.repeats)
+            if args.profile is None and mode == args.modes[0]:  # measured fresh, once
+                profile(stack, profile_path, args.repeats, args.quick,
+                        handoff=mode == "disaggregated")  # fmt: skip
+            rates = rates or _rates(args, profile_path)
             for rate in rates:
                 workload = make_workload(args.num_requests, rate, args.seed)
                 save(args.out / f"workload-{rate}.jsonl", workload)
@@ -137,27 +193,34 @@ def main() -> None:
                 sim_res = simulate(workload, mode, profile_path, slo)
                 result.write(args.out / f"bench-{mode}-{rate}.json", live_res)
                 result.write(args.out / f"sim-{mode}-{rate}.json", sim_res)
-                row = {"mode": mode, "rate": rate, "wall_s": round(time.time() - started, 1),
-                       "load_avg_1m": live_res["conditions"]["load_avg_1m"],
-                       **compare(live_res, sim_res)}  # fmt: skip
+                row = _row(mode, rate, live_res, sim_res, round(time.time() - started, 1))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    report(rows, args, profile_path)
+    return rows
 
 
-def resimulate(args, rates: list[float], slo: result.Slo, profile_path: Path) -> list[dict]:
-    from pdserve.workload.format import load
+def _rates(args, profile_path: Path) -> list[float]:
+    if args.rates:
+        return [float(r) for r in args.rates.split(",")]
+    return rates_for([float(x) for x in args.loads.split(",")], profile_path)
 
+
+def _row(mode: str, rate: float, live_res: dict, sim_res: dict, wall_s: float | None) -> dict:
+    return {"mode": mode, "rate": rate, "num_requests": live_res["num_requests"],
+            "wall_s": wall_s, "load_avg_1m": live_res["conditions"]["load_avg_1m"],
+            **compare(live_res, sim_res)}  # fmt: skip
+
+
+def resimulate(args, slo: result.Slo, profile_path: Path) -> list[dict]:
     rows = []
-    for mode in args.modes.split(","):
-        for rate in rates:
-            live_res = json.loads((args.out / f"bench-{mode}-{rate}.json").read_text())
+    for mode in args.modes:
+        for live_path in sorted(args.out.glob(f"bench-{mode}-*.json")):
+            rate = float(live_path.stem.removeprefix(f"bench-{mode}-"))
+            live_res = json.loads(live_path.read_text())
             workload = load(args.out / f"workload-{rate}.jsonl")
             sim_res = simulate(workload, mode, profile_path, slo)
             result.write(args.out / f"sim-{mode}-{rate}.json", sim_res)
-            rows.append({"mode": mode, "rate": rate, "wall_s": None,
-                         "load_avg_1m": live_res["conditions"]["load_avg_1m"],
-                         **compare(live_res, sim_res)})  # fmt: skip
+            rows.append(_row(mode, rate, live_res, sim_res, None))
     return rows
 
 
@@ -165,25 +228,36 @@ def report(rows: list[dict], args, profile_path: Path) -> None:
     machine = json.loads(profile_path.read_text())["machine"]
     lines = ["| stack | rate req/s | load avg 1m (before, after) | TTFT p50 live / sim (err) | "
              "TTFT p90 live / sim (err) | ITL p50 live / sim (err) |", "|---|---|---|---|---|---|"]  # fmt: skip
-    ok = True
+    ok, noisy = bool(rows), False
     for r in rows:
         cells = []
         for key in ("ttft_p50", "ttft_p90", "itl_p50"):
             c = r[key]
-            ok &= c["error"] is not None and abs(c["error"]) <= TOLERANCE
-            cells.append(f"{c['live'] * 1000:.0f} / {c['sim'] * 1000:.0f} ms ({c['error']:+.0%})")
+            within = c["error"] is not None and abs(c["error"]) <= TOLERANCE
+            ok &= within
+            err = "n/a" if c["error"] is None else f"{c['error']:+.0%}"
+            cells.append(f"{_ms(c['live'])} / {_ms(c['sim'])} ms ({err})")
+        noisy |= r["load_avg_1m"][0] > args.max_load
         lines.append(
             f"| {r['mode']} | {r['rate']} | {r['load_avg_1m']} | " + " | ".join(cells) + " |"
         )
     table = "\n".join(lines)
-    head = (f"sim validation [{args.num_requests} requests per run, seed {args.seed}, "
-            f"{machine['cpu']} x{machine['cpus']} (profile), target +-{TOLERANCE:.0%}]: "
-            f"{'all within' if ok else 'NOT all within'} target")  # fmt: skip
+    num_requests = max((r["num_requests"] for r in rows), default=0)
+    head = (f"sim validation [{num_requests} requests per run, seed {args.seed}, "
+            f"{machine['cpu']} (profile on {machine['cpus']} pinned CPU, load avg "
+            f"{machine['load_avg_1m']:.2f}), target +-{TOLERANCE:.0%}]: "
+            f"{'all within' if ok else 'NOT all within'} target"
+            + (f"; WARNING: a run started above load {args.max_load}, the live figures are "
+               "not this machine's" if noisy else ""))  # fmt: skip
     print(head)
     print(table)
     (args.out / "results.json").write_text(json.dumps({"headline": head, "rows": rows,
                                                        "machine": machine}, indent=1) + "\n")  # fmt: skip
     (args.out / "TABLE.md").write_text(head + "\n\n" + table + "\n")
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f}"
 
 
 if __name__ == "__main__":

@@ -210,8 +210,8 @@ class Simulator:
         self.records: list[result.RequestRecord] = []
         self.inflight: dict[str, int] = dict.fromkeys(self.replicas, 0)
         self.queued_tokens: dict[str, int] = dict.fromkeys(self.replicas, 0)
-        # The router's Decode calls per decode worker (its ``_decode_inflight``), for admission.
-        self.decode_held: dict[str, dict[int, _Flight]] = {r.worker_id: {} for r in self.decode}
+        # The router's Decode calls per worker (its ``_decode_inflight``; none on a prefill worker).
+        self.decode_held: dict[str, dict[int, _Flight]] = {wid: {} for wid in self.replicas}
         self.num_inflight = 0
         self.groups: dict[str, int] = {}
         self._heap: list = []
@@ -636,6 +636,7 @@ class Simulator:
             "cost_model": self.cost.name, "num_prefill": c.num_prefill, "num_decode": c.num_decode,
             "gpus_per_replica": self.cost.gpus_per_replica,
             "engine": asdict(self.cost.limits),
+            "disaggregation_policy": c.disaggregation_policy, "overlap_handoff": c.overlap_handoff,
             "threshold_tokens": c.threshold_tokens, "staleness_s": c.staleness_s,
             "max_inflight_requests": c.max_inflight_requests,
         }  # fmt: skip

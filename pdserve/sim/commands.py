@@ -155,11 +155,19 @@ def profile(
     repeats: Annotated[int, typer.Option("--repeats")] = 2,
     url: Annotated[
         str | None,
-        typer.Option("--url", help="a running disaggregated stack (1P+1D): calibrate handoff"),
+        typer.Option("--url", help="a running stack: calibrate dispatch (and the handoff: 1P+1D)"),
     ] = None,
     quantization: Annotated[
         str | None, typer.Option("--quantization", help="the workers' weight mode, if not default")
     ] = None,
+    handoff: Annotated[
+        bool,
+        typer.Option("--handoff/--no-handoff",
+                     help="with --url: also fit the KV handoff (the stack has a prefill worker)"),
+    ] = True,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="a few engine shapes only (a rough, fast profile)")
+    ] = False,
 ) -> None:
     """Measure this machine's engine step times (and, with --url, dispatch and KV handoff)."""
     from pdserve.sim import profile as prof
@@ -169,8 +177,9 @@ def profile(
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
     machine = prof.machine()
     typer.echo(f"profiling the engine on {machine} ...")
+    cases = prof.QUICK_ENGINE_CASES if quick else prof.ENGINE_CASES
     rows, engine = prof.measure_engine(
-        threads, kv_cache_bytes, repeats, typer.echo, quantization=quantization
+        threads, kv_cache_bytes, repeats, typer.echo, cases=cases, quantization=quantization
     )
     coefficients, error = prof.fit(rows)
     data = {"machine": machine, "engine": engine, "step_fit": {
@@ -182,10 +191,13 @@ def profile(
     if url:
         threshold = RouterSettings.model_fields["disagg_threshold_tokens"].default
         dispatch = prof.measure_dispatch(url, coefficients, engine, threshold, typer.echo)
-        handoff = prof.measure_handoff(url, coefficients, engine, dispatch["latency_s"], typer.echo)
-        data.update(dispatch=dispatch, handoff=handoff)
-        typer.echo(f"dispatch {dispatch['latency_s'] * 1000:.1f} ms, handoff latency "
-                   f"{handoff['latency_s'] * 1000:.1f} ms at {handoff['bytes_per_s'] / 1e9:.2f} GB/s")  # fmt: skip
+        data.update(dispatch=dispatch)
+        typer.echo(f"dispatch {dispatch['latency_s'] * 1000:.1f} ms")
+    if url and handoff:
+        h = prof.measure_handoff(url, coefficients, engine, dispatch["latency_s"], typer.echo)
+        data.update(handoff=h)
+        typer.echo(f"handoff latency {h['latency_s'] * 1000:.1f} ms at "
+                   f"{h['bytes_per_s'] / 1e9:.2f} GB/s")  # fmt: skip
     data["machine"]["load_avg_1m_after"] = os.getloadavg()[0]
     out.write_text(json.dumps(data, indent=1) + "\n")
     typer.echo(f"wrote {out}")
@@ -239,6 +251,12 @@ def sim(
     fast_forward: Annotated[
         bool, typer.Option("--fast-forward/--step-by-step", help="skip pure-decode stretches")
     ] = True,
+    overlap_handoff: Annotated[
+        bool,
+        typer.Option("--overlap-handoff/--sequential-handoff",
+                     help="the router's handoff: overlapped as pdserve up runs it, or sequential "
+                     "(the router's own default)"),
+    ] = True,
 ) -> None:
     """Simulate a cluster on a workload with the router's policy and the engine's scheduler."""
     import time
@@ -251,7 +269,7 @@ def sim(
         cost = _cost_model(profile_path, gpu, model, tp, max_num_seqs, max_num_batched_tokens)
         extra = {"staleness_s": staleness_s} if staleness_s is not None else {}
         config = SimConfig(prefill, decode, results.Slo(slo_ttft_s, slo_tpot_s),
-                           fast_forward=fast_forward, **extra)  # fmt: skip
+                           fast_forward=fast_forward, overlap_handoff=overlap_handoff, **extra)  # fmt: skip
         started = time.perf_counter()
         simulator = Simulator(requests, config, cost)
         simulator.run()

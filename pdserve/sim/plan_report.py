@@ -37,8 +37,9 @@ def run_plan(
     for spec in gpu_specs:
         gpu = parse_gpu(spec)
         cost = roofline(gpu, model)
-        planner = Planner(workload, cost, gpu.price_per_hour, SimConfig(0, 1, slo), attainment,
-                          max_replicas, min_span_s, log=echo)  # fmt: skip
+        base = SimConfig(0, 1, slo, overlap_handoff=True)  # the handoff as pdserve up runs it
+        planner = Planner(workload, cost, gpu.price_per_hour, base, attainment, max_replicas,
+                          min_span_s, log=echo)  # fmt: skip
         echo(f"{gpu.name} (${gpu.price_per_hour:.2f}/h, {cost.tp} GPU(s) per replica):")
         for mode, search in (("colocated", planner.colocated),
                              ("disaggregated", planner.disaggregated)):  # fmt: skip

@@ -32,6 +32,8 @@ ENGINE_CASES = (
     + [(64, 24, b) for b in (1, 4, 16, 32)]
     + [(448, 24, b) for b in (4, 12)]
 )
+# ``pdserve profile --quick``: one of each kind (a prompt alone, a chunked one, decode batches).
+QUICK_ENGINE_CASES = [(32, 1, 1), (192, 1, 1), (640, 1, 1), (48, 8, 1), (48, 8, 4), (192, 8, 8)]
 
 
 def measure_engine(
