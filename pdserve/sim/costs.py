@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -103,11 +104,31 @@ def load_profile(path: str | Path) -> CalibratedCost:
     """A ``pdserve profile`` file; a malformed one raises WorkloadError naming the field."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
+        data = json.loads(text)
     except OSError as exc:
         raise WorkloadError(path, None, None, f"cannot read: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise WorkloadError(path, exc.lineno, None, f"not JSON ({exc.msg})") from None
+    try:
+        return _parse_profile(path, data)
+    except WorkloadError as exc:
+        if exc.line is not None or exc.field is None:
+            raise
+        raise WorkloadError(path, _line_of(text, exc.field), exc.field, exc.problem) from None
+
+
+def _line_of(text: str, dotted: str) -> int | None:
+    """The line of the field's key in the file, or of its nearest enclosing key (a missing
+    field); None when neither appears."""
+    for key in reversed(dotted.split(".")):
+        found = re.search(rf'"{re.escape(key)}"\s*:', text)
+        if found:
+            return text.count("\n", 0, found.start()) + 1
+    return None
+
+
+def _parse_profile(path: Path, data) -> CalibratedCost:
     fit = _field(path, data, "step_fit", dict)
     coefficients = _field(path, fit, "step_fit.coefficients", list)
     if len(coefficients) != len(FEATURES) or not all(_finite(c) for c in coefficients):

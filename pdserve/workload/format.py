@@ -32,7 +32,7 @@ class WorkloadError(ValueError):
         where = str(path) + (f", line {line}" if line is not None else "")
         what = f"field {field!r}: " if field else ""
         super().__init__(f"{where}: {what}{problem}")
-        self.path, self.line, self.field = str(path), line, field
+        self.path, self.line, self.field, self.problem = str(path), line, field, problem
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,29 @@ def test_signals_from_the_services_metrics_pages():
     assert s == PoolSignals(1, 2, 3.0, 6.0, 0.7, 9.0)
 
 
+def test_signals_from_pages_rendered_by_the_services_own_metrics():
+    # The gauges the workers set (pdserve/metrics.py), rendered as their /metrics pages are:
+    # the planner reads the real names and label values, not a copy of them.
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    from pdserve import metrics
+
+    def page(queues: dict[str, float], kv_usage: float) -> str:
+        registry = CollectorRegistry()
+        depth = Gauge(metrics.QUEUE_DEPTH._name, "queue", ["queue"], registry=registry)
+        usage = Gauge(metrics.KV_CACHE_USAGE._name, "kv", registry=registry)
+        for queue, value in queues.items():
+            depth.labels(queue).set(value)
+        usage.set(kv_usage)
+        return generate_latest(registry).decode()
+
+    prefill = page({"prefill_waiting": 5}, 0.2)
+    decode = page({"decode_waiting": 1, "decode_kv_fetching": 1}, 0.93)
+    s = signals_from_metrics([prefill, decode])
+    assert s == PoolSignals(1, 1, 5.0, 2.0, 0.93, 0.0)
+    assert scaling_advice(s).grow == "decode"  # its KV pool is 93 % full
+
+
 def test_plan_reads_a_live_stacks_metrics(tmp_path):
     import http.server
     import threading

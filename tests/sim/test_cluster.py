@@ -168,8 +168,14 @@ def test_profile_errors_name_the_field(tmp_path):
     good = {"step_fit": {"coefficients": [0.01, 0, 0, 0, 0], "prefill_tokens_per_s": 1000},
             "engine": {"num_kv_blocks": 10, "block_size": 16, "max_num_seqs": 4,
                        "max_num_batched_tokens": 0}}  # fmt: skip
-    path.write_text(json.dumps(good))
-    with pytest.raises(WorkloadError, match="engine.max_num_batched_tokens"):
+    path.write_text(json.dumps(good, indent=1))  # the field's key is on line 16
+    with pytest.raises(WorkloadError) as info:
+        load_profile(path)
+    assert (info.value.line, info.value.field) == (16, "engine.max_num_batched_tokens")
+    assert str(info.value).startswith(f"{path}, line 16: field 'engine.max_num_batched_tokens'")
+    del good["engine"]["num_kv_blocks"]  # missing: the line of the enclosing "engine"
+    path.write_text(json.dumps(good, indent=1))
+    with pytest.raises(WorkloadError, match=r"line 12: field 'engine.num_kv_blocks'"):
         load_profile(path)
 
 
