@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -24,6 +24,8 @@ from pdserve.tls import ClusterSecurity
 class HandoffProgress:
     kv: wire.KVSource  # the sealed prefix of the prompt's blocks
     first_token: SampledToken | None = None  # set on the last event
+    num_cached_tokens: int | None = None  # the last event: prompt tokens the prefill loaded
+    trace: dict[str, str] = field(default_factory=dict)  # the prefill's request span
 
 
 class HandoffStream:
@@ -36,14 +38,16 @@ class HandoffStream:
     def __iter__(self) -> Iterator[HandoffProgress]:
         for event in self._call:
             kv = wire.kv_source_from_proto(event.kv) or wire.KVSource((), "", "")
-            first = None
+            first, num_cached = None, None
             if event.HasField("done"):
                 done = event.done
                 logprob = done.first_logprob if done.HasField("first_logprob") else None
                 first = wire.sampled_token_from_proto(
                     done.first_token_id, logprob, vocab_size=self._vocab_size
                 )
-            yield HandoffProgress(kv, first)
+                num_cached = done.num_cached_tokens
+            trace = wire.trace_from_proto(event.trace) if event.HasField("trace") else {}
+            yield HandoffProgress(kv, first, num_cached, trace)
 
     def cancel(self) -> None:
         self._call.cancel()

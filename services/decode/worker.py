@@ -127,6 +127,10 @@ class _Job:
     load: KVLoad | None = None  # engine blocks reserved for the fetched prompt blocks
     first_token: SampledToken | None = None  # from the spec, or from the followed prefill
     follow: HandoffStream | None = None  # the Prefill.Handoff being followed
+    # Overlapped handoff: the prefill's request span (kv.fetch links to it) and the prompt
+    # tokens it loaded instead of computing (the usage's cached_tokens), from Prefill.Handoff.
+    prefill_trace: dict[str, str] = dataclasses.field(default_factory=dict)
+    prefill_cached_tokens: int | None = None
     kv_deadline: float = 0.0
     num_fetched: int = 0
     recomputed: bool = False
@@ -327,8 +331,10 @@ class DecodeWorker(EngineWorker):
                     if job.state is not DecodeState.WAITING_FOR_KV:
                         job.follow.cancel()
                         return
+                    job.prefill_trace = progress.trace or job.prefill_trace
                     num_loaded += self._pull(job, progress.kv, num_loaded)
                     first = progress.first_token or first
+                    job.prefill_cached_tokens = progress.num_cached_tokens
             except Exception as exc:  # noqa: BLE001 - any failure: recompute locally
                 error = str(exc)
         self._inbox.call_soon(lambda: self._on_followed(job, first, num_loaded, error))
@@ -368,7 +374,7 @@ class DecodeWorker(EngineWorker):
             tracer.start_as_current_span(
                 "kv.fetch",
                 context=job.parent(),
-                links=links_from(job.spec.prefill_trace),
+                links=links_from(job.prefill_trace or job.spec.prefill_trace),
                 attributes=attributes,
             ) as span,
             structlog.contextvars.bound_contextvars(request_id=job.spec.request_id),
@@ -504,6 +510,15 @@ class DecodeWorker(EngineWorker):
             if job is not None:
                 self._deliver(job, outs)
 
+    def _cached_tokens(self, job: _Job, out: RequestOutput) -> int:
+        """Prompt tokens loaded from a cache instead of computed anywhere. After an overlapped
+        handoff: the prefill's own count (the blocks it sent were computed, not cached);
+        otherwise this engine's (for a sequential handoff the router, which holds the
+        PrefillResponse, puts the prefill's count in the client's usage)."""
+        if job.prefill_cached_tokens is not None and not job.recomputed:
+            return job.prefill_cached_tokens
+        return out.num_cached_tokens
+
     def _deliver(self, job: _Job, outs: list[RequestOutput]) -> None:
         """One chunk for this step's outputs of one request (the prefilled first token and
         the next one arrive in the same step)."""
@@ -525,7 +540,7 @@ class DecodeWorker(EngineWorker):
             finish_reason=last.finish_reason if last.finished else None,
             num_prompt_tokens=last.num_prompt_tokens,
             num_completion_tokens=job.num_completion_tokens,
-            num_cached_tokens=last.num_cached_tokens,
+            num_cached_tokens=self._cached_tokens(job, last),
         )
         if last.finish_reason == "error":
             self._end(

@@ -121,9 +121,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             while (
                 item := await loop.run_in_executor(self._follow_pool, next, events, None)
             ) is not None:
-                keys, result = item
+                keys, result, trace_context = item
                 kv = wire.KVSource(keys, settings.kvstore_address, settings.kv_node_id)
-                event = prefill_pb2.HandoffEvent(kv=wire.kv_source_to_proto(kv))
+                event = prefill_pb2.HandoffEvent(
+                    kv=wire.kv_source_to_proto(kv), trace=wire.trace_to_proto(trace_context)
+                )
                 if result is not None:
                     event.done.CopyFrom(_response(result, result.first_token.logprob is not None))
                 yield event

@@ -92,6 +92,7 @@ class PrefillResult:
     num_cached_tokens: int  # loaded from a cache (kvstore or the worker's own) instead of computed
     num_computed_tokens: int
     worker_id: str
+    trace_context: dict[str, str] = dataclasses.field(default_factory=dict)  # the request span
 
 
 @dataclasses.dataclass(eq=False)
@@ -302,17 +303,19 @@ class PrefillWorker(EngineWorker, KVSaver):
 
     def follow(
         self, request_id: str, wait_s: float
-    ) -> Iterator[tuple[tuple[bytes, ...], PrefillResult | None]]:
+    ) -> Iterator[tuple[tuple[bytes, ...], PrefillResult | None, dict[str, str]]]:
         """The overlapped handoff, from the decode side (blocking; any thread).
 
-        Yields (sealed prefix of the prompt's block keys, None) each time it grows, then
-        (every stored key, the result) once. Raises the prefill's own error, or KeyError when
-        no such request arrives within ``wait_s`` (the decode may ask before the Prefill call
-        lands; a request that already ended is answered from the last few)."""
+        Yields (sealed prefix of the prompt's block keys, None, the request's trace context)
+        each time it grows, then (every stored key, the result, the trace context) once. The
+        trace context names the prefill's request span, which the decode's KV fetches link to.
+        Raises the prefill's own error, or KeyError when no such request arrives within
+        ``wait_s`` (the decode may ask before the Prefill call lands; a request that already
+        ended is answered from the last few)."""
         job, done = self._find(request_id, wait_s)
         if done is not None:
             result = done.result()
-            yield result.kv.block_keys, result
+            yield result.kv.block_keys, result, result.trace_context
             return
         watcher: queue.SimpleQueue = queue.SimpleQueue()
         job.watchers.append(watcher)
@@ -322,11 +325,11 @@ class PrefillWorker(EngineWorker, KVSaver):
                 keys = job.sealed_keys()
                 if len(keys) > num_sealed:
                     num_sealed = len(keys)
-                    yield keys, None
+                    yield keys, None, job.trace_context
                 with contextlib.suppress(queue.Empty):
                     watcher.get(timeout=1.0)
             result = job.future.result()
-            yield result.kv.block_keys, result
+            yield result.kv.block_keys, result, job.trace_context
         finally:
             job.watchers.remove(watcher)
 
@@ -546,8 +549,9 @@ class PrefillWorker(EngineWorker, KVSaver):
         kv = KVSource(tuple(stored), self.settings.kvstore_address, self.settings.kv_node_id)
         n = len(job.prompt)
         result = PrefillResult(
-            first_token, kv, n, num_cached_tokens, n - num_cached_tokens, self.worker_id
-        )
+            first_token, kv, n, num_cached_tokens, n - num_cached_tokens, self.worker_id,
+            job.trace_context,
+        )  # fmt: skip
         if job.state is PrefillState.HANDING_OFF:
             if job.handoff_span is not None:
                 job.handoff_span.set_attributes(

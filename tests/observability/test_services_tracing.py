@@ -11,12 +11,14 @@ The service fixtures and the OTLP receiver come in through tests/observability/c
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.request
 
 import grpc
 import pytest
 import structlog
+from opentelemetry import context as otel_context
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve._proto.pdserve.v1 import (
@@ -262,6 +264,50 @@ def test_disaggregated_request_is_one_trace_over_otlp(setup, stack, otlp_receive
         return _otlp_spans(otlp_receiver)
 
     _check_one_trace(_wait_for_trace(read, trace_id), p)
+
+
+def test_overlapped_handoff_links_every_kv_fetch_to_the_prefill_span(setup, stack):
+    """Decode starts first (following the prefill, with no PrefillResponse in hand): each
+    step's kv.fetch still links to prefill.request, learnt from Prefill.Handoff, so the
+    request is one trace across the handoff; usage counts only what the prefill loaded."""
+    t = setup("router")
+    prompt = stack.prompt()
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    out: dict = {}
+    with tracer.start_as_current_span("router.request") as root:
+        context = otel_context.get_current()
+
+        def run_prefill() -> None:
+            token = otel_context.attach(context)
+            try:
+                time.sleep(0.2)  # the decode asks first
+                out["p"] = stack.prefill_stub.Prefill(
+                    prefill_pb2.PrefillRequest(
+                        request_id="ov-trace", prompt_token_ids=prompt, sampling=sampling
+                    ),
+                    timeout=60,
+                )
+            finally:
+                otel_context.detach(token)
+
+        thread = threading.Thread(target=run_prefill)
+        thread.start()
+        request = decode_pb2.DecodeRequest(
+            request_id="ov-trace", prompt_token_ids=prompt, sampling=sampling,
+            prefill_address=stack.prefill.address,
+        )  # fmt: skip
+        chunks = list(stack.decode_stub.Decode(request, timeout=60))
+        thread.join(60)
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    assert chunks[0].num_kv_blocks_fetched == NUM_BLOCKS and not chunks[0].recomputed
+    assert chunks[-1].usage.cached_tokens == out["p"].num_cached_tokens == 0  # not 32
+    spans = _wait_for_trace(lambda: _file_spans(t), trace_id)
+    [p_request] = [s for s in spans if s["name"] == "prefill.request"]
+    fetches = [s for s in spans if s["name"] == "kv.fetch"]
+    assert fetches and sum(f["attributes"][Attr.KV_BLOCKS] for f in fetches) == NUM_BLOCKS
+    for fetch in fetches:
+        links = [(ln["trace_id"], ln["span_id"]) for ln in fetch["links"]]
+        assert links == [(trace_id, p_request["span_id"])]
 
 
 # --- logs -------------------------------------------------------------------------------------

@@ -16,12 +16,14 @@ class HandoffRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class HandoffEvent(_message.Message):
-    __slots__ = ("kv", "done")
+    __slots__ = ("kv", "done", "trace")
     KV_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
     kv: _common_pb2.KVSource
     done: PrefillResponse
-    def __init__(self, kv: _Optional[_Union[_common_pb2.KVSource, _Mapping]] = ..., done: _Optional[_Union[PrefillResponse, _Mapping]] = ...) -> None: ...
+    trace: _common_pb2.TraceContext
+    def __init__(self, kv: _Optional[_Union[_common_pb2.KVSource, _Mapping]] = ..., done: _Optional[_Union[PrefillResponse, _Mapping]] = ..., trace: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "cache_salt", "trace")
