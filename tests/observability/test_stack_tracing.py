@@ -41,10 +41,10 @@ STACK_ENV = {
     # The static rule, so that a long prompt is disaggregated on an idle stack (the cost
     # policy would prefill it on the idle decode worker: faster by the handoff).
     "PDSERVE_ROUTER_DISAGGREGATION_POLICY": "threshold",
-    # The sequential handoff, whose decode fetch links to the prefill span. The overlapped one
-    # (pdserve up's default) does not link it yet: the decode fetches before the prefill's
-    # response, which carries that span, arrives (issue 8).
-    "PDSERVE_ROUTER_OVERLAP_HANDOFF": "false",
+    # The overlapped handoff (pdserve up's default, stated here because the link below
+    # depends on it): the decode's kv.fetch links to the prefill span it learns from
+    # Prefill.Handoff, before the prefill's response exists.
+    "PDSERVE_ROUTER_OVERLAP_HANDOFF": "true",
     # The exact fp32 path: BLOCK_BYTES is an fp32 block (int4 weights keep a bf16 KV cache).
     "PDSERVE_PREFILL_QUANTIZATION": "none",
     "PDSERVE_DECODE_QUANTIZATION": "none",
