@@ -8,6 +8,8 @@ on loopback. Seeded; every measurement has a warm-up. Targets (issues 3 and 8): 
 >= 50 % of memcpy for get and put, gRPC >= 1 GB/s for 2 MiB blocks, index lookup p99 <= 200 us
 for a 2,048-token prompt. "bare gRPC" is grpcio's own ceiling on this machine, in the same run:
 a server that streams pre-built block-sized messages with no store, protobuf or checksum.
+"gRPC CPU s/GB" is what client and kvstore spend together per GB moved: on a shared machine
+it moves far less than GB/s does, and 2 cores / (s/GB) bounds what an idle 2-core host reaches.
 """
 
 from __future__ import annotations
@@ -170,6 +172,21 @@ def best_rate(fn, nbytes: int, repeats: int) -> float:
     return nbytes / statistics.median(times)
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s_per_gb(fn, server_pid: int, nbytes: int) -> float:
+    """CPU seconds that client and kvstore spend together per GB ``fn`` moves (one run):
+    unlike GB/s, it barely depends on how busy the machine is."""
+    client, server = time.process_time(), process_cpu_s(server_pid)
+    fn()
+    spent = time.process_time() - client + process_cpu_s(server_pid) - server
+    return spent / (nbytes / GB)
+
+
 def put_rate(transport, blocks, nbytes: int, repeats: int) -> float:
     """Median put rate; the blocks are deleted (untimed) before each put."""
     keys = [k for k, _ in blocks]
@@ -213,7 +230,10 @@ def bench_block_size(
         got = rpc.get_blocks(keys)
         assert all(bytes(g) == s for g, s in zip(got, src, strict=True))
         out["grpc_get"] = best_rate(lambda: rpc.get_blocks(keys), nbytes, repeats)
+        out["grpc_get_cpu"] = cpu_s_per_gb(lambda: rpc.get_blocks(keys), proc.pid, nbytes)
         out["grpc_put"] = put_rate(rpc, blocks, nbytes, repeats)
+        rpc.delete(keys)
+        out["grpc_put_cpu"] = cpu_s_per_gb(lambda: rpc.put_blocks(blocks), proc.pid, nbytes)
         rpc.close()
         shm.close()
     finally:
@@ -313,7 +333,8 @@ def main() -> None:
         print(f"load average (1 min) at the start: {os.getloadavg()[0]:.1f}")
         print(
             f"{'block':>22} | {'memcpy':>8} | {'shm get':>8} | {'shm %':>6} | {'shm put':>8} | "
-            f"{'gRPC get':>8} | {'gRPC %':>6} | {'gRPC put':>8} | {'bare gRPC':>9}"
+            f"{'gRPC get':>8} | {'gRPC %':>6} | {'gRPC put':>8} | {'bare gRPC':>9} | "
+            f"{'gRPC CPU s/GB get, put':>22}"
         )
         rows = {}
         for name, size in (("SmolLM2-135M fp32", SMOLLM2), ("Llama-3-8B bf16", LLAMA3_8B)):
@@ -323,7 +344,8 @@ def main() -> None:
                 f"{name + f' {size:,} B':>22} | {r['memcpy'] / GB:6.2f}GB/s | {r['shm_get'] / GB:6.2f}GB/s | "
                 f"{100 * r['shm_get'] / r['memcpy']:5.1f}% | {r['shm_put'] / GB:6.2f}GB/s | "
                 f"{r['grpc_get'] / GB:6.2f}GB/s | {100 * r['grpc_get'] / r['memcpy']:5.1f}% | "
-                f"{r['grpc_put'] / GB:6.2f}GB/s | {r['grpc_bare'] / GB:7.2f}GB/s"
+                f"{r['grpc_put'] / GB:6.2f}GB/s | {r['grpc_bare'] / GB:7.2f}GB/s | "
+                f"{r['grpc_get_cpu']:10.2f}, {r['grpc_put_cpu']:.2f}"
             )
         ops = bench_small_ops(redis_url, workdir, 500 if args.quick else 3000)
         print(
