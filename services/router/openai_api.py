@@ -3,7 +3,8 @@
 The HTTP edge. A body is read under ``max_request_bytes``, parsed as strict UTF-8 JSON with
 bounded integer literals and nesting (``max_json_depth``), with no lone surrogates, then
 validated by pydantic models in strict mode (a string where a number belongs is a 400, not a
-silent conversion; integers are range-checked to the wire's int32/int64). Every failure is a
+silent conversion; integers are range-checked to the wire's int32/int64, floats to its
+float32). Every failure is a
 4xx naming the field, whose message never echoes the caller's unbounded input. OpenAI
 fields pdserve does not implement (``tools``, ``response_format``, ``logit_bias``, ...) are
 refused with a 400 naming the field rather than silently ignored. The body becomes a
@@ -39,6 +40,7 @@ import dataclasses
 import json
 import math
 import re
+import struct
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -62,6 +64,9 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _TYPE_TAG = re.compile(r"[\[\-]|^(str|int|float|bool|list|dict)$")
 
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+# The wire's float fields are float32: a larger double would reach the workers as infinity.
+FLOAT32_MAX = 3.4028234663852886e38
+Float32 = Annotated[float, Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Id = Annotated[str, Field(max_length=MAX_ID_CHARS)]
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
@@ -80,19 +85,19 @@ class _Sampling(BaseModel):
 
     model: Id | None = None
     max_tokens: Int32 | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: Float32 | None = None
+    top_p: Float32 | None = None
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     n: Int32 = 1
     stream: bool = False
     stream_options: dict[str, bool] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: Float32 | None = None
+    frequency_penalty: Float32 | None = None
     user: Id | None = None
     top_k: Int32 | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    min_p: Float32 | None = None
+    repetition_penalty: Float32 | None = None
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[Count], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     cache_salt: Id | None = None
@@ -215,15 +220,24 @@ async def _parse(request: web.Request, model: type[BaseModel], max_depth: int) -
         raise _validation_error(exc) from None
 
 
+def _float32(value: float) -> float:
+    """``value`` rounded to the wire's float32 (within range: Float32 bounds it)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def _params(body: _Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     if body.n != 1:
         raise InvalidRequest(f"only n=1 is supported, got {body.n}", param="n")
     fields: dict = {"ignore_eos": body.ignore_eos}
-    for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty",
-                 "top_k", "min_p", "repetition_penalty"):  # fmt: skip
+    for name in ("seed", "top_k"):
         value = getattr(body, name)
         if value is not None:
             fields[name] = value
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p",
+                 "repetition_penalty"):  # fmt: skip
+        value = getattr(body, name)
+        if value is not None:  # checked as the workers will see it (a tiny top_p becomes 0)
+            fields[name] = _float32(value)
     if max_tokens is not None:
         fields["max_tokens"] = max_tokens
     if logprobs is not None:
