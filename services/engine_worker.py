@@ -101,7 +101,7 @@ class EngineWorker(abc.ABC):
             address=self.address,
             node_id=self.settings.node_id,
             capacity=self._capacity(),
-            load={**self._load_fields(), **self.engine.step_costs.report()},
+            load={**self._load_fields(), **self.engine.cost_report()},
         )
 
     @abc.abstractmethod

@@ -317,6 +317,16 @@ class LLMEngine:
             self.scheduler.num_pending_prompt_tokens,
         )
 
+    def cost_report(self) -> dict[str, float]:
+        """What the router's cost model reads from the heartbeat: the learned step costs and
+        how this engine chunks prompts (0: no step target, no drain time)."""
+        c = self.config
+        return {
+            **self.step_costs.report(),
+            "target_step_s": c.target_step_s or 0.0,
+            "prompt_drain_s": c.prompt_drain_s or 0.0,
+        }
+
     def _completed_blocks(self, plan: SchedulerPlan) -> list[SaveBlock]:
         """Every full block this step's chunks complete, with its chain key."""
         bs, out = self.config.block_size, []

@@ -185,7 +185,9 @@ class _Replica:
         self.report = {"running": len(s.running), "waiting": len(s.waiting) + self.num_loading,
                        "pending_prompt_tokens": s.num_pending_prompt_tokens,
                        "num_free_blocks": self.bm.num_free_blocks,
-                       **self.step_costs.report()}  # fmt: skip
+                       **self.step_costs.report(),
+                       "target_step_s": self.target_step_s or 0.0,
+                       "prompt_drain_s": self.prompt_drain_s or 0.0}  # fmt: skip
 
     def cached_tokens(self, keys: _PromptKeys) -> int:
         n = 0
@@ -298,23 +300,19 @@ class Simulator:
 
     def _loads(self, replicas: list[_Replica], keys: _PromptKeys) -> list[policy.WorkerLoad]:
         """The router's ``_loads``: its own counts, or the worker's report when higher."""
-        cap = self.config.max_inflight_per_worker
-        out = []
-        for r in replicas:
-            rep = r.report
-            wid = r.worker_id
-            out.append(policy.WorkerLoad(
-                worker_id=wid,
-                num_inflight=max(self.inflight[wid], rep.get("running", 0) + rep.get("waiting", 0)),
-                capacity=cap,
+        return [
+            policy.worker_load(
+                r.worker_id, r.report, self.config.max_inflight_per_worker,
+                own_inflight=self.inflight[r.worker_id],
+                own_queued_tokens=self.queued_tokens[r.worker_id],
                 cached_tokens=r.cached_tokens(keys),
-                queued_prefill_tokens=max(self.queued_tokens[wid], rep.get("pending_prompt_tokens", 0)),
-                # The router's own count is fresher than the last heartbeat.
-                num_running=max(rep.get("running", 0), self.inflight[wid]),
-                step_s=rep.get("step_s", 0.0),
-                prompt_tokens_per_s=rep.get("prompt_tokens_per_s", 0.0),
-            ))  # fmt: skip
-        return out
+                min_output_tokens=min(
+                    (f.req.num_decode_tokens for f in self.decode_held[r.worker_id].values()),
+                    default=0,
+                ),
+            )  # fmt: skip
+            for r in replicas
+        ]
 
     def _costs(self) -> policy.CostModel | None:
         """The router's ``_costs``: the cost policy's priors; None selects the threshold."""

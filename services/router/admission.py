@@ -29,6 +29,7 @@ class Inflight:
 
     remaining_tokens: int
     num_blocks: int
+    num_output_tokens: int = 0  # its whole output (max_tokens); 0: not known
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,18 @@ shorter than ``threshold_tokens`` (a short suffix costs less to compute in place
 handoff). Otherwise, under the ``cost`` policy, predict the time to first token both ways from
 what the workers report (``CostModel`` holds the priors used until they have)::
 
-    remote = (prefill queue + uncached) / prefill rate + handoff_s + uncached * handoff_s_per_token
-    local  = (decode queue + uncached) / decode rate + steps * decode step   (if it decodes)
-    steps  = ceil((decode queue + uncached) / chunk),
-    chunk  = prompt tokens per step that keep its step within tpot_slo_s
+    remote = prefill step fixed cost + (prefill queue + uncached) / prefill rate
+             + handoff_s + uncached * handoff_s_per_token
+    local  = steps * (decode step + prompt step fixed cost) + (decode queue + uncached) / rate
+    steps  = ceil((decode queue + uncached) / chunk)   (1 when nothing decodes there),
+    chunk  = the decode worker's own prompt budget (``StepCosts.step_budget``: its step target,
+             grown to drain its queue in time), from the costs and settings it reports
 
-and take the faster; local is ruled out when even its smallest chunk would stretch the decode
-worker's running streams past ``tpot_slo_s``. The ``threshold`` policy disaggregates every
-prompt whose uncached part reaches the threshold (the static rule).
+and take the faster. Local is ruled out when it would push the running streams' time per
+output token past ``tpot_slo_s``: their time per token is an average over their whole output,
+so the local prefill's added time spreads over the shortest running output (the per-step rule
+when the router knows no output lengths). The ``threshold`` policy disaggregates every prompt
+whose uncached part reaches the threshold (the static rule).
 
 Admission: reject at once (never queue forever) when ``max_inflight`` requests are already
 admitted, or when the predicted time to first token exceeds the caller's deadline::
@@ -41,8 +45,10 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+
+from pdserve.engine.step_costs import MIN_PROMPT_CHUNK_TOKENS, StepCosts
 
 
 @dataclass(frozen=True)
@@ -57,10 +63,49 @@ class WorkerLoad:
     num_running: int = 0  # sequences in its batch (reported)
     step_s: float = 0.0  # its decode-only step time (reported; 0: not yet known)
     prompt_tokens_per_s: float = 0.0  # its prompt throughput (reported; 0: not yet known)
+    prompt_step_s: float = 0.0  # what a step carrying prompt tokens pays on top (reported)
+    # Its prompt chunking (reported): the step target (0: none) and the drain time of its
+    # queued prompts; None: not reported, the CostModel's prior applies.
+    target_step_s: float | None = None
+    prompt_drain_s: float | None = None
+    min_output_tokens: int = 0  # shortest whole output among its running streams (0: unknown)
 
     @property
     def load_ratio(self) -> float:
         return self.num_inflight / max(1, self.capacity)
+
+
+def worker_load(
+    worker_id: str,
+    report: Mapping[str, float],
+    capacity: int,
+    own_inflight: int = 0,
+    own_queued_tokens: int = 0,
+    cached_tokens: int = 0,
+    min_output_tokens: int = 0,
+) -> WorkerLoad:
+    """A worker as the policy sees it, from its heartbeat ``report`` and the router's own
+    counts for it (fresher than the last heartbeat, so the larger of the two wins). The one
+    place a report becomes a WorkerLoad: the router and the simulator both call it."""
+
+    def reported(name: str) -> float | None:
+        value = report.get(name)
+        return None if value is None else float(value)
+
+    return WorkerLoad(
+        worker_id=worker_id,
+        num_inflight=max(own_inflight, int(report.get("running", 0) + report.get("waiting", 0))),
+        capacity=capacity,
+        cached_tokens=cached_tokens,
+        queued_prefill_tokens=max(own_queued_tokens, int(report.get("pending_prompt_tokens", 0))),
+        num_running=max(int(report.get("running", 0)), own_inflight),
+        step_s=float(report.get("step_s", 0.0)),
+        prompt_tokens_per_s=float(report.get("prompt_tokens_per_s", 0.0)),
+        prompt_step_s=float(report.get("prompt_step_s", 0.0)),
+        target_step_s=reported("target_step_s"),
+        prompt_drain_s=reported("prompt_drain_s"),
+        min_output_tokens=min_output_tokens,
+    )
 
 
 @dataclass(frozen=True)
@@ -128,7 +173,9 @@ class CostModel:
     prefill_tokens_per_s: float = 2000.0  # prompt throughput of a worker that reported none
     decode_step_s: float = 0.05  # decode-only step of a worker that reported none
     max_chunk_tokens: int = 512  # the decode worker's token budget per step
-    min_chunk_tokens: int = 32  # prompt tokens a step carries however tight the SLO
+    min_chunk_tokens: int = MIN_PROMPT_CHUNK_TOKENS  # what a step carries however tight
+    target_step_s: float = 0.1  # a decode worker's step target, until it reports its own
+    prompt_drain_s: float | None = 0.5  # its time to drain queued prompts, likewise
     handoff_s: float = 0.02  # fixed cost of a handoff (decode RPC, last layer's transfer)
     handoff_s_per_token: float = 0.0  # transfer time per prompt token the pipeline cannot hide
     tpot_slo_s: float = 0.15  # the decode step running streams must keep
@@ -163,36 +210,65 @@ REASON_CLASSES = (
 )
 
 
+def _step_costs(worker: WorkerLoad, costs: CostModel) -> StepCosts:
+    rate = worker.prompt_tokens_per_s or costs.prefill_tokens_per_s
+    return StepCosts(
+        base_step_s=worker.step_s or costs.decode_step_s,
+        prompt_step_s=worker.prompt_step_s,
+        prompt_token_s=1.0 / rate,
+    )
+
+
 def predict_remote_ttft_s(prefill: WorkerLoad, uncached_tokens: int, costs: CostModel) -> float:
     """Queue and compute on the prefill worker, then the part of the handoff left exposed."""
     rate = prefill.prompt_tokens_per_s or costs.prefill_tokens_per_s
-    compute_s = (prefill.queued_prefill_tokens + uncached_tokens) / rate
+    compute_s = prefill.prompt_step_s + (prefill.queued_prefill_tokens + uncached_tokens) / rate
     return compute_s + costs.handoff_s + uncached_tokens * costs.handoff_s_per_token
 
 
-def local_chunk_tokens(decode: WorkerLoad, costs: CostModel) -> int:
-    """Prompt tokens per step that keep the decode worker's step within the TPOT SLO."""
-    rate = decode.prompt_tokens_per_s or costs.prefill_tokens_per_s
-    step_s = decode.step_s or costs.decode_step_s
-    fits = math.floor((costs.tpot_slo_s - step_s) * rate)
-    return max(costs.min_chunk_tokens, min(costs.max_chunk_tokens, fits))
+def local_chunk_tokens(decode: WorkerLoad, uncached_tokens: int, costs: CostModel) -> int:
+    """The prompt tokens per step the decode worker would give its queue plus this prompt:
+    the engine's own budget (``StepCosts.step_budget``) from what the worker reports."""
+    target = costs.target_step_s if decode.target_step_s is None else decode.target_step_s
+    drain = costs.prompt_drain_s if decode.prompt_drain_s is None else decode.prompt_drain_s
+    budget = _step_costs(decode, costs).step_budget(
+        target or None,
+        drain or None,
+        costs.max_chunk_tokens,
+        decode.queued_prefill_tokens + uncached_tokens,
+    )
+    return costs.max_chunk_tokens if budget is None else budget
 
 
 def predict_local_ttft_s(decode: WorkerLoad, uncached_tokens: int, costs: CostModel) -> float:
-    """The decode worker's queued prompts and this one, chunked next to its running decodes."""
-    rate = decode.prompt_tokens_per_s or costs.prefill_tokens_per_s
+    """The decode worker's queued prompts and this one, chunked next to its running decodes
+    (in one step when nothing decodes there)."""
+    step = _step_costs(decode, costs)
     work = decode.queued_prefill_tokens + uncached_tokens
-    if decode.num_running == 0:
-        return work / rate
-    steps = math.ceil(work / local_chunk_tokens(decode, costs))
-    return work / rate + steps * (decode.step_s or costs.decode_step_s)
+    steps = 1
+    if decode.num_running:
+        steps = math.ceil(work / local_chunk_tokens(decode, uncached_tokens, costs))
+    return steps * (step.base_step_s + step.prompt_step_s) + work * step.prompt_token_s
 
 
-def local_step_s(decode: WorkerLoad, costs: CostModel) -> float:
+def local_step_s(decode: WorkerLoad, uncached_tokens: int, costs: CostModel) -> float:
     """The step the decode worker's running streams see while it prefills locally."""
-    rate = decode.prompt_tokens_per_s or costs.prefill_tokens_per_s
-    chunk = local_chunk_tokens(decode, costs)
-    return (decode.step_s or costs.decode_step_s) + chunk / rate
+    step = _step_costs(decode, costs)
+    chunk = min(local_chunk_tokens(decode, uncached_tokens, costs), uncached_tokens)
+    return step.base_step_s + step.prompt_step_s + chunk * step.prompt_token_s
+
+
+def local_tpot_s(decode: WorkerLoad, uncached_tokens: int, costs: CostModel) -> float:
+    """The time per output token of the decode worker's shortest running stream once it has
+    also prefilled its queue and this prompt: the added time spread over that stream's output.
+    Without output lengths, the step it makes while prefilling."""
+    if decode.min_output_tokens < 2:
+        return local_step_s(decode, uncached_tokens, costs)
+    step = _step_costs(decode, costs)
+    work = decode.queued_prefill_tokens + uncached_tokens
+    steps = math.ceil(work / local_chunk_tokens(decode, uncached_tokens, costs))
+    added_s = steps * step.prompt_step_s + work * step.prompt_token_s
+    return step.base_step_s + added_s / (decode.min_output_tokens - 1)
 
 
 def decide_disaggregation(
@@ -244,7 +320,7 @@ def _compare_costs(
         f"prefill queue {prefill.queued_prefill_tokens} tokens, "
         f"decode queue {decode.queued_prefill_tokens} tokens, {decode.num_running} running"
     )
-    if decode.num_running and local_step_s(decode, costs) > costs.tpot_slo_s:
+    if decode.num_running and local_tpot_s(decode, uncached, costs) > costs.tpot_slo_s:
         mode, why, cls = PrefillMode.REMOTE, "local prefill breaks the TPOT SLO", LOCAL_BREAKS_TPOT
     elif remote_s < local_s:
         mode, why, cls = PrefillMode.REMOTE, "remote is faster", REMOTE_FASTER

@@ -227,25 +227,21 @@ class Router:
     def _loads(
         self, workers: Sequence[WorkerInfo], cached_tokens: dict[str, int]
     ) -> list[policy.WorkerLoad]:
-        cap = self.settings.max_inflight_per_worker
-        out = []
-        for w in workers:
-            reported = int(w.load.get("running", 0) + w.load.get("waiting", 0))
-            pending = int(w.load.get("pending_prompt_tokens", 0))
-            out.append(
-                policy.WorkerLoad(
-                    worker_id=w.worker_id,
-                    num_inflight=max(self._inflight[w.worker_id], reported),
-                    capacity=cap,
-                    cached_tokens=cached_tokens.get(w.worker_id, 0),
-                    queued_prefill_tokens=max(self._queued_tokens[w.worker_id], pending),
-                    # The router's own count is fresher than the last heartbeat.
-                    num_running=max(int(w.load.get("running", 0)), self._inflight[w.worker_id]),
-                    step_s=float(w.load.get("step_s", 0.0)),
-                    prompt_tokens_per_s=float(w.load.get("prompt_tokens_per_s", 0.0)),
-                )
-            )
-        return out
+        return [
+            policy.worker_load(
+                w.worker_id,
+                w.load,
+                self.settings.max_inflight_per_worker,
+                own_inflight=self._inflight[w.worker_id],
+                own_queued_tokens=self._queued_tokens[w.worker_id],
+                cached_tokens=cached_tokens.get(w.worker_id, 0),
+                min_output_tokens=min(
+                    (r.num_output_tokens for r in self._decode_inflight[w.worker_id].values()),
+                    default=0,
+                ),
+            )  # fmt: skip
+            for w in workers
+        ]
 
     def _costs(self) -> policy.CostModel | None:
         """The cost policy's priors (the prefill rate as observed so far); None: threshold."""
@@ -686,7 +682,7 @@ class Router:
         num_tokens = len(call.prompt_token_ids) + call.params.max_tokens
         blocks = admission.blocks_needed(num_tokens, self.settings.block_size)
         held = self._decode_inflight[wid]
-        held[call.request_id] = admission.Inflight(remaining, blocks)
+        held[call.request_id] = admission.Inflight(remaining, blocks, call.params.max_tokens)
         try:
             stream = self.clients.decode(worker.address, call, self._remaining(deadline, "decode"))
             # Overlapped: the first chunk waits for the prefill the decode worker follows.
@@ -697,7 +693,9 @@ class Router:
                 self._queued_tokens[wid] -= queued
                 queued = 0
                 remaining -= len(chunk.token_ids)
-                held[call.request_id] = admission.Inflight(remaining, blocks)
+                held[call.request_id] = admission.Inflight(
+                    remaining, blocks, call.params.max_tokens
+                )
                 yield chunk
         finally:
             self._inflight[wid] -= 1

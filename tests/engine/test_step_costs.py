@@ -18,7 +18,23 @@ def test_costs_separate_the_decode_base_from_the_per_prompt_token_cost():
     assert costs.base_step_s == pytest.approx(0.040)
     assert costs.prompt_token_s == pytest.approx(0.001)
     assert costs.prompt_tokens_per_s == pytest.approx(1000)
-    assert costs.report() == {"step_s": 0.04, "prompt_tokens_per_s": 1000.0}
+    assert costs.report() == {"step_s": 0.04, "prompt_step_s": 0.0, "prompt_tokens_per_s": 1000.0}
+
+
+def test_costs_separate_a_prompt_step_s_fixed_cost_from_its_per_token_cost():
+    """A CPU with 4-bit weights pays ~90 ms for any step carrying prompt tokens (the dense
+    weights are read) and ~1.5 ms per token: averaging per token priced a 256-token prompt from
+    the 32-token chunks at (90 + 48) / 32 ms a token, 4 times too high."""
+    costs = StepCosts()
+    costs.record(0, 4, 0.050)
+    for num_prompt in (32, 32, 64, 32, 128, 32, 256, 32):
+        costs.record(num_prompt, 4, 0.050 + 0.090 + 0.0015 * num_prompt)
+    assert costs.prompt_step_s == pytest.approx(0.090)
+    assert costs.prompt_token_s == pytest.approx(0.0015)
+    assert costs.report()["prompt_step_s"] == pytest.approx(0.09)
+    # The step target cannot hold any prompt chunk; draining 256 tokens in 0.6 s needs one.
+    assert costs.prompt_budget(0.1, 32, 512) == 32
+    assert costs.prompt_budget(0.1, 32, 512, pending_prompt_tokens=256, drain_s=0.6) == 166
 
 
 def test_costs_follow_a_slower_machine_within_a_few_steps():

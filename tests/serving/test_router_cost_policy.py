@@ -21,7 +21,7 @@ def make_router(decode_load: dict, prefill_load: dict) -> tuple[Router, FakeClie
     loads = {"d0": decode_load, "p0": prefill_load}
     directory.infos = [dataclasses.replace(w, load=loads[w.worker_id]) for w in directory.infos]
     settings = RouterSettings(
-        disagg_threshold_tokens=128, prefill_tokens_per_s=1000.0, handoff_s=0.05,
+        disagg_threshold_tokens=128, prefill_tokens_per_s=1000.0, handoff_s=0.08,
         tpot_slo_s=0.1, http_port=0,
     )  # fmt: skip
     clients = FakeClients(("p0",), ("d0",))
@@ -32,8 +32,9 @@ def test_an_idle_decode_worker_prefills_a_long_prompt_itself():
     router, clients = make_router({}, {})
     route = run(router, prompt=LONG)[0].route
     assert not route.disaggregated and clients.prefill_workers["p0"].calls == []
-    assert route.predicted_local_ttft_s == pytest.approx(0.3)  # 300 tokens at 1,000/s
-    assert route.predicted_remote_ttft_s == pytest.approx(0.35)  # + the 50 ms handoff
+    # one 50 ms step (the router's prior) that computes 300 tokens at 1,000/s
+    assert route.predicted_local_ttft_s == pytest.approx(0.35)
+    assert route.predicted_remote_ttft_s == pytest.approx(0.38)  # 300 tokens + an 80 ms handoff
     assert route.reason.startswith("local is faster")
 
 
@@ -43,7 +44,7 @@ def test_a_busy_decode_worker_sends_a_long_prompt_to_the_prefill_worker():
     assert route.disaggregated and route.prefill_worker == "p0"
     # 300 tokens in chunks of 60 next to 40 ms decode steps: 0.3 s + 5 steps
     assert route.predicted_local_ttft_s == pytest.approx(0.3 + 5 * 0.04)
-    assert route.predicted_remote_ttft_s == pytest.approx(0.35)
+    assert route.predicted_remote_ttft_s == pytest.approx(0.38)
     assert route.reason.startswith("remote is faster")
 
 
@@ -51,7 +52,7 @@ def test_a_queued_prefill_worker_loses_to_the_busy_decode_worker():
     router, clients = make_router(BUSY_DECODE, {"running": 1, "pending_prompt_tokens": 3000})
     route = run(router, prompt=LONG)[0].route
     assert not route.disaggregated and clients.prefill_workers["p0"].calls == []
-    assert route.predicted_remote_ttft_s == pytest.approx(3.35)
+    assert route.predicted_remote_ttft_s == pytest.approx(3.38)
     assert "prefill queue 3000 tokens" in route.reason
 
 
@@ -73,3 +74,16 @@ def test_the_route_span_carries_both_predictions():
     assert attrs["pdserve.route.predicted_local_ttft_s"] == pytest.approx(0.5)
     assert attrs["pdserve.route.predicted_remote_ttft_s"] == pytest.approx(0.35)
     assert attrs["pdserve.route.reason_class"] == "remote_faster"
+
+
+def test_the_decode_workers_load_carries_its_shortest_running_output():
+    """The TPOT check spreads a local prefill over the running streams' outputs; the router
+    knows them from the Decode calls it has open."""
+    from services.router import admission
+
+    router, _ = make_router(BUSY_DECODE, {})
+    [decode] = router.directory.workers("decode")
+    assert router._loads([decode], {})[0].min_output_tokens == 0
+    router._decode_inflight["d0"]["a"] = admission.Inflight(20, 4, 64)
+    router._decode_inflight["d0"]["b"] = admission.Inflight(5, 4, 32)
+    assert router._loads([decode], {})[0].min_output_tokens == 32

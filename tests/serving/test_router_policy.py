@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from services.router.affinity import PrefixAffinity
@@ -15,10 +17,13 @@ from services.router.policy import (
     decide_disaggregation,
     local_chunk_tokens,
     local_step_s,
+    local_tpot_s,
     plan_route,
     predict_local_ttft_s,
+    predict_remote_ttft_s,
     predict_ttft_s,
     score,
+    worker_load,
 )
 
 W = Weights(overlap=1.0, load=1.0)
@@ -78,56 +83,103 @@ def test_disaggregation_threshold_and_colocated():
     )
 
 
-# Round numbers: 1,000 prompt tokens/s everywhere, 40 ms decode steps, 50 ms handoff.
+# Round numbers: 1,000 prompt tokens/s everywhere, 40 ms decode steps, 50 ms handoff, a
+# 100 ms step target (so 60-token chunks next to decodes), no drain time.
 COSTS = CostModel(
     prefill_tokens_per_s=1000.0, decode_step_s=0.04, max_chunk_tokens=512, min_chunk_tokens=32,
-    handoff_s=0.05, handoff_s_per_token=0.0, tpot_slo_s=0.1,
+    handoff_s=0.05, handoff_s_per_token=0.0, tpot_slo_s=0.15, target_step_s=0.1,
+    prompt_drain_s=None,
 )  # fmt: skip
+BUSY = WorkerLoad("d", 8, 64, num_running=8, step_s=0.04, prompt_tokens_per_s=1000.0)
 
 
-def test_cost_local_chunks_are_sized_by_the_tpot_slo():
-    busy = WorkerLoad("d", 8, 64, num_running=8, step_s=0.04, prompt_tokens_per_s=1000.0)
-    assert local_chunk_tokens(busy, COSTS) == 60  # (0.1 - 0.04) s * 1000 tokens/s
-    assert local_step_s(busy, COSTS) == pytest.approx(0.1)
+def test_cost_local_chunks_are_the_decode_workers_own_budget():
+    assert local_chunk_tokens(BUSY, 600, COSTS) == 60  # (0.1 - 0.04) s * 1000 tokens/s
+    assert local_step_s(BUSY, 600, COSTS) == pytest.approx(0.1)
     # 600 tokens: 0.6 s of compute plus ten 40 ms decode steps around its chunks
-    assert predict_local_ttft_s(busy, 600, COSTS) == pytest.approx(0.6 + 10 * 0.04)
+    assert predict_local_ttft_s(BUSY, 600, COSTS) == pytest.approx(0.6 + 10 * 0.04)
     idle = WorkerLoad("d", 0, 64)
-    assert predict_local_ttft_s(idle, 600, COSTS) == pytest.approx(0.6)
+    assert predict_local_ttft_s(idle, 600, COSTS) == pytest.approx(0.04 + 0.6)  # one step
+    # a worker that reports a drain time grows its chunks to compute its queue in time
+    draining = dataclasses.replace(BUSY, prompt_drain_s=1.0)
+    assert local_chunk_tokens(draining, 600, COSTS) == 60  # 600 * 0.04 / (1 - 0.6)
+    assert local_chunk_tokens(draining, 900, COSTS) == 360  # 900 * 0.04 / (1 - 0.9)
+    # and one without a step target prefills in steps as large as its token budget
+    assert local_chunk_tokens(dataclasses.replace(BUSY, target_step_s=0.0), 600, COSTS) == 512
+
+
+def test_cost_a_prompt_steps_fixed_cost_counts_once_per_chunk():
+    """A CPU decode worker on 4-bit weights pays ~90 ms for any step carrying prompt tokens."""
+    costly = dataclasses.replace(BUSY, step_s=0.05, prompt_step_s=0.09, prompt_drain_s=0.6)
+    chunk = local_chunk_tokens(costly, 256, COSTS)  # the 100 ms target holds no chunk: drain
+    assert chunk == 105  # 256 * (0.05 + 0.09) / (0.6 - 0.256), rounded up
+    assert predict_local_ttft_s(costly, 256, COSTS) == pytest.approx(3 * 0.14 + 0.256)
+    idle = WorkerLoad("d", 0, 64, step_s=0.05, prompt_step_s=0.09, prompt_tokens_per_s=1000.0)
+    assert predict_local_ttft_s(idle, 256, COSTS) == pytest.approx(0.14 + 0.256)
+    prefill = WorkerLoad("p", 0, 64, prompt_step_s=0.09, prompt_tokens_per_s=1000.0)
+    assert predict_remote_ttft_s(prefill, 256, COSTS) == pytest.approx(0.09 + 0.256 + 0.05)
+
+
+def test_cost_tpot_of_running_streams_is_their_average_over_their_output():
+    """One slow step among 32 tokens costs a stream little of its time per token; without
+    output lengths the step itself must stay within the SLO."""
+    costly = dataclasses.replace(BUSY, step_s=0.05, prompt_step_s=0.09, prompt_drain_s=0.6)
+    assert local_tpot_s(costly, 256, COSTS) == pytest.approx(
+        local_step_s(costly, 256, COSTS)
+    )
+    assert local_tpot_s(costly, 256, COSTS) > COSTS.tpot_slo_s
+    streams = dataclasses.replace(costly, min_output_tokens=32)
+    assert local_tpot_s(streams, 256, COSTS) == pytest.approx(0.05 + (3 * 0.09 + 0.256) / 31)
+    burst = WorkerLoad("p", 2, 64, queued_prefill_tokens=512, prompt_tokens_per_s=1000.0)
+    d = decide_disaggregation(256, streams, burst, 128, COSTS)
+    assert (d.mode, d.reason_class) == (PrefillMode.LOCAL, "local_faster")
+    d = decide_disaggregation(256, costly, burst, 128, COSTS)
+    assert (d.mode, d.reason_class) == (PrefillMode.REMOTE, "local_breaks_tpot_slo")
 
 
 def test_cost_idle_decode_worker_prefills_locally():
     d = decide_disaggregation(600, WorkerLoad("d", 0, 64), WorkerLoad("p", 0, 64), 128, COSTS)
     assert (d.mode, d.reason_class) == (PrefillMode.LOCAL, "local_faster")
-    assert d.predicted_local_ttft_s == pytest.approx(0.6)
+    assert d.predicted_local_ttft_s == pytest.approx(0.64)
     assert d.predicted_remote_ttft_s == pytest.approx(0.65)
-    assert d.reason.startswith("local is faster: predicted TTFT local 0.600s, remote 0.650s")
+    assert d.reason.startswith("local is faster: predicted TTFT local 0.640s, remote 0.650s")
 
 
 def test_cost_busy_decode_worker_hands_off_to_an_idle_prefill_worker():
-    busy = WorkerLoad("d", 8, 64, num_running=8, step_s=0.04, prompt_tokens_per_s=1000.0)
-    d = decide_disaggregation(600, busy, WorkerLoad("p", 0, 64), 128, COSTS)
+    d = decide_disaggregation(600, BUSY, WorkerLoad("p", 0, 64), 128, COSTS)
     assert (d.mode, d.reason_class) == (PrefillMode.REMOTE, "remote_faster")
     assert d.predicted_local_ttft_s == pytest.approx(1.0)
     assert d.predicted_remote_ttft_s == pytest.approx(0.65)
 
 
 def test_cost_queued_prefill_worker_loses_to_the_decode_worker():
-    busy = WorkerLoad("d", 8, 64, num_running=8, step_s=0.04, prompt_tokens_per_s=1000.0)
     queued = WorkerLoad("p", 3, 64, queued_prefill_tokens=2000, prompt_tokens_per_s=1000.0)
-    d = decide_disaggregation(600, busy, queued, 128, COSTS)
+    d = decide_disaggregation(600, BUSY, queued, 128, COSTS)
     assert (d.mode, d.reason_class) == (PrefillMode.LOCAL, "local_faster")
     assert d.predicted_remote_ttft_s == pytest.approx(2.65)
     # the prefill worker's cached prefix shortens its work
     warm = WorkerLoad("p", 3, 64, cached_tokens=512, queued_prefill_tokens=200)
-    assert decide_disaggregation(600, busy, warm, 128, COSTS).mode is PrefillMode.REMOTE
+    assert decide_disaggregation(600, BUSY, warm, 128, COSTS).mode is PrefillMode.REMOTE
 
 
 def test_cost_local_is_ruled_out_when_its_step_breaks_the_tpot_slo():
-    slow = WorkerLoad("d", 8, 64, num_running=8, step_s=0.09, prompt_tokens_per_s=1000.0)
-    assert local_step_s(slow, COSTS) == pytest.approx(0.09 + 0.032)
+    slow = WorkerLoad("d", 8, 64, num_running=8, step_s=0.14, prompt_tokens_per_s=1000.0)
+    assert local_step_s(slow, 600, COSTS) == pytest.approx(0.14 + 0.032)  # the floor chunk
     queued = WorkerLoad("p", 3, 64, queued_prefill_tokens=5000)
     d = decide_disaggregation(600, slow, queued, 128, COSTS)
     assert (d.mode, d.reason_class) == (PrefillMode.REMOTE, "local_breaks_tpot_slo")
+
+
+def test_worker_load_takes_the_fresher_of_the_report_and_the_routers_own_counts():
+    report = {"running": 2, "waiting": 1, "pending_prompt_tokens": 300, "step_s": 0.05,
+              "prompt_step_s": 0.09, "prompt_tokens_per_s": 700.0, "target_step_s": 0.1,
+              "prompt_drain_s": 0.0}  # fmt: skip
+    w = worker_load("d", report, 64, own_inflight=5, own_queued_tokens=100, min_output_tokens=32)
+    assert (w.num_inflight, w.num_running, w.queued_prefill_tokens) == (5, 5, 300)
+    assert (w.step_s, w.prompt_step_s, w.prompt_tokens_per_s) == (0.05, 0.09, 700.0)
+    assert (w.target_step_s, w.prompt_drain_s, w.min_output_tokens) == (0.1, 0.0, 32)
+    bare = worker_load("d", {}, 64)
+    assert bare.target_step_s is None and bare.prompt_drain_s is None  # the priors apply
 
 
 def test_plan_route_uses_the_cost_model_when_given():
