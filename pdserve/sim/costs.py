@@ -145,13 +145,17 @@ def _parse_profile(path: Path, data) -> CalibratedCost:
                     _positive(path, h, "handoff.bytes_per_s"),
                     _positive(path, engine, "engine.kv_bytes_per_token"),
                     _positive_int(path, engine, "engine.num_layers"))  # fmt: skip
+    dispatch = _field(path, data, "dispatch", dict) if "dispatch" in data else {}
+    # A worker's loop adds this to each of its engine steps (the stack's calibration).
+    overhead_s = (_positive(path, dispatch, "dispatch.step_overhead_s", zero_ok=True)
+                  if "step_overhead_s" in dispatch else 0.0)  # fmt: skip
     return CalibratedCost(
         name=str(path),
-        coefficients=tuple(float(c) for c in coefficients),
+        coefficients=(float(coefficients[0]) + overhead_s, *(float(c) for c in coefficients[1:])),
         limits=limits,
         link=link,
-        dispatch_s=_positive(path, data.get("dispatch", {}), "dispatch.latency_s", zero_ok=True)
-        if "dispatch" in data else 0.0,
+        dispatch_s=_positive(path, dispatch, "dispatch.latency_s", zero_ok=True)
+        if dispatch else 0.0,
         prefill_tokens_per_s=_positive(path, fit, "step_fit.prefill_tokens_per_s"),
     )  # fmt: skip
 

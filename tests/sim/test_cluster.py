@@ -179,6 +179,19 @@ def test_profile_errors_name_the_field(tmp_path):
         load_profile(path)
 
 
+def test_profile_adds_the_worker_loop_to_every_step(tmp_path):
+    # The stack's calibration: each engine step of a worker costs its loop's overhead too.
+    profile = {"step_fit": {"coefficients": [0.01, 0.001, 0, 0, 0], "prefill_tokens_per_s": 1000},
+               "engine": {"num_kv_blocks": 10, "block_size": 16, "max_num_seqs": 4,
+                          "max_num_batched_tokens": 64},
+               "dispatch": {"latency_s": 0.004, "step_overhead_s": 0.003}}  # fmt: skip
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile))
+    cost = load_profile(path)
+    assert cost.dispatch_s == 0.004
+    assert float(cost.step_s(StepShape(1, 1, 10, 10))) == pytest.approx(0.01 + 0.001 + 0.003)
+
+
 def test_roofline_regimes_and_sizes():
     h100 = roofline(GPUS["H100"], MODELS["llama-3-8b"])
     gpu, model = h100.gpu, h100.model
