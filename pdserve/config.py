@@ -10,13 +10,16 @@ built; values discovered at run time belong in a state object, not here.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pdserve.engine.engine_config import EngineConfig
 
@@ -127,11 +130,38 @@ class ServiceSettings(BaseSettings):
         )
 
 
-class WorkerSettings(ServiceSettings):
-    """Fields of an engine worker (prefill or decode): its gRPC server and its engine.
+class _EngineEnv(PydanticBaseSettingsSource):
+    """The engine's fields from ``<prefix><FIELD>`` variables (``PDSERVE_PREFILL_MODEL``, ...),
+    gathered under ``engine``: the names operators set, for a field that is one object."""
 
-    Subclasses set the prefix (``PDSERVE_PREFILL_``, ``PDSERVE_DECODE_``) and the defaults of
-    ``grpc_port`` and ``http_port``, and add their handoff fields."""
+    def get_field_value(self, field, field_name):  # the whole source is read in __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        prefix = self.settings_cls.model_config.get("env_prefix", "").upper()
+        env = {k.upper(): v for k, v in os.environ.items()}
+        found = {
+            name: env[prefix + name.upper()]
+            for name in _ENGINE_FIELDS
+            if prefix + name.upper() in env
+        }
+        return {"engine": found} if found else {}
+
+
+_ENGINE_FIELDS = tuple(f.name for f in dataclasses.fields(EngineConfig))
+
+
+class WorkerSettings(ServiceSettings):
+    """Fields of an engine worker (prefill or decode): its gRPC server, and its engine as one
+    :class:`~pdserve.engine.engine_config.EngineConfig` (``engine``).
+
+    The engine's fields keep their flat names everywhere an operator sets them:
+    ``PDSERVE_<ROLE>_<FIELD>`` variables, ``--kebab-case`` flags, keyword arguments; they are
+    gathered into ``engine`` (flags over keywords over variables) over the role's
+    ``engine_defaults``. Subclasses set the prefix (``PDSERVE_PREFILL_``, ``PDSERVE_DECODE_``),
+    the defaults of ``grpc_port`` and ``http_port``, and add their handoff fields."""
+
+    engine_defaults: ClassVar[dict[str, Any]] = {}  # a role's engine defaults (decode: SLO)
 
     grpc_host: str = "0.0.0.0"
     grpc_port: int = Field(ge=0, le=65535, description="0 picks a free port")
@@ -140,60 +170,54 @@ class WorkerSettings(ServiceSettings):
         None, description="host:port the router dials; default node_id:grpc_port"
     )
     max_message_bytes: int = Field(16 << 20, ge=1 << 20, description="gRPC send/receive limit")
-
-    # The engine (see pdserve.engine.engine_config.EngineConfig).
-    model: Path | None = Field(None, description="GGUF file or safetensors dir; default model")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bfloat16 on CUDA, float32 on the CPU"
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig,
+        description="the engine (pdserve.engine.engine_config.EngineConfig): model, dtype, "
+        "quantization, device, block_size, kv_cache_bytes, max_num_seqs, "
+        "max_num_batched_tokens, max_model_len, attention_backend, num_threads, target_step_s, "
+        "prompt_drain_s, ... each set by its own flat name",
     )
-    quantization: Literal["auto", "none", "int8", "int4"] = Field(
-        "auto", description="weights: auto (int4 on a CPU with native bf16), none (exact), int8, int4"
-    )
-    device: str = Field("auto", description="auto, cpu or cuda[:N]")
-    block_size: int = Field(16, ge=1, le=1024, description="KV block size, tokens")
-    kv_cache_bytes: int = Field(1 << 30, ge=1, description="the worker's own paged KV pool")
-    max_num_seqs: int = Field(64, ge=1, description="sequences in one batch at most")
-    max_num_batched_tokens: int = Field(
-        512, ge=1, description="token budget per step (longer prompts are chunked to fit)"
-    )
-    max_model_len: int | None = Field(None, ge=2, description="None: the model's context")
-    attention_backend: Literal["auto", "flash", "sdpa", "reference"] = "auto"
-    num_threads: int | None = Field(None, ge=1, description="CPU intra-op threads")
-    target_step_s: float | None = Field(
-        None, gt=0, description="a step with prompt chunks next to decodes aims to end within this"
-    )
-    prompt_drain_s: float | None = Field(
-        None, gt=0, description="but grows so that queued prompts are computed within this"
-    )
-
     shutdown_grace_s: float = Field(5.0, ge=0)
 
-    @model_validator(mode="after")
-    def _check_worker(self) -> WorkerSettings:
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda[:N] (got {self.device!r})")
-        return self
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        return (init_settings, _EngineEnv(settings_cls), env_settings, dotenv_settings,
+                file_secret_settings)  # fmt: skip
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_engine(cls, data: Any) -> Any:
+        """Flat engine fields (keywords, flags) over ``engine`` (a dict from the variables, or
+        an EngineConfig) over the role's defaults, as one dict for EngineConfig."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        given = data.get("engine") or {}
+        if isinstance(given, EngineConfig):
+            given = {name: getattr(given, name) for name in _ENGINE_FIELDS}
+        flat = {name: data.pop(name) for name in _ENGINE_FIELDS if name in data}
+        data["engine"] = {**cls.engine_defaults, **given, **flat}
+        return data
+
+    @classmethod
+    def from_args(cls: type[S], argv: list[str] | None = None, **overrides: Any) -> S:
+        """``--model X`` and the other engine flags are taken out of ``argv`` here and passed
+        as keywords (they are fields of ``engine``); the rest goes to pydantic-settings."""
+        parser = argparse.ArgumentParser(add_help=False)
+        for name in _ENGINE_FIELDS:
+            parser.add_argument("--" + name.replace("_", "-"), dest=name)
+        engine_args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+        given = {k: v for k, v in vars(engine_args).items() if v is not None}
+        return super().from_args(rest, **given, **overrides)
 
     @property
     def address(self) -> str:
         return self.advertise_address or f"{self.node_id}:{self.grpc_port}"
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.model,
-            dtype=self.dtype,
-            device=self.device,
-            block_size=self.block_size,
-            kv_cache_bytes=self.kv_cache_bytes,
-            quantization=self.quantization,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            attention_backend=self.attention_backend,
-            num_threads=self.num_threads,
-            target_step_s=self.target_step_s,
-            prompt_drain_s=self.prompt_drain_s,
-        )
+        return self.engine
 
 
 class KVStoreSettings(ServiceSettings):

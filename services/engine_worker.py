@@ -67,7 +67,7 @@ class EngineWorker(abc.ABC):
         self.worker_id = worker_id
         self.address = address
         self.engine = LLMEngine(settings.engine_config(), checkpoint=checkpoint)
-        self.block_size = settings.block_size
+        self.block_size = settings.engine.block_size
         self._jobs: dict[str, object] = {}
         self._lock = threading.Lock()
         self._inbox = EngineInbox()

@@ -59,7 +59,7 @@ def _router_default(name: str):
 
 
 def _decode_default(name: str):
-    return DecodeSettings.model_fields[name].default
+    return DecodeSettings.engine_defaults[name]  # the decode role's engine defaults
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -15,16 +15,13 @@ class DecodeSettings(WorkerSettings):
 
     model_config = SettingsConfigDict(env_prefix="PDSERVE_DECODE_")
 
+    # The decode SLO a locally prefilled prompt must respect: its chunks are sized from the
+    # measured step costs so that a step next to running streams aims to end within
+    # target_step_s, growing so that queued prompts are computed within prompt_drain_s.
+    engine_defaults: ClassVar[dict[str, Any]] = {"target_step_s": 0.1, "prompt_drain_s": 0.5}
+
     grpc_port: int = Field(50071, ge=0, le=65535, description="0 picks a free port")
     http_port: int = Field(9071, ge=0, le=65535, description="Prometheus /metrics; 0 disables")
-    # The decode SLO a locally prefilled prompt must respect: its chunks are sized from the
-    # measured step costs so that running streams' steps stay near this.
-    target_step_s: float | None = Field(
-        0.1, gt=0, description="a step with prompt chunks next to decodes aims to end within this"
-    )
-    prompt_drain_s: float | None = Field(
-        0.5, gt=0, description="but grows so that queued prompts are computed within this"
-    )
 
     # The handoff.
     kv_fetch_timeout_s: float = Field(

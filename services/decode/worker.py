@@ -239,7 +239,7 @@ class DecodeWorker(EngineWorker):
     def _capacity(self) -> dict[str, int]:
         return {
             "num_blocks": self.load.num_total_blocks,
-            "max_num_seqs": self.settings.max_num_seqs,
+            "max_num_seqs": self.settings.engine.max_num_seqs,
         }
 
     def _load_fields(self) -> dict[str, float]:

@@ -242,7 +242,7 @@ class PrefillWorker(EngineWorker, KVSaver):
     def _capacity(self) -> dict[str, int]:
         return {
             "num_blocks": self.engine.num_kv_blocks,
-            "max_num_batched_tokens": self.settings.max_num_batched_tokens,
+            "max_num_batched_tokens": self.settings.engine.max_num_batched_tokens,
         }
 
     def _load_fields(self) -> dict[str, float]:
