@@ -9,7 +9,8 @@ non-negative least-squares fit gives the step-time coefficients of
 
 Stack (optional, ``url``): against a running disaggregated stack (one prefill, one decode
 worker), idle, sequential requests measure the dispatch latency (short prompts the router
-prefills locally: TTFT minus the fitted step time) and the handoff (long prompts it sends to
+prefills locally: TTFT minus the fitted step time), the worker loop's overhead per step (an
+idle stream's inter-token gap minus the fitted decode step) and the handoff (long prompts it sends to
 the prefill worker: what TTFT leaves after dispatch, the prefill steps and decode's first
 step, fitted to the simulator's pipelined handoff formula over a grid of bandwidths).
 """
@@ -139,6 +140,32 @@ def measure_dispatch(
     log(f"  idle TTFT, local prompts: { {n: round(t * 1000, 1) for n, t in ttft.items()} } ms")
     dispatch_s = max(0.0, statistics.median(ttft[n] - _prefill_s(cost, n) for n in short))
     return {"latency_s": dispatch_s, "idle_ttft_s": {str(n): t for n, t in ttft.items()}}
+
+
+def measure_step_overhead(url: str, coefficients: list[float], engine: dict, log) -> float:
+    """What a worker's loop adds to each engine step (streaming the token, its spans and
+    load reports): the idle stream's median inter-token gap of a short prompt the router
+    prefills locally, minus the fitted one-sequence decode step; never below 0."""
+    from pdserve.client import Client
+
+    cost = _cost(coefficients, engine)
+    prompt_tokens, output_tokens = 32, 33
+    gaps: list[float] = []
+    with Client(url.removeprefix("grpc://"), timeout_s=120) as client:
+        for r in range(3):
+            prompt = [(500 + 11 * r + i) % 40000 + 100 for i in range(prompt_tokens)]
+            last = None
+            for chunk in client.stream(prompt, max_tokens=output_tokens, temperature=0.0,
+                                       ignore_eos=True):  # fmt: skip
+                now = time.perf_counter()
+                if last is not None and chunk.token_ids:
+                    gaps += [(now - last) / len(chunk.token_ids)] * len(chunk.token_ids)
+                last = now
+    context = prompt_tokens + output_tokens / 2
+    step_s = float(cost.step_s(StepShape(1, 1, context, context)))
+    gap_s = statistics.median(gaps)
+    log(f"  idle inter-token gap {gap_s * 1000:.1f} ms, fitted decode step {step_s * 1000:.1f} ms")
+    return max(0.0, gap_s - step_s)
 
 
 def measure_handoff(
