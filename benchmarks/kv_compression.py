@@ -136,7 +136,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--context-tokens", type=int, default=160)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--modes", nargs="+", default=["none", "auto"])
+    parser.add_argument(
+        "--modes",
+        nargs="*",
+        default=["none", "auto"],
+        help="weight modes for the agreement runs; none given: only the wire figures",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--total-mib", type=int, default=128, help="bytes per wire measurement")
     args = parser.parse_args()
