@@ -203,7 +203,11 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
         penalty = torch.tensor([r.params.repetition_penalty for r in rows])[seen // vocab_size]
         seen, penalty = seen.to(out.device), penalty.to(out.device, out.dtype)
         values = flat_view[seen]
-        flat_view[seen] = torch.where(values > 0, values / penalty, values * penalty)
+        penalized = torch.where(values > 0, values / penalty, values * penalty)
+        # An extreme penalty (a float32 subnormal, 1e38) overflows to +-inf, and an inf logit
+        # made the step's softmax NaN and failed every request in the batch: stay finite.
+        finite = torch.finfo(out.dtype)
+        flat_view[seen] = penalized.clamp_(finite.min, finite.max)
 
     pf_rows = [
         i
