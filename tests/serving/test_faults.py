@@ -14,17 +14,25 @@ import json
 import os
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import aiohttp
+import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pdserve._proto.pdserve.v1 import (
+    common_pb2,
     decode_pb2,
     decode_pb2_grpc,
     kvstore_pb2,
     kvstore_pb2_grpc,
     prefill_pb2,
     prefill_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
 )
 from pdserve.client import Client
 from pdserve.kv.metadata import RedisLayout, WorkerRegistry, connect
@@ -112,6 +120,8 @@ def test_redis_killed_and_restarted_under_load_fails_no_request(stack, redis):
                 break
             time.sleep(0.2)
         recovered_s = time.monotonic() - restarted
+        print(f"Redis restart: cache-hit routing back in {recovered_s:.1f}s "
+              f"(nodes before {sorted(before)}, after {sorted(after)})")  # fmt: skip
         time.sleep(2)
         done.set()
         thread.join(120)
@@ -180,6 +190,111 @@ def test_a_cancellation_storm_releases_every_block_and_pin(stack):
         time.sleep(0.5)
     assert idle and free, [(d.running, d.waiting, d.num_free_blocks) for d in decodes]
     assert unpinned, (store.num_pinned_blocks, store.num_staging_blocks)
+
+
+FUZZ_STACK = settings(
+    max_examples=60, deadline=None, derandomize=True, database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)  # fmt: skip
+FUZZ_MAX_TOKENS = 4  # accepted requests stay short; max_tokens' own range is fuzzed elsewhere
+VOCAB = 49152  # SmolLM2's
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _in_range(low: float | None = None, high: float | None = None, **kwargs):
+    """Finite floats the router accepts, extremes (subnormals, 1e308) included."""
+    return st.floats(low, high, allow_nan=False, allow_infinity=False, **kwargs)
+
+
+# Values the router's checks let through to the workers, at the edges of their ranges.
+accepted_fields = st.fixed_dictionaries(
+    {"prompt": st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=40),
+     "max_tokens": st.integers(1, FUZZ_MAX_TOKENS)},
+    optional={
+        "temperature": _in_range(0.0), "top_p": _in_range(0.0, 1.0, exclude_min=True),
+        "top_k": st.integers(0, 2**31 - 1), "min_p": _in_range(0.0, 1.0),
+        "repetition_penalty": _in_range(0.0, exclude_min=True),
+        "presence_penalty": _in_range(-2.0, 2.0), "frequency_penalty": _in_range(-2.0, 2.0),
+        "seed": st.integers(0, 2**63 - 1), "logprobs": st.integers(0, 20),
+        "stop": st.lists(st.text(min_size=1, max_size=8), max_size=4),
+        "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=5),
+        "ignore_eos": st.booleans(), "stream": st.booleans(),
+    },
+)  # fmt: skip
+
+
+def _float32_in(low: float, high: float, **kwargs):
+    return st.floats(low, high, width=32, allow_nan=False, allow_infinity=False, **kwargs)
+
+
+accepted_sampling = st.builds(
+    common_pb2.SamplingParams,
+    max_tokens=st.integers(1, FUZZ_MAX_TOKENS), temperature=_float32_in(0.0, FLOAT32_MAX),
+    top_p=_float32_in(0.0, 1.0, exclude_min=True), top_k=st.integers(0, 2**31 - 1),
+    min_p=_float32_in(0.0, 1.0), repetition_penalty=_float32_in(0.0, FLOAT32_MAX, exclude_min=True),
+    presence_penalty=_float32_in(-2.0, 2.0), frequency_penalty=_float32_in(-2.0, 2.0),
+    seed=st.integers(0, 2**63 - 1), stop=st.lists(st.text(min_size=1, max_size=8), max_size=4),
+    stop_token_ids=st.lists(st.integers(0, VOCAB - 1), max_size=5), ignore_eos=st.booleans(),
+    logprobs=st.integers(0, 20),
+)  # fmt: skip
+
+
+def _post_status(url: str, body: dict) -> int:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            text = resp.read().decode()
+            assert '"error"' not in text or not body.get("stream"), text[:300]
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_fuzzed_requests_on_the_real_stack_get_no_5xx_and_it_serves_after(stack):
+    """What passes the router's checks reaches real workers: no value there may be a 5xx /
+    INTERNAL (tests/serving/test_router_fuzz.py fuzzes the edges on fake workers)."""
+    from tests.serving.test_router_fuzz import ANSWERED
+
+    started, statuses = time.monotonic(), []
+
+    @FUZZ_STACK
+    @given(body=accepted_fields)
+    def http_check(body):
+        statuses.append(_post_status(stack.http_url + "/v1/completions", body))
+        assert statuses[-1] < 500, (statuses[-1], body)
+
+    channel = grpc.insecure_channel(stack.grpc_address)
+    stub = router_pb2_grpc.RouterStub(channel)
+    codes = []
+
+    @FUZZ_STACK
+    @given(params=accepted_sampling, prompt=st.text(min_size=1, max_size=40))
+    def grpc_check(params, prompt):
+        request = router_pb2.GenerateRequest(prompt=prompt, sampling=params)
+        try:
+            list(stub.Generate(request, timeout=120))
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as exc:
+            codes.append(exc.code())
+            assert exc.code() in ANSWERED, (exc.code(), exc.details())
+
+    try:
+        http_check()
+        grpc_check()
+    finally:
+        channel.close()
+    print(f"real-stack fuzz: HTTP {statuses.count(200)}/{len(statuses)} served, gRPC "
+          f"{codes.count(grpc.StatusCode.OK)}/{len(codes)}, "
+          f"{time.monotonic() - started:.0f}s")  # fmt: skip
+    # Most reached the workers (the rest: e.g. a subnormal top_p that is 0 on the wire).
+    assert statuses.count(200) >= len(statuses) // 2
+    assert codes.count(grpc.StatusCode.OK) >= len(codes) // 2
+    with Client(stack.grpc_address, timeout_s=120) as client:
+        assert client.generate("Still there?", max_tokens=2).usage.completion_tokens == 2
+    with urllib.request.urlopen(stack.http_url + "/ready", timeout=10) as resp:
+        assert resp.status == 200
 
 
 def test_a_prefill_worker_killed_mid_prefill_is_retried_on_the_other(stack):
