@@ -148,12 +148,13 @@ class _Stretch:
     ends_s: np.ndarray  # end time of each fast-forwarded step
     num_steps: int
     num_recorded: int = 0  # steps whose start the engine's StepCosts has seen
+    worker_overhead_s: float = 0.0  # of each duration, not in what the engine measures
 
     def record_started(self, costs: StepCosts, t: float) -> None:
         """Record every step started by ``t`` (the engine records a step as it runs)."""
         started = min(self.num_steps, int(np.searchsorted(self.ends_s, t, side="right")) + 1)
         for d in self.durations_s[self.num_recorded : started].tolist():
-            costs.record(0, len(self.seqs), d)
+            costs.record(0, len(self.seqs), d - self.worker_overhead_s)
         self.num_recorded = max(self.num_recorded, started)
 
 
@@ -406,7 +407,8 @@ class Simulator:
         rep.version += 1
         duration_s = float(self.cost.step_s(_shape(plan)))
         num_decodes = sum(1 for c in plan.chunks if c.is_decode)
-        rep.step_costs.record(plan.num_prompt_tokens, num_decodes, duration_s)
+        engine_s = duration_s - self.cost.worker_overhead_s  # what the engine times itself
+        rep.step_costs.record(plan.num_prompt_tokens, num_decodes, engine_s)
         self._push(t + duration_s, self._end_step, rep, rep.version)
 
     def _fail_unschedulable(self, rep: _Replica, t: float) -> None:
@@ -556,7 +558,8 @@ class Simulator:
         if np.ndim(durations) == 0:
             durations = np.full(steps, float(durations))
         ends = t + np.cumsum(durations)
-        rep.stretch = _Stretch(list(sched.running), durations, ends, steps)
+        rep.stretch = _Stretch(list(sched.running), durations, ends, steps,
+                               worker_overhead_s=self.cost.worker_overhead_s)  # fmt: skip
         rep.stretch.record_started(rep.step_costs, t)
         rep.busy = True
         rep.version += 1

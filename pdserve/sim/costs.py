@@ -53,6 +53,9 @@ class CostModel(Protocol):
     gpus_per_replica: int  # what a replica costs (tensor parallelism); 1 on a CPU
     dispatch_s: float  # router + RPC time before a request reaches its worker
     prefill_tokens_per_s: float  # the router's prior for admission (one replica's prefill)
+    # Part of step_s a worker's loop adds around each engine step: not in the step time the
+    # engine itself measures (its StepCosts) and reports.
+    worker_overhead_s: float
 
     def step_s(self, shape: StepShape) -> np.ndarray | float: ...
 
@@ -76,7 +79,8 @@ class Link:
 
 @dataclass(frozen=True)
 class CalibratedCost:
-    """Step time = coefficients · (1, tokens, seqs, attended pairs, context tokens)."""
+    """Step time = coefficients · (1, tokens, seqs, attended pairs, context tokens), plus the
+    worker loop's overhead."""
 
     name: str
     coefficients: tuple[float, ...]
@@ -85,10 +89,11 @@ class CalibratedCost:
     dispatch_s: float
     prefill_tokens_per_s: float
     gpus_per_replica: int = 1
+    worker_overhead_s: float = 0.0
 
     def step_s(self, shape: StepShape):
         c = self.coefficients
-        return (c[0] + c[1] * shape.num_tokens + c[2] * shape.num_seqs
+        return (c[0] + self.worker_overhead_s + c[1] * shape.num_tokens + c[2] * shape.num_seqs
                 + c[3] * shape.attended_pairs + c[4] * shape.context_tokens)  # fmt: skip
 
     def handoff_ready_s(self, prefill_start_s: float, prefill_end_s: float, num_tokens: int):
@@ -146,17 +151,17 @@ def _parse_profile(path: Path, data) -> CalibratedCost:
                     _positive(path, engine, "engine.kv_bytes_per_token"),
                     _positive_int(path, engine, "engine.num_layers"))  # fmt: skip
     dispatch = _field(path, data, "dispatch", dict) if "dispatch" in data else {}
-    # A worker's loop adds this to each of its engine steps (the stack's calibration).
-    overhead_s = (_positive(path, dispatch, "dispatch.step_overhead_s", zero_ok=True)
-                  if "step_overhead_s" in dispatch else 0.0)  # fmt: skip
     return CalibratedCost(
         name=str(path),
-        coefficients=(float(coefficients[0]) + overhead_s, *(float(c) for c in coefficients[1:])),
+        coefficients=tuple(float(c) for c in coefficients),
         limits=limits,
         link=link,
         dispatch_s=_positive(path, dispatch, "dispatch.latency_s", zero_ok=True)
         if dispatch else 0.0,
         prefill_tokens_per_s=_positive(path, fit, "step_fit.prefill_tokens_per_s"),
+        # A worker's loop adds this to each of its engine steps (the stack's calibration).
+        worker_overhead_s=_positive(path, dispatch, "dispatch.step_overhead_s", zero_ok=True)
+        if "step_overhead_s" in dispatch else 0.0,
     )  # fmt: skip
 
 

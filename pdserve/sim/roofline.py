@@ -122,6 +122,7 @@ class RooflineCost:
     tp: int
     limits: EngineLimits
     dispatch_s: float = 0.0
+    worker_overhead_s: float = 0.0  # step_overhead_s is the engine's own (launches, scheduling)
 
     @property
     def name(self) -> str:

@@ -188,8 +188,18 @@ def test_profile_adds_the_worker_loop_to_every_step(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps(profile))
     cost = load_profile(path)
-    assert cost.dispatch_s == 0.004
+    assert (cost.dispatch_s, cost.worker_overhead_s) == (0.004, 0.003)
     assert float(cost.step_s(StepShape(1, 1, 10, 10))) == pytest.approx(0.01 + 0.001 + 0.003)
+
+
+def test_engine_step_costs_exclude_the_worker_loop():
+    # Streams see the engine step plus the worker loop (11 + 3 ms); the engine's StepCosts, which
+    # the worker reports and sizes prompt chunks with, time the engine step alone (11 ms).
+    looped = replace(LINEAR, worker_overhead_s=0.003)
+    sim = Simulator([Request(0.0, 20, 40)], SimConfig(0, 1, **T), looped)
+    res = sim.run()
+    assert res["itl_s"]["p50"] == pytest.approx(0.014)
+    assert sim.decode[0].step_costs.base_step_s == pytest.approx(0.011)
 
 
 def test_roofline_regimes_and_sizes():
