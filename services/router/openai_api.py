@@ -43,6 +43,7 @@ import re
 import struct
 import time
 import uuid
+from collections.abc import Coroutine
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
@@ -353,6 +354,21 @@ class _Logprobs:
         return {"content": content}
 
 
+def _keep_alive_task(keep_alive: Coroutine[Any, Any, None]) -> asyncio.Task:
+    """Run a response's keep-alive loop beside the handler's task (the caller's): a write that
+    finds the client gone cancels the handler, which closes the router's stream and so aborts
+    the request on its workers (aiohttp does not cancel a handler whose client left)."""
+    handler = asyncio.current_task()
+
+    async def run() -> None:
+        try:
+            await keep_alive
+        except ConnectionError:
+            handler.cancel()
+
+    return asyncio.create_task(run())
+
+
 class _SSE:
     """One SSE response: headers sent when the router admits the request, then events, with
     a comment whenever nothing was written for ``SSE_KEEPALIVE_S``."""
@@ -368,7 +384,7 @@ class _SSE:
     async def open(self) -> None:
         if not self.response.prepared:
             await self.response.prepare(self._request)
-            self._keepalive = asyncio.create_task(self._keep_alive())
+            self._keepalive = _keep_alive_task(self._keep_alive())
 
     async def _keep_alive(self) -> None:
         while True:
@@ -408,7 +424,7 @@ class _JSONBody:
         self._keepalive: asyncio.Task | None = None
 
     async def admitted(self) -> None:
-        self._keepalive = asyncio.create_task(self._keep_alive())
+        self._keepalive = _keep_alive_task(self._keep_alive())
 
     async def _keep_alive(self) -> None:
         while True:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -696,6 +697,30 @@ def test_a_slow_non_streaming_response_sends_headers_and_whitespace_while_it_wai
     env.fakes["d0"].mode = env.fakes["d1"].mode = "ok"
     status, headers, body = post(env, "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
     assert status == 200 and "x-pdserve-route" in {k.lower() for k in headers}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_a_client_that_leaves_while_its_request_waits_frees_it_at_the_next_keep_alive(
+    env, monkeypatch, stream
+):
+    """aiohttp does not cancel a handler whose client left: the keep-alive write that finds
+    the connection gone does, so the request ends (and its decode call is aborted) before its
+    first token comes 2 s later."""
+    from services.router import openai_api
+
+    monkeypatch.setattr(openai_api, "SSE_KEEPALIVE_S", 0.2)
+    env.fakes["d0"].mode = env.fakes["d1"].mode = "slow"  # 2 s before the first token
+    host, port = env.http.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": "Leaving", "max_tokens": 2, "stream": stream}).encode()
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                 b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+    assert sock.recv(64).startswith(b"HTTP/1.1 200")  # admitted: the headers came
+    sock.close()
+    started = time.monotonic()
+    while env.router.router.num_inflight and time.monotonic() - started < 1.5:
+        time.sleep(0.05)
+    assert env.router.router.num_inflight == 0, "still waiting for a client that left"
 
 
 def test_a_router_without_decode_workers_is_alive_but_not_ready(env):
