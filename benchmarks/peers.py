@@ -611,7 +611,7 @@ def main() -> int:
     build = "not built"
     for name in names:
         if name in args.reuse:
-            results[name] = json.loads((LOGS / f"result-{name}.json").read_text())
+            results[name], build = load_reused(name, build)
             continue
         try:
             if name == "vllm":
@@ -623,6 +623,9 @@ def main() -> int:
             spec_path.write_text(json.dumps(spec))
             python = sys.executable if name == "pdserve" else None
             results[name] = run_peer(name, f"peer_{name}.py", spec_path, args.timeout, python)
+            if name == "llamacpp":  # kept with the result, for a later `--reuse` to report
+                results[name]["build"] = build
+                (LOGS / f"result-{name}.json").write_text(json.dumps(results[name]))
             add_bandwidth(name, results[name], work)
             print(f"{name}: {json.dumps(results[name])[:2000]}", flush=True)
         except PeerError as exc:
@@ -644,6 +647,13 @@ def main() -> int:
     if not args.no_write:
         write_section("peers", "Peers", body)
     return 1 if failures else 0
+
+
+def load_reused(name: str, build: str) -> tuple[dict, str]:
+    """A worker's result from its last run, and the llama.cpp build that run used (its own
+    record; `build` for any other worker)."""
+    result = json.loads((LOGS / f"result-{name}.json").read_text())
+    return result, result.get("build", build) if name == "llamacpp" else build
 
 
 def add_bandwidth(name: str, result: dict, work: dict) -> None:

@@ -112,8 +112,11 @@ class _GatheringBackend(AttentionBackend):
             _, block_size, kv_heads, head_dim = k_cache.shape
             # [Bd, L, KVH, D] → [Bd, KVH, L, D]
             length = meta.decode_max_len
-            ctx_k = k_cache[meta.decode_block_tables].view(bd, -1, kv_heads, head_dim)[:, :length]
-            ctx_v = v_cache[meta.decode_block_tables].view(bd, -1, kv_heads, head_dim)[:, :length]
+            # index_select over the flattened table: a third of advanced indexing's time on
+            # the CPU (60 calls a decode step for a 30-layer model).
+            blocks = meta.decode_block_tables.view(-1)
+            ctx_k = k_cache.index_select(0, blocks).view(bd, -1, kv_heads, head_dim)[:, :length]
+            ctx_v = v_cache.index_select(0, blocks).view(bd, -1, kv_heads, head_dim)[:, :length]
             ctx_k, ctx_v = ctx_k.transpose(1, 2), ctx_v.transpose(1, 2)
             q_dec = q.index_select(0, meta.decode_token_index).unsqueeze(2)  # [Bd, H, 1, D]
             o = self.decode(q_dec, ctx_k, ctx_v, meta.decode_mask, scale)  # [Bd, H, 1, D]

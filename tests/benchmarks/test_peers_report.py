@@ -49,3 +49,11 @@ def test_quality_table_names_the_precisions_no_worse_than_llamacpp():
     assert "| pdserve int8 | 3.5 | 1/2 | 87.5% | 10.100 |" in text
     assert "| llama.cpp Q4_1 | 2.5 | 0/2 | 62.5% | 10.300 |" in text
     assert text.endswith("llama.cpp's: pdserve none, pdserve int8.")
+
+
+def test_a_reused_llamacpp_result_reports_the_build_it_ran(tmp_path, monkeypatch):
+    monkeypatch.setattr(peers, "LOGS", tmp_path)
+    (tmp_path / "result-llamacpp.json").write_text('{"decode_step_s": 0.01, "build": "AVX-512"}')
+    (tmp_path / "result-vllm.json").write_text('{"decode_step_s": 0.03}')
+    assert peers.load_reused("llamacpp", "not built")[1] == "AVX-512"
+    assert peers.load_reused("vllm", "not built") == ({"decode_step_s": 0.03}, "not built")
