@@ -132,9 +132,12 @@ def serve_bare(port: int, block_bytes: int) -> None:
     server.wait_for_termination()
 
 
-def bare_grpc_rate(block_bytes: int, num_blocks: int, streams: int, repeats: int) -> float:
+def bare_grpc_rate(
+    block_bytes: int, num_blocks: int, streams: int, repeats: int
+) -> tuple[float, float]:
     """What grpcio itself moves on this machine: ``num_blocks`` messages on ``streams`` streams
-    of one channel, as GrpcTransport reads them (a server subprocess, as the kvstore is)."""
+    of one channel, as GrpcTransport reads them (a server subprocess, as the kvstore is).
+    Returns (bytes per second, CPU seconds per GB of client and server together)."""
     from concurrent.futures import ThreadPoolExecutor
 
     port = free_port()
@@ -155,7 +158,8 @@ def bare_grpc_rate(block_bytes: int, num_blocks: int, streams: int, repeats: int
                 )
             )
 
-        return best_rate(read_all, per_stream * streams * block_bytes, repeats)
+        nbytes = per_stream * streams * block_bytes
+        return best_rate(read_all, nbytes, repeats), cpu_s_per_gb(read_all, proc.pid, nbytes)
     finally:
         channel.close()
         proc.terminate()
@@ -239,7 +243,7 @@ def bench_block_size(
     finally:
         proc.terminate()
         proc.wait(30)
-    out["grpc_bare"] = bare_grpc_rate(block_bytes, n, 4, repeats)
+    out["grpc_bare"], out["grpc_bare_cpu"] = bare_grpc_rate(block_bytes, n, 4, repeats)
     return out
 
 
@@ -334,7 +338,7 @@ def main() -> None:
         print(
             f"{'block':>22} | {'memcpy':>8} | {'shm get':>8} | {'shm %':>6} | {'shm put':>8} | "
             f"{'gRPC get':>8} | {'gRPC %':>6} | {'gRPC put':>8} | {'bare gRPC':>9} | "
-            f"{'gRPC CPU s/GB get, put':>22}"
+            f"{'gRPC CPU s/GB get, put, bare':>28}"
         )
         rows = {}
         for name, size in (("SmolLM2-135M fp32", SMOLLM2), ("Llama-3-8B bf16", LLAMA3_8B)):
@@ -345,7 +349,7 @@ def main() -> None:
                 f"{100 * r['shm_get'] / r['memcpy']:5.1f}% | {r['shm_put'] / GB:6.2f}GB/s | "
                 f"{r['grpc_get'] / GB:6.2f}GB/s | {100 * r['grpc_get'] / r['memcpy']:5.1f}% | "
                 f"{r['grpc_put'] / GB:6.2f}GB/s | {r['grpc_bare'] / GB:7.2f}GB/s | "
-                f"{r['grpc_get_cpu']:10.2f}, {r['grpc_put_cpu']:.2f}"
+                f"{r['grpc_get_cpu']:10.2f}, {r['grpc_put_cpu']:.2f}, {r['grpc_bare_cpu']:.2f}"
             )
         ops = bench_small_ops(redis_url, workdir, 500 if args.quick else 3000)
         print(
