@@ -265,15 +265,20 @@ def test_killed_prefill_worker_costs_no_request(stack, client, oracle):
 
 def test_decode_worker_killed_mid_stream_under_concurrent_streams_loses_nothing(stack, oracle):
     """SIGKILL one decode worker while greedy streams run on both: every stream completes
-    with exactly the offline engine's tokens (migrated ones included), and no error."""
+    with exactly the offline engine's tokens (migrated ones included), and no error. The
+    killed worker is the one of a long, disaggregated prompt, so its migration takes the
+    prompt's blocks from the KV store, where the prefill worker stored them."""
     ids = worker_ids(stack)
     by_id = {v: k for k, v in ids.items()}
-    prompts = [f"Tell a long story about river number {i}." for i in range(3)]
+    water = "The water runs over stones and under bridges toward the distant sea. " * 8
+    prompts = [f"A river story, never told before. {water}Tell a long story about it."]
+    prompts += [f"Tell a long story about river number {i}." for i in range(1, 3)]
     num_tokens = 48
     params = SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True)
     done = oracle.generate([oracle.tokenizer.encode(p) for p in prompts], params)
     expected = {p: c.token_ids for p, c in zip(prompts, done, strict=True)}
     workers: dict[str, str] = {}  # prompt -> the decode worker its stream started on
+    disaggregated: dict[str, bool] = {}
     migrated = _scrape_migrations(stack)
 
     async def one(client, prompt, started):
@@ -282,6 +287,7 @@ def test_decode_worker_killed_mid_stream_under_concurrent_streams_loses_nothing(
                                          ignore_eos=True, timeout_s=300):  # fmt: skip
             if prompt not in workers:  # the route rides the first chunk only
                 workers[prompt] = chunk.route.decode_worker
+                disaggregated[prompt] = chunk.route.disaggregated
             tokens.extend(chunk.token_ids)
             if len(tokens) >= 4:
                 started.set()
@@ -300,6 +306,7 @@ def test_decode_worker_killed_mid_stream_under_concurrent_streams_loses_nothing(
     results = asyncio.run(main())
     for prompt, tokens in results:
         assert tokens == expected[prompt], prompt
+    assert disaggregated[prompts[0]]
     moved = [p for p in prompts if workers[p] == workers[prompts[0]]]
     assert _scrape_migrations(stack) - migrated >= len(moved)
     with Client(stack.grpc_address) as client:
