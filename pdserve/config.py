@@ -172,10 +172,11 @@ class WorkerSettings(ServiceSettings):
     max_message_bytes: int = Field(16 << 20, ge=1 << 20, description="gRPC send/receive limit")
     engine: EngineConfig = Field(
         default_factory=EngineConfig,
-        description="the engine (pdserve.engine.engine_config.EngineConfig): model, dtype, "
-        "quantization, device, block_size, kv_cache_bytes, max_num_seqs, "
-        "max_num_batched_tokens, max_model_len, attention_backend, num_threads, target_step_s, "
-        "prompt_drain_s, ... each set by its own flat name",
+        description="the engine (pdserve.engine.engine_config.EngineConfig); set its fields by "
+        "their own names: --model, --dtype, --quantization, --device, --block-size, "
+        "--kv-cache-bytes, --max-num-seqs, --max-num-batched-tokens, --max-model-len, "
+        "--attention-backend, --num-threads, --target-step-s, --prompt-drain-s, "
+        "--enable-prefix-caching, --seed (or the PDSERVE_<ROLE>_<NAME> variables)",
     )
     shutdown_grace_s: float = Field(5.0, ge=0)
 
