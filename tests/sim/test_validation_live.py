@@ -2,7 +2,7 @@
 
 The script itself runs, colocated only: a quick profile (``pdserve profile --quick``, the
 engine on CPU 1 while the stack idles beside it, dispatch through the stack), then four
-requests live with ``pdserve bench``'s replay at each of the two loads it derives from the
+requests live with ``pdserve bench``'s replay at each of two light loads it derives from the
 profile, each simulated with that profile. The full benchmark holds the 15 % target; on a
 shared CI machine this small run only checks that the pipeline holds together: the table and
 every file written, the same result shape live and simulated, every request served in both,
@@ -28,8 +28,9 @@ pytestmark = [
 
 
 def test_sim_validate_quick_runs_and_agrees_roughly(tmp_path, capsys):
+    # Light loads: little queueing, so a neighbour's burst on the shared cores moves TTFT less.
     rows = sim_validate.main(["--quick", "--modes", "colocated", "--num-requests", "4",
-                              "--out", str(tmp_path)])  # fmt: skip
+                              "--loads", "0.1,0.3", "--out", str(tmp_path)])  # fmt: skip
     assert [r["mode"] for r in rows] == ["colocated", "colocated"]
     assert rows[0]["rate"] < rows[1]["rate"]  # the two loads, in requests/s
     assert "sim validation [4 requests per run" in capsys.readouterr().out
