@@ -143,7 +143,7 @@ class EngineWorker(abc.ABC):
             self._expire()
             if self.engine.has_unfinished:
                 self._step()
-            else:
+            if not self.engine.has_unfinished or self.engine.last_step_was_empty:
                 self._inbox.wait(self._idle_wait_s())
             self._publish_load()
             self._after_iteration()

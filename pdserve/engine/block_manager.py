@@ -56,6 +56,7 @@ class BlockManager:
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._cached: dict[BlockKey, int] = {}
         self.num_evictions = 0
+        self.num_reserved_blocks = 0  # held by KV loads (`reserve`) until `release_reserved`
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -233,7 +234,9 @@ class BlockManager:
     def reserve(self, num_blocks: int) -> list[int]:
         """Up to `num_blocks` free blocks, referenced once by the caller (a KV load): no
         sequence is handed them and no eviction takes them until `release_reserved`."""
-        return self._take_free_blocks(min(num_blocks, self.num_free_blocks))
+        block_ids = self._take_free_blocks(min(num_blocks, self.num_free_blocks))
+        self.num_reserved_blocks += len(block_ids)
+        return block_ids
 
     def release_reserved(
         self, block_ids: SequenceABC[int], cached: SequenceABC[tuple[BlockKey, SequenceABC[int]]]
@@ -241,6 +244,7 @@ class BlockManager:
         """Drop the caller's reference on reserved blocks; `cached[i]` = (key, tokens) puts
         `block_ids[i]` in the prefix cache first (its bytes were loaded), unless that key is
         already cached by another block."""
+        self.num_reserved_blocks -= len(block_ids)
         for i, block_id in enumerate(block_ids):
             block = self.blocks[block_id]
             if i < len(cached) and self.enable_prefix_caching and cached[i][0] not in self._cached:

@@ -153,6 +153,9 @@ class LLMEngine:
         self.sampler = Sampler(config.seed)
         self.stats = EngineStats()
         self.step_costs = StepCosts()
+        # The last step scheduled nothing: what runs the engine should wait for news (a KV load
+        # committing, a new request) rather than step again at once.
+        self.last_step_was_empty = False
         self._requests: dict[str, _Request] = {}
         self._arrivals = itertools.count()
         self._request_ids = itertools.count()
@@ -287,6 +290,7 @@ class LLMEngine:
         """One iteration: schedule, execute, update. `on_layer_done(layer, plan)` is called as
         each layer finishes writing this step's KV (telemetry), before the `kv_saver` sees it."""
         plan = self.scheduler.schedule(self._prompt_budget())
+        self.last_step_was_empty = plan.is_empty
         if plan.is_empty:
             return self._fail_unschedulable()
         started_s = time.perf_counter()
@@ -413,6 +417,10 @@ class LLMEngine:
 
     def _fail_unschedulable(self) -> list[RequestOutput]:
         if not self.scheduler.has_unfinished:
+            return []
+        if self.block_manager.num_reserved_blocks:
+            # KV loads hold blocks they give back when they commit or are released: the head
+            # request waits for them instead of failing as if it could never fit.
             return []
         # Nothing fits even with every block free: the head request can never run.
         seq = self.scheduler.waiting[0]

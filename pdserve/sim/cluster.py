@@ -392,7 +392,9 @@ class Simulator:
         if self.config.fast_forward and self._start_stretch(rep, t):
             return
         plan = rep.sched.schedule(rep.prompt_budget())
-        while plan.is_empty and rep.sched.waiting and not rep.sched.running:
+        # As the engine: blocks that KV loads hold come back, so the head request waits.
+        while (plan.is_empty and rep.sched.waiting and not rep.sched.running
+               and not rep.bm.num_reserved_blocks):  # fmt: skip
             self._fail_unschedulable(rep, t)
             plan = rep.sched.schedule(rep.prompt_budget())
         if plan.is_empty:
@@ -527,6 +529,8 @@ class Simulator:
             self._decode_call_ended(decode.worker_id, flight)
             if flight.reserved is not None:
                 self._close_load(decode, flight, 0)
+                if decode.stretch is None and not decode.busy:  # a request may wait on those
+                    self._start_step(decode, t)
         self.num_inflight -= 1
         del self.flights[str(flight.record.index)]
 

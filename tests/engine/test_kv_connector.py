@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.kv_connector import KVSaver
+from pdserve.engine.llm_engine import kv_block_nbytes
 from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
 
@@ -144,3 +146,25 @@ def test_first_token_that_finishes_the_request_is_its_only_output(make_engine, l
         (rid, [42], "length")
     ]
     assert not eng.has_unfinished and eng.num_free_kv_blocks == eng.num_kv_blocks
+
+
+def test_a_request_waits_for_blocks_that_kv_loads_hold_instead_of_failing(
+    make_engine, long_text_ids
+):
+    """Overlapped handoffs reserve their blocks while the prefill runs elsewhere: a request
+    that does not fit beside them must wait for them, not fail as if it could never fit."""
+    block_bytes = kv_block_nbytes(EngineConfig(quantization="none", block_size=16))
+    eng = make_engine(kv_cache_bytes=8 * block_bytes, block_size=16)
+    assert eng.num_kv_blocks == 8
+    prompt = long_text_ids[:100]  # 7 blocks with its output
+    load = eng.start_load("held", long_text_ids[200:296], 6)  # 6 of the 8 blocks reserved
+    assert load.num_to_load == 6 and eng.block_manager.num_reserved_blocks == 6
+    eng.add_request(prompt, GREEDY, request_id="later")
+    assert eng.step() == [] and eng.last_step_was_empty
+    assert eng.has_unfinished  # still waiting, not failed
+    eng.release_load(load)
+    assert eng.block_manager.num_reserved_blocks == 0
+    outputs = []
+    while eng.has_unfinished:
+        outputs += eng.step()
+    assert outputs[-1].finished and outputs[-1].finish_reason == "length"
