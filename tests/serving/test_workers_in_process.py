@@ -97,7 +97,13 @@ def workers(store, checkpoint):
         connect=lambda source: InProcessTransport(store),
     )  # fmt: skip
     decode = DecodeWorker(
-        DecodeSettings(hbm_publish_interval_s=0, **COMMON), checkpoint=checkpoint,
+        # Generous handoff waits: on a loaded machine the overlapped test's prefill may be
+        # submitted, or a fetch may end, later than the defaults (5 s, 2 s), past which the
+        # decode (rightly) recomputes alone and the exact-fetch assertions would not hold.
+        DecodeSettings(
+            hbm_publish_interval_s=0, handoff_wait_s=60, kv_fetch_timeout_s=60, **COMMON
+        ),
+        checkpoint=checkpoint,
         worker_id="d-1", address="in-process:1", fetcher=fetcher,
         follower=DirectFollower(prefill), registry=registry,
     )  # fmt: skip
