@@ -107,9 +107,17 @@ class EngineWorker(abc.ABC):
     @abc.abstractmethod
     def _capacity(self) -> dict[str, int]: ...
 
-    @abc.abstractmethod
     def _load_fields(self) -> dict[str, float]:
-        """The load part of the registry entry, from ``self.load``."""
+        """The load part of the registry entry, from ``self.load`` (both roles' snapshots carry
+        these fields; a role adds its own)."""
+        load = self.load
+        return {
+            "running": load.running,
+            "waiting": load.waiting,
+            "num_free_blocks": load.num_free_blocks,
+            "step_ms": round(load.step_ms, 3),
+            "pending_prompt_tokens": load.pending_prompt_tokens,
+        }
 
     # ---- the job table (any thread) ----
 

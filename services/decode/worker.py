@@ -243,15 +243,7 @@ class DecodeWorker(EngineWorker):
         }
 
     def _load_fields(self) -> dict[str, float]:
-        load = self.load
-        return {
-            "running": load.running,
-            "waiting": load.waiting,
-            "num_free_blocks": load.num_free_blocks,
-            "num_cached_blocks": load.num_cached_blocks,
-            "step_ms": round(load.step_ms, 3),
-            "pending_prompt_tokens": load.pending_prompt_tokens,
-        }
+        return {**super()._load_fields(), "num_cached_blocks": self.load.num_cached_blocks}
 
     # ---- the API (any thread) ----
 

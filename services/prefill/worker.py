@@ -245,16 +245,6 @@ class PrefillWorker(EngineWorker, KVSaver):
             "max_num_batched_tokens": self.settings.engine.max_num_batched_tokens,
         }
 
-    def _load_fields(self) -> dict[str, float]:
-        load = self.load
-        return {
-            "running": load.running,
-            "waiting": load.waiting,
-            "num_free_blocks": load.num_free_blocks,
-            "step_ms": round(load.step_ms, 3),
-            "pending_prompt_tokens": load.pending_prompt_tokens,
-        }
-
     # ---- the API (any thread) ----
 
     def submit(
