@@ -219,3 +219,13 @@ def test_roofline_regimes_and_sizes():
     assert parse_gpu("H200=5.0").price_per_hour == 5.0
     custom = parse_gpu("X1:500:2:96:400:25:3.5")
     assert (custom.peak_flops, custom.hbm_bytes, custom.price_per_hour) == (500e12, 96e9, 3.5)
+
+
+def test_a_request_waits_for_blocks_an_overlapped_load_reserves():
+    # The 200-token prompt's overlapped handoff reserves 12 of the decode worker's 16 blocks
+    # while it prefills; the local 100-token request arriving then needs 7. It waits for them,
+    # as the engine does, instead of failing as if it could never fit.
+    small = replace(LINEAR, limits=EngineLimits(16, 16, 8, 64))
+    config = SimConfig(1, 1, threshold_tokens=128, overlap_handoff=True, deadline_s=60.0, **T)
+    res = simulate([Request(0.0, 200, 3), Request(0.01, 100, 2)], config, small)
+    assert [r["error"] for r in res["requests"]] == [None, None]
