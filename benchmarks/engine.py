@@ -258,7 +258,5 @@ def main() -> None:
         write_section("engine", "Engine", body)
 
 
-
-
 if __name__ == "__main__":
     main()

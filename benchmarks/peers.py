@@ -584,8 +584,6 @@ def report(
     )
 
 
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="engine.py's --quick workload sizes")

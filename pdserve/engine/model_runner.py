@@ -153,6 +153,7 @@ class ModelRunner:
     @property
     def layer_nbytes(self) -> int:
         return self.kv_pool[0, :, 0].numel() * self.kv_pool.element_size()
+
     def write_layer(self, layer: int, block_ids: SequenceABC[int], payloads) -> None:
         """The inverse of `read_layer`: one layer's slice of each block, from bytes."""
         shape = self.kv_pool[layer, :, 0].shape  # [2, block_size, KVH, D]
@@ -161,4 +162,3 @@ class ModelRunner:
                 raise ValueError(f"a layer slice is {self.layer_nbytes} bytes, got {len(payload)}")
             raw = torch.frombuffer(payload, dtype=torch.uint8).view(self.dtype).view(shape)
             self.kv_pool[layer, :, block_id] = raw.to(self.device)
-

@@ -303,7 +303,9 @@ class Simulator:
         """The router's ``_loads``: its own counts, or the worker's report when higher."""
         return [
             policy.worker_load(
-                r.worker_id, r.report, self.config.max_inflight_per_worker,
+                r.worker_id,
+                r.report,
+                self.config.max_inflight_per_worker,
                 own_inflight=self.inflight[r.worker_id],
                 own_queued_tokens=self.queued_tokens[r.worker_id],
                 cached_tokens=r.cached_tokens(keys),
@@ -339,7 +341,9 @@ class Simulator:
         decode = self.replicas[plan.decode.worker_id]
         wait_s = self._decode_wait_s(decode, req.num_prefill_tokens + req.num_decode_tokens)
         if wait_s is None:
-            record.error = "rejected: prompt + max_tokens needs more KV blocks than a decode worker has"
+            record.error = (
+                "rejected: prompt + max_tokens needs more KV blocks than a decode worker has"
+            )
             return False
         ttft = policy.predict_ttft_s(queued, plan.uncached_tokens, rate) + wait_s
         verdict = policy.admit(self.num_inflight, self.config.max_inflight_requests, ttft,
@@ -458,7 +462,9 @@ class Simulator:
         self.inflight[wid] -= 1
         self.queued_tokens[wid] -= flight.plan.uncached_tokens
         # as the router times its Prefill call: from the call to the reply, queueing included
-        self._observe_rate(seq.num_prompt_tokens - seq.num_cached_tokens, t - flight.req.arrived_at_s)
+        self._observe_rate(
+            seq.num_prompt_tokens - seq.num_cached_tokens, t - flight.req.arrived_at_s
+        )
         n = flight.req.num_prefill_tokens
         ready = self.cost.handoff_ready_s(flight.prefill_start_s, t, n)
         decode = self.replicas[flight.plan.decode.worker_id]
@@ -488,7 +494,12 @@ class Simulator:
     def _close_load(self, rep: _Replica, flight: _Flight, num_loaded_blocks: int) -> None:
         """Commit the first ``num_loaded_blocks`` reserved blocks to the prefix cache and free
         the rest (``LLMEngine``'s commit of a KV load, or its release with 0)."""
-        bs, prompt, keys, first = rep.bm.block_size, flight.prompt_ids, flight.keys, flight.load_first
+        bs, prompt, keys, first = (
+            rep.bm.block_size,
+            flight.prompt_ids,
+            flight.keys,
+            flight.load_first,
+        )
         cached = [(keys.get(i), prompt[i * bs : (i + 1) * bs])
                   for i in range(first, first + num_loaded_blocks)]  # fmt: skip
         rep.bm.release_reserved(flight.reserved, cached)

@@ -162,8 +162,10 @@ def profile(
     ] = None,
     handoff: Annotated[
         bool,
-        typer.Option("--handoff/--no-handoff",
-                     help="with --url: also fit the KV handoff (the stack has a prefill worker)"),
+        typer.Option(
+            "--handoff/--no-handoff",
+            help="with --url: also fit the KV handoff (the stack has a prefill worker)",
+        ),
     ] = True,
     quick: Annotated[
         bool, typer.Option("--quick", help="a few engine shapes only (a rough, fast profile)")
@@ -258,9 +260,11 @@ def sim(
     ] = True,
     overlap_handoff: Annotated[
         bool,
-        typer.Option("--overlap-handoff/--sequential-handoff",
-                     help="the router's handoff: overlapped as pdserve up runs it, or sequential "
-                     "(the router's own default)"),
+        typer.Option(
+            "--overlap-handoff/--sequential-handoff",
+            help="the router's handoff: overlapped as pdserve up runs it, or sequential "
+            "(the router's own default)",
+        ),
     ] = True,
 ) -> None:
     """Simulate a cluster on a workload with the router's policy and the engine's scheduler."""
