@@ -11,6 +11,7 @@ overhead outside them (issue 10's target: at most 1.10).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -75,7 +76,7 @@ def main() -> None:
     step_s = statistics.median(times)
     mm_s = products_s(engine)
     print(f"{cpu_model()}, {args.threads} threads, {engine.quantization} ({engine.dtype}); "
-          f"1-min load average {__import__('os').getloadavg()[0]:.1f}")  # fmt: skip
+          f"1-min load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print(f"decode step, batch 1: median {step_s * 1e3:.2f} ms, min {min(times) * 1e3:.2f} ms "
           f"({1 / step_s:.1f} tok/s)")  # fmt: skip
     print(f"its matrix products alone: {mm_s * 1e3:.2f} ms; step / products = {step_s / mm_s:.2f}")

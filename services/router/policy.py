@@ -48,7 +48,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pdserve.engine.step_costs import MIN_PROMPT_CHUNK_TOKENS, StepCosts
+from pdserve.engine.step_costs import StepCosts
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,6 @@ class CostModel:
     prefill_tokens_per_s: float = 2000.0  # prompt throughput of a worker that reported none
     decode_step_s: float = 0.05  # decode-only step of a worker that reported none
     max_chunk_tokens: int = 512  # the decode worker's token budget per step
-    min_chunk_tokens: int = MIN_PROMPT_CHUNK_TOKENS  # what a step carries however tight
     target_step_s: float = 0.1  # a decode worker's step target, until it reports its own
     prompt_drain_s: float | None = 0.5  # its time to drain queued prompts, likewise
     handoff_s: float = 0.02  # fixed cost of a handoff (decode RPC, last layer's transfer)
@@ -240,14 +239,22 @@ def local_chunk_tokens(decode: WorkerLoad, uncached_tokens: int, costs: CostMode
     return costs.max_chunk_tokens if budget is None else budget
 
 
+def _local_prefill(
+    decode: WorkerLoad, uncached_tokens: int, costs: CostModel
+) -> tuple[StepCosts, int, int]:
+    """The decode worker's step costs, the prompt work a local prefill joins (its queue and
+    this prompt) and the steps that work takes: chunked next to running decodes, else one."""
+    step = _step_costs(decode, costs)
+    work = decode.queued_prefill_tokens + uncached_tokens
+    if not decode.num_running:
+        return step, work, 1
+    return step, work, math.ceil(work / local_chunk_tokens(decode, uncached_tokens, costs))
+
+
 def predict_local_ttft_s(decode: WorkerLoad, uncached_tokens: int, costs: CostModel) -> float:
     """The decode worker's queued prompts and this one, chunked next to its running decodes
     (in one step when nothing decodes there)."""
-    step = _step_costs(decode, costs)
-    work = decode.queued_prefill_tokens + uncached_tokens
-    steps = 1
-    if decode.num_running:
-        steps = math.ceil(work / local_chunk_tokens(decode, uncached_tokens, costs))
+    step, work, steps = _local_prefill(decode, uncached_tokens, costs)
     return steps * (step.base_step_s + step.prompt_step_s) + work * step.prompt_token_s
 
 
@@ -264,9 +271,7 @@ def local_tpot_s(decode: WorkerLoad, uncached_tokens: int, costs: CostModel) -> 
     Without output lengths, the step it makes while prefilling."""
     if decode.min_output_tokens < 2:
         return local_step_s(decode, uncached_tokens, costs)
-    step = _step_costs(decode, costs)
-    work = decode.queued_prefill_tokens + uncached_tokens
-    steps = math.ceil(work / local_chunk_tokens(decode, uncached_tokens, costs))
+    step, work, steps = _local_prefill(decode, uncached_tokens, costs)
     added_s = steps * step.prompt_step_s + work * step.prompt_token_s
     return step.base_step_s + added_s / (decode.min_output_tokens - 1)
 

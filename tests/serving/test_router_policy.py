@@ -86,7 +86,7 @@ def test_disaggregation_threshold_and_colocated():
 # Round numbers: 1,000 prompt tokens/s everywhere, 40 ms decode steps, 50 ms handoff, a
 # 100 ms step target (so 60-token chunks next to decodes), no drain time.
 COSTS = CostModel(
-    prefill_tokens_per_s=1000.0, decode_step_s=0.04, max_chunk_tokens=512, min_chunk_tokens=32,
+    prefill_tokens_per_s=1000.0, decode_step_s=0.04, max_chunk_tokens=512,
     handoff_s=0.05, handoff_s_per_token=0.0, tpot_slo_s=0.15, target_step_s=0.1,
     prompt_drain_s=None,
 )  # fmt: skip
@@ -124,9 +124,7 @@ def test_cost_tpot_of_running_streams_is_their_average_over_their_output():
     """One slow step among 32 tokens costs a stream little of its time per token; without
     output lengths the step itself must stay within the SLO."""
     costly = dataclasses.replace(BUSY, step_s=0.05, prompt_step_s=0.09, prompt_drain_s=0.6)
-    assert local_tpot_s(costly, 256, COSTS) == pytest.approx(
-        local_step_s(costly, 256, COSTS)
-    )
+    assert local_tpot_s(costly, 256, COSTS) == pytest.approx(local_step_s(costly, 256, COSTS))
     assert local_tpot_s(costly, 256, COSTS) > COSTS.tpot_slo_s
     streams = dataclasses.replace(costly, min_output_tokens=32)
     assert local_tpot_s(streams, 256, COSTS) == pytest.approx(0.05 + (3 * 0.09 + 0.256) / 31)
