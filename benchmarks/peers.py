@@ -189,7 +189,7 @@ def llamacpp_build(flags: frozenset[str]) -> tuple[str, str]:
 def setup_llamacpp() -> str:
     """Install llama-cpp-python built for this CPU (`llamacpp_build`); a venv built another way
     is rebuilt. Returns the build's description."""
-    from pdserve.model.quant import cpu_flags
+    from pdserve.cpu_kernels import cpu_flags
 
     name, log = "llamacpp", LOGS / "setup-llamacpp.log"
     described, cmake_args = llamacpp_build(cpu_flags())

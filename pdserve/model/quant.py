@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from functools import cache
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pdserve.cpu_kernels import cpu_flags
 from pdserve.model.config import ModelConfig
 from pdserve.model.gguf_reader import (
     Q4_0,
@@ -48,24 +49,11 @@ INT4_GROUP_SIZE = 32  # the GGUF 4-bit block: 32 weights share a scale and a min
 # dequantized weights.
 MAX_QUANTIZED_ROWS = 4
 # Bump when what `state()` holds changes (it keys the cache entry).
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 # The int4 kernel packs rows in tiles of 16 and needs an input width that fills its k-tiles.
 _INT4_ROW_MULTIPLE = 16
 _Q4_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
 _Q4_1_BLOCK = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
-
-
-@cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
 
 
 def native_bf16(flags: frozenset[str] | None = None) -> bool:
@@ -136,7 +124,8 @@ class DenseLinear(Linear):
 
 
 class Int8Linear(Linear):
-    """int8 weights, one bf16 scale per output row."""
+    """int8 weights, one bf16 scale per output row: PyTorch's kernel up to MAX_QUANTIZED_ROWS
+    rows, pdserve's native kernel up to cpu_kernels.MAX_KERNEL_ROWS, a dense bf16 copy beyond."""
 
     kind = "int8"
 
@@ -146,6 +135,8 @@ class Int8Linear(Linear):
         self.scales = scales.to(torch.bfloat16).contiguous()
         self.dense = dense
         self.out_features = qweight.shape[0]
+        self._native = _native_products(qweight.shape[1], self.out_features)
+        self._native_scales = self.scales.float() if self._native is not None else None
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Int8Linear:
@@ -157,9 +148,14 @@ class Int8Linear(Linear):
         return cls(q, scales, w.to(torch.bfloat16))
 
     def __call__(self, x):
-        if x.shape[0] > MAX_QUANTIZED_ROWS:
-            return F.linear(x, self.dense)
-        return torch._weight_int8pack_mm(x, self.qweight, self.scales)
+        rows = x.shape[0]
+        if rows <= MAX_QUANTIZED_ROWS:
+            return torch._weight_int8pack_mm(x, self.qweight, self.scales)
+        if self._native is not None and rows <= self._native.max_rows:
+            return self._native.kernels.int8_linear(
+                x.contiguous(), self.qweight, self._native_scales
+            )
+        return F.linear(x, self.dense)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of the dense copy ([T] → [T, in]): the embedding lookup of a tied table."""
@@ -174,19 +170,28 @@ class Int8Linear(Linear):
 
 
 class Int4Linear(Linear):
-    """4-bit weights in groups of INT4_GROUP_SIZE input columns, each with a bf16 scale and zero:
-    w = (q − 8) · scale + zero, q in 0..15. The packed layout is the kernel's own and differs
-    between CPU kinds (AVX-512, AVX2), so a cached copy is keyed by the CPU capability."""
+    """4-bit weights in groups of INT4_GROUP_SIZE input columns: w = q · scale + min, q in 0..15.
+
+    Three forms of the same weights, one per row count (measured in benchmarks/cpu_kernels.py):
+    - up to MAX_QUANTIZED_ROWS rows: PyTorch's int4 kernel on its own packed layout, with bf16
+      scale and zero ((q − 8) · scale + zero, zero = min + 8 · scale). That layout differs
+      between CPU kinds (AVX-512, AVX2), so a cached copy is keyed by the CPU capability;
+    - up to cpu_kernels.MAX_KERNEL_ROWS rows: pdserve's native kernel on the GGUF's own blocks
+      (`blocks`: nibbles in GGUF order, fp32 scales and minimums), which dequantizes each weight
+      once per call however many rows run against it;
+    - more rows (prefill chunks): a dense bf16 copy."""
 
     kind = "int4"
 
-    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, dense: torch.Tensor):
-        # packed [out, in / 2] uint8; scales_and_zeros [in / group, out, 2] bf16; dense [out, in]
-        # bf16, the same weights for many-row inputs
+    def __init__(self, packed, scales_and_zeros, blocks: Int4Blocks, dense: torch.Tensor):
+        # packed [out, in / 2] uint8 (torch's layout); scales_and_zeros [in / group, out, 2]
+        # bf16; dense [out, in] bf16
         self.packed = packed
         self.scales_and_zeros = scales_and_zeros
+        self.blocks = blocks
         self.dense = dense
         self.out_features = packed.shape[0]
+        self._native = _native_products(blocks.qs.shape[1] * 2, self.out_features)
 
     @classmethod
     def from_parts(cls, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray) -> Int4Linear:
@@ -200,9 +205,16 @@ class Int4Linear(Linear):
         pairs = np.stack([scales, zeros], axis=-1).transpose(1, 0, 2)  # [in / group, out, 2]
         groups = q.reshape(out_features, -1, INT4_GROUP_SIZE).astype(np.float32) - 8
         dense = groups * scales[..., None] + zeros[..., None]
+        halves = q.reshape(out_features, -1, 2, INT4_GROUP_SIZE // 2)
+        blocks = Int4Blocks(
+            torch.from_numpy((halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(out_features, -1)),
+            torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(zeros - 8 * scales, dtype=np.float32)),
+        )
         return cls(
             packed,
             torch.from_numpy(np.ascontiguousarray(pairs)).to(torch.bfloat16),
+            blocks,
             torch.from_numpy(dense.reshape(out_features, in_features)).to(torch.bfloat16),
         )
 
@@ -212,22 +224,56 @@ class Int4Linear(Linear):
         return cls.from_parts(*_int4_from_values(weight))
 
     def __call__(self, x):
-        if x.shape[0] > MAX_QUANTIZED_ROWS:
-            return F.linear(x, self.dense)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros
-        )
+        rows = x.shape[0]
+        if rows <= MAX_QUANTIZED_ROWS:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros
+            )
+        if self._native is not None and rows <= self._native.max_rows:
+            b = self.blocks
+            return self._native.kernels.int4_linear(x.contiguous(), b.qs, b.scales, b.mins)
+        return F.linear(x, self.dense)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {
             "packed": self.packed,
             "scales_and_zeros": self.scales_and_zeros,
+            "qs": self.blocks.qs,
+            "block_scales": self.blocks.scales,
+            "block_mins": self.blocks.mins,
             "dense": self.dense,
         }
 
     @property
     def nbytes(self):
         return self.packed.numel() + self.scales_and_zeros.numel() * 2
+
+
+@dataclass
+class Int4Blocks:
+    qs: torch.Tensor  # [out, in / 2] uint8: per group, byte j holds element j and j + 16
+    scales: torch.Tensor  # [out, in / group] fp32
+    mins: torch.Tensor  # [out, in / group] fp32
+
+
+@dataclass
+class _NativeProducts:
+    kernels: object  # pdserve.cpu_kernels.Kernels
+    max_rows: int
+
+
+def _native_products(in_features: int, out_features: int) -> _NativeProducts | None:
+    """The native kernel for a projection of this shape, where it loads and fits the shape."""
+    from pdserve import cpu_kernels
+
+    native = cpu_kernels.kernels()
+    if (
+        native is None
+        or in_features % cpu_kernels.GROUP_SIZE
+        or out_features % cpu_kernels.OUT_MULTIPLE
+    ):
+        return None
+    return _NativeProducts(native, cpu_kernels.MAX_KERNEL_ROWS)
 
 
 def linear_from_state(state: dict[str, torch.Tensor]) -> Linear:
@@ -237,7 +283,8 @@ def linear_from_state(state: dict[str, torch.Tensor]) -> Linear:
     `_weight_int4pack_mm_for_cpu`); the dense copy stays mapped (`F.linear` has no such need)."""
     copy = {name: t if name == "dense" else t.clone() for name, t in state.items()}
     if "packed" in copy:
-        return Int4Linear(copy["packed"], copy["scales_and_zeros"], copy["dense"])
+        blocks = Int4Blocks(copy["qs"], copy["block_scales"], copy["block_mins"])
+        return Int4Linear(copy["packed"], copy["scales_and_zeros"], blocks, copy["dense"])
     return Int8Linear(copy["qweight"], copy["scales"], copy["dense"])
 
 

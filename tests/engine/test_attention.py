@@ -4,6 +4,7 @@ prefix, paged decode, grouped-query heads, lengths that straddle block boundarie
 import pytest
 import torch
 
+from pdserve import cpu_kernels
 from pdserve.engine.attention import (
     AttentionMetadata,
     PrefillSegment,
@@ -105,6 +106,40 @@ def test_sdpa_matches_reference_on_cpu(dtype, tol):
     torch.testing.assert_close(
         run(SdpaBackend(), case).float(), run(ReferenceBackend(), case).float(), atol=tol, rtol=tol
     )
+
+
+@pytest.fixture
+def native_spy():
+    """The native kernels with their decode attention counted."""
+    native = cpu_kernels.kernels()
+    if native is None:
+        pytest.skip("no native kernels on this machine")
+    calls = []
+
+    class Spy:
+        def supports_attention(self, *shape):
+            return native.supports_attention(*shape)
+
+        def paged_decode_attention(self, *args):
+            calls.append(args[0].shape)
+            return native.paged_decode_attention(*args)
+
+    return Spy(), calls
+
+
+def test_native_paged_decode_matches_reference_on_a_bf16_pool(native_spy):
+    spy, calls = native_spy
+    case = build_case("cpu", torch.bfloat16)
+    got = run(SdpaBackend(spy), case).float()
+    torch.testing.assert_close(got, run(ReferenceBackend(), case).float(), atol=2e-2, rtol=2e-2)
+    assert calls == [(2, HEADS, HEAD_DIM)]  # the step's two decodes, in one call
+
+
+def test_the_exact_fp32_path_keeps_sdpa_for_decodes(native_spy):
+    spy, calls = native_spy
+    case = build_case("cpu", torch.float32)
+    torch.testing.assert_close(run(SdpaBackend(spy), case), run(SdpaBackend(), case))
+    assert calls == []
 
 
 def test_backend_writes_new_kv_into_pool():

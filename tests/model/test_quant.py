@@ -10,6 +10,7 @@ from conftest import write_tiny_gguf
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
+from pdserve import cpu_kernels
 from pdserve.model import quant
 from pdserve.model.loader import load_checkpoint, load_quantized
 from pdserve.model.quant import (
@@ -60,13 +61,33 @@ def test_int8_linear_rounds_each_row_to_its_scale():
 
 
 @pytest.mark.parametrize("kind", [Int4Linear, Int8Linear])
-def test_many_rows_run_the_dense_copy_of_the_same_weights(kind):
+@pytest.mark.parametrize("rows", [quant.MAX_QUANTIZED_ROWS + 4, cpu_kernels.MAX_KERNEL_ROWS + 3])
+def test_every_row_count_computes_the_same_product(kind, rows):
+    """Few rows run PyTorch's kernel, more the native kernel (where it loads), more still the
+    dense bf16 copy: one product whichever runs."""
     w = torch.randn(32, 64)
     linear = kind.quantize(w.numpy() if kind is Int4Linear else w)
-    x = torch.randn(quant.MAX_QUANTIZED_ROWS + 4, 64).bfloat16()
-    many = linear(x).float()  # the dense bf16 product
-    few = torch.cat([linear(x[i : i + 1]) for i in range(x.shape[0])]).float()  # the kernel
+    x = torch.randn(rows, 64).bfloat16()
+    many = linear(x).float()
+    few = torch.cat([linear(x[i : i + 1]) for i in range(x.shape[0])]).float()
     assert (many - few).norm() / few.norm() < 2e-2
+
+
+@pytest.mark.parametrize("kind", [Int4Linear, Int8Linear])
+def test_rows_past_the_few_row_kernel_run_the_native_kernel(kind, monkeypatch):
+    if cpu_kernels.kernels() is None:
+        pytest.skip("no native kernels on this machine")
+    w = torch.randn(32, 64)
+    linear = kind.quantize(w.numpy() if kind is Int4Linear else w)
+    calls = []
+    native = linear._native.kernels
+    wrapped = getattr(native, f"{kind.kind}_linear")
+    monkeypatch.setattr(native, f"{kind.kind}_linear", lambda *a: calls.append(1) or wrapped(*a))
+    linear(torch.randn(quant.MAX_QUANTIZED_ROWS, 64).bfloat16())
+    linear(torch.randn(cpu_kernels.MAX_KERNEL_ROWS + 1, 64).bfloat16())
+    assert calls == []
+    linear(torch.randn(quant.MAX_QUANTIZED_ROWS + 1, 64).bfloat16())
+    assert calls == [1]
 
 
 def test_int4_rejects_shapes_the_kernel_cannot_pack():

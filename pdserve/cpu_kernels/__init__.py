@@ -1,0 +1,186 @@
+"""Native CPU kernels: 4-bit / int8 weight products for a few rows and decode attention over
+the paged KV pool, in C++ with AVX-512 (with its bf16 dot product) or AVX2 intrinsics.
+
+The sources are compiled with g++ once per instruction set into the pdserve cache
+(`<cache_dir>/cpu_kernels/<key>/`, keyed by the sources, the compiler and the set), the first
+time a process asks for them or by `python -m pdserve.cpu_kernels` (what `make setup` runs).
+Which build runs follows the CPU's flags, widest first: `amx` (AMX tiles for products of more
+than 4 rows) where the CPU has AMX-BF16 and the kernel grants tile state, `avx512_bf16` where it
+has AVX-512 with bf16 arithmetic, `avx2` where it has AVX2 and FMA, none otherwise. Without a build (no compiler, an
+older CPU, or PDSERVE_CPU_KERNELS=0) every caller keeps its pure-torch path, which computes the
+same products.
+
+The library shares PyTorch's OpenMP runtime (torch ships `libgomp.so.1`, which the process has
+loaded by the time these load), so its threads are torch's threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import structlog
+import torch
+
+log = structlog.get_logger(__name__)
+
+DISABLE_ENV = "PDSERVE_CPU_KERNELS"
+_SOURCES = ("quant_gemm.cpp", "paged_attention.cpp")
+_HEADERS = ("vec.h",)
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
+           "-mf16c"]  # fmt: skip
+_ISA_FLAGS = {  # widest first
+    "amx": [*_AVX512, "-mamx-tile", "-mamx-bf16"],
+    "avx512_bf16": _AVX512,
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+}
+_AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"}
+_ISA_REQUIRES = {
+    "amx": {*_AVX512_FLAGS, "amx_tile", "amx_bf16"},
+    "avx512_bf16": _AVX512_FLAGS,
+    "avx2": {"avx2", "fma", "f16c"},
+}
+# Products per kernel call: the kernels re-read nothing per row, but above this many rows the
+# dense bf16 copy (oneDNN, AMX where present) computes faster (benchmarks/cpu_kernels.py).
+MAX_KERNEL_ROWS = 64
+GROUP_SIZE = 32  # inputs per 4-bit block; every kernel needs `in` to be a multiple of it
+OUT_MULTIPLE = 4  # output rows the product kernels dequantize together
+_INT64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def isas_for(flags: frozenset[str]) -> list[str]:
+    """The kernel builds `flags` can run, widest first."""
+    return [isa for isa, required in _ISA_REQUIRES.items() if required <= flags]
+
+
+def _build_dir(isa: str, compiler: str) -> Path:
+    from pdserve.model.loader import default_cache_dir  # the model package imports this one
+
+    digest = hashlib.blake2b(digest_size=12)
+    here = Path(__file__).parent
+    for name in (*_SOURCES, *_HEADERS):
+        digest.update((here / name).read_bytes())
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    digest.update(f"{isa}\0{version}\0{sys.platform}".encode())
+    return default_cache_dir() / "cpu_kernels" / f"{isa}-{digest.hexdigest()}"
+
+
+def build(isa: str) -> Path:
+    """Compile the kernels for `isa` into the cache (once) and return the library's path."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    target = _build_dir(isa, compiler) / "libpdserve_cpu.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    here = Path(__file__).parent
+    # A unique temporary name, then an atomic rename: concurrent builders never see a torn file.
+    fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
+    os.close(fd)
+    command = [
+        compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno",
+        *_ISA_FLAGS[isa], *(str(here / s) for s in _SOURCES), "-o", partial,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        os.unlink(partial)
+        raise RuntimeError(f"building the {isa} kernels failed:\n{result.stderr[-4000:]}")
+    os.replace(partial, target)
+    return target
+
+
+class Kernels:
+    """The loaded library's entry points, taking tensors."""
+
+    def __init__(self, library: ctypes.CDLL, isa: str):
+        self.isa = isa
+        self._int4 = library.pdk_int4_linear
+        self._int4.argtypes = [_PTR, _INT64, _INT64, _PTR, _PTR, _PTR, _INT64, _PTR, ctypes.c_int]
+        self._int8 = library.pdk_int8_linear
+        self._int8.argtypes = [_PTR, _INT64, _INT64, _PTR, _PTR, _INT64, _PTR, ctypes.c_int]
+        self._attention = library.pdk_paged_decode_attention
+        self._attention.argtypes = [_PTR] * 4 + [_INT64, _PTR, _PTR] + [_INT64] * 5 + [
+            ctypes.c_float, ctypes.c_int,
+        ]  # fmt: skip
+        self.max_group = library.pdk_max_group()
+        self.lanes = 8 if isa == "avx2" else 16
+
+    def int4_linear(self, x, qs, scales, mins) -> torch.Tensor:
+        """x [rows, in] bf16 contiguous; qs [out, in / 2] uint8 in GGUF block order; scales,
+        mins [out, in / 32] fp32 (w = q · scale + min) → [rows, out] bf16."""
+        rows, in_features = x.shape
+        out = torch.empty(rows, qs.shape[0], dtype=torch.bfloat16)
+        self._int4(x.data_ptr(), rows, in_features, qs.data_ptr(), scales.data_ptr(),
+                   mins.data_ptr(), qs.shape[0], out.data_ptr(), torch.get_num_threads())  # fmt: skip
+        return out
+
+    def int8_linear(self, x, q, scales) -> torch.Tensor:
+        """x [rows, in] bf16 contiguous; q [out, in] int8; scales [out] fp32 → [rows, out]."""
+        rows, in_features = x.shape
+        out = torch.empty(rows, q.shape[0], dtype=torch.bfloat16)
+        self._int8(x.data_ptr(), rows, in_features, q.data_ptr(), scales.data_ptr(), q.shape[0],
+                   out.data_ptr(), torch.get_num_threads())  # fmt: skip
+        return out
+
+    def supports_attention(self, heads: int, kv_heads: int, head_dim: int) -> bool:
+        return head_dim % self.lanes == 0 and heads // kv_heads <= self.max_group
+
+    def paged_decode_attention(
+        self, q, k_cache, v_cache, block_tables, context_lens, scale: float
+    ) -> torch.Tensor:
+        """q [B, H, D] bf16; caches [blocks, block_size, KVH, D] bf16; block_tables [B, max]
+        int64; context_lens [B] int64 → [B, H, D] bf16."""
+        batch, heads, head_dim = q.shape
+        _, block_size, kv_heads, _ = k_cache.shape
+        q, tables, lens = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
+        out = torch.empty_like(q)
+        self._attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                        tables.shape[1], lens.data_ptr(), out.data_ptr(), batch, heads, kv_heads,
+                        head_dim, block_size, scale, torch.get_num_threads())  # fmt: skip
+        return out
+
+
+@cache
+def kernels() -> Kernels | None:
+    """This CPU's kernels, built on first use; None where they cannot run (see module doc)."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return None
+    isas = isas_for(cpu_flags())
+    if not isas:
+        log.info("cpu_kernels.unavailable", reason="the CPU has neither AVX-512 BF16 nor AVX2")
+        return None
+    for isa in isas:
+        try:
+            library = ctypes.CDLL(str(build(isa)))
+        except (OSError, RuntimeError) as exc:
+            log.warning("cpu_kernels.unavailable", isa=isa, reason=str(exc)[:2000])
+            continue
+        # The kernel must grant AMX tile state to the process (Linux 5.16+, not every VM).
+        if isa == "amx" and library.pdk_request_amx() != 0:
+            log.info("cpu_kernels.skipped", isa=isa, reason="the kernel refused AMX tile state")
+            continue
+        log.info("cpu_kernels.loaded", isa=isa)
+        return Kernels(library, isa)
+    return None

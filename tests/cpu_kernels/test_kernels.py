@@ -1,0 +1,138 @@
+"""The native CPU kernels against plain torch arithmetic, for every build this CPU can run, and
+the ways they are chosen or refused."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+from pdserve import cpu_kernels
+from pdserve.cpu_kernels import Kernels, build, cpu_flags, isas_for
+
+RUNNABLE = isas_for(cpu_flags())
+
+
+def _load(isa: str) -> Kernels:
+    library = ctypes.CDLL(str(build(isa)))
+    if isa == "amx" and library.pdk_request_amx() != 0:
+        pytest.skip("the kernel refuses AMX tile state here")
+    return Kernels(library, isa)
+
+
+@pytest.fixture(params=RUNNABLE or [pytest.param(None, marks=pytest.mark.skip("no AVX2"))])
+def native(request) -> Kernels:
+    return _load(request.param)
+
+
+def _int4_weights(out_features: int, in_features: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=g)
+    scales = torch.rand(out_features, in_features // 32, generator=g) * 0.02
+    mins = -torch.rand(out_features, in_features // 32, generator=g) * 0.1
+    halves = q.view(out_features, -1, 2, 16)
+    qs = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(out_features, -1).contiguous()
+    groups = q.view(out_features, -1, 32).float()
+    dense = (groups * scales[..., None] + mins[..., None]).view(out_features, in_features)
+    return qs, scales, mins, dense
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 17, 64, 100])
+def test_int4_products_match_the_dequantized_weights(native, rows):
+    qs, scales, mins, dense = _int4_weights(96, 128)
+    x = torch.randn(rows, 128).bfloat16()
+    expected = x.float() @ dense.bfloat16().float().T
+    # bf16 output: about 3 significant digits
+    assert _close(native.int4_linear(x, qs, scales, mins), expected) < 8e-3
+
+
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_int8_products_apply_each_rows_scale(native, rows):
+    q = torch.randint(-127, 128, (64, 96), dtype=torch.int8)
+    scales = torch.rand(64) * 0.01 + 1e-3
+    x = torch.randn(rows, 96).bfloat16()
+    expected = (x.float() @ q.float().T) * scales
+    assert _close(native.int8_linear(x, q, scales), expected) < 8e-3
+
+
+def _reference_attention(q, k_cache, v_cache, tables, lens, scale):
+    out = torch.empty(q.shape, dtype=torch.float32)
+    group = q.shape[1] // k_cache.shape[2]
+    for b, length in enumerate(lens.tolist()):
+        k = k_cache[tables[b]].flatten(0, 1)[:length].float().repeat_interleave(group, dim=1)
+        v = v_cache[tables[b]].flatten(0, 1)[:length].float().repeat_interleave(group, dim=1)
+        weights = (torch.einsum("hd,lhd->hl", q[b].float(), k) * scale).softmax(-1)
+        out[b] = torch.einsum("hl,lhd->hd", weights, v)
+    return out
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim",
+    [(9, 3, 64), (4, 4, 64), (32, 8, 128), (8, 1, 64)],
+)
+def test_paged_decode_attention_matches_softmax_attention(native, heads, kv_heads, head_dim):
+    block_size, num_blocks = 16, 96
+    # a single token, one partial block, several blocks, and enough tokens for two threads
+    lens = torch.tensor([1, 7, 50, 700, 1300])
+    max_blocks = -(-int(lens.max()) // block_size)
+    torch.manual_seed(0)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).bfloat16()
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).bfloat16()
+    # each sequence's blocks scattered over the pool; tables padded with block 0 past the end
+    tables = torch.zeros(len(lens), max_blocks, dtype=torch.int64)
+    for b, length in enumerate(lens.tolist()):
+        used = -(-length // block_size)
+        tables[b, :used] = torch.randperm(num_blocks)[:used]
+    q = torch.randn(len(lens), heads, head_dim).bfloat16()
+    scale = head_dim**-0.5
+    got = native.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+    expected = _reference_attention(q, k_cache, v_cache, tables, lens, scale)
+    assert (got.float() - expected).abs().max().item() < 2e-2
+
+
+def test_the_widest_build_the_flags_allow_comes_first():
+    amx_cpu = frozenset(
+        [
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512dq",
+            "avx512_bf16",
+            "amx_tile",
+            "amx_bf16",
+        ]
+    )
+    assert isas_for(amx_cpu) == ["amx", "avx512_bf16", "avx2"]
+    assert isas_for(frozenset(["avx2", "fma", "f16c", "avx512f", "avx512bw"])) == ["avx2"]
+    assert isas_for(frozenset(["sse4_2"])) == []
+
+
+@pytest.fixture
+def fresh_choice():
+    cpu_kernels.kernels.cache_clear()
+    yield
+    cpu_kernels.kernels.cache_clear()
+
+
+def test_the_environment_switch_turns_the_kernels_off(monkeypatch, fresh_choice):
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "0")
+    assert cpu_kernels.kernels() is None
+
+
+def test_a_failed_build_leaves_the_torch_path(monkeypatch, tmp_path, fresh_choice):
+    if not RUNNABLE:
+        pytest.skip("no build runs on this CPU")
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CXX", "false")  # a compiler that always fails
+    with pytest.raises(RuntimeError, match="failed"):
+        build(RUNNABLE[0])
+    assert cpu_kernels.kernels() is None
+    assert not list(tmp_path.rglob("*.so*"))  # no partial library left behind
