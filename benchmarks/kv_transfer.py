@@ -89,7 +89,6 @@ def start_kvstore(redis_url: str, block_bytes: int, num_blocks: int, workdir: Pa
         PDSERVE_KVSTORE_HTTP_PORT="0",
         PDSERVE_KVSTORE_BLOCK_SIZE_BYTES=str(block_bytes),
         PDSERVE_KVSTORE_DRAM_CAPACITY_BYTES=str(num_blocks * block_bytes),
-        PDSERVE_KVSTORE_STAGING_BLOCKS="64",
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.kvstore"], env=env, cwd=Path(__file__).parent.parent

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-LayerPayloads = tuple[int, list[bytes]]  # (layer, one payload per block)
+LayerPayloads = tuple[int, list[memoryview]]  # (layer, one payload per block)
 
 
 def _block_slices(kv_layer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -27,8 +27,11 @@ def _block_slices(kv_layer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return kv_layer.index_select(1, index).transpose(0, 1).contiguous()
 
 
-def _to_bytes(slices: torch.Tensor) -> list[bytes]:
-    return [s.view(torch.uint8).numpy().tobytes() for s in slices]
+def _payloads(slices: torch.Tensor) -> list[memoryview]:
+    # Views into the fresh contiguous copy, each keeping it alive: the slice is copied once
+    # (by _block_slices), not a second time into `bytes`.
+    rows = slices.view(torch.uint8).reshape(len(slices), -1).numpy()  # [n, layer_nbytes]
+    return [memoryview(row) for row in rows]
 
 
 class LayerCopier(ABC):
@@ -55,7 +58,7 @@ class HostLayerCopier(LayerCopier):
 
     def start(self, layer, kv_layer, block_ids):
         index = torch.tensor(list(block_ids), dtype=torch.int64)
-        self._done.append((layer, _to_bytes(_block_slices(kv_layer, index))))
+        self._done.append((layer, _payloads(_block_slices(kv_layer, index))))
 
     def ready(self):
         done, self._done = self._done, []
@@ -96,7 +99,7 @@ class CudaLayerCopier(LayerCopier):
         out = []
         while self._pending and self._pending[0].done.query():
             item = self._pending.popleft()
-            out.append((item.layer, _to_bytes(item.host)))
+            out.append((item.layer, _payloads(item.host)))
         return out
 
     def drain(self):
@@ -104,7 +107,7 @@ class CudaLayerCopier(LayerCopier):
         while self._pending:
             item = self._pending.popleft()
             item.done.synchronize()
-            out.append((item.layer, _to_bytes(item.host)))
+            out.append((item.layer, _payloads(item.host)))
         return out
 
 

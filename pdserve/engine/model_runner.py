@@ -137,7 +137,7 @@ class ModelRunner:
         expected = self.kv_pool[:, :, block_id].numel() * self.kv_pool.element_size()
         if len(payload) != expected:
             raise ValueError(f"KV block payload must be {expected} bytes, got {len(payload)}")
-        raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        raw = torch.frombuffer(payload, dtype=torch.uint8)  # a view: only read, copied once below
         self.kv_pool[:, :, block_id] = raw.view(self.dtype).view(shape).to(self.device)
 
     def read_blocks(self, block_ids: SequenceABC[int]) -> list[bytes]:

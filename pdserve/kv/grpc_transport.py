@@ -17,12 +17,13 @@ from pathlib import Path
 
 import grpc
 import xxhash
+from opentelemetry import context as otel_context
 
 from pdserve._proto.pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from pdserve.grpc_tracing import traced_channel
 from pdserve.kv.blocks import BlockKey, Tier, checksum, iter_chunks
 from pdserve.kv.compression import KVGeometry, decode_int8
-from pdserve.kv.errors import BY_GRPC_CODE, KVError
+from pdserve.kv.errors import BY_GRPC_CODE, InvalidBlockError, KVError
 from pdserve.kv.frames import parse_get_response, put_chunk_frame
 from pdserve.kv.shm import SharedSegment, host_id
 from pdserve.kv.transport import (
@@ -78,6 +79,22 @@ def _split(items: list, parts: int) -> list[list]:
 
 def _tier(value: int) -> Tier | None:
     return Tier(value) if value else None
+
+
+def _slot_offsets(response: kvstore_pb2.ReserveSharedResponse) -> list[int | None]:
+    """Each reserved slot's byte offset in the segment; None: skipped (already stored)."""
+    return [s.offset if s.length else None for s in response.slots]
+
+
+def _copy_hashed(src: memoryview, dst: memoryview) -> int:
+    """Copy ``src`` into ``dst`` in cache-sized pieces, hashing each piece where it landed
+    while it is still in cache; returns the xxh3-64 of what ``dst`` now holds."""
+    hasher = xxhash.xxh3_64()
+    for start in range(0, len(src), _PIECE_BYTES):
+        piece = dst[start : start + _PIECE_BYTES]
+        piece[:] = src[start : start + _PIECE_BYTES]
+        hasher.update(piece)
+    return hasher.intdigest()
 
 
 class _StreamWriter(BlockWriter):
@@ -322,42 +339,130 @@ class GrpcTransport(KVTransport):
 
 
 class _SharedWriter(BlockWriter):
-    """Writes bytes straight into reserved slots of the store's segment; seals over gRPC."""
+    """Writes bytes straight into reserved slots of the store's segment; the seals go in one
+    SealShared call at the end of the batch (``send_seals``, then ``close`` waits for it),
+    so each block costs the writer its copy and nothing per block over gRPC."""
 
     def __init__(
-        self, transport: SharedMemoryTransport, sealer: _StreamWriter, skip_existing: bool
+        self,
+        transport: SharedMemoryTransport,
+        trace_context: TraceContext | None,
+        skip_existing: bool,
     ) -> None:
         self._t = transport
-        self._sealer = sealer
+        self._trace_context = trace_context
         self._skip_existing = skip_existing
-        self._offsets: dict[bytes, int | None] = {}
+        self._otel_context = otel_context.get_current()  # the SealShared CLIENT span's parent
+        self._offsets: dict[bytes, int | None] = {}  # reserved and not sealed yet
+        self._reserved: list[BlockKey] = []  # every slot this writer reserved
+        self._seals: list[kvstore_pb2.BlockSeal] = []
         self._num_skipped = 0
+        self._ahead: tuple[list[BlockKey], grpc.Future] | None = None
+        self._sealing: grpc.Future | None = None
+        self._result: PutResult | None = None
 
     def reserve(self, keys: Sequence[BlockKey]) -> None:
+        self._collect_ahead()
         todo = [k for k in keys if k not in self._offsets]
         if todo:
-            self._offsets.update(zip(todo, self._t.reserve(todo, self._skip_existing), strict=True))
+            self._adopt(todo, self._t.reserve(todo, self._skip_existing))
 
-    def write(self, key: BlockKey, offset: int, data: Buffer) -> None:
+    def reserve_ahead(self, keys: Sequence[BlockKey]) -> None:
+        """Ask for the keys' slots without waiting for them (the first write collects them):
+        put_blocks reserves the next batch while it copies this one."""
+        self._collect_ahead()
+        self._ahead = (list(keys), self._t.reserve_future(keys, self._skip_existing))
+
+    def _collect_ahead(self) -> None:
+        if self._ahead is None:
+            return
+        (keys, future), self._ahead = self._ahead, None
+        try:
+            response = future.result()
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        self._adopt(keys, _slot_offsets(response))
+
+    def _adopt(self, keys: list[BlockKey], offsets: list[int | None]) -> None:
+        self._offsets.update(zip(keys, offsets, strict=True))
+        self._reserved.extend(k for k, o in zip(keys, offsets, strict=True) if o is not None)
+
+    def _slot(self, key: BlockKey, offset: int, num_bytes: int) -> memoryview | None:
+        """Bytes ``[offset, offset + num_bytes)`` of the key's reserved slot; None: skipped.
+        A range outside the block is refused: the slot's neighbour is another block."""
+        if offset < 0 or offset + num_bytes > self._t.block_size_bytes:
+            raise InvalidBlockError(
+                f"bytes [{offset}, {offset + num_bytes}) of block {key.hex()} run past the "
+                f"block size {self._t.block_size_bytes}"
+            )
         self.reserve([key])
         base = self._offsets[key]
-        if base is not None:
-            start = base + offset
-            self._t.segment.view[start : start + len(data)] = data
+        if base is None:
+            return None
+        return self._t.segment.view[base + offset : base + offset + num_bytes]
+
+    def write(self, key: BlockKey, offset: int, data: Buffer) -> None:
+        slot = self._slot(key, offset, len(data))
+        if slot is not None:
+            slot[:] = data
+
+    def put(self, key: BlockKey, data: Buffer) -> None:
+        """Copy the block into its slot and hash each piece of the slot while it is still in
+        cache: one pass over memory (copy, then hash the source, is two)."""
+        slot = self._slot(key, 0, len(data))
+        self.seal(key, 0 if slot is None else _copy_hashed(memoryview(data), slot))
 
     def seal(self, key: BlockKey, checksum: int) -> None:
+        if self._sealing is not None:
+            raise InvalidBlockError(f"seal of block {key.hex()} after the batch was sent")
         self.reserve([key])
         if self._offsets.pop(key) is None:
             self._num_skipped += 1
         else:
-            self._sealer.seal(key, checksum)
+            self._seals.append(kvstore_pb2.BlockSeal(key=key, checksum=checksum))
+
+    def send_seals(self) -> None:
+        """Send the seals so far without waiting: the store verifies and commits them on its
+        own thread while this one goes on (``close`` collects the answer)."""
+        if self._sealing is not None or not self._seals:
+            return
+        request = kvstore_pb2.SealSharedRequest(
+            seals=self._seals, trace_context=_trace(self._trace_context)
+        )
+        token = otel_context.attach(self._otel_context)
+        try:
+            self._sealing = self._t.seal_future(request)
+        finally:
+            otel_context.detach(token)
 
     def close(self) -> PutResult:
-        result = self._sealer.close()
-        return PutResult(result.num_stored, result.num_skipped + self._num_skipped, result.tiers)
+        if self._result is not None:
+            return self._result
+        self.send_seals()
+        try:
+            r = self._sealing.result() if self._sealing is not None else kvstore_pb2.PutResponse()
+        except grpc.RpcError as exc:  # the store stopped at a seal: later ones never ran
+            self._release()
+            raise error_from_rpc(exc) from None
+        self._reserved = []
+        self._result = PutResult(
+            r.num_stored, r.num_skipped + self._num_skipped, tuple(Tier(t) for t in r.tiers)
+        )
+        return self._result
 
     def abort(self) -> None:
-        self._sealer.abort()
+        if self._sealing is not None:
+            self._sealing.cancel()
+        with contextlib.suppress(KVError):  # slots granted to a pending reservation: released below
+            self._collect_ahead()
+        self._release()
+
+    def _release(self) -> None:
+        """Give back the slots whose seal never ran (the store ignores sealed ones), so a
+        failed step does not hold staging slots until they expire."""
+        if self._reserved:
+            self._t.release(self._reserved)
+            self._reserved = []
 
 
 class SharedMemoryTransport(GrpcTransport):
@@ -375,7 +480,7 @@ class SharedMemoryTransport(GrpcTransport):
         if info.available and info.host_id == host_id() and Path(info.path).exists():
             self.segment = SharedSegment.attach(Path(info.path), info.size_bytes)
             self._block_size = info.block_size_bytes
-        self._batch_blocks = max(1, info.staging_blocks // 2)
+        self._batch_blocks = max(1, info.staging_blocks // 3)
 
     @property
     def shared(self) -> bool:
@@ -386,37 +491,68 @@ class SharedMemoryTransport(GrpcTransport):
         return "shm" if self.shared else "grpc"
 
     def reserve(self, keys: Sequence[BlockKey], skip_existing: bool) -> list[int | None]:
-        r = self._call(
-            self._stub.ReserveShared,
-            kvstore_pb2.ReserveSharedRequest(keys=list(keys), skip_existing=skip_existing),
-        )
-        return [s.offset if s.length else None for s in r.slots]
+        request = kvstore_pb2.ReserveSharedRequest(keys=list(keys), skip_existing=skip_existing)
+        return _slot_offsets(self._call(self._stub.ReserveShared, request))
+
+    def reserve_future(self, keys: Sequence[BlockKey], skip_existing: bool) -> grpc.Future:
+        request = kvstore_pb2.ReserveSharedRequest(keys=list(keys), skip_existing=skip_existing)
+        return self._stub.ReserveShared.future(request, timeout=self._timeout_s)
+
+    def release(self, keys: Sequence[BlockKey]) -> None:
+        """Best effort (an abort path): a store that cannot be reached expires the slots."""
+        with contextlib.suppress(KVError):
+            self._call(self._stub.ReleaseShared, kvstore_pb2.ReleaseSharedRequest(keys=list(keys)))
+
+    def seal_future(self, request: kvstore_pb2.SealSharedRequest) -> grpc.Future:
+        return self._stub.SealShared.future(request, timeout=self._timeout_s)
 
     def open_writer(self, *, trace_context=None, skip_existing=False) -> BlockWriter:
-        sealer = super().open_writer(trace_context=trace_context, skip_existing=skip_existing)
         if not self.shared:
-            return sealer
-        return _SharedWriter(self, sealer, skip_existing)
+            return super().open_writer(trace_context=trace_context, skip_existing=skip_existing)
+        return self._shared_writer(trace_context, skip_existing)
+
+    def _shared_writer(self, trace_context, skip_existing: bool) -> _SharedWriter:
+        return _SharedWriter(self, trace_context, skip_existing)
 
     def put_blocks(self, blocks, *, trace_context=None, skip_existing=False) -> PutResult:
-        """Copy into reserved slots and seal, in batches that fit the store's staging area."""
+        """Copy into reserved slots and seal, in batches of a third of the store's staging
+        area, pipelined: while batch ``i`` is copied, batch ``i + 1``'s slots are being
+        reserved and batch ``i - 1``'s seals verified and committed by the store; batch
+        ``i - 1`` is closed before batch ``i + 2`` is reserved, so three batches at most hold
+        staging slots."""
         if not self.shared:
             return super().put_blocks(
                 blocks, trace_context=trace_context, skip_existing=skip_existing
             )
-        stored, skipped, tiers = 0, 0, []
-        for start in range(0, len(blocks), self._batch_blocks):
-            batch = blocks[start : start + self._batch_blocks]
-            with self.open_writer(
-                trace_context=trace_context, skip_existing=skip_existing
-            ) as writer:
-                writer.reserve([k for k, _ in batch])
+        size = self._batch_blocks
+        batches = [blocks[i : i + size] for i in range(0, len(blocks), size)]
+        writers = [self._shared_writer(trace_context, skip_existing) for _ in batches]
+        results: list[PutResult] = []
+        num_sent = 0  # writers whose seals went out; results holds the first len(results)
+        try:
+            for i, (writer, batch) in enumerate(zip(writers, batches, strict=True)):
+                if i + 1 < len(batches):
+                    writers[i + 1].reserve_ahead([k for k, _ in batches[i + 1]])
                 for key, data in batch:
                     writer.put(key, data)
-            result = writer.close()
-            stored, skipped = stored + result.num_stored, skipped + result.num_skipped
-            tiers.extend(result.tiers)
-        return PutResult(stored, skipped, tuple(tiers))
+                writer.send_seals()
+                num_sent += 1
+                if i >= 1:
+                    results.append(writers[i - 1].close())
+            results.extend(writer.close() for writer in writers[len(results) :])
+        except BaseException:
+            for j in range(len(results), len(writers)):
+                if j < num_sent:  # its seals went out: they stay stored, as documented
+                    with contextlib.suppress(KVError):
+                        writers[j].close()
+                else:
+                    writers[j].abort()
+            raise
+        return PutResult(
+            sum(r.num_stored for r in results),
+            sum(r.num_skipped for r in results),
+            tuple(t for r in results for t in r.tiers),
+        )
 
     def _map(self, keys, ttl_s: float, trace_context) -> kvstore_pb2.MapSharedResponse:
         request = kvstore_pb2.MapSharedRequest(
@@ -462,12 +598,7 @@ class SharedMemoryTransport(GrpcTransport):
                 if view is None:
                     ok.append(False)
                     continue
-                hasher = xxhash.xxh3_64()
-                for start in range(0, len(view), _PIECE_BYTES):
-                    piece = dst[start : start + _PIECE_BYTES]
-                    piece[:] = view[start : start + _PIECE_BYTES]
-                    hasher.update(piece)
-                ok.append(hasher.intdigest() == slot.checksum)
+                ok.append(_copy_hashed(view, dst) == slot.checksum)
         finally:
             self._call(self._stub.Unpin, kvstore_pb2.UnpinRequest(lease_id=r.lease_id))
         return ok

@@ -294,6 +294,30 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         return kvstore_pb2.ReserveSharedResponse(slots=slots)
 
     @_edge
+    def SealShared(self, request, context):
+        """Seals of blocks a same-host writer put in its reserved slots: one message per
+        batch, committed in place (unverified here: the writer hashed the slot's bytes,
+        and every read verifies them; see TieredStore.seal)."""
+        with self._kv_span("put", _trace(request)) as transfer:
+            session = self._store.open_put(skip_existing=False, trace_context=_trace(request))
+            try:
+                for seal in request.seals:
+                    session.seal(seal.key, seal.checksum, verify=False)
+            except KVError:
+                self._store.discard_staged([seal.key for seal in request.seals])
+                raise
+            result = session.finish()
+            transfer.tiers.extend(result.tiers)
+        return kvstore_pb2.PutResponse(
+            num_stored=result.num_stored, num_skipped=result.num_skipped, tiers=list(result.tiers)
+        )
+
+    @_edge
+    def ReleaseShared(self, request, context):
+        keys = [block_key(k) for k in request.keys]
+        return kvstore_pb2.ReleaseSharedResponse(num_released=self._store.discard_staged(keys))
+
+    @_edge
     def MapShared(self, request, context):
         with self._kv_span("get", _trace(request)) as transfer:
             transfer.transport = "shm"

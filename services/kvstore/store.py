@@ -352,8 +352,14 @@ class TieredStore:
         self._staging[key] = staged
         return staged
 
-    def seal(self, key: BlockKey, expected_checksum: int) -> Tier:
-        """Verify the staged block and store it; returns the tier it landed in."""
+    def seal(self, key: BlockKey, expected_checksum: int, *, verify: bool = True) -> Tier:
+        """Verify the staged block and store it; returns the tier it landed in.
+
+        ``verify=False`` (SealShared): a same-host writer hashed the slot's bytes itself, as
+        it copied them there, so re-reading them here would only cost a pass over memory
+        that its next copy needs; a wrong checksum cannot reach a caller anyway, since every
+        read verifies (a mismatch is a miss and drops the block).
+        """
         with self._cond:
             staged = self._staging.get(key)
             if staged is None:
@@ -369,7 +375,7 @@ class TieredStore:
                 )
             staged.sealing = True
         data = self._staging_pool.view(staged.slot)
-        actual = checksum(data)
+        actual = checksum(data) if verify else expected_checksum
         if actual != expected_checksum:
             with self._cond:
                 self._drop_staged(staged)
@@ -383,12 +389,16 @@ class TieredStore:
             with self._cond:
                 self._drop_staged(staged)
 
-    def discard_staged(self, keys: Sequence[BlockKey]) -> None:
+    def discard_staged(self, keys: Sequence[BlockKey]) -> int:
+        """Drop the unsealed blocks among ``keys`` (a seal under way wins); how many."""
+        num_dropped = 0
         with self._cond:
             for key in keys:
                 staged = self._staging.get(key)
-                if staged is not None and not staged.sealing:
+                if staged is not None and not staged.sealing and not staged.writers:
                     self._drop_staged(staged)
+                    num_dropped += 1
+        return num_dropped
 
     def _drop_staged(self, staged: _Staged) -> None:
         if self._staging.get(staged.key) is staged:
@@ -881,14 +891,14 @@ class PutSession:
         self._store.write_piece(key, offset, data)
         self._touched.add(key)
 
-    def seal(self, key: bytes, block_checksum: int) -> None:
+    def seal(self, key: bytes, block_checksum: int, *, verify: bool = True) -> None:
         key = block_key(key)
         if key in self._sealed:
             raise ChunkOrderError(f"block {key.hex()} sealed twice")
         if key in self._skipped or (self.skip_existing and self._store.contains(key)):
             self._skipped.add(key)
             return
-        self._tiers.append(self._store.seal(key, block_checksum))
+        self._tiers.append(self._store.seal(key, block_checksum, verify=verify))
         self._sealed.add(key)
         self._touched.discard(key)
 

@@ -142,7 +142,7 @@ def _otlp_spans(receiver) -> list[dict]:
 EXPECTED = {
     "router.request", "pdserve.v1.Prefill/Prefill", "prefill.request", "prefill.load_prefix",
     "prefill.queue", "prefill.compute", "prefill.batch", "prefill.handoff", "kv.put",
-    "pdserve.v1.KVStore/Put", "pdserve.v1.KVStore/ReserveShared", "pdserve.v1.Decode/Decode", "decode.request", "decode.admission",
+    "pdserve.v1.KVStore/SealShared", "pdserve.v1.KVStore/ReserveShared", "pdserve.v1.Decode/Decode", "decode.request", "decode.admission",
     "kv.fetch", "kv.get", "decode.loop",
 }  # fmt: skip
 
@@ -201,12 +201,13 @@ def _check_one_trace(spans: list[dict], p: prefill_pb2.PrefillResponse) -> None:
     assert put["attributes"][Attr.KV_TRANSPORT] == "shm"
     assert put["attributes"][Attr.KV_TIER] == "dram"
     assert put["attributes"][Attr.KV_NODE] == "localhost"
-    # The kvstore: Put CLIENT (prefill) -> SERVER -> kv.put, linked to the prefill's kv.put.
-    put_client = one("pdserve.v1.KVStore/Put", "CLIENT")
-    put_server = one("pdserve.v1.KVStore/Put", "SERVER")
+    # The kvstore: SealShared CLIENT (prefill) -> SERVER -> kv.put, linked to the prefill's
+    # kv.put (shared memory: the bytes went into reserved slots, the seals in one call).
+    put_client = one("pdserve.v1.KVStore/SealShared", "CLIENT")
+    put_server = one("pdserve.v1.KVStore/SealShared", "SERVER")
     assert parent(put_client) is put and parent(put_server) is put_client
     assert parent(one("pdserve.v1.KVStore/ReserveShared", "CLIENT")) is put  # the shm slots
-    store_put = one("kv.put", under="pdserve.v1.KVStore/Put")
+    store_put = one("kv.put", under="pdserve.v1.KVStore/SealShared")
     assert store_put["attributes"][Attr.KV_BYTES] == nbytes
     assert store_put["attributes"][Attr.KV_BLOCKS] == NUM_BLOCKS
     assert put["span_id"] in {ln["span_id"] for ln in store_put["links"]}

@@ -263,6 +263,26 @@ class ReserveSharedResponse(_message.Message):
     slots: _containers.RepeatedCompositeFieldContainer[SharedSlot]
     def __init__(self, slots: _Optional[_Iterable[_Union[SharedSlot, _Mapping]]] = ...) -> None: ...
 
+class SealSharedRequest(_message.Message):
+    __slots__ = ("seals", "trace_context")
+    SEALS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    seals: _containers.RepeatedCompositeFieldContainer[BlockSeal]
+    trace_context: _common_pb2.TraceContext
+    def __init__(self, seals: _Optional[_Iterable[_Union[BlockSeal, _Mapping]]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ...) -> None: ...
+
+class ReleaseSharedRequest(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class ReleaseSharedResponse(_message.Message):
+    __slots__ = ("num_released",)
+    NUM_RELEASED_FIELD_NUMBER: _ClassVar[int]
+    num_released: int
+    def __init__(self, num_released: _Optional[int] = ...) -> None: ...
+
 class MapSharedRequest(_message.Message):
     __slots__ = ("keys", "ttl_ms", "trace_context")
     KEYS_FIELD_NUMBER: _ClassVar[int]

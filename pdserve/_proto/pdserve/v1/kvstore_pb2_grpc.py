@@ -79,6 +79,16 @@ class KVStoreStub:
                 request_serializer=pdserve_dot_v1_dot_kvstore__pb2.ReserveSharedRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_kvstore__pb2.ReserveSharedResponse.FromString,
                 _registered_method=True)
+        self.SealShared = channel.unary_unary(
+                '/pdserve.v1.KVStore/SealShared',
+                request_serializer=pdserve_dot_v1_dot_kvstore__pb2.SealSharedRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_kvstore__pb2.PutResponse.FromString,
+                _registered_method=True)
+        self.ReleaseShared = channel.unary_unary(
+                '/pdserve.v1.KVStore/ReleaseShared',
+                request_serializer=pdserve_dot_v1_dot_kvstore__pb2.ReleaseSharedRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_kvstore__pb2.ReleaseSharedResponse.FromString,
+                _registered_method=True)
         self.MapShared = channel.unary_unary(
                 '/pdserve.v1.KVStore/MapShared',
                 request_serializer=pdserve_dot_v1_dot_kvstore__pb2.MapSharedRequest.SerializeToString,
@@ -151,7 +161,26 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReserveShared(self, request, context):
-        """Reserve staging slots to write into; seal them with a Put stream of BlockSeal messages.
+        """Reserve staging slots to write into; seal them with SealShared (or a Put stream of
+        BlockSeal messages).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SealShared(self, request, context):
+        """Seal blocks written into reserved slots, in order, each committed in place with the
+        writer's checksum of the slot (not re-read here: every read verifies it). A failure
+        ends the call with its status: the blocks sealed before it stay stored, the request's
+        later ones are given back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseShared(self, request, context):
+        """Give back reserved slots a writer will not seal (it failed or was cancelled); slots
+        already sealed are left alone.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -211,6 +240,16 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.ReserveShared,
                     request_deserializer=pdserve_dot_v1_dot_kvstore__pb2.ReserveSharedRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_kvstore__pb2.ReserveSharedResponse.SerializeToString,
+            ),
+            'SealShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.SealShared,
+                    request_deserializer=pdserve_dot_v1_dot_kvstore__pb2.SealSharedRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_kvstore__pb2.PutResponse.SerializeToString,
+            ),
+            'ReleaseShared': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseShared,
+                    request_deserializer=pdserve_dot_v1_dot_kvstore__pb2.ReleaseSharedRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_kvstore__pb2.ReleaseSharedResponse.SerializeToString,
             ),
             'MapShared': grpc.unary_unary_rpc_method_handler(
                     servicer.MapShared,
@@ -461,6 +500,60 @@ class KVStore:
             '/pdserve.v1.KVStore/ReserveShared',
             pdserve_dot_v1_dot_kvstore__pb2.ReserveSharedRequest.SerializeToString,
             pdserve_dot_v1_dot_kvstore__pb2.ReserveSharedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SealShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.KVStore/SealShared',
+            pdserve_dot_v1_dot_kvstore__pb2.SealSharedRequest.SerializeToString,
+            pdserve_dot_v1_dot_kvstore__pb2.PutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseShared(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.KVStore/ReleaseShared',
+            pdserve_dot_v1_dot_kvstore__pb2.ReleaseSharedRequest.SerializeToString,
+            pdserve_dot_v1_dot_kvstore__pb2.ReleaseSharedResponse.FromString,
             options,
             channel_credentials,
             insecure,
