@@ -530,6 +530,8 @@ class SharedMemoryTransport(GrpcTransport):
         results: list[PutResult] = []
         num_sent = 0  # writers whose seals went out; results holds the first len(results)
         try:
+            if writers:
+                writers[0].reserve([k for k, _ in batches[0]])  # one round trip, not one per key
             for i, (writer, batch) in enumerate(zip(writers, batches, strict=True)):
                 if i + 1 < len(batches):
                     writers[i + 1].reserve_ahead([k for k, _ in batches[i + 1]])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pdserve.kv.blocks import Tier, checksum
-from pdserve.kv.errors import ChecksumMismatchError, InvalidBlockError
+from pdserve.kv.errors import CapacityError, InvalidBlockError
 from pdserve.kv.grpc_transport import SharedMemoryTransport
 from services.kvstore.server import KVStoreServer
 from tests.kvstore.helpers import BLOCK, key, payload, settings
@@ -93,13 +93,23 @@ def test_a_failing_put_blocks_keeps_the_sealed_batch_and_leaves_no_slot_behind(s
 
 
 def test_a_seal_the_store_refuses_gives_back_the_slots_sealed_after_it(server, shm):
+    shm.put_blocks([(key(i), payload(i)) for i in range(8)])  # DRAM full ...
+    lease = shm.pin([key(i) for i in range(8)], ttl_s=30)  # ... of blocks that may not move
     writer = shm.open_writer()
-    writer.reserve([key(1), key(2)])
-    writer.write(key(1), 0, payload(1))
-    writer.seal(key(1), checksum(payload(2)))  # wrong: the stream ends there
-    writer.write(key(2), 0, payload(2))
-    writer.seal(key(2), checksum(payload(2)))
-    with pytest.raises(ChecksumMismatchError):
-        writer.close()
+    writer.reserve([key(10), key(11)])
+    writer.put(key(10), payload(10))
+    writer.put(key(11), payload(11))
+    with pytest.raises(CapacityError):
+        writer.close()  # the first seal finds no room: the call ends there
     assert _num_staging(server) == 0
-    assert shm.lookup([key(1), key(2)]).tiers == (None, None)
+    assert shm.lookup([key(10), key(11)]).tiers == (None, None)
+    shm.unpin(lease.lease_id)
+
+
+def test_a_wrong_checksum_from_a_same_host_writer_is_caught_by_the_first_read(server, shm):
+    with shm.open_writer() as writer:
+        writer.write(key(1), 0, payload(1))
+        writer.seal(key(1), checksum(payload(2)))  # committed unverified (SealShared) ...
+    assert shm.get_blocks([key(1)]) == [None]  # ... and refused by every reader
+    assert server.node.store.stats().num_corrupt == 1
+    assert shm.lookup([key(1)]).tiers == (None,)  # dropped
