@@ -26,7 +26,7 @@ from pdserve.engine.attention import AttentionMetadata, SdpaBackend
 from pdserve.model.loader import load_checkpoint, load_quantized
 from pdserve.model.quant import INT4_GROUP_SIZE, Int4Linear
 
-ROWS = (1, 4, 5, 8, 16, 32, 64, 128, 512)
+ROWS = (1, 4, 5, 6, 7, 8, 16, 32, 64, 128, 256, 512)
 TORCH_INT4_MAX_ROWS = 8
 
 

@@ -32,7 +32,7 @@ import torch
 log = structlog.get_logger(__name__)
 
 DISABLE_ENV = "PDSERVE_CPU_KERNELS"
-_SOURCES = ("quant_gemm.cpp", "paged_attention.cpp")
+_SOURCES = ("quant_gemm.cpp", "paged_attention.cpp", "layer_ops.cpp")
 _HEADERS = ("vec.h",)
 _AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
            "-mf16c"]  # fmt: skip
@@ -118,12 +118,20 @@ class Kernels:
         self.isa = isa
         self._int4 = library.pdk_int4_linear
         self._int4.argtypes = [_PTR, _INT64, _INT64, _PTR, _PTR, _PTR, _INT64, _PTR, ctypes.c_int]
+        self._int4_dequantize = library.pdk_int4_dequantize
+        self._int4_dequantize.argtypes = [_PTR] * 3 + [_INT64, _INT64, _PTR, ctypes.c_int]
         self._int8 = library.pdk_int8_linear
         self._int8.argtypes = [_PTR, _INT64, _INT64, _PTR, _PTR, _INT64, _PTR, ctypes.c_int]
         self._attention = library.pdk_paged_decode_attention
-        self._attention.argtypes = [_PTR] * 4 + [_INT64, _PTR, _PTR] + [_INT64] * 5 + [
-            ctypes.c_float, ctypes.c_int,
-        ]  # fmt: skip
+        self._attention.argtypes = [_PTR, _INT64, _PTR, _PTR, _PTR, _PTR, _INT64, _PTR, _PTR,
+                                    _INT64, _PTR, _PTR] + [_INT64] * 5 + [ctypes.c_float,
+                                                                          ctypes.c_int]  # fmt: skip
+        self._add_rms_norm = library.pdk_add_rms_norm
+        self._add_rms_norm.argtypes = [_PTR] * 4 + [_INT64, _INT64, ctypes.c_float, ctypes.c_int]
+        self._rope = library.pdk_rope
+        self._rope.argtypes = [_PTR] + [_INT64] * 4 + [_PTR] * 3 + [ctypes.c_int]
+        self._silu_mul = library.pdk_silu_mul
+        self._silu_mul.argtypes = [_PTR, _PTR, _INT64, _INT64, ctypes.c_int]
         self.max_group = library.pdk_max_group()
         self.lanes = 8 if isa == "avx2" else 16
 
@@ -136,6 +144,14 @@ class Kernels:
                    mins.data_ptr(), qs.shape[0], out.data_ptr(), torch.get_num_threads())  # fmt: skip
         return out
 
+    def int4_dequantize(self, qs, scales, mins) -> torch.Tensor:
+        """The same blocks as dense bf16 weights [out, in]."""
+        out_features, in_features = qs.shape[0], qs.shape[1] * 2
+        dense = torch.empty(out_features, in_features, dtype=torch.bfloat16)
+        self._int4_dequantize(qs.data_ptr(), scales.data_ptr(), mins.data_ptr(), out_features,
+                              in_features, dense.data_ptr(), torch.get_num_threads())  # fmt: skip
+        return dense
+
     def int8_linear(self, x, q, scales) -> torch.Tensor:
         """x [rows, in] bf16 contiguous; q [out, in] int8; scales [out] fp32 → [rows, out]."""
         rows, in_features = x.shape
@@ -144,21 +160,59 @@ class Kernels:
                    out.data_ptr(), torch.get_num_threads())  # fmt: skip
         return out
 
+    def add_rms_norm(self, h, delta, weight, eps: float) -> torch.Tensor:
+        """h [rows, n] bf16 contiguous, updated in place to h + delta (delta None: unchanged);
+        returns RMSNorm(h) · weight, rounded as Hugging Face's bf16 LlamaRMSNorm rounds."""
+        rows, n = h.shape
+        out = torch.empty_like(h)
+        self._add_rms_norm(h.data_ptr(), None if delta is None else delta.data_ptr(),
+                           weight.data_ptr(), out.data_ptr(), rows, n, eps,
+                           torch.get_num_threads())  # fmt: skip
+        return out
+
+    def rope(self, x, heads: int, head_dim: int, positions, cos, sin) -> None:
+        """Rotates the first `heads` heads of every row of x [rows, width] bf16 (rows
+        contiguous) in place; cos/sin [positions, head_dim] fp32 contiguous."""
+        self._rope(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, positions.data_ptr(),
+                   cos.data_ptr(), sin.data_ptr(), torch.get_num_threads())  # fmt: skip
+
+    def silu_mul(self, gate_up) -> torch.Tensor:
+        """gate_up [rows, 2n] bf16 contiguous → silu(gate) · up [rows, n]."""
+        rows, width = gate_up.shape
+        out = torch.empty(rows, width // 2, dtype=torch.bfloat16)
+        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2,
+                       torch.get_num_threads())  # fmt: skip
+        return out
+
     def supports_attention(self, heads: int, kv_heads: int, head_dim: int) -> bool:
         return head_dim % self.lanes == 0 and heads // kv_heads <= self.max_group
 
     def paged_decode_attention(
-        self, q, k_cache, v_cache, block_tables, context_lens, scale: float
+        self, q, k_cache, v_cache, block_tables, context_lens, scale: float, new_kv=None
     ) -> torch.Tensor:
-        """q [B, H, D] bf16; caches [blocks, block_size, KVH, D] bf16; block_tables [B, max]
-        int64; context_lens [B] int64 → [B, H, D] bf16."""
+        """q [B, H, D] bf16 (rows may be strided); caches [blocks, block_size, KVH, D] bf16;
+        block_tables [B, max] int64; context_lens [B] int64 → [B, H, D] bf16 contiguous.
+        new_kv = (k, v, slots): each sequence's new token ([B, KVH, D], rows may be strided;
+        slots [B] int64), written into the pool before it is attended to."""
         batch, heads, head_dim = q.shape
         _, block_size, kv_heads, _ = k_cache.shape
-        q, tables, lens = q.contiguous(), block_tables.contiguous(), context_lens.contiguous()
-        out = torch.empty_like(q)
-        self._attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-                        tables.shape[1], lens.data_ptr(), out.data_ptr(), batch, heads, kv_heads,
-                        head_dim, block_size, scale, torch.get_num_threads())  # fmt: skip
+        if q.stride(2) != 1 or q.stride(1) != head_dim:
+            q = q.contiguous()
+        tables, lens = block_tables.contiguous(), context_lens.contiguous()
+        k_new = v_new = slots = None
+        new_stride = 0
+        if new_kv is not None:
+            k, v, slots = new_kv
+            if k.stride()[1:] != (head_dim, 1) or v.stride() != k.stride():
+                k, v = k.contiguous(), v.contiguous()
+            slots = slots.contiguous()
+            k_new, v_new, new_stride = k.data_ptr(), v.data_ptr(), k.stride(0)
+        out = torch.empty(batch, heads, head_dim, dtype=torch.bfloat16)
+        self._attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), k_new,
+                        v_new, new_stride, None if slots is None else slots.data_ptr(),
+                        tables.data_ptr(), tables.shape[1], lens.data_ptr(), out.data_ptr(), batch,
+                        heads, kv_heads, head_dim, block_size, scale,
+                        torch.get_num_threads())  # fmt: skip
         return out
 
 

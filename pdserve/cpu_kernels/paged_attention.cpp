@@ -115,16 +115,21 @@ constexpr int64_t kTokensPerThread = 2048;
 
 extern "C" int pdk_max_group() { return 8; }
 
-// q [batch, heads, head_dim] bf16; k_cache, v_cache [num_blocks, block_size, kv_heads, head_dim]
-// bf16; block_tables [batch, max_blocks] int64; context_lens [batch] int64 (each ≥ 1);
-// out [batch, heads, head_dim] bf16. head_dim must be a multiple of the vector width and
-// heads / kv_heads at most pdk_max_group().
-extern "C" void pdk_paged_decode_attention(const uint16_t* q, const uint16_t* k_cache,
-                                           const uint16_t* v_cache, const int64_t* block_tables,
-                                           int64_t max_blocks, const int64_t* context_lens,
-                                           uint16_t* out, int64_t batch, int64_t heads,
-                                           int64_t kv_heads, int64_t head_dim, int64_t block_size,
-                                           float scale, int num_threads) {
+// q [batch, heads, head_dim] bf16 with rows q_row_stride elements apart; k_cache, v_cache
+// [num_blocks, block_size, kv_heads, head_dim] bf16; block_tables [batch, max_blocks] int64;
+// context_lens [batch] int64 (each ≥ 1); out [batch, heads, head_dim] bf16 contiguous.
+// When k_new is not null, row b of k_new / v_new ([kv_heads, head_dim], rows new_row_stride
+// apart) is first written to pool slot slots[b] (the step's own token, the last of its context).
+// head_dim must be a multiple of the vector width and heads / kv_heads at most pdk_max_group().
+extern "C" void pdk_paged_decode_attention(const uint16_t* q, int64_t q_row_stride,
+                                           uint16_t* k_cache, uint16_t* v_cache,
+                                           const uint16_t* k_new, const uint16_t* v_new,
+                                           int64_t new_row_stride, const int64_t* slots,
+                                           const int64_t* block_tables, int64_t max_blocks,
+                                           const int64_t* context_lens, uint16_t* out,
+                                           int64_t batch, int64_t heads, int64_t kv_heads,
+                                           int64_t head_dim, int64_t block_size, float scale,
+                                           int num_threads) {
   const Geometry geo{heads, kv_heads, head_dim, block_size, max_blocks, scale};
   const int64_t group = heads / kv_heads;
   const AttendFn attend_group = kAttend[group - 1];
@@ -137,9 +142,15 @@ extern "C" void pdk_paged_decode_attention(const uint16_t* q, const uint16_t* k_
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < batch * kv_heads; ++task) {
       const int64_t b = task / kv_heads, kvh = task % kv_heads;
-      const int64_t offset = (b * heads + kvh * group) * head_dim;
-      attend_group(q + offset, k_cache, v_cache, block_tables + b * max_blocks, context_lens[b],
-                   geo, kvh, scratch, out + offset);
+      if (k_new != nullptr) {  // only this task reads this (sequence, KV head)'s slot
+        const int64_t cache_at = (slots[b] * kv_heads + kvh) * head_dim;
+        const int64_t new_at = b * new_row_stride + kvh * head_dim;
+        std::copy(k_new + new_at, k_new + new_at + head_dim, k_cache + cache_at);
+        std::copy(v_new + new_at, v_new + new_at + head_dim, v_cache + cache_at);
+      }
+      attend_group(q + b * q_row_stride + kvh * group * head_dim, k_cache, v_cache,
+                   block_tables + b * max_blocks, context_lens[b], geo, kvh, scratch,
+                   out + (b * heads + kvh * group) * head_dim);
     }
   }
 }

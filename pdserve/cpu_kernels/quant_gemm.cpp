@@ -293,6 +293,27 @@ void gemm(const uint16_t* x_bf16, int64_t rows, int64_t in, int64_t out_features
 
 }  // namespace
 
+// The weights themselves as bf16 [out, in] (the dense copy that long prefill chunks run).
+extern "C" void pdk_int4_dequantize(const uint8_t* qs, const float* scales, const float* mins,
+                                    int64_t out_features, int64_t in, uint16_t* dense,
+                                    int num_threads) {
+  const Int4Rows w{qs, scales, mins, in / kGroup};
+#pragma omp parallel num_threads(num_threads)
+  {
+#if defined(__AVX512BF16__)
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < out_features; ++n) dequant_row(w, n, dense + n * in);
+#else
+    std::vector<float> row(in);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < out_features; ++n) {
+      dequant_row(w, n, row.data());
+      for (int64_t k = 0; k < in; ++k) dense[n * in + k] = float_to_bf16(row[k]);
+    }
+#endif
+  }
+}
+
 // x [rows, in] bf16 → y [rows, out] bf16. in must be a multiple of 32 and out of 4.
 extern "C" void pdk_int4_linear(const uint16_t* x, int64_t rows, int64_t in, const uint8_t* qs,
                                 const float* scales, const float* mins, int64_t out_features,

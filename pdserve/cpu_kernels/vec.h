@@ -22,6 +22,17 @@ inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+inline vf vdiv(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline vf vabs(vf a) { return _mm512_abs_ps(a); }
+inline vf vselect_nonnegative(vf x, vf if_nonnegative, vf otherwise) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ), otherwise, if_nonnegative);
+}
+inline void vstore_bf16(uint16_t* p, vf x) {  // round to nearest even
+  __m512i bits = _mm512_castps_si512(x);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
 inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
 inline float vhmax(vf a) { return _mm512_reduce_max_ps(a); }
 inline vf vload_bf16(const uint16_t* p) {
@@ -47,6 +58,18 @@ inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
 inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+inline vf vdiv(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf vabs(vf a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+inline vf vselect_nonnegative(vf x, vf if_nonnegative, vf otherwise) {
+  return _mm256_blendv_ps(if_nonnegative, otherwise, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
+}
+inline void vstore_bf16(uint16_t* p, vf x) {  // round to nearest even
+  __m256i bits = _mm256_castps_si256(x);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  bits = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
 inline float vsum(vf a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -85,6 +108,14 @@ inline vf vexp_nonpositive(vf x) {
   p = vfma(p, r, vset1(1.0f));
   p = vfma(p, r, vset1(1.0f));
   return vmul(p, vpow2_int(n));
+}
+
+// x · sigmoid(x), from e^−|x| so the exponential never overflows.
+inline vf vsilu(vf x) {
+  vf e = vexp_nonpositive(vsub(vzero(), vabs(x)));
+  vf one = vset1(1.0f);
+  vf sigmoid = vselect_nonnegative(x, vdiv(one, vadd(one, e)), vdiv(e, vadd(one, e)));
+  return vmul(x, sigmoid);
 }
 
 inline float bf16_to_float(uint16_t h) {

@@ -155,16 +155,27 @@ class SdpaBackend(_GatheringBackend):
     def __init__(self, native=None):
         self.native = native
 
+    def _native_fits(self, q, k_cache) -> bool:
+        return (
+            self.native is not None
+            and q.dtype == torch.bfloat16
+            and self.native.supports_attention(q.shape[1], k_cache.shape[2], q.shape[2])
+        )
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        if meta.prefills or not self._native_fits(q, k_cache):
+            return super().forward(q, k, v, k_cache, v_cache, meta, scale)
+        # A pure decode step (rows are the decodes, in order): the kernel writes each new
+        # token's K/V into its slot and attends, in one call per layer.
+        return self.native.paged_decode_attention(
+            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale,
+            new_kv=(k, v, meta.slot_mapping),
+        )  # fmt: skip
+
     def decode_paged(self, q, k_cache, v_cache, meta, scale):
-        native = self.native
-        heads, kv_heads, head_dim = q.shape[1], k_cache.shape[2], q.shape[2]
-        if (
-            native is None
-            or q.dtype != torch.bfloat16
-            or not native.supports_attention(heads, kv_heads, head_dim)
-        ):
+        if not self._native_fits(q, k_cache):
             return super().decode_paged(q, k_cache, v_cache, meta, scale)
-        return native.paged_decode_attention(
+        return self.native.paged_decode_attention(
             q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
         )
 

@@ -76,6 +76,87 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(dtype)
 
 
+class TorchLayerOps:
+    """A layer's elementwise work in torch ops: the exact path (Hugging Face's numerics)."""
+
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype):
+        self.config = config
+        self.rotary = rotary
+        self.dtype = dtype
+
+    def rope_for(self, positions: torch.Tensor):
+        return self.rotary(positions, self.dtype)
+
+    def add_rms_norm(self, h, delta, weight):
+        """(h + delta, RMSNorm(h + delta) · weight); delta None adds nothing."""
+        if delta is not None:
+            h = h + delta
+        return h, rms_norm(h, weight, self.config.rms_norm_eps)
+
+    def rotate_qk(self, qkv: torch.Tensor, rope):
+        """[T, (H + 2·KVH)·D] → q [T, H, D], k, v [T, KVH, D] contiguous, q and k rotated."""
+        cfg = self.config
+        cos, sin = rope
+        num_tokens = qkv.shape[0]
+        kv_size = cfg.num_kv_heads * cfg.head_dim
+        qk, v = qkv.split([qkv.shape[1] - kv_size, kv_size], dim=-1)
+        # Rotate q and k heads together: one set of elementwise kernels instead of two.
+        qk = qk.view(num_tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
+        return q, k.contiguous(), v.contiguous().view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class NativeLayerOps:
+    """The same work in one native call each (`pdserve.cpu_kernels`), for bf16 on the CPU:
+    fp32 inside, rounded once per output, so within bf16 rounding of TorchLayerOps (RMSNorm is
+    bit-identical)."""
+
+    def __init__(self, native, config: ModelConfig, rotary: RotaryEmbedding):
+        self.native = native
+        self.config = config
+        self.cos, self.sin = rotary.cos.contiguous(), rotary.sin.contiguous()
+
+    def rope_for(self, positions: torch.Tensor):
+        return positions.contiguous()
+
+    def add_rms_norm(self, h, delta, weight):
+        if delta is not None and not h.is_contiguous():
+            h = h.contiguous()
+        return h, self.native.add_rms_norm(h, delta, weight, self.config.rms_norm_eps)
+
+    def rotate_qk(self, qkv: torch.Tensor, positions):
+        cfg = self.config
+        num_tokens, d = qkv.shape[0], cfg.head_dim
+        q_size, kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
+        self.native.rope(qkv, cfg.num_heads + cfg.num_kv_heads, d, positions, self.cos, self.sin)
+        # Views into qkv: the native attention reads strided rows, torch ops accept them.
+        q = qkv[:, :q_size].view(num_tokens, cfg.num_heads, d)
+        k = qkv[:, q_size : q_size + kv_size].view(num_tokens, cfg.num_kv_heads, d)
+        v = qkv[:, q_size + kv_size :].view(num_tokens, cfg.num_kv_heads, d)
+        return q, k, v
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.native.silu_mul(gate_up)
+
+
+def _native_layer_ops(device: torch.device, dtype: torch.dtype, config: ModelConfig):
+    """The CPU kernels where the model computes in bf16 on the CPU and its widths fit them."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return None
+    from pdserve import cpu_kernels
+
+    native = cpu_kernels.kernels()
+    widths = (config.hidden_size, config.intermediate_size)
+    if native is None or any(w % native.lanes for w in widths) or config.head_dim % 2:
+        return None
+    return native
+
+
 class LlamaModel:
     """`linears`: quantized projections (see `pdserve.model.quant`, keyed by `linear_names`);
     None runs the dense weights in `dtype`."""
@@ -115,7 +196,13 @@ class LlamaModel:
             layer["input_norm"] = w(p + "input_layernorm.weight")
             layer["post_norm"] = w(p + "post_attention_layernorm.weight")
             self.layers.append(layer)
-        self.rope = RotaryEmbedding(config, device)
+        rotary = RotaryEmbedding(config, device)
+        native = _native_layer_ops(device, dtype, config)
+        self.ops = (
+            NativeLayerOps(native, config, rotary)
+            if native is not None
+            else TorchLayerOps(config, rotary, dtype)
+        )
 
     def _tied_rows(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.lm_head, Int8Linear):
@@ -133,30 +220,20 @@ class LlamaModel:
     ) -> torch.Tensor:  # [T, hidden]
         """`on_layer_done(i)` runs once layer i has written this step's KV into the pool, so a
         caller can ship that layer's slice of finished blocks while later layers compute."""
-        cfg = self.config
+        ops = self.ops
         num_tokens = input_ids.shape[0]
-        q_size = cfg.num_heads * cfg.head_dim
-        kv_size = cfg.num_kv_heads * cfg.head_dim
-        cos, sin = self.rope(positions, self.dtype)
+        rope = ops.rope_for(positions)
         h = self._embed(input_ids)  # [T, hidden]
+        delta = None  # the previous layer's MLP output, added to h by the next norm
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer["input_norm"], cfg.rms_norm_eps)
-            qk, v = layer["qkv"](x).split([q_size + kv_size, kv_size], dim=-1)
-            # Rotate q and k heads together: one set of elementwise kernels instead of two.
-            qk = qk.view(num_tokens, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
-            qk = qk * cos + _rotate_half(qk) * sin
-            q, k = qk.split([cfg.num_heads, cfg.num_kv_heads], dim=1)
-            v = v.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-            o = self.backend.forward(
-                q, k.contiguous(), v.contiguous(), kv_pool[i, 0], kv_pool[i, 1], meta, self.scale
-            )
-            h = h + layer["o"](o.reshape(num_tokens, q_size))
-            x = rms_norm(h, layer["post_norm"], cfg.rms_norm_eps)
-            gate, up = layer["gate_up"](x).chunk(2, dim=-1)
-            h = h + layer["down"](F.silu(gate) * up)
+            h, x = ops.add_rms_norm(h, delta, layer["input_norm"])
+            q, k, v = ops.rotate_qk(layer["qkv"](x), rope)
+            o = self.backend.forward(q, k, v, kv_pool[i, 0], kv_pool[i, 1], meta, self.scale)
+            h, x = ops.add_rms_norm(h, layer["o"](o.reshape(num_tokens, -1)), layer["post_norm"])
+            delta = layer["down"](ops.silu_mul(layer["gate_up"](x)))
             if on_layer_done is not None:
                 on_layer_done(i)
-        return rms_norm(h, self.norm, cfg.rms_norm_eps)
+        return ops.add_rms_norm(h, delta, self.norm)[1]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -203,20 +203,14 @@ class Int4Linear(Linear):
             torch.from_numpy(q.astype(np.int32)), 1
         )
         pairs = np.stack([scales, zeros], axis=-1).transpose(1, 0, 2)  # [in / group, out, 2]
-        groups = q.reshape(out_features, -1, INT4_GROUP_SIZE).astype(np.float32) - 8
-        dense = groups * scales[..., None] + zeros[..., None]
         halves = q.reshape(out_features, -1, 2, INT4_GROUP_SIZE // 2)
         blocks = Int4Blocks(
             torch.from_numpy((halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(out_features, -1)),
             torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32)),
             torch.from_numpy(np.ascontiguousarray(zeros - 8 * scales, dtype=np.float32)),
         )
-        return cls(
-            packed,
-            torch.from_numpy(np.ascontiguousarray(pairs)).to(torch.bfloat16),
-            blocks,
-            torch.from_numpy(dense.reshape(out_features, in_features)).to(torch.bfloat16),
-        )
+        pairs = torch.from_numpy(np.ascontiguousarray(pairs)).to(torch.bfloat16)
+        return cls(packed, pairs, blocks, blocks.dense())
 
     @classmethod
     def quantize(cls, weight: np.ndarray) -> Int4Linear:
@@ -254,6 +248,20 @@ class Int4Blocks:
     qs: torch.Tensor  # [out, in / 2] uint8: per group, byte j holds element j and j + 16
     scales: torch.Tensor  # [out, in / group] fp32
     mins: torch.Tensor  # [out, in / group] fp32
+
+    def dense(self) -> torch.Tensor:
+        """The weights as bf16 [out, in]: natively where the kernels load (about 10× faster
+        than the torch ops, a large part of a first load), else with torch ops."""
+        from pdserve import cpu_kernels
+
+        native = cpu_kernels.kernels()
+        if native is not None:
+            return native.int4_dequantize(self.qs, self.scales, self.mins)
+        out_features = self.qs.shape[0]
+        groups = self.qs.view(out_features, -1, INT4_GROUP_SIZE // 2)
+        q = torch.cat([groups & 0x0F, groups >> 4], dim=-1).float()  # [out, in / group, 32]
+        weights = q * self.scales[..., None] + self.mins[..., None]
+        return weights.view(out_features, -1).to(torch.bfloat16)
 
 
 @dataclass

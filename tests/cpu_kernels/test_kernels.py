@@ -136,3 +136,31 @@ def test_a_failed_build_leaves_the_torch_path(monkeypatch, tmp_path, fresh_choic
         build(RUNNABLE[0])
     assert cpu_kernels.kernels() is None
     assert not list(tmp_path.rglob("*.so*"))  # no partial library left behind
+
+
+def test_decode_attention_writes_each_new_token_before_attending(native):
+    """The pure-decode form: strided q/k/v rows (views into one fused projection output), each
+    sequence's new K/V written to its slot, then attended to as the last position."""
+    heads, kv_heads, head_dim, block_size = 9, 3, 64, 16
+    lens = torch.tensor([1, 20, 33])
+    tables = torch.tensor([[4, 0, 0], [2, 7, 0], [1, 3, 6]])
+    slots = torch.tensor(
+        [int(tables[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+         for b, n in enumerate(lens.tolist())]
+    )  # fmt: skip
+    torch.manual_seed(1)
+    k_cache = torch.randn(8, block_size, kv_heads, head_dim).bfloat16()
+    v_cache = torch.randn_like(k_cache)
+    fused = torch.randn(3, (heads + 2 * kv_heads) * head_dim).bfloat16()
+    q = fused[:, : heads * head_dim].view(3, heads, head_dim)
+    k = fused[:, heads * head_dim : (heads + kv_heads) * head_dim].view(3, kv_heads, head_dim)
+    v = fused[:, (heads + kv_heads) * head_dim :].view(3, kv_heads, head_dim)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected_k.view(-1, kv_heads, head_dim)[slots] = k
+    expected_v.view(-1, kv_heads, head_dim)[slots] = v
+    expected = _reference_attention(q, expected_k, expected_v, tables, lens, head_dim**-0.5)
+    got = native.paged_decode_attention(
+        q, k_cache, v_cache, tables, lens, head_dim**-0.5, new_kv=(k, v, slots)
+    )
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    assert (got.float() - expected).abs().max().item() < 2e-2

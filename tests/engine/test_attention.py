@@ -120,9 +120,9 @@ def native_spy():
         def supports_attention(self, *shape):
             return native.supports_attention(*shape)
 
-        def paged_decode_attention(self, *args):
+        def paged_decode_attention(self, *args, **kwargs):
             calls.append(args[0].shape)
-            return native.paged_decode_attention(*args)
+            return native.paged_decode_attention(*args, **kwargs)
 
     return Spy(), calls
 
@@ -133,6 +133,28 @@ def test_native_paged_decode_matches_reference_on_a_bf16_pool(native_spy):
     got = run(SdpaBackend(spy), case).float()
     torch.testing.assert_close(got, run(ReferenceBackend(), case).float(), atol=2e-2, rtol=2e-2)
     assert calls == [(2, HEADS, HEAD_DIM)]  # the step's two decodes, in one call
+
+
+def test_a_pure_decode_step_writes_and_attends_in_one_native_call(native_spy):
+    spy, calls = native_spy
+    q, k, v, k_cache, v_cache, meta = build_case("cpu", torch.bfloat16)
+    rows = meta.decode_token_index
+    decodes = AttentionMetadata(
+        slot_mapping=meta.slot_mapping[rows],
+        prefills=[],
+        decode_token_index=torch.arange(len(rows)),
+        decode_block_tables=meta.decode_block_tables,
+        decode_context_lens=meta.decode_context_lens,
+        decode_mask=meta.decode_mask,
+        decode_max_len=meta.decode_max_len,
+    )
+    case = (q[rows], k[rows], v[rows], k_cache, v_cache, decodes)
+    reference_pool = (k_cache.clone(), v_cache.clone())
+    expected = ReferenceBackend().forward(*case[:3], *reference_pool, decodes, HEAD_DIM**-0.5)
+    got = SdpaBackend(spy).forward(*case, HEAD_DIM**-0.5)
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(k_cache, reference_pool[0]) and torch.equal(v_cache, reference_pool[1])
+    assert calls == [(2, HEADS, HEAD_DIM)]
 
 
 def test_the_exact_fp32_path_keeps_sdpa_for_decodes(native_spy):

@@ -5,7 +5,9 @@ import pytest
 import torch
 from conftest import PASSAGES
 
+from pdserve.engine.attention import AttentionMetadata, PrefillSegment
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.model.llama import NativeLayerOps, RotaryEmbedding, TorchLayerOps
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -34,3 +36,43 @@ def test_quantized_engine_tracks_the_exact_path(make_engine, engine, exact_token
     # Measured: int4 and int8 agree on all 16 tokens for most passages (benchmarks/quality.py
     # measures 64 tokens over 50 prompts); a broken layout agrees on none.
     assert sum(agreement) / len(agreement) >= 8, agreement
+
+
+def prompt_logits(engine, token_ids: list[int]) -> torch.Tensor:
+    """Logits after a prompt, from one causal prefill over the engine's pool."""
+    runner, n = engine.runner, len(token_ids)
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(n),
+        prefills=[PrefillSegment(0, n, n, torch.arange(-(-n // runner.block_size)))],
+        decode_token_index=torch.zeros(0, dtype=torch.int64),
+        decode_block_tables=torch.zeros(0, 0, dtype=torch.int64),
+        decode_context_lens=torch.zeros(0, dtype=torch.int64),
+        decode_mask=None,
+    )
+    hidden = runner.model.forward(torch.tensor(token_ids), torch.arange(n), runner.kv_pool, meta)
+    return runner.model.compute_logits(hidden[-1:])[0]
+
+
+def test_native_layer_ops_stay_within_the_bf16_paths_own_error(make_engine, engine, checkpoint):
+    """The bf16 path's norms, rotary embedding and SwiGLU in native calls (where the CPU kernels
+    load) against the same model with torch ops: their logits differ by less than the torch-op
+    bf16 model differs from the exact fp32 one (a wrong rotation or gate would differ by far
+    more)."""
+    quantized = make_engine(quantization="int4", max_num_batched_tokens=256)
+    model = quantized.runner.model
+    if not isinstance(model.ops, NativeLayerOps):
+        pytest.skip("no native kernels on this machine")
+    native_ops = model.ops
+    torch_ops = TorchLayerOps(
+        model.config, RotaryEmbedding(model.config, model.device), model.dtype
+    )
+    for passage in PASSAGES:
+        ids = checkpoint.tokenizer.encode(passage)
+        exact = prompt_logits(engine, ids)
+        model.ops = torch_ops
+        with_torch_ops = prompt_logits(quantized, ids)
+        model.ops = native_ops
+        with_native_ops = prompt_logits(quantized, ids)
+        native_error = (with_native_ops - with_torch_ops).abs().max()
+        assert native_error < (with_torch_ops - exact).abs().max(), passage
+        assert with_native_ops.argmax() == with_torch_ops.argmax()
