@@ -475,7 +475,19 @@ def quality_table(results: dict, failures: dict, new_tokens: int, num_prompts: i
     exact = modes.get("none", {}).get("quality")
     if exact is None:
         return "No quality table: pdserve's exact path did not run."
-    paths = [(f"pdserve {m}", f.get("quality")) for m, f in modes.items() if f.get("quality")]
+    paths = []
+    for m, f in modes.items():
+        q = f.get("quality")
+        if not q:
+            continue
+        paths.append((f"pdserve {m}", q))
+        if "greedy_batched" in q:
+            paths.append(
+                (
+                    f"pdserve {m}, batches of {q['batched_rows']}",
+                    {**q, "greedy": q["greedy_batched"]},
+                )
+            )
     if "llamacpp" in results and results["llamacpp"].get("quality"):
         paths.append(("llama.cpp Q4_1", results["llamacpp"]["quality"]))
     head = (

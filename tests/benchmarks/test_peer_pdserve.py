@@ -35,5 +35,9 @@ def test_quality_decodes_in_batches_the_quantized_kernel_runs(int4_engine, monke
     spec = {"quality_new_tokens": 3, "quality_prompts": prompts, "quality_text": list(range(40))}
     result = peer_pdserve.quality(int4_engine, spec)
     assert [len(g) for g in result["greedy"]] == [3] * 6
-    decode_rows = {n for n in rows_seen if n < 8}  # prompts are 8 tokens: the rest decode
-    assert decode_rows and max(decode_rows) <= quant.MAX_QUANTIZED_ROWS
+    assert [len(g) for g in result["greedy_batched"]] == [3] * 6
+    decode_rows = [n for n in rows_seen if n < 8]  # prompts are 8 tokens: the rest decode
+    # the first pass stays within the few-row kernel; the second decodes all six together
+    few_row_pass = decode_rows[: decode_rows.index(6)]
+    assert few_row_pass and max(few_row_pass) <= quant.MAX_QUANTIZED_ROWS
+    assert result["batched_rows"] == peer_pdserve.BATCHED_QUALITY_ROWS

@@ -40,7 +40,13 @@ def test_quality_table_names_the_precisions_no_worse_than_llamacpp():
             "modes": {
                 "none": {"quality": _quality(exact, 10.0)},
                 "int8": {"quality": _quality([[1, 2, 3, 4], [5, 6, 7, 0]], 10.1)},
-                "int4": {"quality": _quality([[1, 2, 0, 0], [5, 0, 0, 0]], 10.4)},
+                "int4": {
+                    "quality": {
+                        **_quality([[1, 2, 0, 0], [5, 0, 0, 0]], 10.4),
+                        "batched_rows": 16,
+                        "greedy_batched": [[1, 2, 3, 4], [5, 6, 7, 0]],
+                    }
+                },
             }
         },
         "llamacpp": {"quality": _quality([[1, 2, 3, 0], [5, 6, 0, 0]], 10.3)},
@@ -48,6 +54,7 @@ def test_quality_table_names_the_precisions_no_worse_than_llamacpp():
     text = peers.quality_table(results, {}, 4, 2)
     assert "| pdserve int8 | 3.5 | 1/2 | 87.5% | 10.100 |" in text
     assert "| llama.cpp Q4_1 | 2.5 | 0/2 | 62.5% | 10.300 |" in text
+    assert "| pdserve int4, batches of 16 | 3.5 | 1/2 | 87.5% | 10.400 |" in text
     assert text.endswith("llama.cpp's: pdserve none, pdserve int8.")
 
 
