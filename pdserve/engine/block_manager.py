@@ -79,15 +79,18 @@ class BlockManager:
 
     def block_key(self, seq: Sequence, index: int) -> BlockKey:
         """The chained key of full block ``index`` of ``seq``, hashed once per sequence
-        (memoized in ``seq.key_chain``; the caller guarantees the block is full)."""
+        (memoized in ``seq.key_chain``, its tokens in ``seq.block_tokens``; the caller
+        guarantees the block is full)."""
         chain = seq.key_chain
         if index < len(chain):
             return chain[index]
-        bs, key_fn = self.block_size, self.key_fn
+        bs, key_fn, block_tokens = self.block_size, self.key_fn, seq.block_tokens
         parent = chain[-1] if chain else seq.root_key
         for start in range(len(chain) * bs, (index + 1) * bs, bs):
-            parent = key_fn(parent, seq.tokens_in_range(start, start + bs))
+            tokens = tuple(seq.tokens_in_range(start, start + bs))
+            parent = key_fn(parent, tokens)
             chain.append(parent)
+            block_tokens.append(tokens)
         return parent
 
     def cached_prefix(self, seq: Sequence) -> list[tuple[BlockKey, int]]:
@@ -96,13 +99,11 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[tuple[BlockKey, int]] = []
-        bs, cached, blocks = self.block_size, self._cached, self.blocks
-        for i in range((seq.num_tokens - 1) // bs):
-            key = self.block_key(seq, i)
+        cached, blocks, chain = self._cached, self.blocks, seq.key_chain
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            key = chain[i] if i < len(chain) else self.block_key(seq, i)
             block_id = cached.get(key)
-            if block_id is None or blocks[block_id].token_ids != tuple(
-                seq.tokens_in_range(i * bs, (i + 1) * bs)
-            ):
+            if block_id is None or blocks[block_id].token_ids != seq.block_tokens[i]:
                 break
             hits.append((key, block_id))
         return hits
@@ -124,25 +125,20 @@ class BlockManager:
         has them); uncached ones first, then evicting least-recently-used cached ones."""
         free, blocks = self._free_uncached, self.blocks
         block_ids = [free.popleft() for _ in range(min(num_blocks, len(free)))]
-        num_evicted = num_blocks - len(block_ids)
-        if num_evicted:
-            evictable, cached = self._evictable, self._cached
-            for _ in range(num_evicted):
-                block_id, _ = evictable.popitem(last=False)
-                block = blocks[block_id]
-                del cached[block.key]
-                block.key, block.token_ids = None, None
-                block_ids.append(block_id)
-            self.num_evictions += num_evicted
         for block_id in block_ids:
             blocks[block_id].ref_count = 1
+        num_evicted = num_blocks - len(block_ids)
+        if num_evicted:
+            pop_oldest, cached, append = self._evictable.popitem, self._cached, block_ids.append
+            for _ in range(num_evicted):
+                block_id, _ = pop_oldest(last=False)
+                block = blocks[block_id]
+                del cached[block.key]
+                block.key = block.token_ids = None
+                block.ref_count = 1
+                append(block_id)
+            self.num_evictions += num_evicted
         return block_ids
-
-    def _acquire(self, block_id: int) -> None:
-        block = self.blocks[block_id]
-        if block.ref_count == 0:
-            self._evictable.pop(block_id, None)
-        block.ref_count += 1
 
     def admit(self, seq: Sequence, num_new_tokens: int) -> bool:
         """First allocation of a waiting sequence: reuse its cached prefix, then allocate room
@@ -155,10 +151,14 @@ class BlockManager:
         reusable_free = sum(1 for _, b in hits if self.blocks[b].ref_count == 0)
         if needed > self.num_free_blocks - reusable_free:
             return False
-        for key, block_id in hits:
-            self._acquire(block_id)
-            seq.block_table.append(block_id)
-            seq.block_keys.append(key)
+        blocks, evictable, table = self.blocks, self._evictable, seq.block_table
+        for _, block_id in hits:  # a cached block is evictable while nothing references it
+            block = blocks[block_id]
+            if block.ref_count == 0:
+                evictable.pop(block_id, None)
+            block.ref_count += 1
+            table.append(block_id)
+        seq.block_keys.extend(key for key, _ in hits)
         seq.block_table.extend(self._take_free_blocks(needed))
         seq.num_computed_tokens = num_cached_tokens
         seq.num_cached_tokens = num_cached_tokens
@@ -176,8 +176,8 @@ class BlockManager:
     def commit_full_blocks(self, seq: Sequence) -> None:
         """Register every block that `num_computed_tokens` now fully covers in the prefix
         cache (called after a step wrote their KV)."""
-        bs, keys = self.block_size, seq.block_keys
-        first, end = len(keys), seq.num_computed_tokens // bs
+        keys = seq.block_keys
+        first, end = len(keys), seq.num_computed_tokens // self.block_size
         if first >= end:
             return
         self.block_key(seq, end - 1)
@@ -185,13 +185,14 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         cached, blocks, table = self._cached, self.blocks, seq.block_table
+        block_tokens = seq.block_tokens
         for i in range(first, end):
             key = keys[i]
             if key not in cached:
                 block = blocks[table[i]]
                 if block.key is None:
                     block.key = key
-                    block.token_ids = tuple(seq.tokens_in_range(i * bs, (i + 1) * bs))
+                    block.token_ids = block_tokens[i]
                     cached[key] = block.block_id
 
     def free(self, seq: Sequence) -> None:
@@ -245,19 +246,21 @@ class BlockManager:
         `block_ids[i]` in the prefix cache first (its bytes were loaded), unless that key is
         already cached by another block."""
         self.num_reserved_blocks -= len(block_ids)
+        blocks, index, evictable = self.blocks, self._cached, self._evictable
+        num_cached = len(cached) if self.enable_prefix_caching else 0
         for i, block_id in enumerate(block_ids):
-            block = self.blocks[block_id]
-            if i < len(cached) and self.enable_prefix_caching and cached[i][0] not in self._cached:
+            block = blocks[block_id]
+            if i < num_cached and cached[i][0] not in index:
                 key, token_ids = cached[i]
                 block.key, block.token_ids = key, tuple(token_ids)
-                self._cached[key] = block_id
+                index[key] = block_id
             block.ref_count -= 1
             if block.ref_count != 0:
                 raise AssertionError(f"reserved block {block_id} is shared")
             if block.key is None:
                 self._free_uncached.append(block_id)
             else:
-                self._evictable[block_id] = None
+                evictable[block_id] = None
 
     def check_invariants(self) -> None:
         free = set(self._free_uncached) | set(self._evictable)

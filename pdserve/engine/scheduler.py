@@ -181,10 +181,8 @@ def _num_left(seq: Sequence) -> int:
 
 def _is_decoding(seq: Sequence) -> bool:
     """Its next step computes one new token of its output (not prompt or recomputed work)."""
-    return (
-        seq.num_tokens - seq.num_computed_tokens == 1
-        and seq.num_computed_tokens >= seq.num_prompt_tokens
-    )
+    num_prompt, computed = len(seq.prompt_token_ids), seq.num_computed_tokens
+    return computed >= num_prompt and num_prompt + len(seq.output_token_ids) - computed == 1
 
 
 class _PromptBudget:

@@ -47,6 +47,9 @@ class Sequence:
     # Chained keys of the first full blocks of the tokens, each hashed once: tokens are only
     # appended, so a key never changes (it outlives a preemption, unlike block_keys).
     key_chain: list[BlockKey] = field(default_factory=list, repr=False)
+    # The tokens of those blocks, as tuples, parallel to key_chain: built once per block, they
+    # are what the prefix cache stores and compares on a hit.
+    block_tokens: list[tuple[int, ...]] = field(default_factory=list, repr=False)
     num_preemptions: int = 0
     # A migrated request (output tokens produced by another engine): its output is recomputed
     # one token a step, through the decode path, so its KV is bit-for-bit what the first

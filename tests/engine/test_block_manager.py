@@ -178,6 +178,12 @@ def test_block_keys_are_hashed_once_per_sequence_and_equal_the_chain():
     seq.num_computed_tokens = 13
     bm.commit_full_blocks(seq)
     assert seq.block_keys == chain_block_keys(tokens, 4, ROOT) and len(calls) == 3
+    # Each block's tokens are built once, beside its key, and are what the cache stores.
+    assert seq.block_tokens == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11)]
+    assert all(
+        bm.blocks[b].token_ids is t
+        for b, t in zip(seq.block_table[:3], seq.block_tokens, strict=True)
+    )
     # A preempted sequence re-admitted: its keys come from its chain, not from hashing again.
     bm.free(seq)
     seq.num_computed_tokens = 0

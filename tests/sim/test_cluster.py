@@ -3,6 +3,7 @@ to stepping, admission, and the cost models."""
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import replace
 
@@ -87,6 +88,26 @@ def test_fast_forward_equals_stepping(num_prefill, num_blocks, policy_name):
         assert a["ttft_s"] == pytest.approx(b["ttft_s"], abs=1e-9)
         assert a["e2e_s"] == pytest.approx(b["e2e_s"], abs=1e-9)
     assert fast["itl_s"] == pytest.approx(slow["itl_s"], abs=1e-9)
+
+
+def _collector_states_during_run(enabled_before: bool) -> tuple[list[bool], bool]:
+    """(gc.isenabled() at every heartbeat of a small run, and after it)."""
+    (gc.enable if enabled_before else gc.disable)()
+    w = synthetic(5, 20.0, seed=1, prompt=Lengths("uniform:8:40"), output=Lengths("uniform:1:8"))
+    sim = Simulator(w, SimConfig(0, 1, **T), LINEAR)
+    seen, heartbeat = [], sim._heartbeat
+    sim._heartbeat = lambda t: (seen.append(gc.isenabled()), heartbeat(t))
+    try:
+        sim.run()
+        return seen, gc.isenabled()
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_the_event_loop_pauses_the_cyclic_collector_and_restores_it(enabled_before):
+    seen, enabled_after = _collector_states_during_run(enabled_before)
+    assert seen and not any(seen) and enabled_after == enabled_before
 
 
 def test_admission_rejects_above_max_inflight():
