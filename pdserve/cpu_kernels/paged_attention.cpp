@@ -16,14 +16,13 @@ namespace {
 
 // Scores of the Group query heads sharing one KV head (fp32 q, [Group][head_dim]) against one
 // sequence's keys, scaled: scores [Group][context_len].
+// rows[pos]: the offset of position pos's row in the pool (block-table lookups done once).
 template <int Group>
 void scores_for_group(const float* q, int64_t head_dim, const uint16_t* k_cache,
-                      const int64_t* block_table, int64_t context_len, int64_t block_size,
-                      int64_t token_stride, float scale, float* scores) {
+                      const int64_t* rows, int64_t context_len, float scale, float* scores) {
   const int64_t chunks = head_dim / kLanes;
   for (int64_t pos = 0; pos < context_len; ++pos) {
-    const int64_t slot = block_table[pos / block_size] * block_size + pos % block_size;
-    const uint16_t* key = k_cache + slot * token_stride;
+    const uint16_t* key = k_cache + rows[pos];
     vf acc[Group];
     for (int g = 0; g < Group; ++g) acc[g] = vzero();
     for (int64_t c = 0; c < chunks; ++c) {
@@ -37,15 +36,13 @@ void scores_for_group(const float* q, int64_t head_dim, const uint16_t* k_cache,
 // acc [Group][head_dim] = Σ_pos weights[g][pos] · V[pos], one vector of head_dim at a time so
 // the Group accumulators stay in registers.
 template <int Group>
-void weighted_values(const float* weights, const uint16_t* v_cache, const int64_t* block_table,
-                     int64_t context_len, int64_t block_size, int64_t token_stride,
-                     int64_t head_dim, float* acc) {
+void weighted_values(const float* weights, const uint16_t* v_cache, const int64_t* rows,
+                     int64_t context_len, int64_t head_dim, float* acc) {
   for (int64_t c = 0; c < head_dim / kLanes; ++c) {
     vf sum[Group];
     for (int g = 0; g < Group; ++g) sum[g] = vzero();
     for (int64_t pos = 0; pos < context_len; ++pos) {
-      const int64_t slot = block_table[pos / block_size] * block_size + pos % block_size;
-      vf value = vload_bf16(v_cache + slot * token_stride + c * kLanes);
+      vf value = vload_bf16(v_cache + rows[pos] + c * kLanes);
       for (int g = 0; g < Group; ++g) sum[g] = vfma(vset1(weights[g * context_len + pos]), value, sum[g]);
     }
     for (int g = 0; g < Group; ++g) vstore(acc + g * head_dim + c * kLanes, sum[g]);
@@ -86,25 +83,31 @@ struct Geometry {
 template <int Group>
 void attend(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
             const int64_t* table, int64_t context_len, const Geometry& geo, int64_t kvh,
-            std::vector<float>& scratch, uint16_t* out) {
+            std::vector<float>& scratch, std::vector<int64_t>& rows, uint16_t* out) {
   const int64_t d = geo.head_dim, token_stride = geo.kv_heads * d;
+  // Row offsets block by block: an integer division per position cost more than its dot products.
+  rows.resize(context_len);
+  for (int64_t pos = 0, block = 0; pos < context_len; ++block) {
+    const int64_t base = table[block] * geo.block_size * token_stride;
+    const int64_t in_block = std::min(geo.block_size, context_len - pos);
+    for (int64_t offset = 0; offset < in_block; ++offset) rows[pos++] = base + offset * token_stride;
+  }
   scratch.resize(Group * (2 * d + context_len));
   float* q32 = scratch.data();
   float* acc = q32 + Group * d;
   float* scores = acc + Group * d;
   for (int64_t i = 0; i < Group * d; ++i) q32[i] = bf16_to_float(q[i]);
-  scores_for_group<Group>(q32, d, k_cache + kvh * d, table, context_len, geo.block_size,
-                          token_stride, geo.scale, scores);
+  scores_for_group<Group>(q32, d, k_cache + kvh * d, rows.data(), context_len, geo.scale, scores);
   float inv_sum[Group];
   for (int g = 0; g < Group; ++g) inv_sum[g] = 1.0f / softmax_row(scores + g * context_len, context_len);
-  weighted_values<Group>(scores, v_cache + kvh * d, table, context_len, geo.block_size,
-                         token_stride, d, acc);
+  weighted_values<Group>(scores, v_cache + kvh * d, rows.data(), context_len, d, acc);
   for (int g = 0; g < Group; ++g)
     for (int64_t i = 0; i < d; ++i) out[g * d + i] = float_to_bf16(acc[g * d + i] * inv_sum[g]);
 }
 
 using AttendFn = void (*)(const uint16_t*, const uint16_t*, const uint16_t*, const int64_t*,
-                          int64_t, const Geometry&, int64_t, std::vector<float>&, uint16_t*);
+                          int64_t, const Geometry&, int64_t, std::vector<float>&,
+                          std::vector<int64_t>&, uint16_t*);
 constexpr AttendFn kAttend[] = {attend<1>, attend<2>, attend<3>, attend<4>,
                                 attend<5>, attend<6>, attend<7>, attend<8>};
 // Below this many context tokens in the whole call, one thread does it: waking a second thread
@@ -139,6 +142,7 @@ extern "C" void pdk_paged_decode_attention(const uint16_t* q, int64_t q_row_stri
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<float> scratch;
+    std::vector<int64_t> rows;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < batch * kv_heads; ++task) {
       const int64_t b = task / kv_heads, kvh = task % kv_heads;
@@ -149,7 +153,7 @@ extern "C" void pdk_paged_decode_attention(const uint16_t* q, int64_t q_row_stri
         std::copy(v_new + new_at, v_new + new_at + head_dim, v_cache + cache_at);
       }
       attend_group(q + b * q_row_stride + kvh * group * head_dim, k_cache, v_cache,
-                   block_tables + b * max_blocks, context_lens[b], geo, kvh, scratch,
+                   block_tables + b * max_blocks, context_lens[b], geo, kvh, scratch, rows,
                    out + (b * heads + kvh * group) * head_dim);
     }
   }
