@@ -47,9 +47,10 @@ _ISA_REQUIRES = {
     "avx512_bf16": _AVX512_FLAGS,
     "avx2": {"avx2", "fma", "f16c"},
 }
-# Products per kernel call: the kernels re-read nothing per row, but above this many rows the
-# dense bf16 copy (oneDNN, AMX where present) computes faster (benchmarks/cpu_kernels.py).
-MAX_KERNEL_ROWS = 64
+# Rows per product call: the kernel dequantizes each weight once per call, but from 256 rows
+# on the dense bf16 copy (oneDNN on AMX) is as fast (benchmarks/cpu_kernels.py: 128 rows
+# 58.9 vs 69.5 ms for every projection of SmolLM2, 256 rows 111.3 vs 108.7 ms).
+MAX_KERNEL_ROWS = 128
 GROUP_SIZE = 32  # inputs per 4-bit block; every kernel needs `in` to be a multiple of it
 OUT_MULTIPLE = 4  # output rows the product kernels dequantize together
 _INT64 = ctypes.c_int64

@@ -114,7 +114,8 @@ inline vf vexp_nonpositive(vf x) {
 inline vf vsilu(vf x) {
   vf e = vexp_nonpositive(vsub(vzero(), vabs(x)));
   vf one = vset1(1.0f);
-  vf sigmoid = vselect_nonnegative(x, vdiv(one, vadd(one, e)), vdiv(e, vadd(one, e)));
+  vf inverse = vdiv(one, vadd(one, e));
+  vf sigmoid = vselect_nonnegative(x, inverse, vmul(e, inverse));
   return vmul(x, sigmoid);
 }
 

@@ -196,6 +196,7 @@ class LlamaModel:
             layer["input_norm"] = w(p + "input_layernorm.weight")
             layer["post_norm"] = w(p + "post_attention_layernorm.weight")
             self.layers.append(layer)
+        self._pool_views: tuple[torch.Tensor, list] | None = None
         rotary = RotaryEmbedding(config, device)
         native = _native_layer_ops(device, dtype, config)
         self.ops = (
@@ -228,12 +229,21 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             h, x = ops.add_rms_norm(h, delta, layer["input_norm"])
             q, k, v = ops.rotate_qk(layer["qkv"](x), rope)
-            o = self.backend.forward(q, k, v, kv_pool[i, 0], kv_pool[i, 1], meta, self.scale)
+            k_cache, v_cache = self._layer_caches(kv_pool)[i]
+            o = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
             h, x = ops.add_rms_norm(h, layer["o"](o.reshape(num_tokens, -1)), layer["post_norm"])
             delta = layer["down"](ops.silu_mul(layer["gate_up"](x)))
             if on_layer_done is not None:
                 on_layer_done(i)
         return ops.add_rms_norm(h, delta, self.norm)[1]
+
+    def _layer_caches(self, kv_pool: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (K, V) views of the pool, made once per pool rather than with four
+        indexing ops per layer and step."""
+        if self._pool_views is None or self._pool_views[0] is not kv_pool:
+            views = [(kv_pool[i, 0], kv_pool[i, 1]) for i in range(kv_pool.shape[0])]
+            self._pool_views = (kv_pool, views)
+        return self._pool_views[1]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

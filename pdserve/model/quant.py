@@ -42,12 +42,11 @@ from pdserve.model.gguf_reader import (
 
 QUANTIZATION_MODES = ("auto", "none", "int8", "int4")
 INT4_GROUP_SIZE = 32  # the GGUF 4-bit block: 32 weights share a scale and a minimum
-# The weight-only kernels are fast for a few rows and slow for many: measured on a 3072×576
-# projection (1 thread, Xeon), int4 took 0.24 ms at 4 rows vs 0.35 ms for a dense bf16 product,
-# but 0.51 vs 0.33 ms at 8, 28 vs 0.4 ms at 32 and 104 vs 2 ms at 128 (they do not block over
-# rows). So batches of more rows (prefill, batched decode) run a dense bf16 copy of the same
-# dequantized weights.
-MAX_QUANTIZED_ROWS = 4
+# PyTorch's weight-only kernels are the fastest for a few rows and slow for many (they re-read
+# the weights per row): benchmarks/cpu_kernels.py, every projection of SmolLM2 at once on the
+# Xeon, int4 took 26.0 ms at 8 rows against 29.9 ms for the native kernel and 36.7 ms for the
+# dense bf16 copy. More rows run the native kernel, or the dense copy where it does not load.
+MAX_QUANTIZED_ROWS = 8
 # Bump when what `state()` holds changes (it keys the cache entry).
 STATE_FORMAT = 3
 # The int4 kernel packs rows in tiles of 16 and needs an input width that fills its k-tiles.

@@ -20,8 +20,9 @@ def int4_engine():
 
 
 def test_quality_decodes_in_batches_the_quantized_kernel_runs(int4_engine, monkeypatch):
-    """Six prompts generated at once decoded six rows a step, which runs the dense bf16 copy:
-    the table then scored that copy and called it int4."""
+    """Prompts generated all at once decode as many rows a step, past PyTorch's few-row
+    kernel: the table then scored another kernel and called it int4. The first pass decodes
+    at most MAX_QUANTIZED_ROWS rows a step, the second all the prompts together."""
     rows_seen: list[int] = []
     call = quant.Int4Linear.__call__
 
@@ -30,14 +31,14 @@ def test_quality_decodes_in_batches_the_quantized_kernel_runs(int4_engine, monke
         return call(self, x)
 
     monkeypatch.setattr(quant.Int4Linear, "__call__", recording)
-    prompts = [[100 + i, 200 + i, 300 + i, 400 + i, 500 + i, 600 + i, 700 + i, 800 + i]
-               for i in range(6)]  # fmt: skip
+    num_prompts, prompt_len = quant.MAX_QUANTIZED_ROWS + 2, 24
+    assert num_prompts < peer_pdserve.BATCHED_QUALITY_ROWS
+    prompts = [[100 + i + j for j in range(prompt_len)] for i in range(num_prompts)]
     spec = {"quality_new_tokens": 3, "quality_prompts": prompts, "quality_text": list(range(40))}
     result = peer_pdserve.quality(int4_engine, spec)
-    assert [len(g) for g in result["greedy"]] == [3] * 6
-    assert [len(g) for g in result["greedy_batched"]] == [3] * 6
-    decode_rows = [n for n in rows_seen if n < 8]  # prompts are 8 tokens: the rest decode
-    # the first pass stays within the few-row kernel; the second decodes all six together
-    few_row_pass = decode_rows[: decode_rows.index(6)]
-    assert few_row_pass and max(few_row_pass) <= quant.MAX_QUANTIZED_ROWS
+    assert [len(g) for g in result["greedy"]] == [3] * num_prompts
+    assert [len(g) for g in result["greedy_batched"]] == [3] * num_prompts
+    decode_rows = [n for n in rows_seen if n < prompt_len]  # prefill steps carry more rows
+    first_pass = decode_rows[: decode_rows.index(num_prompts)]
+    assert first_pass and max(first_pass) <= quant.MAX_QUANTIZED_ROWS
     assert result["batched_rows"] == peer_pdserve.BATCHED_QUALITY_ROWS
