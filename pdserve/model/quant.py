@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,11 +285,13 @@ def _native_products(in_features: int, out_features: int) -> _NativeProducts | N
 
 
 def linear_from_state(state: dict[str, torch.Tensor]) -> Linear:
-    """The inverse of `state()`: an Int4Linear or Int8Linear from its saved tensors. The
-    quantized ones are copied: the kernels' vector loads need the allocator's alignment, which
-    tensors mapped from a safetensors file lack (a segmentation fault in
-    `_weight_int4pack_mm_for_cpu`); the dense copy stays mapped (`F.linear` has no such need)."""
-    copy = {name: t if name == "dense" else t.clone() for name, t in state.items()}
+    """The inverse of `state()`: an Int4Linear or Int8Linear from its saved tensors. The ones
+    PyTorch's weight-only kernels read are copied: their vector loads need the allocator's
+    alignment, which tensors mapped from a safetensors file lack (a segmentation fault in
+    `_weight_int4pack_mm_for_cpu`). The dense copy and the GGUF blocks stay mapped (`F.linear`
+    and the native kernels load unaligned)."""
+    mapped = {"dense", "qs", "block_scales", "block_mins"}
+    copy = {name: t if name in mapped else t.clone() for name, t in state.items()}
     if "packed" in copy:
         blocks = Int4Blocks(copy["qs"], copy["block_scales"], copy["block_mins"])
         return Int4Linear(copy["packed"], copy["scales_and_zeros"], blocks, copy["dense"])
@@ -347,14 +350,17 @@ def quantize_gguf(path: Path, config: ModelConfig, mode: str) -> dict[str, Linea
     runs them (see `linear_names`)."""
     gguf = read_gguf(path)
     tensors = {t.name: t for t in gguf.tensors}
-    linears = {}
-    for i in range(config.num_layers):
-        for fused, (parts, _) in _PROJECTIONS.items():
-            infos = [tensors[f"blk.{i}.{part}.weight"] for part in parts]
-            linears[f"layers.{i}.{fused}"] = _fused_linear(gguf, infos, config, mode)
-    head = tensors.get("output.weight", tensors["token_embd.weight"])
-    linears[HEAD] = _fused_linear(gguf, [head], config, mode)
-    return linears
+    parts_of = {
+        f"layers.{i}.{fused}": [tensors[f"blk.{i}.{part}.weight"] for part in parts]
+        for i in range(config.num_layers)
+        for fused, (parts, _) in _PROJECTIONS.items()
+    }
+    parts_of[HEAD] = [tensors.get("output.weight", tensors["token_embd.weight"])]
+    # One projection per thread: numpy and torch release the GIL for the bulk of the work, so a
+    # first load runs on every core the engine has.
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        built = pool.map(lambda infos: _fused_linear(gguf, infos, config, mode), parts_of.values())
+        return dict(zip(parts_of, built, strict=True))
 
 
 def quantize_weights(

@@ -152,6 +152,7 @@ def test_packed_projections_are_cached(tmp_path, monkeypatch):
 
     monkeypatch.setattr(quant, "quantize_gguf", fail)
     again = load_quantized(checkpoint, "int4", cache_dir=cache)
-    x = torch.randn(2, 64).bfloat16()
-    for name in ("layers.0.gate_up", HEAD):
-        torch.testing.assert_close(again[name](x), first[name](x), rtol=0, atol=0)
+    for rows in (2, quant.MAX_QUANTIZED_ROWS + 4):  # PyTorch's kernel, then the native one
+        x = torch.randn(rows, 64).bfloat16()
+        for name in ("layers.0.gate_up", HEAD):
+            torch.testing.assert_close(again[name](x), first[name](x), rtol=0, atol=0)
