@@ -254,6 +254,16 @@ class LLMEngine:
         self.scheduler.add(seq)
         return request_id
 
+    def emit_first_token(self, request_id: str) -> RequestOutput | None:
+        """The output for a just-added request's `first_token` (sampled elsewhere), now rather
+        than with the token its first step samples: a decode worker streams it at admission,
+        before that step runs (the step then emits only the second token). None: it has none,
+        or it was emitted already."""
+        first = self._first_tokens.pop(request_id, None)
+        if first is None:
+            return None
+        return self._postprocess(self._requests[request_id], first)
+
     def _check_resume(
         self, resume_token_ids: SequenceABC[int], first_token: SampledToken | None, params
     ) -> list[int]:

@@ -437,6 +437,9 @@ class DecodeWorker(EngineWorker):
             return
         job.state = DecodeState.ADMITTED
         self._trace_admitted(job)
+        first = self.engine.emit_first_token(spec.request_id)
+        if first is not None:  # the prefill's token reaches the client before our first step
+            self._on_outputs([first])
 
     def _abort(self, request_id: str) -> None:
         with self._lock:
@@ -512,8 +515,8 @@ class DecodeWorker(EngineWorker):
         return out.num_cached_tokens
 
     def _deliver(self, job: _Job, outs: list[RequestOutput]) -> None:
-        """One chunk for this step's outputs of one request (the prefilled first token and
-        the next one arrive in the same step)."""
+        """One chunk for this step's outputs of one request (a prefilled first token comes
+        alone, at admission: ``_admit``)."""
         last = outs[-1]
         tokens = [t for o in outs for t in o.new_token_ids]
         now = time.perf_counter()
