@@ -388,7 +388,7 @@ def test_metrics_count_the_requests_made(setup, stack):
     )
     assert delta("pdserve_prefix_cache_query_tokens_total", "decode") == 2 * 40 * num_requests
     assert delta("pdserve_inter_token_latency_seconds_count", "decode") == (
-        (MAX_TOKENS - 2) * num_requests  # the first chunk carries two tokens
+        (MAX_TOKENS - 1) * num_requests  # every token after the first (sent at admission)
     )
     assert delta("pdserve_engine_step_duration_seconds_count", "prefill", phase="prefill") > 0
     assert delta("pdserve_batch_tokens_count", "prefill", phase="prefill") > 0
