@@ -12,8 +12,8 @@ handoff (see :mod:`pdserve.sim.costs`).
 A request's life mirrors the real path: router (admission, plan) → after ``dispatch_s`` the
 prefill worker (a one-token request) or the decode worker (local prefill) → for a remote
 prefill, the KV lands in the decode worker's prefix cache when the pipelined handoff finishes
-and the request joins decode with the prefill's token, which the decode worker emits with the
-first step that includes it (as ``LLMEngine`` does).
+and the request joins decode with the prefill's token, which the decode worker streams as it
+admits the request, before its first step (``LLMEngine.emit_first_token``).
 
 Fast-forward: when a replica's batch is pure decode (nothing waiting, every running sequence
 one token behind, the whole batch within the token budget and enough free blocks), the
@@ -136,7 +136,6 @@ class _Flight:
     keys: _PromptKeys
     plan: policy.RoutePlan | None = None
     prefill_start_s: float | None = None
-    first_pending: bool = False  # decode holds the prefill's token, emitted with its first step
     num_tokens: int = 0
     last_token_s: float = 0.0
     seq: Sequence | None = None
@@ -450,10 +449,8 @@ class Simulator:
             if rep.role == "prefill":
                 if samples:
                     self._prefill_done(rep, flight, chunk.seq, t)
-            elif samples or flight.first_pending:
-                num_new = int(samples) + int(flight.first_pending)
-                flight.first_pending = False
-                self._tokens(flight, t, num_new)
+            elif samples:
+                self._tokens(flight, t, 1)
                 if len(chunk.seq.output_token_ids) >= chunk.seq.max_tokens:
                     self._finish(rep, flight, t)
         self._start_step(rep, t)
@@ -523,12 +520,11 @@ class Simulator:
         self._close_load(rep, flight, len(flight.reserved))
         flight.seq = self._sequence(flight.record.index, flight.keys, flight.req.num_decode_tokens)
         flight.seq.output_token_ids.append(0)
+        self._tokens(flight, t, 1)  # streamed at admission, before the decode worker's first step
         if flight.req.num_decode_tokens == 1:  # the prefill's token was the whole answer
-            self._tokens(flight, t, 1)
             flight.record.finish(flight.record.ttft_s, t - flight.req.arrived_at_s, 1)
             self._release(flight, rep, t)
             return
-        flight.first_pending = True
         self._submit(t, rep, flight.seq)
 
     def _finish(self, rep: _Replica, flight: _Flight, t: float) -> None:
@@ -562,14 +558,12 @@ class Simulator:
         n = len(sched.running)
         if rep.role == "prefill" or sched.waiting or not n or n > sched.max_num_batched_tokens:
             return False
-        steps, context, flights = 1 << 30, 0, self.flights
-        # newest first: a sequence still prefilling or holding a first token is usually the last
+        steps, context = 1 << 30, 0
+        # newest first: a sequence still prefilling is usually the last
         for seq in reversed(sched.running):
             computed, num_prompt = seq.num_computed_tokens, len(seq.prompt_token_ids)
             num_output = len(seq.output_token_ids)
             if computed != num_prompt + num_output - 1 or computed < num_prompt:
-                return False
-            if flights[seq.request_id].first_pending:
                 return False
             if seq.max_tokens - num_output < steps:
                 steps = seq.max_tokens - num_output
