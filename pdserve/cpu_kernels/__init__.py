@@ -1,4 +1,4 @@
-"""Native CPU kernels: 4-bit / int8 weight products for a few rows and decode attention over
+"""Native CPU kernels: 4-bit weight products for a few rows and decode attention over
 the paged KV pool, in C++ with AVX-512 (with its bf16 dot product) or AVX2 intrinsics.
 
 The sources are compiled with g++ once per instruction set into the pdserve cache
@@ -121,8 +121,6 @@ class Kernels:
         self._int4.argtypes = [_PTR, _INT64, _INT64, _PTR, _PTR, _PTR, _INT64, _PTR, ctypes.c_int]
         self._int4_dequantize = library.pdk_int4_dequantize
         self._int4_dequantize.argtypes = [_PTR] * 3 + [_INT64, _INT64, _PTR, ctypes.c_int]
-        self._int8 = library.pdk_int8_linear
-        self._int8.argtypes = [_PTR, _INT64, _INT64, _PTR, _PTR, _INT64, _PTR, ctypes.c_int]
         self._attention = library.pdk_paged_decode_attention
         self._attention.argtypes = [_PTR, _INT64, _PTR, _PTR, _PTR, _PTR, _INT64, _PTR, _PTR,
                                     _INT64, _PTR, _PTR] + [_INT64] * 5 + [ctypes.c_float,
@@ -152,14 +150,6 @@ class Kernels:
         self._int4_dequantize(qs.data_ptr(), scales.data_ptr(), mins.data_ptr(), out_features,
                               in_features, dense.data_ptr(), torch.get_num_threads())  # fmt: skip
         return dense
-
-    def int8_linear(self, x, q, scales) -> torch.Tensor:
-        """x [rows, in] bf16 contiguous; q [out, in] int8; scales [out] fp32 → [rows, out]."""
-        rows, in_features = x.shape
-        out = torch.empty(rows, q.shape[0], dtype=torch.bfloat16)
-        self._int8(x.data_ptr(), rows, in_features, q.data_ptr(), scales.data_ptr(), q.shape[0],
-                   out.data_ptr(), torch.get_num_threads())  # fmt: skip
-        return out
 
     def add_rms_norm(self, h, delta, weight, eps: float) -> torch.Tensor:
         """h [rows, n] bf16 contiguous, updated in place to h + delta (delta None: unchanged);

@@ -1,5 +1,5 @@
 // y = x · Wᵀ for a few rows of bf16 activations x [rows, in] and weights stored in the GGUF's
-// own 4-bit blocks or as int8 with one scale per output row. Each thread dequantizes a tile of
+// own 4-bit blocks. Each thread dequantizes a tile of
 // kTileOut weight rows into a small bf16 (AVX-512) or fp32 (AVX2) buffer that stays in L1, then
 // runs every activation row against it, so the weights are read from memory once per call
 // whatever the number of rows: PyTorch's weight-only kernels re-read them per row and fall
@@ -26,17 +26,9 @@ struct Int4Rows {
   const float* scales;    // [out, in / 32]
   const float* mins;      // [out, in / 32]: w = q · scale + min
   int64_t groups;
-  float row_scale(int64_t) const { return 1.0f; }
   int64_t row_inputs() const { return groups * kGroup; }
 };
 
-struct Int8Rows {
-  const int8_t* q;        // [out, in]
-  const float* scales;    // [out]: w = q · scale
-  int64_t in;
-  float row_scale(int64_t n) const { return scales[n]; }
-  int64_t row_inputs() const { return in; }
-};
 
 #if defined(__AVX512BF16__)
 using WeightT = uint16_t;  // dequantized weights as bf16, for the bf16 dot-product instruction
@@ -48,13 +40,6 @@ inline __m512i dequant_group(const Int4Rows& w, int64_t n, int64_t g) {
   vf scale = vset1(w.scales[block]), min = vset1(w.mins[block]);
   vf lo = vfma(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0x0f))), scale, min);
   vf hi = vfma(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), scale, min);
-  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-}
-
-inline __m512i dequant_group(const Int8Rows& w, int64_t n, int64_t g) {
-  const int8_t* q = w.q + n * w.in + g * kGroup;
-  vf lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
-  vf hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
   return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
@@ -185,9 +170,6 @@ void gemm_amx(const uint16_t* x, int64_t rows, int64_t in, int64_t out_features,
 #pragma omp for schedule(static)
     for (int64_t n0 = 0; n0 < out_features; n0 += kAmxRows) {
       pack_weight_tile(w, n0, groups, b.data());
-      alignas(64) float scale[kAmxRows];
-      for (int64_t r = 0; r < kAmxRows; ++r) scale[r] = w.row_scale(n0 + r);
-      const __m512 scales = _mm512_load_ps(scale);
       for (int64_t t0 = 0; t0 < row_tiles; t0 += kAmxTilesPerPass) {
         const int64_t tiles = std::min<int64_t>(kAmxTilesPerPass, row_tiles - t0);
         const uint16_t* xt = x + t0 * kAmxRows * in;
@@ -199,7 +181,7 @@ void gemm_amx(const uint16_t* x, int64_t rows, int64_t in, int64_t out_features,
         }
         const int64_t last = std::min<int64_t>(rows, (t0 + tiles) * kAmxRows);
         for (int64_t t = t0 * kAmxRows; t < last; ++t) {
-          __m512 row = _mm512_mul_ps(_mm512_load_ps(c + (t - t0 * kAmxRows) * kAmxRows), scales);
+          __m512 row = _mm512_load_ps(c + (t - t0 * kAmxRows) * kAmxRows);
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + t * out_features + n0), (__m256i)_mm512_cvtneps_pbh(row));
         }
       }
@@ -224,12 +206,6 @@ void dequant_row(const Int4Rows& w, int64_t n, float* dst) {
       vstore(dst + g * kGroup + 16 + half * 8, hi);
     }
   }
-}
-
-void dequant_row(const Int8Rows& w, int64_t n, float* dst) {
-  const int8_t* q = w.q + n * w.in;
-  for (int64_t k = 0; k < w.in; k += 8)
-    vstore(dst + k, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + k)))));
 }
 
 template <int64_t Rows>
@@ -272,8 +248,6 @@ void gemm(const uint16_t* x_bf16, int64_t rows, int64_t in, int64_t out_features
 #pragma omp for schedule(static)
     for (int64_t n0 = 0; n0 < out_features; n0 += kTileOut) {
       for (int64_t r = 0; r < kTileOut; ++r) dequant_row(w, n0 + r, tile.data() + r * in);
-      float row_scale[kTileOut];
-      for (int64_t r = 0; r < kTileOut; ++r) row_scale[r] = w.row_scale(n0 + r);
       for (int64_t t0 = 0; t0 < rows; t0 += kTileRows) {
         const int64_t tile_rows = std::min<int64_t>(kTileRows, rows - t0);
         const InputT* xt = x + t0 * in;
@@ -285,7 +259,7 @@ void gemm(const uint16_t* x_bf16, int64_t rows, int64_t in, int64_t out_features
         }
         for (int64_t t = 0; t < tile_rows; ++t)
           for (int64_t r = 0; r < kTileOut; ++r)
-            y[(t0 + t) * out_features + n0 + r] = float_to_bf16(result[t * kTileOut + r] * row_scale[r]);
+            y[(t0 + t) * out_features + n0 + r] = float_to_bf16(result[t * kTileOut + r]);
       }
     }
   }
@@ -319,12 +293,6 @@ extern "C" void pdk_int4_linear(const uint16_t* x, int64_t rows, int64_t in, con
                                 const float* scales, const float* mins, int64_t out_features,
                                 uint16_t* y, int num_threads) {
   gemm(x, rows, in, out_features, Int4Rows{qs, scales, mins, in / kGroup}, y, num_threads);
-}
-
-extern "C" void pdk_int8_linear(const uint16_t* x, int64_t rows, int64_t in, const int8_t* q,
-                                const float* scales, int64_t out_features, uint16_t* y,
-                                int num_threads) {
-  gemm(x, rows, in, out_features, Int8Rows{q, scales, in}, y, num_threads);
 }
 
 // AMX tile data must be requested from the kernel once per process (Linux ≥ 5.16); 0 on success.

@@ -51,15 +51,6 @@ def test_int4_products_match_the_dequantized_weights(native, rows):
     assert _close(native.int4_linear(x, qs, scales, mins), expected) < 8e-3
 
 
-@pytest.mark.parametrize("rows", [1, 5, 33])
-def test_int8_products_apply_each_rows_scale(native, rows):
-    q = torch.randint(-127, 128, (64, 96), dtype=torch.int8)
-    scales = torch.rand(64) * 0.01 + 1e-3
-    x = torch.randn(rows, 96).bfloat16()
-    expected = (x.float() @ q.float().T) * scales
-    assert _close(native.int8_linear(x, q, scales), expected) < 8e-3
-
-
 def _reference_attention(q, k_cache, v_cache, tables, lens, scale):
     out = torch.empty(q.shape, dtype=torch.float32)
     group = q.shape[1] // k_cache.shape[2]
