@@ -128,8 +128,8 @@ class Int8Linear(Linear):
     MAX_QUANTIZED_ROWS rows; more rows run `dense`, the source weights in bf16. For SmolLM2's
     output projection those are the file's Q8_0 values (a scale per 32 weights), closer to the
     model than one scale per row: in batches of 16 decode rows, greedy agreement with fp32 was
-    34.5 of 64 tokens with them and 28.0 with the per-row int8 weights (benchmarks/peers.py's
-    quality prompts), so a native int8 product is not used here."""
+    34.1 of 64 tokens with them and 27.5 with the per-row int8 weights (benchmarks/peers.py's
+    quality prompts), so no native int8 product is used here."""
 
     kind = "int8"
 
