@@ -75,7 +75,7 @@ float softmax_row(float* row, int64_t n) {
 }
 
 struct Geometry {
-  int64_t heads, kv_heads, head_dim, block_size, max_blocks;
+  int64_t kv_heads, head_dim, block_size;
   float scale;
 };
 
@@ -133,7 +133,7 @@ extern "C" void pdk_paged_decode_attention(const uint16_t* q, int64_t q_row_stri
                                            int64_t batch, int64_t heads, int64_t kv_heads,
                                            int64_t head_dim, int64_t block_size, float scale,
                                            int num_threads) {
-  const Geometry geo{heads, kv_heads, head_dim, block_size, max_blocks, scale};
+  const Geometry geo{kv_heads, head_dim, block_size, scale};
   const int64_t group = heads / kv_heads;
   const AttendFn attend_group = kAttend[group - 1];
   int64_t tokens = 0;

@@ -26,7 +26,6 @@ struct Int4Rows {
   const float* scales;    // [out, in / 32]
   const float* mins;      // [out, in / 32]: w = q · scale + min
   int64_t groups;
-  int64_t row_inputs() const { return groups * kGroup; }
 };
 
 
@@ -43,10 +42,8 @@ inline __m512i dequant_group(const Int4Rows& w, int64_t n, int64_t g) {
   return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
-template <class Weights>
-void dequant_row(const Weights& w, int64_t n, uint16_t* dst) {
-  const int64_t groups = w.row_inputs() / kGroup;
-  for (int64_t g = 0; g < groups; ++g) _mm512_storeu_si512(dst + g * kGroup, dequant_group(w, n, g));
+void dequant_row(const Int4Rows& w, int64_t n, uint16_t* dst) {
+  for (int64_t g = 0; g < w.groups; ++g) _mm512_storeu_si512(dst + g * kGroup, dequant_group(w, n, g));
 }
 
 // acc[t][r] += x[t] · w[r] over `in` inputs, 32 at a time with vdpbf16ps.
@@ -119,8 +116,7 @@ void transpose16(__m512i* rows) {
 }
 
 // Weight rows n0..n0+15 → b [groups][16 pairs][16 rows][2] bf16.
-template <class Weights>
-void pack_weight_tile(const Weights& w, int64_t n0, int64_t groups, uint16_t* b) {
+void pack_weight_tile(const Int4Rows& w, int64_t n0, int64_t groups, uint16_t* b) {
   for (int64_t g = 0; g < groups; ++g) {
     __m512i rows[16];
     for (int r = 0; r < 16; ++r) rows[r] = dequant_group(w, n0 + r, g);
@@ -151,8 +147,7 @@ void amx_pass(const uint16_t* x, int64_t in, const uint16_t* b, int64_t groups, 
   if (Tiles > 3) _tile_stored(3, c + 768, 64);
 }
 
-template <class Weights>
-void gemm_amx(const uint16_t* x, int64_t rows, int64_t in, int64_t out_features, const Weights& w,
+void gemm_amx(const uint16_t* x, int64_t rows, int64_t in, int64_t out_features, const Int4Rows& w,
               uint16_t* y, int num_threads) {
   const int64_t groups = in / kGroup, row_tiles = (rows + kAmxRows - 1) / kAmxRows;
   // Whole tiles of rows: the last one padded with zeros rather than read past the end.
@@ -227,8 +222,7 @@ void tile_dot(const float* x, int64_t in, const float* w, float* result) {
 using InputT = float;
 #endif
 
-template <class Weights>
-void gemm(const uint16_t* x_bf16, int64_t rows, int64_t in, int64_t out_features, const Weights& w,
+void gemm(const uint16_t* x_bf16, int64_t rows, int64_t in, int64_t out_features, const Int4Rows& w,
           uint16_t* y, int num_threads) {
 #if defined(__AMX_BF16__)
   if (rows > kAmxMinRows && out_features % kAmxRows == 0)

@@ -24,6 +24,7 @@ import structlog
 import torch
 import torch.nn.functional as F
 
+from pdserve import cpu_kernels
 from pdserve.engine.device_selection import (
     FLASH_PAGE_MULTIPLE,
     DeviceFacts,
@@ -376,9 +377,7 @@ def _native_kernels(device: torch.device, dtype: torch.dtype):
     sums the Hugging Face oracle tests compare token for token."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return None
-    from pdserve.cpu_kernels import kernels
-
-    native = kernels()
+    native = cpu_kernels.kernels()
     if native is not None:
         log.info("attention.decode", kernel=f"native paged ({native.isa})")
     return native

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from pdserve import cpu_kernels
 from pdserve.engine.attention import AttentionBackend, AttentionMetadata, softmax_scale
 from pdserve.model.config import ModelConfig
 from pdserve.model.quant import HEAD, DenseLinear, Int8Linear, Linear
@@ -125,8 +126,10 @@ class NativeLayerOps:
         return positions.contiguous()
 
     def add_rms_norm(self, h, delta, weight):
-        if delta is not None and not h.is_contiguous():
-            h = h.contiguous()
+        # the kernel walks rows of both as dense [rows, hidden] arrays
+        h = h.contiguous()
+        if delta is not None:
+            delta = delta.contiguous()
         return h, self.native.add_rms_norm(h, delta, weight, self.config.rms_norm_eps)
 
     def rotate_qk(self, qkv: torch.Tensor, positions):
@@ -148,8 +151,6 @@ def _native_layer_ops(device: torch.device, dtype: torch.dtype, config: ModelCon
     """The CPU kernels where the model computes in bf16 on the CPU and its widths fit them."""
     if device.type != "cpu" or dtype != torch.bfloat16:
         return None
-    from pdserve import cpu_kernels
-
     native = cpu_kernels.kernels()
     widths = (config.hidden_size, config.intermediate_size)
     if native is None or any(w % native.lanes for w in widths) or config.head_dim % 2:

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pdserve.cpu_kernels import cpu_flags
+from pdserve import cpu_kernels
+from pdserve.cpu_kernels import MAX_KERNEL_ROWS, cpu_flags
 from pdserve.model.config import ModelConfig
 from pdserve.model.gguf_reader import (
     Q4_0,
@@ -220,9 +221,9 @@ class Int4Linear(Linear):
             return torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros
             )
-        if self._native is not None and rows <= self._native.max_rows:
+        if self._native is not None and rows <= MAX_KERNEL_ROWS:
             b = self.blocks
-            return self._native.kernels.int4_linear(x.contiguous(), b.qs, b.scales, b.mins)
+            return self._native.int4_linear(x.contiguous(), b.qs, b.scales, b.mins)
         return F.linear(x, self.dense)
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -249,8 +250,6 @@ class Int4Blocks:
     def dense(self) -> torch.Tensor:
         """The weights as bf16 [out, in]: natively where the kernels load (about 10× faster
         than the torch ops, a large part of a first load), else with torch ops."""
-        from pdserve import cpu_kernels
-
         native = cpu_kernels.kernels()
         if native is not None:
             return native.int4_dequantize(self.qs, self.scales, self.mins)
@@ -261,16 +260,8 @@ class Int4Blocks:
         return weights.view(out_features, -1).to(torch.bfloat16)
 
 
-@dataclass
-class _NativeProducts:
-    kernels: object  # pdserve.cpu_kernels.Kernels
-    max_rows: int
-
-
-def _native_products(in_features: int, out_features: int) -> _NativeProducts | None:
-    """The native kernel for a projection of this shape, where it loads and fits the shape."""
-    from pdserve import cpu_kernels
-
+def _native_products(in_features: int, out_features: int):
+    """The native kernels for a projection of this shape, where they load and fit the shape."""
     native = cpu_kernels.kernels()
     if (
         native is None
@@ -278,7 +269,7 @@ def _native_products(in_features: int, out_features: int) -> _NativeProducts | N
         or out_features % cpu_kernels.OUT_MULTIPLE
     ):
         return None
-    return _NativeProducts(native, cpu_kernels.MAX_KERNEL_ROWS)
+    return native
 
 
 def linear_from_state(state: dict[str, torch.Tensor]) -> Linear:

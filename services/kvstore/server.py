@@ -161,11 +161,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             except KVError:
                 session.abort()
                 raise
-            result = session.finish()
-            transfer.tiers.extend(result.tiers)
-        return kvstore_pb2.PutResponse(
-            num_stored=result.num_stored, num_skipped=result.num_skipped, tiers=list(result.tiers)
-        )
+            return _finish_put(session, transfer)
 
     @_edge
     def Get(self, request, context):
@@ -306,11 +302,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             except KVError:
                 self._store.discard_staged([seal.key for seal in request.seals])
                 raise
-            result = session.finish()
-            transfer.tiers.extend(result.tiers)
-        return kvstore_pb2.PutResponse(
-            num_stored=result.num_stored, num_skipped=result.num_skipped, tiers=list(result.tiers)
-        )
+            return _finish_put(session, transfer)
 
     @_edge
     def ReleaseShared(self, request, context):
@@ -450,3 +442,12 @@ def serve(settings: KVStoreSettings) -> None:
     done.wait()
     log.info("kvstore.shutting_down")
     server.stop()
+
+
+def _finish_put(session, transfer) -> kvstore_pb2.PutResponse:
+    """Commit a put session's sealed blocks and answer with what was stored where."""
+    result = session.finish()
+    transfer.tiers.extend(result.tiers)
+    return kvstore_pb2.PutResponse(
+        num_stored=result.num_stored, num_skipped=result.num_skipped, tiers=list(result.tiers)
+    )

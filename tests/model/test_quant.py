@@ -78,7 +78,7 @@ def test_rows_past_the_few_row_kernel_run_the_native_kernel(monkeypatch):
         pytest.skip("no native kernels on this machine")
     linear = Int4Linear.quantize(np.random.default_rng(2).standard_normal((32, 64), np.float32))
     calls = []
-    native = linear._native.kernels
+    native = linear._native
     wrapped = native.int4_linear
     monkeypatch.setattr(native, "int4_linear", lambda *a: calls.append(1) or wrapped(*a))
     linear(torch.randn(quant.MAX_QUANTIZED_ROWS, 64).bfloat16())
