@@ -19,9 +19,16 @@ key                              type    contents
 Events: ``op`` is stored | promoted | demoted | evicted | deleted (``tier`` = where the
 block is now, empty when gone; ``from`` = where it was), or ``resync`` after a full
 republish (``key`` empty). ``seq`` increases by one per event of a node's epoch, so a
-reader that sees a jump knows it missed events and reloads that node's hash. Each event is
-written in the same MULTI as the hash change it describes, and events state absolute
-facts, so replaying one twice is harmless.
+reader that sees a jump knows it missed events and reloads that node's hash. Events state
+absolute facts, so replaying one twice is harmless.
+
+One stream entry carries a batch: ``op``, ``key``, ``tier`` and ``from`` are
+comma-separated lists with one item per event, and ``seq`` is the first event's, so an
+entry of ``n`` events covers ``seq`` .. ``seq + n - 1`` (an entry of one event reads as a
+single event). A batch's hash changes (one HSET, one HDEL: each key's state after the
+batch) go in the same MULTI as its entry. One Redis command per event cost the kvstore
+more of its time than the puts themselves (two thirds of its GIL samples under a
+shared-memory put load).
 
 Redis down: the store keeps serving; the publisher keeps at most ``buffer_max`` events and,
 once Redis answers again, republishes the node's whole inventory (Redis may have restarted
@@ -33,6 +40,7 @@ nothing to publish is noticed within one heartbeat, and the inventory republishe
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import threading
 import time
@@ -294,8 +302,11 @@ class KVEventPublisher:
             self._buffer.clear()  # overflow: the inventory will be republished instead
             self._needs_republish = True
         self._buffer.append(event)
-        self._idle.clear()
-        self._wake.set()
+        # Each Event call takes a lock; the store calls this under its own, once per event.
+        if self._idle.is_set():
+            self._idle.clear()
+        if not self._wake.is_set():
+            self._wake.set()
 
     def start(self) -> None:
         self._thread.start()
@@ -331,6 +342,9 @@ class KVEventPublisher:
                 continue
             if not self._buffer and not self._needs_republish:
                 self._idle.set()
+                if self._buffer:  # enqueued after the check, before idle was set
+                    self._idle.clear()
+                    continue
                 self._wake.wait(self._check_interval_s)
                 self._wake.clear()
 
@@ -353,7 +367,7 @@ class KVEventPublisher:
             pipe.set(L.node_epoch(node), self.epoch)
             pipe.xadd(
                 L.events,
-                self._fields(seq, "resync", b"", None, None),
+                self._fields(seq, "resync", ()),
                 maxlen=self._stream_maxlen,
                 approximate=True,
             )
@@ -367,16 +381,16 @@ class KVEventPublisher:
     def _drain(self) -> None:
         L, node = self._layout, self.node_id
         while self._buffer and not self._needs_republish:
-            batch = [self._buffer[i] for i in range(min(self._batch_size, len(self._buffer)))]
+            batch = list(itertools.islice(self._buffer, self._batch_size))
+            stored, gone = _final_states(batch)
             with self._redis.pipeline(transaction=True) as pipe:
                 pipe.get(L.node_epoch(node))
-                for e in batch:
-                    if e.tier is None:
-                        pipe.hdel(L.node_blocks(node), e.key.hex())
-                    else:
-                        pipe.hset(L.node_blocks(node), e.key.hex(), e.tier.label)
-                    op = getattr(e.op, "value", e.op)  # a str enum or a plain str
-                    fields = self._fields(e.seq, op, e.key, e.tier, e.from_tier)
+                if stored:
+                    pipe.hset(L.node_blocks(node), mapping=stored)
+                if gone:
+                    pipe.hdel(L.node_blocks(node), *gone)
+                for entry in _entries(batch):
+                    fields = self._fields(entry[0].seq, ",".join(e.op for e in entry), entry)
                     pipe.xadd(L.events, fields, maxlen=self._stream_maxlen, approximate=True)
                 results = pipe.execute()
             for _ in batch:
@@ -385,18 +399,35 @@ class KVEventPublisher:
                 self._needs_republish = True  # Redis lost our inventory (restart, flush)
                 return
 
-    def _fields(
-        self, seq: int, op: str, key: bytes, tier: Tier | None, from_tier: Tier | None
-    ) -> dict:
+    def _fields(self, seq: int, op: str, events: Sequence[LocationEvent]) -> dict:
         return {
             "node": self.node_id,
             "epoch": self.epoch,
             "seq": seq,
             "op": op,
-            "key": key.hex(),
-            "tier": tier.label if tier else "",
-            "from": from_tier.label if from_tier else "",
+            "key": ",".join(e.key.hex() for e in events),
+            "tier": ",".join(e.tier.label if e.tier else "" for e in events),
+            "from": ",".join(e.from_tier.label if e.from_tier else "" for e in events),
         }
+
+
+def _entries(batch: Sequence[LocationEvent]) -> list[list[LocationEvent]]:
+    """The batch in runs of consecutive seqs, one stream entry each (a run's seqs are implied
+    by its first, so a jump, e.g. events dropped on overflow, starts a new entry)."""
+    runs = [[batch[0]]]
+    for event in batch[1:]:
+        if event.seq == runs[-1][-1].seq + 1:
+            runs[-1].append(event)
+        else:
+            runs.append([event])
+    return runs
+
+
+def _final_states(batch: Sequence[LocationEvent]) -> tuple[dict[str, str], list[str]]:
+    """(key hex -> tier label, keys gone) once every event of the batch has happened."""
+    final = {e.key.hex(): e.tier.label if e.tier else "" for e in batch}
+    stored = {k: tier for k, tier in final.items() if tier}
+    return stored, [k for k, tier in final.items() if not tier]
 
 
 # ---- the location index: the reading side ----
@@ -518,18 +549,20 @@ class LocationIndex:
             self._reload_node(node)
             self._seq[node] = (epoch, seq)
             return
+        keys, tiers = f["key"].split(","), f["tier"].split(",")
         last = self._seq.get(node)
-        self._seq[node] = (epoch, seq)
+        self._seq[node] = (epoch, seq + len(keys) - 1)
         if last is not None and (last[0] != epoch or seq > last[1] + 1):
             log.info("location_index.gap", node=node, expected=last[1] + 1, got=seq)
-            self._reload_node(node)  # the hash already holds this event's effect
+            self._reload_node(node)  # the hash already holds these events' effect
             return
         blocks = self._nodes.setdefault(node, {})
-        key = BlockKey(bytes.fromhex(f["key"]))
-        if f["tier"]:
-            blocks[key] = _TIER_BY_LABEL[f["tier"]]
-        else:
-            blocks.pop(key, None)
+        for key_hex, tier in zip(keys, tiers, strict=True):
+            key = BlockKey(bytes.fromhex(key_hex))
+            if tier:
+                blocks[key] = _TIER_BY_LABEL[tier]
+            else:
+                blocks.pop(key, None)
 
     def start(self) -> None:
         """Tail the stream on a daemon thread (rebuilding first and after every outage)."""

@@ -86,12 +86,122 @@ def test_events_keep_redis_and_index_equal_to_store(node, redis_url, cluster_nam
     assert redis_blocks(client, layout, "node-a") == inventory
     index.poll()
     assert index.node_blocks("node-a") == inventory
-    ops = [f[b"op"].decode() for _, f in client.xrange(layout.events)]
+    events = stream_events(client, layout)
+    ops = [op for _, op, _ in events]
     assert ops[0] == "resync" and {"stored", "demoted", "evicted", "promoted", "deleted"} <= set(
         ops
     )
-    seqs = [int(f[b"seq"]) for _, f in client.xrange(layout.events)][1:]
+    seqs = [seq for seq, _, _ in events][1:]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+def stream_events(client, layout: RedisLayout) -> list[tuple[int, str, str]]:
+    """(seq, op, key hex) of every event in the stream, entries unpacked (an entry of n
+    events covers seq .. seq + n - 1)."""
+    out = []
+    for _, f in client.xrange(layout.events):
+        ops, keys = f[b"op"].decode().split(","), f[b"key"].decode().split(",")
+        first = int(f[b"seq"])
+        out.extend((first + i, op, k) for i, (op, k) in enumerate(zip(ops, keys, strict=True)))
+    return out
+
+
+def test_a_batch_of_events_is_one_stream_entry_and_one_hash_write(redis_url, cluster_name):
+    """500 events enqueued at once reach Redis as one entry, and each key's hash field holds
+    its state after the batch (a block stored then deleted is absent)."""
+    client, layout = connect(redis_url), RedisLayout(cluster_name)
+    pub = KVEventPublisher(client, layout, "n1", lambda: (0, {}))
+    pub.start()
+    assert pub.flush()
+    index = LocationIndex(client, layout)
+    index.rebuild()
+    for i in range(1, 499):
+        pub.enqueue(LocationEvent(i, "stored", key(i), Tier.DRAM, None))
+    pub.enqueue(LocationEvent(499, "deleted", key(1), None, Tier.DRAM))
+    pub.enqueue(LocationEvent(500, "demoted", key(2), Tier.SSD, Tier.DRAM))
+    assert pub.flush()
+    entries = client.xrange(layout.events)
+    assert len(entries) == 2  # the resync, then the batch
+    assert stream_events(client, layout)[-1] == (500, "demoted", key(2).hex())
+    expected = {key(i): Tier.DRAM for i in range(3, 499)} | {key(2): Tier.SSD}
+    assert redis_blocks(client, layout, "n1") == expected
+    index.poll()
+    assert index.node_blocks("n1") == expected
+    reloads = index.num_node_reloads
+    pub.enqueue(LocationEvent(501, "stored", key(1), Tier.DRAM, None))
+    assert pub.flush()
+    index.poll()  # 501 follows the entry that covered 1..500: no gap, no reload
+    assert index.num_node_reloads == reloads
+    assert index.node_blocks("n1") == expected | {key(1): Tier.DRAM}
+    pub.stop()
+
+
+def test_a_seq_jump_inside_a_batch_starts_a_new_entry_and_the_reader_reloads(
+    redis_url, cluster_name
+):
+    client, layout = connect(redis_url), RedisLayout(cluster_name)
+    pub = KVEventPublisher(client, layout, "n1", lambda: (0, {}))
+    pub.start()
+    assert pub.flush()
+    index = LocationIndex(client, layout)
+    index.rebuild()
+    pub.enqueue(LocationEvent(1, "stored", key(1), Tier.DRAM, None))
+    assert pub.flush()
+    index.poll()
+    client.hset(layout.node_blocks("n1"), key(2).hex(), "ssd")  # event 2 was lost
+    pub.enqueue(LocationEvent(3, "stored", key(3), Tier.DRAM, None))
+    pub.enqueue(LocationEvent(4, "stored", key(4), Tier.DRAM, None))
+    pub.enqueue(LocationEvent(6, "stored", key(6), Tier.DRAM, None))  # event 5 lost too
+    assert pub.flush()
+    assert [int(f[b"seq"]) for _, f in client.xrange(layout.events)][-2:] == [3, 6]
+    reloads = index.num_node_reloads
+    index.poll()
+    assert index.num_node_reloads == reloads + 2
+    assert index.node_blocks("n1") == redis_blocks(client, layout, "n1")
+
+
+class GatedRedis:
+    """A client whose pipelines wait at a gate (so a test can hold the publisher mid-drain)."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+        self.gate, self.waiting = threading.Event(), threading.Event()
+        self.gate.set()
+
+    def pipeline(self, **kwargs):
+        if not self.gate.is_set():
+            self.waiting.set()
+            self.gate.wait()
+        return self._client.pipeline(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_flush_waits_for_an_event_enqueued_while_the_publisher_goes_idle(redis_url, cluster_name):
+    """An event that arrives between the publisher's empty-buffer check and its going idle
+    is not flushed until it is in Redis."""
+    client, layout = connect(redis_url), RedisLayout(cluster_name)
+    gated = GatedRedis(client)
+    pub = KVEventPublisher(gated, layout, "n1", lambda: (0, {}))
+    armed = [True]
+
+    class EnqueueAsIdleIsSet(threading.Event):
+        def set(self) -> None:
+            if armed[0]:
+                armed[0] = False
+                gated.gate.clear()  # hold the drain of the late event
+                pub.enqueue(LocationEvent(1, "stored", key(1), Tier.DRAM, None))
+            super().set()
+
+    pub._idle = EnqueueAsIdleIsSet()
+    pub.start()
+    assert gated.waiting.wait(5)  # the publisher is draining the late event
+    assert not pub.flush(0.3)  # ... so flush must not report it published
+    gated.gate.set()
+    assert pub.flush()
+    assert redis_blocks(client, layout, "n1") == {key(1): Tier.DRAM}
+    pub.stop()
 
 
 def test_longest_prefix_per_node_per_tier(redis_url, cluster_name):
