@@ -401,6 +401,9 @@ class _SharedWriter(BlockWriter):
             return None
         return self._t.segment.view[base + offset : base + offset + num_bytes]
 
+    def slot_offset(self, key: BlockKey) -> int | None:
+        return self._offsets.get(key)
+
     def write(self, key: BlockKey, offset: int, data: Buffer) -> None:
         slot = self._slot(key, offset, len(data))
         if slot is not None:
@@ -561,6 +564,15 @@ class SharedMemoryTransport(GrpcTransport):
             keys=list(keys), ttl_ms=int(ttl_s * 1000), trace_context=_trace(trace_context)
         )
         return self._call(self._stub.MapShared, request)
+
+    def segment_range(self, offset: int, num_bytes: int) -> memoryview:
+        """Read-only bytes of the store's segment (a staged block's written layers); the
+        caller verifies what it copies against the block's checksum."""
+        if self.segment is None or offset < 0 or offset + num_bytes > len(self.segment.view):
+            raise InvalidBlockError(
+                f"bytes [{offset}, {offset + num_bytes}) are not in the segment"
+            )
+        return self.segment.view[offset : offset + num_bytes].toreadonly()
 
     def _view(self, slot: kvstore_pb2.SharedSlot) -> memoryview | None:
         if slot.length != self.block_size_bytes:

@@ -97,6 +97,12 @@ class BlockWriter(abc.ABC):
         """Announce the blocks this writer is about to write. A shared-memory writer reserves
         every slot in one round trip; others need nothing."""
 
+    def slot_offset(self, key: BlockKey) -> int | None:
+        """Where a shared-memory writer's staging slot for ``key`` starts in the store's
+        segment (a same-host reader may copy written layers before the seal, verifying them
+        against the block's checksum); None for other writers and for skipped keys."""
+        return None
+
     def put(self, key: BlockKey, data: Buffer) -> None:
         """Write a whole block and seal it."""
         self.write(key, 0, data)

@@ -1,8 +1,9 @@
 """Following a prefill worker's handoff (``Prefill.Handoff``) from the decode worker.
 
 The router starts the Decode call together with the Prefill call; the decode worker then
-follows the prefill here: each event names the prompt blocks sealed in the kvstore so far,
-the last one carries the first token. The stream is a plain blocking iterator, run on the
+follows the prefill here: each event names the prompt blocks sealed in the kvstore so far
+and the layer groups written to staging slots since the last event (layers.py), the last one
+carries the first token. The stream is a plain blocking iterator, run on the
 decode worker's fetch pool; ``cancel`` ends it from any thread.
 """
 
@@ -18,6 +19,7 @@ from pdserve import wire
 from pdserve._proto.pdserve.v1 import prefill_pb2, prefill_pb2_grpc
 from pdserve.engine.sampler import SampledToken
 from pdserve.tls import ClusterSecurity
+from services.decode.layers import StagedLayers
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class HandoffProgress:
     first_token: SampledToken | None = None  # set on the last event
     num_cached_tokens: int | None = None  # the last event: prompt tokens the prefill loaded
     trace: dict[str, str] = field(default_factory=dict)  # the prefill's request span
+    layers: tuple[StagedLayers, ...] = ()  # layer groups written since the previous event
 
 
 class HandoffStream:
@@ -47,10 +50,18 @@ class HandoffStream:
                 )
                 num_cached = done.num_cached_tokens
             trace = wire.trace_from_proto(event.trace) if event.HasField("trace") else {}
-            yield HandoffProgress(kv, first, num_cached, trace)
+            layers = tuple(_staged(group) for group in event.layers)
+            yield HandoffProgress(kv, first, num_cached, trace, layers)
 
     def cancel(self) -> None:
         self._call.cancel()
+
+
+def _staged(group: prefill_pb2.HandoffLayers) -> StagedLayers:
+    return StagedLayers(
+        tuple(group.block_keys), tuple(group.slot_offsets), group.layer_start, group.layer_end,
+        group.layer_nbytes, tuple(group.checksums),
+    )  # fmt: skip
 
 
 class PrefillFollower:

@@ -62,8 +62,9 @@ from pdserve.telemetry import (
 from pdserve.tls import ClusterSecurity
 from pdserve.wire import KVSource
 from services.decode.fetch import KVFetcher
-from services.decode.follow import HandoffStream, PrefillFollower
+from services.decode.follow import HandoffProgress, HandoffStream, PrefillFollower
 from services.decode.hbm import HbmPublisher
+from services.decode.layers import LayerPull
 from services.decode.settings import DecodeSettings
 from services.engine_worker import EngineWorker, OverloadedError, Registry  # noqa: F401 - re-exported for the server
 
@@ -127,6 +128,7 @@ class _Job:
     load: KVLoad | None = None  # engine blocks reserved for the fetched prompt blocks
     first_token: SampledToken | None = None  # from the spec, or from the followed prefill
     follow: HandoffStream | None = None  # the Prefill.Handoff being followed
+    pull: LayerPull | None = None  # which reserved blocks of a followed handoff are loaded
     # Overlapped handoff: the prefill's request span (kv.fetch links to it) and the prompt
     # tokens it loaded instead of computing (the usage's cached_tokens), from Prefill.Handoff.
     prefill_trace: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -304,15 +306,18 @@ class DecodeWorker(EngineWorker):
 
     def _start_follow(self, job: _Job) -> None:
         """Overlapped handoff: reserve blocks for every full prompt block now, then follow the
-        prefill (fetch pool), pulling each step's blocks as they are sealed."""
-        spec = job.spec
+        prefill (fetch pool), pulling each layer group as it is written (same host) and any
+        block still missing once it is sealed."""
+        spec, engine = job.spec, self.engine
         num_full = len(spec.prompt) // self.block_size
-        job.load = self.engine.start_load(spec.request_id, spec.prompt, num_full, spec.cache_salt)
+        job.load = engine.start_load(spec.request_id, spec.prompt, num_full, spec.cache_salt)
+        num_layers = engine.model_config.num_layers
+        job.pull = LayerPull(job.load.keys_to_load, num_layers, engine.layer_nbytes)
         self._fetch_pool.submit(self._follow, job)
 
     def _follow(self, job: _Job) -> None:
         spec, s = job.spec, self.settings
-        num_loaded, first, error = 0, None, None
+        first, error = None, None
         with structlog.contextvars.bound_contextvars(request_id=spec.request_id):
             try:
                 job.follow = self.follower.follow(
@@ -324,22 +329,61 @@ class DecodeWorker(EngineWorker):
                         job.follow.cancel()
                         return
                     job.prefill_trace = progress.trace or job.prefill_trace
-                    num_loaded += self._pull(job, progress.kv, num_loaded)
+                    self._pull_layers(job, progress)
+                    self._pull(job, progress.kv)
                     first = progress.first_token or first
                     job.prefill_cached_tokens = progress.num_cached_tokens
             except Exception as exc:  # noqa: BLE001 - any failure: recompute locally
                 error = str(exc)
+        num_loaded = job.pull.num_ready_prefix
         self._inbox.call_soon(lambda: self._on_followed(job, first, num_loaded, error))
 
-    def _pull(self, job: _Job, source: KVSource, num_loaded: int) -> int:
-        """Fetch the newly sealed blocks into the reserved ones; how many were loaded."""
-        load = job.load
+    def _pull_layers(self, job: _Job, progress: HandoffProgress) -> None:
+        """Copy the announced layer groups out of the prefill's staging slots into the
+        reservation (same host only; a group that cannot be read is left to the sealed path)."""
+        read = self.fetcher.staged_reader(progress.kv) if progress.layers else None
+        if read is None:
+            return
+        load, pull, started = job.load, job.pull, time.perf_counter()
+        num_bytes = pull.num_bytes
+        groups = progress.layers
+        attributes = {
+            Attr.REQUEST_ID: job.spec.request_id, Attr.KV_DIRECTION: "get",
+            Attr.KV_NODE: progress.kv.node_id, Attr.KV_TRANSPORT: "shm", Attr.KV_TIER: "staging",
+            "pdserve.kv.layers": f"{groups[0].layer_start}-{groups[-1].layer_end}",
+        }  # fmt: skip
+        with tracer.start_as_current_span(
+            "kv.fetch",
+            context=job.parent(),
+            links=links_from(job.prefill_trace or job.spec.prefill_trace),
+            attributes=attributes,
+        ) as span:
+            num_blocks = 0  # completed and verified by these groups
+            try:
+                for group in groups:
+                    num_blocks += pull.add(group, read, lambda *a: self.engine.load_layer(load, *a))
+            except Exception as exc:  # noqa: BLE001 - those blocks are fetched whole or recomputed
+                _log(job, "decode.layer_pull_failed", error=str(exc))
+                span.set_status(Status(StatusCode.ERROR, f"layer pull failed: {exc}"))
+            num_bytes = pull.num_bytes - num_bytes
+            span.set_attributes({Attr.KV_BYTES: num_bytes, Attr.KV_BLOCKS: num_blocks})
+        labels = ("get", "shm", "staging")
+        metrics.KV_TRANSFER_BYTES.labels(*labels).inc(num_bytes)
+        metrics.KV_TRANSFER_BLOCKS.labels(*labels).inc(num_blocks)
+        metrics.KV_TRANSFER_DURATION.labels(*labels).observe(time.perf_counter() - started)
+
+    def _pull(self, job: _Job, source: KVSource) -> None:
+        """Fetch whole every sealed block that the layer pulls did not complete."""
+        load, pull = job.load, job.pull
         num_sealed = min(len(source.block_keys) - load.first, load.num_to_load)
-        keys = load.keys_to_load[num_loaded:num_sealed]
         sealed = tuple(source.block_keys[load.first : load.first + num_sealed])
-        if not keys or sealed != load.keys_to_load[:num_sealed]:
-            return 0  # nothing new, or another model or salt: never load those
-        return len(self._fetch_into(job, source, keys, num_loaded))
+        if num_sealed <= 0 or sealed != load.keys_to_load[:num_sealed]:
+            return  # nothing sealed, or another model or salt: never load those
+        for start, stop in pull.missing_runs(num_sealed):
+            got = self._fetch_into(job, source, load.keys_to_load[start:stop], start)
+            pull.mark_ready(start, len(got))
+            if len(got) < stop - start:
+                return  # a miss: later events retry it
 
     def _on_followed(self, job: _Job, first: SampledToken | None, num_loaded: int, error) -> None:
         if job.state is not DecodeState.WAITING_FOR_KV:

@@ -9,6 +9,13 @@ Lifecycle of one engine step's blocks::
     end_step → each block sealed with the xxh3-64 of all its layers, the writer closed,
         each block's future resolved: True = stored (or already there), False = not stored
 
+Layer groups (the layer pipeline's other half): with a shared-memory writer, each time the
+layers written reach a group boundary (every ``group_layers`` layers, and the last layer) the
+writer thread calls the step's ``on_layers`` with a :class:`LayerGroup`: the blocks, their
+staging slots in the store's segment, the layer range now written, and with the last group
+each block's checksum. A decode worker on this host copies those layers while the next ones
+compute, so after the last layer only the last group remains to move.
+
 Invariants:
 - The engine thread only copies bytes and enqueues; it never waits on the kvstore.
 - One writer thread, one queue: a step's items are handled in order, so a block is sealed
@@ -29,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import structlog
 import xxhash
@@ -52,9 +60,38 @@ class HandoffStats:
         self.num_bytes_written = 0
 
 
+@dataclass(frozen=True)
+class LayerGroup:
+    """Layers ``[layer_start, layer_end)`` of these blocks are in their staging slots."""
+
+    keys: tuple[bytes, ...]
+    slot_offsets: tuple[int, ...]  # byte offset of each block's slot in the store's segment
+    layer_start: int
+    layer_end: int
+    checksums: tuple[int, ...] = ()  # with the last layer: xxh3-64 of each whole block
+
+    def subset(self, wanted: set[bytes]) -> LayerGroup | None:
+        """The same group for the blocks in ``wanted`` only (None: none of them)."""
+        picked = [i for i, key in enumerate(self.keys) if key in wanted]
+        if not picked:
+            return None
+        return LayerGroup(
+            tuple(self.keys[i] for i in picked), tuple(self.slot_offsets[i] for i in picked),
+            self.layer_start, self.layer_end, tuple(self.checksums[i] for i in picked)
+            if self.checksums else (),
+        )  # fmt: skip
+
+
+OnLayers = Callable[[LayerGroup], None]
+
+
 class _Step:
-    def __init__(self, keys: list[bytes], trace_contexts: TraceContexts) -> None:
+    def __init__(
+        self, keys: list[bytes], trace_contexts: TraceContexts, on_layers: OnLayers | None = None
+    ) -> None:
         self.keys = keys
+        self.on_layers = on_layers
+        self.layers_announced = 0  # layers [0, layers_announced) went to on_layers
         self.trace_contexts = list(trace_contexts)
         self.span: trace.Span | None = None
         self.hashers = [xxhash.xxh3_64() for _ in keys]
@@ -70,11 +107,20 @@ class KVHandoff:
     """Writes blocks to one kvstore from a dedicated thread. See the module docstring."""
 
     def __init__(
-        self, transport: Callable[[], KVTransport], layer_nbytes: int, *, node_id: str = ""
+        self,
+        transport: Callable[[], KVTransport],
+        layer_nbytes: int,
+        *,
+        node_id: str = "",
+        num_layers: int = 1,
+        group_layers: int = 1,
     ) -> None:
+        """``group_layers``: layers per announced group (``num_layers``: one per step)."""
         self._transport = transport  # returns a live transport or raises
         self._node_id = node_id  # the kvstore's node (span attribute)
         self._layer_nbytes = layer_nbytes
+        self._num_layers = num_layers
+        self._group_layers = max(1, group_layers)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._inflight: dict[bytes, Future] = {}
         self._lock = threading.Lock()
@@ -95,11 +141,17 @@ class KVHandoff:
 
     # ---- engine thread ----
 
-    def begin_step(self, keys: Sequence[bytes], trace_contexts: TraceContexts = ()) -> list[Future]:
+    def begin_step(
+        self,
+        keys: Sequence[bytes],
+        trace_contexts: TraceContexts = (),
+        on_layers: OnLayers | None = None,
+    ) -> list[Future]:
         """Start writing these blocks (all computed in the current step); their futures.
 
-        ``trace_contexts``: the requests the blocks belong to (the first is the span parent)."""
-        step = _Step(list(keys), trace_contexts)
+        ``trace_contexts``: the requests the blocks belong to (the first is the span parent).
+        ``on_layers``: told of each layer group written (writer thread; must not block)."""
+        step = _Step(list(keys), trace_contexts, on_layers)
         with self._lock:
             for key, fut in zip(step.keys, step.futures, strict=True):
                 self._inflight[key] = fut
@@ -184,6 +236,34 @@ class KVHandoff:
             step.writer.write(key, offset, data)
             hasher.update(data)
             step.num_bytes += len(data)
+        end = layer + 1
+        if step.on_layers is not None and (
+            end % self._group_layers == 0 or end == self._num_layers
+        ):
+            self._announce(step, end)
+
+    def _announce(self, step: _Step, end: int) -> None:
+        """Tell the step's listener that layers up to ``end`` of its staged blocks are written
+        (only blocks with a shared-memory slot: nobody else can read them before the seal)."""
+        placed = [
+            (i, offset)
+            for i, key in enumerate(step.keys)
+            if (offset := step.writer.slot_offset(key)) is not None
+        ]
+        start, step.layers_announced = step.layers_announced, end
+        if not placed:
+            return
+        checksums = ()
+        if end == self._num_layers:  # every layer hashed: the checksums the seal will carry
+            checksums = tuple(step.hashers[i].intdigest() for i, _ in placed)
+        group = LayerGroup(
+            tuple(step.keys[i] for i, _ in placed), tuple(o for _, o in placed), start, end,
+            checksums,
+        )  # fmt: skip
+        try:
+            step.on_layers(group)
+        except Exception:  # noqa: BLE001 - a listener's bug must not fail the kvstore write
+            log.exception("prefill.layer_listener_failed")
 
     def _write_whole(self, step: _Step, payloads: Sequence[bytes]) -> None:
         if step.error is not None or step.writer is None:

@@ -121,11 +121,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             while (
                 item := await loop.run_in_executor(self._follow_pool, next, events, None)
             ) is not None:
-                keys, result, trace_context = item
+                keys, result, trace_context, groups = item
                 kv = wire.KVSource(keys, settings.kvstore_address, settings.kv_node_id)
                 event = prefill_pb2.HandoffEvent(
-                    kv=wire.kv_source_to_proto(kv), trace=wire.trace_to_proto(trace_context)
-                )
+                    kv=wire.kv_source_to_proto(kv), trace=wire.trace_to_proto(trace_context),
+                    layers=[_layers(g, self.worker.engine.layer_nbytes) for g in groups],
+                )  # fmt: skip
                 if result is not None:
                     event.done.CopyFrom(_response(result, result.first_token.logprob is not None))
                 yield event
@@ -167,6 +168,13 @@ async def _abort(context, span: trace.Span, exc: PdserveError) -> None:
 
 async def _abort_with(context, exc: PdserveError) -> None:
     await context.abort(grpc.StatusCode[grpc_status(exc)], exc.message)
+
+
+def _layers(group, layer_nbytes: int) -> prefill_pb2.HandoffLayers:
+    return prefill_pb2.HandoffLayers(
+        block_keys=group.keys, slot_offsets=group.slot_offsets, layer_start=group.layer_start,
+        layer_end=group.layer_end, layer_nbytes=layer_nbytes, checksums=group.checksums,
+    )  # fmt: skip
 
 
 def _response(result, with_logprob: bool) -> prefill_pb2.PrefillResponse:

@@ -40,6 +40,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from typing import NamedTuple
 
 import structlog
 from opentelemetry import trace
@@ -59,7 +60,7 @@ from pdserve.telemetry import Attr, extract_context, get_tracer, inject_context
 from pdserve.tls import ClusterSecurity
 from pdserve.wire import KVSource
 from services.engine_worker import EngineWorker, OverloadedError, Registry  # noqa: F401 - re-exported for the server
-from services.prefill.handoff import KVHandoff
+from services.prefill.handoff import KVHandoff, LayerGroup
 from services.prefill.settings import PrefillSettings
 
 log = structlog.get_logger(__name__)
@@ -95,6 +96,17 @@ class PrefillResult:
     trace_context: dict[str, str] = dataclasses.field(default_factory=dict)  # the request span
 
 
+class HandoffUpdate(NamedTuple):
+    """One step of ``PrefillWorker.follow``: the sealed prefix of the prompt's block keys, the
+    result (last update only), the request's trace context, and the layer groups of its
+    blocks written to staging slots since the previous update."""
+
+    keys: tuple[bytes, ...]
+    result: PrefillResult | None
+    trace: dict[str, str]
+    layers: tuple[LayerGroup, ...] = ()
+
+
 @dataclasses.dataclass(eq=False)
 class _Job:
     request_id: str
@@ -113,6 +125,7 @@ class _Job:
     compute_span: trace.Span | None = None
     handoff_span: trace.Span | None = None
     watchers: list[queue.SimpleQueue] = dataclasses.field(default_factory=list)  # follow()
+    layer_groups: list[LayerGroup] = dataclasses.field(default_factory=list)  # appended only
 
     def notify(self) -> None:
         """Wake every ``follow`` of this job (any thread)."""
@@ -224,7 +237,11 @@ class PrefillWorker(EngineWorker, KVSaver):
         )  # fmt: skip
         self._jobs_changed = threading.Condition(self._lock)
         self.kv = kv or KVConnection.to_kvstore(settings)
-        self.handoff = KVHandoff(self.kv.get, self.engine.layer_nbytes, node_id=settings.kv_node_id)
+        num_layers = self.engine.model_config.num_layers
+        self.handoff = KVHandoff(
+            self.kv.get, self.engine.layer_nbytes, node_id=settings.kv_node_id,
+            num_layers=num_layers, group_layers=-(-num_layers // settings.handoff_layer_groups),
+        )  # fmt: skip
         self.engine.kv_saver = self
         self._fetch_pool = ThreadPoolExecutor(4, thread_name_prefix="prefill-fetch")
 
@@ -291,35 +308,36 @@ class PrefillWorker(EngineWorker, KVSaver):
             while len(self._recent) > _NUM_RECENT:
                 self._recent.popitem(last=False)
 
-    def follow(
-        self, request_id: str, wait_s: float
-    ) -> Iterator[tuple[tuple[bytes, ...], PrefillResult | None, dict[str, str]]]:
+    def follow(self, request_id: str, wait_s: float) -> Iterator[HandoffUpdate]:
         """The overlapped handoff, from the decode side (blocking; any thread).
 
-        Yields (sealed prefix of the prompt's block keys, None, the request's trace context)
-        each time it grows, then (every stored key, the result, the trace context) once. The
-        trace context names the prefill's request span, which the decode's KV fetches link to.
+        Yields a :class:`HandoffUpdate` each time the sealed prefix of the prompt's block keys
+        grows or layer groups of its blocks were written, then one with every stored key and
+        the result. The trace context names the prefill's request span, which the decode's KV
+        fetches link to.
         Raises the prefill's own error, or KeyError when no such request arrives within
         ``wait_s`` (the decode may ask before the Prefill call lands; a request that already
         ended is answered from the last few)."""
         job, done = self._find(request_id, wait_s)
         if done is not None:
             result = done.result()
-            yield result.kv.block_keys, result, result.trace_context
+            yield HandoffUpdate(result.kv.block_keys, result, result.trace_context)
             return
         watcher: queue.SimpleQueue = queue.SimpleQueue()
         job.watchers.append(watcher)
         try:
-            num_sealed = -1
+            num_sealed, num_groups = -1, 0
             while not job.future.done():
                 keys = job.sealed_keys()
-                if len(keys) > num_sealed:
-                    num_sealed = len(keys)
-                    yield keys, None, job.trace_context
+                groups = tuple(job.layer_groups[num_groups:])
+                if len(keys) > num_sealed or groups:
+                    num_sealed, num_groups = max(num_sealed, len(keys)), num_groups + len(groups)
+                    yield HandoffUpdate(keys, None, job.trace_context, groups)
                 with contextlib.suppress(queue.Empty):
                     watcher.get(timeout=1.0)
             result = job.future.result()
-            yield result.kv.block_keys, result, job.trace_context
+            groups = tuple(job.layer_groups[num_groups:])  # the last one may come with the end
+            yield HandoffUpdate(result.kv.block_keys, result, job.trace_context, groups)
         finally:
             job.watchers.remove(watcher)
 
@@ -465,7 +483,9 @@ class PrefillWorker(EngineWorker, KVSaver):
             needs.append((job, key))
         if picked:
             contexts = list({id(job): job for job, _ in needs}.values())
-            begun = self.handoff.begin_step(list(picked), [job.context() for job in contexts])
+            begun = self.handoff.begin_step(
+                list(picked), [job.context() for job in contexts], _layer_listener(needs)
+            )
             futures = dict(zip(picked, begun, strict=True))
             for job, key in needs:
                 job.block_futures[key] = futures[key]
@@ -645,6 +665,23 @@ def _count_prefix_hits(num_own_blocks: int, fetched_tiers, block_size: int) -> N
     for tier in fetched_tiers:
         if tier is not None:
             metrics.PREFIX_CACHE_HIT_TOKENS.labels(tier.label).inc(block_size)
+
+
+def _layer_listener(needs: list[tuple[_Job, bytes]]) -> Callable[[LayerGroup], None]:
+    """Hand each layer group of a step to the jobs whose blocks it holds, and wake their
+    followers (the handoff's writer thread)."""
+    wanted: dict[int, tuple[_Job, set[bytes]]] = {}
+    for job, key in needs:
+        wanted.setdefault(id(job), (job, set()))[1].add(key)
+
+    def on_layers(group: LayerGroup) -> None:
+        for job, keys in wanted.values():
+            mine = group.subset(keys)
+            if mine is not None:
+                job.layer_groups.append(mine)
+                job.notify()
+
+    return on_layers
 
 
 def _notify_when_done(job: _Job, futures: list[Future]) -> None:

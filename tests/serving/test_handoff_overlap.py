@@ -1,7 +1,10 @@
 """The overlapped handoff: the decode worker hears of a request when its prefill starts,
-reserves its blocks, follows Prefill.Handoff and pulls each step's blocks as they are sealed;
-the first token comes from the prefill worker. Failures on the prefill side, a decode that is
-cancelled while it follows, and the gRPC transport between two node ids are covered too."""
+reserves its blocks, follows Prefill.Handoff and pulls each layer group of the prompt's blocks
+as it is written (same host: out of the kvstore's staging slots, verified by the block's
+checksum), and blocks it could not pull that way once sealed; the first token comes from the
+prefill worker. Failures on the prefill side (before or in the middle of a step's layers), a
+decode that is cancelled while it follows, and the gRPC transport between two node ids are
+covered too."""
 
 from __future__ import annotations
 
@@ -21,9 +24,27 @@ from pdserve._proto.pdserve.v1 import (
 )
 from pdserve.engine.sampling_params import SamplingParams
 from tests.conftest import free_port
-from tests.serving.conftest import PASSAGE
+from tests.serving.conftest import BLOCK_BYTES, PASSAGE
 
 MAX_TOKENS = 6
+NUM_LAYERS = 30  # SmolLM2-135M; the prefill announces them in 4 groups of up to 8
+GROUPS = [(0, 8), (8, 16), (16, 24), (24, 30)]
+
+
+def staged(what: str = "blocks") -> float:
+    """Blocks (or bytes) the decode worker pulled layer by layer out of staging slots."""
+    labels = {"direction": "get", "transport": "shm", "tier": "staging"}
+    return REGISTRY.get_sample_value(f"pdserve_kv_transfer_{what}_total", labels) or 0.0
+
+
+def wait_until_idle(decode_stub) -> decode_pb2.DecodeStatsResponse:
+    deadline = time.monotonic() + 10
+    while True:
+        stats = decode_stub.Stats(decode_pb2.DecodeStatsRequest(), timeout=5)
+        idle = stats.num_free_blocks == stats.num_total_blocks and stats.waiting == 0
+        if idle or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.02)
 
 
 def greedy(max_tokens: int = MAX_TOKENS) -> common_pb2.SamplingParams:
@@ -50,7 +71,10 @@ def overlapped(prefill_stub, decode_stub, prefill_address: str, prompt, rid: str
         request = prefill_pb2.PrefillRequest(
             request_id=rid, prompt_token_ids=prompt, sampling=greedy()
         )
-        out["prefill"] = prefill_stub.Prefill(request, timeout=120)
+        try:
+            out["prefill"] = prefill_stub.Prefill(request, timeout=120)
+        except grpc.RpcError as exc:  # a test that makes the prefill fail looks at the decode
+            out["error"] = exc
 
     thread = threading.Thread(target=run_prefill)
     thread.start()
@@ -69,6 +93,7 @@ def tokens(chunks) -> list[int]:
 
 def test_overlapped_handoff_equals_offline_engine(oracle, prefill, prefill_stub, decode_stub):
     prompt = distinct_prompt(oracle, 1100, 3101)  # three prefill steps of 512 tokens
+    before = staged()
     p, chunks = overlapped(prefill_stub, decode_stub, prefill.address, prompt, "ov-1")
     expected = offline(oracle, prompt)
     assert p.first_token_id == expected[0]
@@ -76,9 +101,26 @@ def test_overlapped_handoff_equals_offline_engine(oracle, prefill, prefill_stub,
     assert chunks[0].num_kv_blocks_fetched == 1100 // 16
     assert not chunks[0].recomputed
     assert chunks[-1].usage.prompt_tokens == 1100
+    assert staged() - before == 1100 // 16  # every block layer by layer, none whole after seal
 
 
-def test_follow_reports_the_sealed_prefix_step_by_step(oracle, prefill, prefill_stub):
+def test_one_step_prompt_moves_layer_group_by_layer_group(
+    oracle, prefill, prefill_stub, decode_stub
+):
+    """A prompt that fits in one prefill step: its blocks still reach the decode worker while
+    the step computes (before, there was nothing to overlap with)."""
+    prompt = distinct_prompt(oracle, 400, 3108)
+    before, before_bytes = staged(), staged("bytes")
+    p, chunks = overlapped(prefill_stub, decode_stub, prefill.address, prompt, "ov-7")
+    assert tokens(chunks) == offline(oracle, prompt)
+    assert chunks[0].num_kv_blocks_fetched == 400 // 16 and not chunks[0].recomputed
+    assert staged() - before == 400 // 16
+    assert staged("bytes") - before_bytes == 400 // 16 * BLOCK_BYTES  # each layer copied once
+    stats = wait_until_idle(decode_stub)
+    assert (stats.num_free_blocks, stats.waiting) == (stats.num_total_blocks, 0)
+
+
+def test_follow_reports_the_sealed_prefix_step_by_step(oracle, kvstore, prefill, prefill_stub):
     prompt = distinct_prompt(oracle, 1100, 3102)
     stub = prefill_pb2_grpc.PrefillStub(grpc.insecure_channel(prefill.address))
     events: list = []
@@ -101,6 +143,22 @@ def test_follow_reports_the_sealed_prefix_step_by_step(oracle, prefill, prefill_
     assert [e.HasField("done") for e in events] == [False] * (len(events) - 1) + [True]
     assert events[-1].done.first_token_id == response.first_token_id
     assert list(events[-1].kv.block_keys) == list(response.kv.block_keys)
+    # Every block's layers were announced in four groups, in order, each before its seal;
+    # the last group carries the checksum the block was sealed with.
+    ranges: dict[bytes, list] = {}
+    for i, event in enumerate(events):
+        for group in event.layers:
+            assert group.layer_nbytes == BLOCK_BYTES // NUM_LAYERS
+            assert bool(group.checksums) == (group.layer_end == NUM_LAYERS)
+            for j, key in enumerate(group.block_keys):
+                ranges.setdefault(key, []).append((group.layer_start, group.layer_end))
+                sealed_by_now = key in events[i].kv.block_keys
+                assert not sealed_by_now or group.layer_end == NUM_LAYERS
+                if group.checksums:
+                    assert kvstore.node.store.get(key)[2] == group.checksums[j]
+    assert list(ranges) == list(response.kv.block_keys)
+    assert all(r == GROUPS for r in ranges.values()), ranges
+    assert any(e.layers and not e.HasField("done") for e in events)
     # A follower that comes after the end gets the result at once.
     late = list(stub.Handoff(prefill_pb2.HandoffRequest(request_id="ov-2"), timeout=10))
     assert len(late) == 1 and late[0].done.first_token_id == response.first_token_id
@@ -122,6 +180,40 @@ def test_unreachable_prefill_worker_falls_back_to_local_recompute(oracle, decode
     chunks = list(decode_stub.Decode(request, timeout=120))
     assert tokens(chunks) == offline(oracle, prompt)
     assert chunks[0].recomputed and chunks[0].num_kv_blocks_fetched == 0
+
+
+def test_prefill_failing_mid_layers_falls_back_and_releases_both_sides(
+    oracle, kvstore, prefill, prefill_stub, decode_stub, monkeypatch
+):
+    """The prefill's step fails at layer 20, after the decode worker pulled the first groups
+    into its reservation: the decode recomputes (same tokens), nothing partial is committed,
+    and the decode pool, the prefill pool and the kvstore's staging area are all released."""
+    worker = prefill.server.worker
+    hook = worker._on_layer_done
+    before, before_bytes = staged(), staged("bytes")
+
+    def fail_at_layer_20(layer: int, plan) -> None:
+        hook(layer, plan)
+        if layer == 20:
+            deadline = time.monotonic() + 10
+            while staged("bytes") == before_bytes and time.monotonic() < deadline:
+                time.sleep(0.01)  # let the decode worker copy the first groups
+            raise RuntimeError("injected failure at layer 20")
+
+    monkeypatch.setattr(worker, "_on_layer_done", fail_at_layer_20)
+    prompt = distinct_prompt(oracle, 400, 3109)
+    p, chunks = overlapped(prefill_stub, decode_stub, prefill.address, prompt, "ov-8")
+    monkeypatch.undo()
+    assert p is None  # the Prefill call failed
+    assert staged("bytes") > before_bytes and staged() == before  # pulled, never verified
+    assert tokens(chunks) == offline(oracle, prompt)
+    assert chunks[0].recomputed and chunks[0].num_kv_blocks_fetched == 0
+    stats = wait_until_idle(decode_stub)
+    assert (stats.num_free_blocks, stats.waiting) == (stats.num_total_blocks, 0)
+    assert worker.engine.num_free_kv_blocks == worker.engine.num_kv_blocks
+    assert kvstore.node.store.stats().num_staging_blocks == 0
+    keys = oracle.block_keys(prompt[: 400 // 16 * 16])
+    assert kvstore.node.store.lookup(keys).prefix_blocks == 0  # nothing sealed half-written
 
 
 def test_decode_cancelled_while_following_releases_its_reservation(oracle, prefill, decode_stub):

@@ -50,7 +50,7 @@ class DirectFollower:
 
         class Stream:
             def __iter__(self):
-                for keys, result, trace in prefill.follow(request_id, wait_s):
+                for keys, result, trace, _layers in prefill.follow(request_id, wait_s):
                     kv = KVSource(keys, address, "n")
                     first = result.first_token if result else None
                     cached = result.num_cached_tokens if result else None
@@ -177,7 +177,7 @@ def test_prefill_worker_runs_on_an_in_process_store_without_redis(tmp_path, chec
         assert store.lookup(keys).prefix_blocks == 4
         assert all(len(store.get(k)[0]) == BLOCK_BYTES for k in keys)
         events = list(worker.follow("r", wait_s=1.0))  # ended: the result at once
-        assert [(len(k), r is result, t) for k, r, t in events] == [(4, True, {})]
+        assert [(len(k), r is result, t, g) for k, r, t, g in events] == [(4, True, {}, ())]
         deadline = time.monotonic() + 5
         while "p-1" not in registry.entries and time.monotonic() < deadline:
             time.sleep(0.01)

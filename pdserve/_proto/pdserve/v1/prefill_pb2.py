@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve._proto.pdserve.v1 import common_pb2 as pdserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/prefill.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"4\n\x0eHandoffRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\x84\x01\n\x0cHandoffEvent\x12 \n\x02kv\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVSource\x12)\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1b.pdserve.v1.PrefillResponse\x12\'\n\x05trace\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.TraceContext\"\xa9\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\'\n\x05trace\x18\x05 \x01(\x0b\x32\x18.pdserve.v1.TraceContext\"\xf0\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12/\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12 \n\x02kv\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.KVSource\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\'\n\x05trace\x18\x07 \x01(\x0b\x32\x18.pdserve.v1.TraceContext\"\x15\n\x13PrefillStatsRequest\"\x91\x01\n\x14PrefillStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07waiting\x18\x03 \x01(\x05\x12\"\n\x1anum_prompt_tokens_computed\x18\x04 \x01(\x03\x12 \n\x18num_prompt_tokens_cached\x18\x05 \x01(\x03\x32\xdc\x01\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12J\n\x05Stats\x12\x1f.pdserve.v1.PrefillStatsRequest\x1a .pdserve.v1.PrefillStatsResponse\x12\x41\n\x07Handoff\x12\x1a.pdserve.v1.HandoffRequest\x1a\x18.pdserve.v1.HandoffEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pdserve/v1/prefill.proto\x12\npdserve.v1\x1a\x17pdserve/v1/common.proto\"4\n\x0eHandoffRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"\xaf\x01\n\x0cHandoffEvent\x12 \n\x02kv\x18\x01 \x01(\x0b\x32\x14.pdserve.v1.KVSource\x12)\n\x04\x64one\x18\x02 \x01(\x0b\x32\x1b.pdserve.v1.PrefillResponse\x12\'\n\x05trace\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.TraceContext\x12)\n\x06layers\x18\x04 \x03(\x0b\x32\x19.pdserve.v1.HandoffLayers\"\x8a\x01\n\rHandoffLayers\x12\x12\n\nblock_keys\x18\x01 \x03(\x0c\x12\x14\n\x0cslot_offsets\x18\x02 \x03(\x04\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x14\n\x0clayer_nbytes\x18\x05 \x01(\x04\x12\x11\n\tchecksums\x18\x06 \x03(\x06\"\xa9\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\x12\'\n\x05trace\x18\x05 \x01(\x0b\x32\x18.pdserve.v1.TraceContext\"\xf0\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12/\n\rfirst_logprob\x18\x02 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12 \n\x02kv\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.KVSource\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\x05\x12\x1b\n\x13num_computed_tokens\x18\x05 \x01(\x05\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12\'\n\x05trace\x18\x07 \x01(\x0b\x32\x18.pdserve.v1.TraceContext\"\x15\n\x13PrefillStatsRequest\"\x91\x01\n\x14PrefillStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07waiting\x18\x03 \x01(\x05\x12\"\n\x1anum_prompt_tokens_computed\x18\x04 \x01(\x03\x12 \n\x18num_prompt_tokens_cached\x18\x05 \x01(\x03\x32\xdc\x01\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12J\n\x05Stats\x12\x1f.pdserve.v1.PrefillStatsRequest\x1a .pdserve.v1.PrefillStatsResponse\x12\x41\n\x07Handoff\x12\x1a.pdserve.v1.HandoffRequest\x1a\x18.pdserve.v1.HandoffEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HANDOFFREQUEST']._serialized_start=65
   _globals['_HANDOFFREQUEST']._serialized_end=117
   _globals['_HANDOFFEVENT']._serialized_start=120
-  _globals['_HANDOFFEVENT']._serialized_end=252
-  _globals['_PREFILLREQUEST']._serialized_start=255
-  _globals['_PREFILLREQUEST']._serialized_end=424
-  _globals['_PREFILLRESPONSE']._serialized_start=427
-  _globals['_PREFILLRESPONSE']._serialized_end=667
-  _globals['_PREFILLSTATSREQUEST']._serialized_start=669
-  _globals['_PREFILLSTATSREQUEST']._serialized_end=690
-  _globals['_PREFILLSTATSRESPONSE']._serialized_start=693
-  _globals['_PREFILLSTATSRESPONSE']._serialized_end=838
-  _globals['_PREFILL']._serialized_start=841
-  _globals['_PREFILL']._serialized_end=1061
+  _globals['_HANDOFFEVENT']._serialized_end=295
+  _globals['_HANDOFFLAYERS']._serialized_start=298
+  _globals['_HANDOFFLAYERS']._serialized_end=436
+  _globals['_PREFILLREQUEST']._serialized_start=439
+  _globals['_PREFILLREQUEST']._serialized_end=608
+  _globals['_PREFILLRESPONSE']._serialized_start=611
+  _globals['_PREFILLRESPONSE']._serialized_end=851
+  _globals['_PREFILLSTATSREQUEST']._serialized_start=853
+  _globals['_PREFILLSTATSREQUEST']._serialized_end=874
+  _globals['_PREFILLSTATSRESPONSE']._serialized_start=877
+  _globals['_PREFILLSTATSRESPONSE']._serialized_end=1022
+  _globals['_PREFILL']._serialized_start=1025
+  _globals['_PREFILL']._serialized_end=1245
 # @@protoc_insertion_point(module_scope)

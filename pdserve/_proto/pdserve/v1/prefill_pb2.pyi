@@ -16,14 +16,32 @@ class HandoffRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class HandoffEvent(_message.Message):
-    __slots__ = ("kv", "done", "trace")
+    __slots__ = ("kv", "done", "trace", "layers")
     KV_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
     kv: _common_pb2.KVSource
     done: PrefillResponse
     trace: _common_pb2.TraceContext
-    def __init__(self, kv: _Optional[_Union[_common_pb2.KVSource, _Mapping]] = ..., done: _Optional[_Union[PrefillResponse, _Mapping]] = ..., trace: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ...) -> None: ...
+    layers: _containers.RepeatedCompositeFieldContainer[HandoffLayers]
+    def __init__(self, kv: _Optional[_Union[_common_pb2.KVSource, _Mapping]] = ..., done: _Optional[_Union[PrefillResponse, _Mapping]] = ..., trace: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[HandoffLayers, _Mapping]]] = ...) -> None: ...
+
+class HandoffLayers(_message.Message):
+    __slots__ = ("block_keys", "slot_offsets", "layer_start", "layer_end", "layer_nbytes", "checksums")
+    BLOCK_KEYS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    LAYER_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    block_keys: _containers.RepeatedScalarFieldContainer[bytes]
+    slot_offsets: _containers.RepeatedScalarFieldContainer[int]
+    layer_start: int
+    layer_end: int
+    layer_nbytes: int
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, block_keys: _Optional[_Iterable[bytes]] = ..., slot_offsets: _Optional[_Iterable[int]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., layer_nbytes: _Optional[int] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "cache_salt", "trace")

@@ -69,7 +69,8 @@ class PrefillServicer:
     def Handoff(self, request, context):
         """Follow one request's handoff (called by the decode worker the router paired with it,
         possibly before the Prefill call arrives): one event each time the sealed prefix of the
-        prompt's blocks grows, the last one with the whole PrefillResponse. A failed, cancelled
+        prompt's blocks grows or a group of layers of its blocks is written (HandoffLayers), the
+        last one with the whole PrefillResponse. A failed, cancelled
         or unknown prefill ends the stream with its status (NOT_FOUND after wait_s).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
