@@ -48,11 +48,10 @@ _ROOT = BlockKey(b"pdserve-sim")
 _UNIQUE_TOKEN_BASE = 1 << 20  # request i's own tokens are this + i; prefix groups are below
 
 
-def _sim_key(parent: BlockKey, block_token_ids: list[int]) -> BlockKey:
-    """The block-key chaining the simulated replicas use: equal prefixes get equal keys as
-    with BLAKE2b, at a fifth of the cost. Collision resistance guards real tenants' caches; the
-    simulated token ids are synthetic, and a hit still compares the block's tokens."""
-    return hash((parent, tuple(block_token_ids)))  # type: ignore[return-value]
+def _no_hashing(parent: BlockKey, block_token_ids: list[int]) -> BlockKey:
+    """The replicas' ``key_fn``, never called: every simulated sequence carries the keys of all
+    the full blocks it can ever have (``_PromptKeys``), so the BlockManager hashes nothing."""
+    raise AssertionError("a simulated sequence outgrew its precomputed block keys")
 
 
 def _router_default(name: str):
@@ -101,29 +100,59 @@ class SimConfig:
 
 
 class _PromptKeys:
-    """The prompt's chained block keys (the router's ``chain_block_keys``), computed only as
-    far as a lookup reads them: a prompt nobody holds costs one hash, not one per block.
+    """A request's tokens as the simulated replicas see them, and its chained block keys.
 
-    ``chain`` and ``tokens`` are also the ``key_chain`` and ``block_tokens`` of the flight's
-    sequences (prefill and decode), so a block is hashed once per request, whoever reads it
-    first: their tokens are the prompt and then outputs that are all token 0, so their chains
-    agree block for block."""
+    The tokens are runs of one id each: the prefix group's id over the shared prefix, the
+    request's own id over the rest of the prompt, then outputs that are all token 0. So the
+    whole token prefix a chained key stands for is known from the block's index: inside the
+    shared prefix it is the group's i-th block; past the request's own first token it is the
+    request's own; past a prompt that is all shared prefix (no own token), the group's for that
+    prompt length. The keys name exactly that (ints, a tuple in the last case) for every full
+    block of prompt and output, computed at once without hashing: equal token prefixes get
+    equal keys and different ones different keys, as the chained BLAKE2b would (barring its
+    collisions). A hit still compares the block's tokens.
 
-    def __init__(self, prompt: list[int], block_size: int) -> None:
-        self.prompt, self.block_size = prompt, block_size
-        self.num_blocks = len(prompt) // block_size
-        self.chain: list[BlockKey] = []
-        self.tokens: list[tuple[int, ...]] = []
+    ``chain`` and ``tokens`` are the ``key_chain`` and ``block_tokens`` of the flight's
+    sequences (prefill and decode); ``chain[:num_blocks]`` are the prompt's full blocks, the
+    router's ``chain_block_keys``."""
 
-    def get(self, i: int) -> BlockKey:
-        bs, chain = self.block_size, self.chain
-        while len(chain) <= i:
-            j = len(chain)
-            parent = chain[-1] if chain else _ROOT
-            tokens = tuple(self.prompt[j * bs : (j + 1) * bs])
-            chain.append(_sim_key(parent, tokens))
-            self.tokens.append(tokens)
-        return chain[i]
+    def __init__(self, index: int, group: int, num_prefix: int, num_prompt: int,
+                 num_output: int, block_size: int) -> None:  # fmt: skip
+        own = _UNIQUE_TOKEN_BASE + index
+        self.prompt = [group] * num_prefix + [own] * (num_prompt - num_prefix)
+        self.block_size = block_size
+        self.num_blocks = num_prompt // block_size
+        runs = ((group, num_prefix), (own, num_prompt - num_prefix), (0, num_output))
+        self.tokens = _block_tokens([(t, n) for t, n in runs if n], block_size)
+        num_full, num_shared = len(self.tokens), min(num_prefix // block_size, len(self.tokens))
+        chain: list = [-((group << 32) + i) - 1 for i in range(num_shared)]
+        if num_prefix < num_prompt:  # every later block holds the request's own first token
+            first = ((index + 1) << 32) + num_shared
+            chain += range(first, first + num_full - num_shared)
+        else:
+            chain += [(group, num_prompt, i) for i in range(num_shared, num_full)]
+        self.chain: list[BlockKey] = chain
+
+
+def _block_tokens(runs: list[tuple[int, int]], block_size: int) -> list[tuple[int, ...]]:
+    """The tokens of each full block of the sequence made of ``runs`` ((token id, count), with
+    consecutive ids different): the blocks inside one run share one tuple, a block spanning
+    runs gets its own."""
+    flat: list[int] = []
+    for token, count in runs:
+        flat += [token] * count
+    bs, num_full = block_size, len(flat) // block_size
+    out: list[tuple[int, ...]] = []
+    start = 0
+    for token, count in runs:
+        end = start + count
+        first, last = -(-start // bs), min(end // bs, num_full)  # the blocks inside this run
+        out += [tuple(flat[b * bs : (b + 1) * bs]) for b in range(len(out), min(first, num_full))]
+        if last > first:
+            out += [(token,) * bs] * (last - first)
+        start = end
+    out += [tuple(flat[b * bs : (b + 1) * bs]) for b in range(len(out), num_full)]
+    return out
 
 
 @dataclass
@@ -132,7 +161,6 @@ class _Flight:
 
     req: Request
     record: result.RequestRecord
-    prompt_ids: list[int]
     keys: _PromptKeys
     plan: policy.RoutePlan | None = None
     prefill_start_s: float | None = None
@@ -166,7 +194,7 @@ class _Replica:
     def __init__(self, worker_id: str, role: str, cost: CostModel) -> None:
         lim = cost.limits
         self.worker_id, self.role = worker_id, role
-        self.bm = BlockManager(lim.num_kv_blocks, lim.block_size, key_fn=_sim_key)
+        self.bm = BlockManager(lim.num_kv_blocks, lim.block_size, key_fn=_no_hashing)
         self.sched = Scheduler(self.bm, lim.max_num_seqs, lim.max_num_batched_tokens)
         self.plan: SchedulerPlan | None = None
         self.stretch: _Stretch | None = None
@@ -196,7 +224,7 @@ class _Replica:
 
     def cached_tokens(self, keys: _PromptKeys) -> int:
         n = 0
-        while n < keys.num_blocks and self.bm.cached_block(keys.get(n)) is not None:
+        while n < keys.num_blocks and self.bm.cached_block(keys.chain[n]) is not None:
             n += 1
         return n * self.bm.block_size
 
@@ -269,9 +297,9 @@ class Simulator:
         req = self.workload[index]
         record = result.RequestRecord(index, req.arrived_at_s, req.num_prefill_tokens, 0)
         self.records.append(record)
-        prompt = self._prompt_ids(index, req)
-        keys = _PromptKeys(prompt, self.cost.limits.block_size)
-        flight = _Flight(req, record, prompt, keys)
+        keys = _PromptKeys(index, self._group(req), req.prefix_tokens, req.num_prefill_tokens,
+                           req.num_decode_tokens, self.cost.limits.block_size)  # fmt: skip
+        flight = _Flight(req, record, keys)
         plan = policy.plan_route(
             self._loads(self.decode, keys), self._loads(self.prefill, keys),
             req.num_prefill_tokens, self.config.weights, self.config.threshold_tokens,
@@ -383,12 +411,11 @@ class Simulator:
         )  # fmt: skip
         return admission.decode_wait_s(state, admission.blocks_needed(num_tokens, bs))
 
-    def _prompt_ids(self, index: int, req: Request) -> list[int]:
-        own = [_UNIQUE_TOKEN_BASE + index] * (req.num_prefill_tokens - req.prefix_tokens)
+    def _group(self, req: Request) -> int:
+        """The token id of the request's prefix group (1, 2, ...; 0 without a prefix)."""
         if not req.prefix_tokens:
-            return own
-        group = self.groups.setdefault(req.prefix_group, len(self.groups) + 1)
-        return [group] * req.prefix_tokens + own
+            return 0
+        return self.groups.setdefault(req.prefix_group, len(self.groups) + 1)
 
     @staticmethod
     def _sequence(index: int, keys: _PromptKeys, max_tokens: int) -> Sequence:
@@ -495,7 +522,7 @@ class Simulator:
         reservation holds blocks while the prompt is prefilled; otherwise when the KV lands."""
         bm, keys, first = rep.bm, flight.keys, 0
         while (
-            first < keys.num_blocks and bm.lookup(keys.get(first), keys.tokens[first]) is not None
+            first < keys.num_blocks and bm.lookup(keys.chain[first], keys.tokens[first]) is not None
         ):
             first += 1
         flight.load_first, flight.reserved = first, bm.reserve(keys.num_blocks - first)
@@ -505,8 +532,6 @@ class Simulator:
         """Commit the first ``num_loaded_blocks`` reserved blocks to the prefix cache and free
         the rest (``LLMEngine``'s commit of a KV load, or its release with 0)."""
         keys, first = flight.keys, flight.load_first
-        if num_loaded_blocks:
-            keys.get(first + num_loaded_blocks - 1)
         end = first + num_loaded_blocks
         cached = list(zip(keys.chain[first:end], keys.tokens[first:end], strict=True))
         rep.bm.release_reserved(flight.reserved, cached)

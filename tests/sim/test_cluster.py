@@ -143,10 +143,35 @@ def test_admission_counts_the_decode_workers_wait_for_a_slot():
     assert res["requests"][1]["error"] is None and res["requests"][1]["ttft_s"] > 0.8
 
 
+def test_precomputed_block_keys_are_equal_exactly_when_the_token_prefixes_are():
+    # (index, group, prefix, prompt, output): no prefix; one group's prefix of 40 and of 48
+    # tokens; prompts that are all prefix, of equal and of different lengths; another group.
+    shapes = [(0, 0, 0, 70, 30), (1, 0, 0, 70, 30), (2, 1, 40, 90, 9), (3, 1, 40, 41, 20),
+              (4, 1, 48, 70, 5), (5, 1, 48, 48, 40), (6, 1, 48, 48, 17), (7, 1, 40, 40, 40),
+              (8, 2, 48, 48, 40), (9, 1, 3, 5, 60)]  # fmt: skip
+    bs, seqs = 16, []
+    for index, group, prefix, prompt, output in shapes:
+        keys = _PromptKeys(index, group, prefix, prompt, output, bs)
+        tokens = keys.prompt + [0] * output  # the prompt, then outputs of token 0
+        assert keys.num_blocks == prompt // bs and len(keys.chain) == len(tokens) // bs
+        assert keys.tokens == [
+            tuple(tokens[i : i + bs]) for i in range(0, len(keys.chain) * bs, bs)
+        ]
+        seqs.append((keys.chain, tokens))
+    num_equal = 0
+    for chain_a, tokens_a in seqs:
+        for chain_b, tokens_b in seqs:
+            for i in range(min(len(chain_a), len(chain_b))):
+                same = tokens_a[: (i + 1) * bs] == tokens_b[: (i + 1) * bs]
+                assert (chain_a[i] == chain_b[i]) == same
+                num_equal += same and chain_a is not chain_b
+    assert num_equal > 0  # some blocks of different requests are shared
+
+
 def test_router_load_counts_its_own_calls_when_fresher_than_the_report():
     sim = Simulator([], SimConfig(0, 1), LINEAR)
     sim.inflight["decode-0"] = 3  # three Decode calls since the last heartbeat (reported 0)
-    load = sim._loads(sim.decode, _PromptKeys([1] * 32, 16))[0]
+    load = sim._loads(sim.decode, _PromptKeys(0, 0, 0, 32, 1, 16))[0]
     assert (load.num_inflight, load.num_running) == (3, 3)
 
 
