@@ -34,6 +34,9 @@ log = structlog.get_logger(__name__)
 DISABLE_ENV = "PDSERVE_CPU_KERNELS"
 _SOURCES = ("quant_gemm.cpp", "paged_attention.cpp", "layer_ops.cpp")
 _HEADERS = ("vec.h",)
+# Built apart, against libtorch and the library above (see decode_stack.cpp).
+_STACK_SOURCE = "decode_stack.cpp"
+STACK_DISABLE_ENV = "PDSERVE_DECODE_STACK"
 _AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
            "-mf16c"]  # fmt: skip
 _ISA_FLAGS = {  # widest first
@@ -80,7 +83,7 @@ def _build_dir(isa: str, compiler: str) -> Path:
 
     digest = hashlib.blake2b(digest_size=12)
     here = Path(__file__).parent
-    for name in (*_SOURCES, *_HEADERS):
+    for name in (*_SOURCES, *_HEADERS, _STACK_SOURCE):
         digest.update((here / name).read_bytes())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     digest.update(f"{isa}\0{version}\0{sys.platform}".encode())
@@ -104,11 +107,37 @@ def build(isa: str) -> Path:
         compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno",
         *_ISA_FLAGS[isa], *(str(here / s) for s in _SOURCES), "-o", partial,
     ]  # fmt: skip
+    _compile(command, partial, target, f"the {isa} kernels")
+    return target
+
+
+def _compile(command: list[str], partial: str, target: Path, what: str) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         os.unlink(partial)
-        raise RuntimeError(f"building the {isa} kernels failed:\n{result.stderr[-4000:]}")
+        raise RuntimeError(f"building {what} failed:\n{result.stderr[-4000:]}")
     os.replace(partial, target)
+
+
+def build_decode_stack(isa: str) -> Path:
+    """Compile decode_stack.cpp for `isa` against this torch (once) and return its path."""
+    library = build(isa)
+    torch_dir = Path(torch.__file__).parent
+    target = library.parent / f"libpdserve_decode_stack-torch{torch.__version__}.so"
+    if target.is_file():
+        return target
+    fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
+    os.close(fd)
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    command = [
+        shutil.which(os.environ.get("CXX", "g++")) or "g++", "-O2", "-std=c++20", "-shared",
+        "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *_ISA_FLAGS[isa],
+        f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include/torch/csrc/api/include'}",
+        str(Path(__file__).parent / _STACK_SOURCE), "-o", partial,
+        f"-L{library.parent}", "-lpdserve_cpu", f"-Wl,-rpath,{library.parent}",
+        f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}",
+    ]  # fmt: skip
+    _compile(command, partial, target, f"the {isa} decode stack")
     return target
 
 
@@ -229,3 +258,19 @@ def kernels() -> Kernels | None:
         log.info("cpu_kernels.loaded", isa=isa)
         return Kernels(library, isa)
     return None
+
+
+@cache
+def decode_stack_class():
+    """torch.classes.pdserve.DecodeStack, built on first use; None where the kernels do not
+    load, it does not build, or PDSERVE_DECODE_STACK=0."""
+    native = kernels()
+    if native is None or os.environ.get(STACK_DISABLE_ENV, "1") == "0":
+        return None
+    try:
+        torch.ops.load_library(str(build_decode_stack(native.isa)))
+    except (OSError, RuntimeError) as exc:
+        log.warning("cpu_kernels.decode_stack_unavailable", reason=str(exc)[:2000])
+        return None
+    log.info("cpu_kernels.decode_stack_loaded", isa=native.isa)
+    return torch.classes.pdserve.DecodeStack

@@ -79,6 +79,9 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
 
 class AttentionBackend(ABC):
     name: str
+    # The CPU kernels (`pdserve.cpu_kernels`) whose paged decode attention a pure-decode step
+    # runs; None: the backend attends with its own ops. The model's decode stack needs them.
+    native = None
 
     @abstractmethod
     def forward(

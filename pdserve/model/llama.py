@@ -8,13 +8,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import structlog
 import torch
 import torch.nn.functional as F
 
 from pdserve import cpu_kernels
 from pdserve.engine.attention import AttentionBackend, AttentionMetadata, softmax_scale
 from pdserve.model.config import ModelConfig
-from pdserve.model.quant import HEAD, DenseLinear, Int8Linear, Linear
+from pdserve.model.quant import (
+    HEAD,
+    INT4_GROUP_SIZE,
+    MAX_QUANTIZED_ROWS,
+    DenseLinear,
+    Int4Linear,
+    Int8Linear,
+    Linear,
+)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -47,6 +56,9 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     blended = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, blended, scaled)
+
+
+log = structlog.get_logger(__name__)
 
 
 class RotaryEmbedding:
@@ -205,6 +217,7 @@ class LlamaModel:
             if native is not None
             else TorchLayerOps(config, rotary, dtype)
         )
+        self._decode_stack = _decode_stack(self, backend)
 
     def _tied_rows(self, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(self.lm_head, Int8Linear):
@@ -222,6 +235,8 @@ class LlamaModel:
     ) -> torch.Tensor:  # [T, hidden]
         """`on_layer_done(i)` runs once layer i has written this step's KV into the pool, so a
         caller can ship that layer's slice of finished blocks while later layers compute."""
+        if self._decode_stack is not None and not meta.prefills:
+            return self._decode_forward(input_ids, positions, kv_pool, meta, on_layer_done)
         ops = self.ops
         num_tokens = input_ids.shape[0]
         rope = ops.rope_for(positions)
@@ -238,6 +253,24 @@ class LlamaModel:
                 on_layer_done(i)
         return ops.add_rms_norm(h, delta, self.norm)[1]
 
+    @property
+    def has_decode_stack(self) -> bool:
+        """Whether pure-decode steps run through the native decode stack."""
+        return self._decode_stack is not None
+
+    def _decode_forward(self, input_ids, positions, kv_pool, meta, on_layer_done):
+        """A pure-decode step through the native decode stack: the same kernels in the same
+        order as the layer loop above, called from C++. Every layer has written its KV when it
+        returns, so `on_layer_done` runs for each layer after the last one."""
+        out = self._decode_stack.forward(
+            self._embed(input_ids), positions, kv_pool, meta.decode_block_tables,
+            meta.decode_context_lens, meta.slot_mapping,
+        )  # fmt: skip
+        if on_layer_done is not None:
+            for i in range(len(self.layers)):
+                on_layer_done(i)
+        return out
+
     def _layer_caches(self, kv_pool: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's (K, V) views of the pool, made once per pool rather than with four
         indexing ops per layer and step."""
@@ -250,6 +283,53 @@ class LlamaModel:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # [N, hidden] → [N, vocab] float32
         return self.lm_head(hidden).float()
+
+
+_EMPTY = torch.empty(0)
+
+
+def _stack_projection(linear: Linear) -> list[torch.Tensor] | None:
+    """The forms of one projection the decode stack chooses from (see decode_stack.cpp), or
+    None for a kind it does not run."""
+    if isinstance(linear, Int4Linear):
+        b = linear.blocks
+        native = [b.qs, b.scales, b.mins] if linear.runs_native else [_EMPTY] * 3
+        return [linear.packed, linear.scales_and_zeros, *native, linear.dense]
+    if isinstance(linear, DenseLinear):
+        return [_EMPTY] * 5 + [linear.weight]
+    return None
+
+
+def _decode_stack(model: LlamaModel, backend: AttentionBackend):
+    """The native decode stack for this model, where its layer ops and attention are the
+    native kernels and every projection is 4-bit or dense; None otherwise."""
+    cfg = model.config
+    native = backend.native
+    if (
+        not isinstance(model.ops, NativeLayerOps)
+        or native is None
+        or not native.supports_attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+    ):
+        return None
+    stack_class = cpu_kernels.decode_stack_class()
+    if stack_class is None:
+        return None
+    tensors: list[torch.Tensor] = []
+    for layer in model.layers:
+        tensors += [layer["input_norm"], layer["post_norm"]]
+        for name in ("qkv", "o", "gate_up", "down"):
+            forms = _stack_projection(layer[name])
+            if forms is None:
+                return None
+            tensors += forms
+    tensors += [model.norm, model.ops.cos, model.ops.sin]
+    dims = [
+        cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size,
+        cfg.intermediate_size, MAX_QUANTIZED_ROWS, cpu_kernels.MAX_KERNEL_ROWS, INT4_GROUP_SIZE,
+    ]  # fmt: skip
+    stack = stack_class(tensors, dims, [cfg.rms_norm_eps, model.scale])
+    log.info("model.decode_stack", kernel=f"native ({native.isa})")
+    return stack
 
 
 def _dense_linears(config: ModelConfig, w: Callable[[str], torch.Tensor]) -> dict[str, Linear]:

@@ -226,6 +226,11 @@ class Int4Linear(Linear):
             return self._native.int4_linear(x.contiguous(), b.qs, b.scales, b.mins)
         return F.linear(x, self.dense)
 
+    @property
+    def runs_native(self) -> bool:
+        """Whether products of MAX_QUANTIZED_ROWS < rows ≤ MAX_KERNEL_ROWS run the native kernel."""
+        return self._native is not None
+
     def state(self) -> dict[str, torch.Tensor]:
         return {
             "packed": self.packed,

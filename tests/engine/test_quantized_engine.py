@@ -76,3 +76,42 @@ def test_native_layer_ops_stay_within_the_bf16_paths_own_error(make_engine, engi
         native_error = (with_native_ops - with_torch_ops).abs().max()
         assert native_error < (with_torch_ops - exact).abs().max(), passage
         assert with_native_ops.argmax() == with_torch_ops.argmax()
+
+
+def _decode_plan(engine, num_requests: int):
+    """Prefill `num_requests` prompts of varied lengths, then schedule (without running) the
+    pure-decode step that follows: its prepared inputs."""
+    for i in range(num_requests):
+        prompt = [100 + (7 * i + j) % 900 for j in range(3 + (11 * i) % 40)]
+        engine.add_request(prompt, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+    while engine.scheduler.num_pending_prompt_tokens:
+        engine.step()
+    input_ids, positions, meta, _, _ = engine.runner.prepare(engine.scheduler.schedule(None))
+    assert not meta.prefills and input_ids.shape[0] == num_requests
+    return input_ids, positions, meta
+
+
+# 1: PyTorch's int4 kernel; 12: the native 4-bit product; 130: the dense bf16 copy.
+@pytest.mark.parametrize("batch", [1, 12, 130])
+def test_decode_stack_is_bit_identical_to_the_layer_loop(make_engine, monkeypatch, batch):
+    quantized = make_engine(quantization="int4", max_num_seqs=256)
+    model = quantized.runner.model
+    if not model.has_decode_stack:
+        pytest.skip("no native decode stack on this machine (no CPU kernels or no bf16)")
+    input_ids, positions, meta = _decode_plan(quantized, batch)
+    pool = quantized.runner.kv_pool
+    stacked = model.forward(input_ids, positions, pool, meta)
+    monkeypatch.setattr(model, "_decode_stack", None)
+    looped = model.forward(input_ids, positions, pool, meta)
+    assert torch.equal(stacked, looped)
+
+
+def test_decode_stack_reports_every_layer_done(make_engine):
+    quantized = make_engine(quantization="int4")
+    model = quantized.runner.model
+    if not model.has_decode_stack:
+        pytest.skip("no native decode stack on this machine (no CPU kernels or no bf16)")
+    input_ids, positions, meta = _decode_plan(quantized, 2)
+    done: list[int] = []
+    model.forward(input_ids, positions, quantized.runner.kv_pool, meta, done.append)
+    assert done == list(range(model.config.num_layers))
