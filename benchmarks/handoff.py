@@ -10,7 +10,8 @@ cached anywhere) goes:
 
 - colocated: Decode without a KV source (the decode worker prefills it, chunked);
 - overlapped: Decode with ``prefill_address`` and the Prefill call together (the decode worker
-  reserves its blocks and pulls each step's blocks while the prompt computes);
+  reserves its blocks and pulls each layer group of the blocks while the prompt computes;
+  ``--layer-groups 0``: each step's blocks after its seal, the handoff before layer groups);
 - sequential: Prefill, then Decode with the first token and the KV source (the old handoff).
 
 TTFT = first DecodeChunk at the client. The headline is the median TTFT of each mode and the
@@ -121,8 +122,13 @@ def main() -> None:
     ap.add_argument(
         "--quantization", default="auto", help="the workers' weights (auto: int4 on bf16 CPUs)"
     )
+    ap.add_argument(
+        "--layer-groups", type=int, default=4,
+        help="the prefill's handoff_layer_groups (0: blocks move only after their step's seal)",
+    )  # fmt: skip
     args = ap.parse_args()
     env = {
+        "PDSERVE_PREFILL_HANDOFF_LAYER_GROUPS": str(args.layer_groups),
         "PDSERVE_PREFILL_NUM_THREADS": "1", "PDSERVE_DECODE_NUM_THREADS": "1",
         "PDSERVE_DECODE_KV_FETCH_TIMEOUT_S": "30",
         "PDSERVE_PREFILL_QUANTIZATION": args.quantization,
@@ -154,7 +160,8 @@ def main() -> None:
         print(f"{mode:>10}: TTFT median {med[mode] * 1000:8.1f} ms  runs "
               + " ".join(f"{t * 1000:.0f}" for t in ttfts[mode]))  # fmt: skip
     print(
-        f"handoff: SmolLM2-135M (quantization {args.quantization}), {args.prompt_tokens}-token prompt, prefill+decode pinned to "
+        f"handoff: SmolLM2-135M (quantization {args.quantization}), {args.prompt_tokens}-token "
+        f"prompt, layer groups {args.layer_groups}, prefill+decode pinned to "
         f"core {args.core} (1 thread each), {args.reps} reps, {cpu_model()}; "
         f"overlapped/colocated TTFT {med['overlapped'] / med['colocated']:.3f}x (target <= 1.05), "
         f"sequential/colocated {med['sequential'] / med['colocated']:.3f}x; median of per-rep "

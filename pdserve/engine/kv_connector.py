@@ -10,8 +10,9 @@ Modelled on vLLM's KV-connector split, sized to this engine:
 - **load side** (a decode worker receives KV). Scheduler side, on the engine thread:
   :meth:`LLMEngine.start_load` says how many prompt blocks can be loaded (the ones not in the
   engine's own prefix cache, as far as the pool has room) and reserves pool blocks for them.
-  Worker side, on any thread: :meth:`LLMEngine.load_layer` / :meth:`LLMEngine.load_blocks`
-  write bytes into the reserved blocks, in any order, while the engine keeps stepping.
+  Worker side, on any thread: :meth:`LLMEngine.load_layer` / :meth:`LLMEngine.load_layers`
+  (a group of layers, one copy) / :meth:`LLMEngine.load_blocks` write bytes into the reserved
+  blocks, in any order, while the engine keeps stepping.
   Waiting for the layers is the caller's: once the blocks it wants are complete it calls
   ``LLMEngine.add_request(kv_load=..., num_loaded_blocks=n)`` (engine thread), which puts
   the first ``n`` blocks in the prefix cache and queues the request; the request's first

@@ -565,6 +565,14 @@ class LLMEngine:
             self._check_open(load)
             self.runner.write_layer(layer, load.block_ids[start : start + len(payloads)], payloads)
 
+    def load_layers(self, load: KVLoad, layers: range, start: int, data) -> None:
+        """Worker side (any thread): layers `layers` of blocks `keys_to_load[start:]` in one
+        copy; `data` holds each block's slices of those layers, block after block."""
+        num_blocks = len(data) // (len(layers) * self.layer_nbytes)
+        with load.lock:
+            self._check_open(load)
+            self.runner.write_layers(layers, load.block_ids[start : start + num_blocks], data)
+
     def load_blocks(self, load: KVLoad, start: int, payloads: SequenceABC) -> None:
         """Worker side (any thread): whole blocks `keys_to_load[start:]`."""
         with load.lock:

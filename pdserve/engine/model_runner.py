@@ -162,3 +162,16 @@ class ModelRunner:
                 raise ValueError(f"a layer slice is {self.layer_nbytes} bytes, got {len(payload)}")
             raw = torch.frombuffer(payload, dtype=torch.uint8).view(self.dtype).view(shape)
             self.kv_pool[layer, :, block_id] = raw.to(self.device)
+
+    def write_layers(self, layers: range, block_ids: SequenceABC[int], data) -> None:
+        """Layers `layers` of each block in one copy: `data` holds, block after block, those
+        layers' slices in order (each block's bytes `[layers.start * layer_nbytes,
+        layers.stop * layer_nbytes)` of its payload)."""
+        n, k = len(block_ids), len(layers)
+        if len(data) != n * k * self.layer_nbytes:
+            raise ValueError(f"{n} blocks x {k} layers need {n * k * self.layer_nbytes} bytes")
+        shape = (n, k, *self.kv_pool[0, :, 0].shape)  # [blocks, layers, 2, block_size, KVH, D]
+        raw = torch.frombuffer(data, dtype=torch.uint8).view(self.dtype).view(shape)
+        index = torch.tensor(list(block_ids), device=self.device)
+        pool = self.kv_pool[layers.start : layers.stop]  # [layers, 2, blocks, ...], a view
+        pool[:, :, index] = raw.permute(1, 2, 0, 3, 4, 5).to(self.device)

@@ -2,10 +2,11 @@
 
 The prefill worker announces, in ``Prefill.Handoff``, each group of layers it has written into
 its kvstore's staging slots (:class:`StagedLayers`); on the same host this worker copies those
-layers straight into the blocks it reserved for the request (``LLMEngine.load_layer``) while
-the prefill computes the next layers. The bytes of an unsealed slot are vouched for by
-nothing but the checksum: each block's copied layers are hashed in order, and the block
-counts as loaded only when that hash equals the checksum sent with its last group. Blocks
+layers into the blocks it reserved for the request while the prefill computes the next layers
+(``LLMEngine.load_layers``: one copy per group and run of consecutive blocks). The bytes of an
+unsealed slot are vouched for by nothing but the checksum: each block's copied layers are
+hashed in order, and the block counts as loaded only when that hash equals the checksum sent
+with its last group. Blocks
 that never get there (a slot reused, a group missed, another host) are pulled whole after
 their seal, as before, or recomputed.
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import xxhash
 
 ReadRange = Callable[[int, int], memoryview]  # (segment offset, bytes) -> read-only view
-LoadLayer = Callable[[int, int, list], None]  # (layer, first block index, payloads)
+LoadLayers = Callable[[range, int, bytearray], None]  # (layers, first block index, bytes)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class LayerPull:
         self.ready = [False] * len(keys)
         self.num_bytes = 0  # copied from staging slots
 
-    def add(self, group: StagedLayers, read: ReadRange, load_layer: LoadLayer) -> int:
+    def add(self, group: StagedLayers, read: ReadRange, load_layers: LoadLayers) -> int:
         """Copy the group's layers of the blocks that stand at its first layer into their
         reserved blocks; returns how many blocks it completed and verified."""
         if group.layer_nbytes != self._layer_nbytes or group.layer_end > self._num_layers:
@@ -63,7 +64,7 @@ class LayerPull:
             and self._next_layer[i] == group.layer_start
         ]
         for run in _runs(todo):
-            self._copy(run, group, read, load_layer)
+            self._copy(run, group, read, load_layers)
         num_done = 0
         for i, _, block_checksum in todo:
             self._next_layer[i] = group.layer_end
@@ -72,18 +73,21 @@ class LayerPull:
                 num_done += self.ready[i]
         return num_done
 
-    def _copy(self, run, group: StagedLayers, read: ReadRange, load_layer: LoadLayer) -> None:
-        """Layers of one run of consecutive blocks: copied, hashed, then loaded (the hash is
-        of the very bytes loaded, not of the slot, which a writer might still touch)."""
-        n = self._layer_nbytes
-        for layer in range(group.layer_start, group.layer_end):
-            payloads = []
-            for i, offset, _ in run:
-                data = bytearray(read(offset + layer * n, n))
-                self._hashers[i].update(data)
-                payloads.append(data)
-            load_layer(layer, run[0][0], payloads)
-            self.num_bytes += n * len(run)
+    def _copy(self, run, group: StagedLayers, read: ReadRange, load_layers: LoadLayers) -> None:
+        """The group's layers of one run of consecutive blocks: each block's slice (its layers
+        are contiguous in its slot) copied into one buffer and hashed there, then loaded in
+        one call (the hash is of the very bytes loaded, not of the slot, which a writer might
+        still touch)."""
+        layers = range(group.layer_start, group.layer_end)
+        size = len(layers) * self._layer_nbytes
+        data = bytearray(size * len(run))
+        view = memoryview(data)
+        for j, (i, offset, _) in enumerate(run):
+            piece = view[j * size : (j + 1) * size]
+            piece[:] = read(offset + group.layer_start * self._layer_nbytes, size)
+            self._hashers[i].update(piece)
+        load_layers(layers, run[0][0], data)
+        self.num_bytes += len(data)
 
     def mark_ready(self, start: int, count: int) -> None:
         """Blocks ``[start, start + count)`` were fetched whole and verified."""

@@ -361,7 +361,9 @@ class DecodeWorker(EngineWorker):
             num_blocks = 0  # completed and verified by these groups
             try:
                 for group in groups:
-                    num_blocks += pull.add(group, read, lambda *a: self.engine.load_layer(load, *a))
+                    num_blocks += pull.add(
+                        group, read, lambda *a: self.engine.load_layers(load, *a)
+                    )
             except Exception as exc:  # noqa: BLE001 - those blocks are fetched whole or recomputed
                 _log(job, "decode.layer_pull_failed", error=str(exc))
                 span.set_status(Status(StatusCode.ERROR, f"layer pull failed: {exc}"))

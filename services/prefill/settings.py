@@ -30,9 +30,10 @@ class PrefillSettings(WorkerSettings):
     )
     kv_timeout_s: float = Field(30.0, gt=0, description="one kvstore call (lookup, get, put)")
     handoff_layer_groups: int = Field(
-        4, ge=1,
+        4, ge=0,
         description="a step's layers are announced to a following decode worker in this many "
-        "groups as they are written (1: at the end of the step's last layer only)",
+        "groups as they are written (1: after its last layer; 0: never, blocks move after "
+        "their step's seal)",
     )  # fmt: skip
     max_queued_requests: int = Field(
         256, ge=1, description="prompts waiting or running at once; more get RESOURCE_EXHAUSTED"

@@ -240,7 +240,8 @@ class PrefillWorker(EngineWorker, KVSaver):
         num_layers = self.engine.model_config.num_layers
         self.handoff = KVHandoff(
             self.kv.get, self.engine.layer_nbytes, node_id=settings.kv_node_id,
-            num_layers=num_layers, group_layers=-(-num_layers // settings.handoff_layer_groups),
+            num_layers=num_layers,
+            group_layers=-(-num_layers // max(1, settings.handoff_layer_groups)),
         )  # fmt: skip
         self.engine.kv_saver = self
         self._fetch_pool = ThreadPoolExecutor(4, thread_name_prefix="prefill-fetch")
@@ -483,8 +484,9 @@ class PrefillWorker(EngineWorker, KVSaver):
             needs.append((job, key))
         if picked:
             contexts = list({id(job): job for job, _ in needs}.values())
+            listener = _layer_listener(needs) if self.settings.handoff_layer_groups else None
             begun = self.handoff.begin_step(
-                list(picked), [job.context() for job in contexts], _layer_listener(needs)
+                list(picked), [job.context() for job in contexts], listener
             )
             futures = dict(zip(picked, begun, strict=True))
             for job, key in needs:

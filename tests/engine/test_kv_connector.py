@@ -109,6 +109,33 @@ def test_load_layer_by_layer_then_commit_reproduces_the_offline_tokens(make_engi
         target.load_blocks(load, 0, payloads[:1])
 
 
+def test_load_layer_groups_then_commit_reproduces_the_offline_tokens(make_engine, long_text_ids):
+    """``load_layers``: a group of layers of several blocks in one copy (the overlapped
+    handoff's unit), in uneven groups, equals the exported blocks and the offline tokens."""
+    source = make_engine()
+    prompt = long_text_ids[:200]
+    [expected] = source.generate([prompt], GREEDY)
+    keys = source.block_keys(prompt)
+    payloads = source.export_blocks(keys)
+    target = make_engine()
+    load = target.start_load("r", prompt, len(keys))
+    n, num_layers = target.layer_nbytes, target.model_config.num_layers
+    for layers in (range(0, 7), range(7, num_layers - 1), range(num_layers - 1, num_layers)):
+        for start, stop in ((0, 5), (5, 12)):  # two runs of blocks
+            data = b"".join(p[layers.start * n : layers.stop * n] for p in payloads[start:stop])
+            target.load_layers(load, layers, start, bytearray(data))
+    first = SampledToken(expected.token_ids[0], None, None)
+    target.add_request(prompt, GREEDY, request_id="r", first_token=first, kv_load=load,
+                       num_loaded_blocks=12)  # fmt: skip
+    tokens = []
+    while target.has_unfinished:
+        tokens += [t for o in target.step() for t in o.new_token_ids]
+    assert tokens == expected.token_ids
+    assert target.export_blocks(keys) == payloads
+    with pytest.raises(ValueError, match="already committed"):
+        target.load_layers(load, range(0, 1), 0, bytearray(n))
+
+
 def test_partial_load_caches_only_the_loaded_blocks_and_release_frees_all(
     make_engine, long_text_ids
 ):

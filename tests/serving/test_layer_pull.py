@@ -30,16 +30,17 @@ def test_layers_in_groups_load_and_verify_each_block():
     pull, loads = LayerPull(keys, LAYERS, NBYTES), []
     read = reader(segment_with(blocks))
 
-    def load(layer, start, payloads):
-        loads.append((layer, start, [bytes(p) for p in payloads]))
+    def load(layers, start, data):
+        loads.append((layers, start, bytes(data)))
 
     assert pull.add(group(keys, 0, 2), read, load) == 0
     assert pull.num_ready_prefix == 0  # no checksum yet: nothing counts
     sums = [xxhash.xxh3_64_intdigest(b) for b in blocks]
     assert pull.add(group(keys, 2, 3, sums), read, load) == 3
     assert pull.ready == [True, True, True] and pull.num_ready_prefix == 3
-    assert [(layer, start) for layer, start, _ in loads] == [(0, 0), (1, 0), (2, 0)]
-    assert loads[1][2] == [b[NBYTES : 2 * NBYTES] for b in blocks]
+    assert [(layers, start) for layers, start, _ in loads] == [(range(0, 2), 0), (range(2, 3), 0)]
+    assert loads[0][2] == b"".join(b[: 2 * NBYTES] for b in blocks)  # block after block
+    assert loads[1][2] == b"".join(b[2 * NBYTES :] for b in blocks)
     assert pull.num_bytes == 3 * BLOCK
 
 
@@ -66,9 +67,9 @@ def test_blocks_split_into_runs_and_foreign_layouts_are_refused():
     pull, starts = LayerPull(keys, LAYERS, NBYTES), []
     read = reader(segment_with(blocks))
     pull.add(
-        group([b"k0", b"k1", b"k3"], 0, 1), read, lambda _layer, s, p: starts.append((s, len(p)))
+        group([b"k0", b"k1", b"k3"], 0, 1), read, lambda _layers, s, d: starts.append((s, len(d)))
     )
-    assert starts == [(0, 2), (3, 1)]  # k2 is not in the group: two runs
+    assert starts == [(0, 2 * NBYTES), (3, NBYTES)]  # k2 is not in the group: two runs
     other = StagedLayers((b"k2",), (2 * BLOCK,), 0, 1, NBYTES * 2)  # another model's layer size
     assert pull.add(other, read, lambda *a: starts.append(a)) == 0 and len(starts) == 2
     assert pull.missing_runs(4) == [(0, 4)]
