@@ -34,9 +34,8 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     started, cpu_started = time.perf_counter(), time.process_time()
     sim = Simulator(workload, SimConfig(2, 4), cost)
-    sim.run()
+    res = sim.run()
     wall_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
-    res = sim.result()
     m = machine()
     verdict = ""
     if args.num_requests >= 100_000:

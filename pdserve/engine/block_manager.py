@@ -99,11 +99,12 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[tuple[BlockKey, int]] = []
-        cached, blocks, chain = self._cached, self.blocks, seq.key_chain
+        cached, blocks = self._cached, self.blocks
+        chain, block_tokens = seq.key_chain, seq.block_tokens
         for i in range((seq.num_tokens - 1) // self.block_size):
             key = chain[i] if i < len(chain) else self.block_key(seq, i)
             block_id = cached.get(key)
-            if block_id is None or blocks[block_id].token_ids != seq.block_tokens[i]:
+            if block_id is None or blocks[block_id].token_ids != block_tokens[i]:
                 break
             hits.append((key, block_id))
         return hits
@@ -180,20 +181,22 @@ class BlockManager:
         first, end = len(keys), seq.num_computed_tokens // self.block_size
         if first >= end:
             return
-        self.block_key(seq, end - 1)
-        keys.extend(seq.key_chain[first:end])
+        if len(seq.key_chain) < end:
+            self.block_key(seq, end - 1)
+        new_keys = seq.key_chain[first:end]
+        keys.extend(new_keys)
         if not self.enable_prefix_caching:
             return
-        cached, blocks, table = self._cached, self.blocks, seq.block_table
-        block_tokens = seq.block_tokens
-        for i in range(first, end):
-            key = keys[i]
+        cached, blocks = self._cached, self.blocks
+        for key, block_id, tokens in zip(
+            new_keys, seq.block_table[first:end], seq.block_tokens[first:end], strict=True
+        ):
             if key not in cached:
-                block = blocks[table[i]]
+                block = blocks[block_id]
                 if block.key is None:
                     block.key = key
-                    block.token_ids = block_tokens[i]
-                    cached[key] = block.block_id
+                    block.token_ids = tokens
+                    cached[key] = block_id
 
     def free(self, seq: Sequence) -> None:
         """Release every block of `seq`, tail first; resets its table."""

@@ -80,8 +80,13 @@ class Scheduler:
     def num_pending_prompt_tokens(self) -> int:
         """Prompt (or recomputation) tokens still to compute, waiting or mid-prefill; a
         waiting prompt's cached prefix is not known before admission and counts in full."""
-        pending = [s for s in self.running if not _is_decoding(s)] + list(self.waiting)
-        return sum(s.num_tokens - s.num_computed_tokens for s in pending)
+        pending = 0
+        for seq in self.running:
+            if not _is_decoding(seq):
+                pending += seq.num_tokens - seq.num_computed_tokens
+        for seq in self.waiting:
+            pending += seq.num_tokens - seq.num_computed_tokens
+        return pending
 
     def schedule(self, prompt_budget: int | None = None) -> SchedulerPlan:
         """The next step's chunks. ``prompt_budget``: the most prompt tokens it may carry
@@ -95,9 +100,9 @@ class Scheduler:
         return plan
 
     def _schedule_running(self, plan: SchedulerPlan, budget: int, prompts: _PromptBudget) -> int:
-        index = 0
-        while index < len(self.running) and budget > 0:
-            seq = self.running[index]
+        index, bm, bs, running = 0, self.block_manager, self.block_manager.block_size, self.running
+        while index < len(running) and budget > 0:
+            seq = running[index]
             num_new = min(_num_left(seq), budget)
             if not _is_decoding(seq):
                 num_new = prompts.take(num_new)
@@ -105,14 +110,17 @@ class Scheduler:
                     index += 1
                     continue
                 prompts.spend(num_new)
-            while not self.block_manager.can_grow(seq, num_new):
-                victim = self.running[-1]
+            # Most steps fit in the blocks a sequence holds: nothing to check or allocate then.
+            grows = -(-(seq.num_computed_tokens + num_new) // bs) > len(seq.block_table)
+            while grows and not bm.can_grow(seq, num_new):
+                victim = running[-1]
                 self._preempt(victim)
                 plan.preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                self.block_manager.grow(seq, num_new)
+                if grows:
+                    bm.grow(seq, num_new)
                 plan.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
                 budget -= num_new
                 index += 1

@@ -138,21 +138,29 @@ def _block_tokens(runs: list[tuple[int, int]], block_size: int) -> list[tuple[in
     """The tokens of each full block of the sequence made of ``runs`` ((token id, count), with
     consecutive ids different): the blocks inside one run share one tuple, a block spanning
     runs gets its own."""
-    flat: list[int] = []
-    for token, count in runs:
-        flat += [token] * count
-    bs, num_full = block_size, len(flat) // block_size
-    out: list[tuple[int, ...]] = []
-    start = 0
+    bs, out, start = block_size, [], 0
+    num_full = sum(count for _, count in runs) // bs
     for token, count in runs:
         end = start + count
         first, last = -(-start // bs), min(end // bs, num_full)  # the blocks inside this run
-        out += [tuple(flat[b * bs : (b + 1) * bs]) for b in range(len(out), min(first, num_full))]
+        out += [_span(runs, b * bs, bs) for b in range(len(out), min(first, num_full))]
         if last > first:
             out += [(token,) * bs] * (last - first)
         start = end
-    out += [tuple(flat[b * bs : (b + 1) * bs]) for b in range(len(out), num_full)]
+    out += [_span(runs, b * bs, bs) for b in range(len(out), num_full)]
     return out
+
+
+def _span(runs: list[tuple[int, int]], start: int, length: int) -> tuple[int, ...]:
+    """Tokens ``start`` to ``start + length`` of the sequence made of ``runs``."""
+    tokens: list[int] = []
+    end, run_start = start + length, 0
+    for token, count in runs:
+        lo, hi = max(start, run_start), min(end, run_start + count)
+        if hi > lo:
+            tokens += [token] * (hi - lo)
+        run_start += count
+    return tuple(tokens)
 
 
 @dataclass
@@ -247,6 +255,8 @@ class Simulator:
         self.queued_tokens: dict[str, int] = dict.fromkeys(self.replicas, 0)
         # The router's Decode calls per worker (its ``_decode_inflight``; none on a prefill worker).
         self.decode_held: dict[str, dict[int, _Flight]] = {wid: {} for wid in self.replicas}
+        # (whole output, request index) of each Decode call, ended ones removed lazily
+        self._held_outputs: dict[str, list[tuple[int, int]]] = {wid: [] for wid in self.replicas}
         self.num_inflight = 0
         self.groups: dict[str, int] = {}
         self._heap: list = []
@@ -335,6 +345,16 @@ class Simulator:
         """The router's Decode call starts: counted in flight, its whole output held."""
         self.inflight[worker_id] += 1
         self.decode_held[worker_id][flight.record.index] = flight
+        heapq.heappush(self._held_outputs[worker_id],
+                       (flight.req.num_decode_tokens, flight.record.index))  # fmt: skip
+
+    def _min_held_output(self, worker_id: str) -> int:
+        """The shortest whole output among the worker's Decode calls (0: none): the heap's
+        smallest entry still held (ended calls are dropped as they surface)."""
+        heap, held = self._held_outputs[worker_id], self.decode_held[worker_id]
+        while heap and heap[0][1] not in held:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else 0
 
     def _decode_call_ended(self, worker_id: str, flight: _Flight) -> None:
         self.inflight[worker_id] -= 1
@@ -350,10 +370,7 @@ class Simulator:
                 own_inflight=self.inflight[r.worker_id],
                 own_queued_tokens=self.queued_tokens[r.worker_id],
                 cached_tokens=r.cached_tokens(keys),
-                min_output_tokens=min(
-                    (f.req.num_decode_tokens for f in self.decode_held[r.worker_id].values()),
-                    default=0,
-                ),
+                min_output_tokens=self._min_held_output(r.worker_id),
             )  # fmt: skip
             for r in replicas
         ]
@@ -451,10 +468,10 @@ class Simulator:
                     flight.prefill_start_s = t
         rep.busy, rep.plan = True, plan
         rep.version += 1
-        duration_s = float(self.cost.step_s(_shape(plan)))
-        num_decodes = sum(1 for c in plan.chunks if c.is_decode)
+        shape, num_prompt_tokens, num_decodes = _shape(plan)
+        duration_s = float(self.cost.step_s(shape))
         engine_s = duration_s - self.cost.worker_overhead_s  # what the engine times itself
-        rep.step_costs.record(plan.num_prompt_tokens, num_decodes, engine_s)
+        rep.step_costs.record(num_prompt_tokens, num_decodes, engine_s)
         self._push(t + duration_s, self._end_step, rep, rep.version)
 
     def _fail_unschedulable(self, rep: _Replica, t: float) -> None:
@@ -688,14 +705,20 @@ class Simulator:
         }  # fmt: skip
 
 
-def _shape(plan: SchedulerPlan) -> StepShape:
-    tokens = pairs = context = 0
+def _shape(plan: SchedulerPlan) -> tuple[StepShape, int, int]:
+    """The step's shape, its prompt tokens and its decodes (``plan.num_prompt_tokens`` and
+    the chunks that are ``is_decode``), in one pass."""
+    tokens = pairs = context = num_prompt = num_decodes = 0
     for c in plan.chunks:
-        n = c.num_tokens
+        n, start = c.num_tokens, c.start
         tokens += n
-        pairs += n * (c.start + (n + 1) / 2)
-        context += c.start + n
-    return StepShape(tokens, len(plan.chunks), pairs, context)
+        pairs += n * (start + (n + 1) / 2)
+        context += start + n
+        if c.is_decode:
+            num_decodes += 1
+        else:
+            num_prompt += n
+    return StepShape(tokens, len(plan.chunks), pairs, context), num_prompt, num_decodes
 
 
 def simulate(workload: list[Request], config: SimConfig, cost: CostModel) -> dict:
