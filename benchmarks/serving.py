@@ -114,7 +114,7 @@ def main() -> None:
 
 
 def report(rows: list[dict], probes: dict, args, num_cpus: int) -> None:
-    conditions = (f"SmolLM2-135M-Instruct float32, CPU x{num_cpus} ({platform.processor() or platform.machine()}), "
+    conditions = (f"SmolLM2-135M-Instruct, quantization auto (the engine default), CPU x{num_cpus} ({platform.processor() or platform.machine()}), "
                   f"{args.num_requests} requests, Poisson {args.rate}/s, seed {args.seed}, "
                   f"SLO TTFT<={args.slo_ttft_s}s TPOT<={args.slo_tpot_s}s, "
                   f"load avg 1m {os.getloadavg()[0]:.2f}")  # fmt: skip
