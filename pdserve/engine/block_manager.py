@@ -203,9 +203,9 @@ class BlockManager:
         blocks, uncached, evictable = self.blocks, self._free_uncached, self._evictable
         for block_id in reversed(seq.block_table):
             block = blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count <= 0:
-                if block.ref_count < 0:
+            ref_count = block.ref_count = block.ref_count - 1
+            if ref_count <= 0:
+                if ref_count < 0:
                     raise AssertionError(f"block {block_id} released twice")
                 if block.key is None:
                     uncached.append(block_id)

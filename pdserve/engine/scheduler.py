@@ -153,12 +153,14 @@ class Scheduler:
 
     def update(self, plan: SchedulerPlan, sampled_token_ids: dict[str, int]) -> None:
         """Advance every scheduled sequence by its chunk and append its sampled token."""
+        bm = self.block_manager
         for chunk in plan.chunks:
             seq = chunk.seq
             if seq.is_finished:
                 continue
             seq.num_computed_tokens += chunk.num_tokens
-            self.block_manager.commit_full_blocks(seq)
+            if seq.num_computed_tokens // bm.block_size > len(seq.block_keys):  # a block filled
+                bm.commit_full_blocks(seq)
             token_id = sampled_token_ids.get(seq.request_id)
             if token_id is not None:
                 seq.output_token_ids.append(token_id)

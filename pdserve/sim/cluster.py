@@ -600,7 +600,9 @@ class Simulator:
         n = len(sched.running)
         if rep.role == "prefill" or sched.waiting or not n or n > sched.max_num_batched_tokens:
             return False
-        steps, context = 1 << 30, 0
+        steps, context, bs = 1 << 30, 0, rep.bm.block_size
+        # (tokens a sequence's blocks hold, minus its computed tokens)
+        rooms: list[int] = []
         # newest first: a sequence still prefilling is usually the last
         for seq in reversed(sched.running):
             computed, num_prompt = seq.num_computed_tokens, len(seq.prompt_token_ids)
@@ -610,7 +612,8 @@ class Simulator:
             if seq.max_tokens - num_output < steps:
                 steps = seq.max_tokens - num_output
             context += computed
-        steps = self._steps_that_fit(rep, steps)
+            rooms.append(len(seq.block_table) * bs - computed)
+        steps = _steps_that_fit(rooms, bs, rep.bm.num_free_blocks, steps)
         if steps < 2:
             return False
         # every sequence reads its context plus the new token
@@ -626,26 +629,6 @@ class Simulator:
         rep.version += 1
         self._push(float(ends[-1]), self._end_stretch, rep, rep.version)
         return True
-
-    @staticmethod
-    def _steps_that_fit(rep: _Replica, steps: int) -> int:
-        """The most decode steps (<= ``steps``) whose new blocks the free pool covers."""
-        bs, seqs = rep.bm.block_size, rep.sched.running
-        free = rep.bm.num_free_blocks
-        # (tokens a sequence's blocks hold, minus its computed tokens): growing k more tokens
-        # needs a block exactly when k exceeds that room, and one more per block_size beyond.
-        rooms = [len(s.block_table) * bs - s.num_computed_tokens for s in seqs]
-
-        def needed(k: int) -> int:
-            return sum(-(-(k - room) // bs) for room in rooms if k > room)
-
-        if needed(steps) <= free:
-            return steps
-        lo, hi = 0, steps  # needed(lo) fits, needed(hi) does not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if needed(mid) <= free else (lo, mid)
-        return lo
 
     def _cut_stretch(self, rep: _Replica, t: float) -> None:
         """A sequence joined: the stretch ends with the step in flight at ``t``."""
@@ -719,6 +702,23 @@ def _shape(plan: SchedulerPlan) -> tuple[StepShape, int, int]:
         else:
             num_prompt += n
     return StepShape(tokens, len(plan.chunks), pairs, context), num_prompt, num_decodes
+
+
+def _steps_that_fit(rooms: list[int], bs: int, free: int, steps: int) -> int:
+    """The most decode steps (<= ``steps``) whose new blocks ``free`` blocks cover, for
+    sequences with ``rooms`` free token slots in their blocks: growing k more tokens needs a
+    block exactly when k exceeds the room, and one more per ``bs`` beyond."""
+
+    def needed(k: int) -> int:
+        return sum(-(-(k - room) // bs) for room in rooms if k > room)
+
+    if needed(steps) <= free:
+        return steps
+    lo, hi = 0, steps  # needed(lo) fits, needed(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if needed(mid) <= free else (lo, mid)
+    return lo
 
 
 def simulate(workload: list[Request], config: SimConfig, cost: CostModel) -> dict:
