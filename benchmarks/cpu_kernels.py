@@ -6,7 +6,9 @@ weights and geometry, side by side in one run (what `quant.MAX_QUANTIZED_ROWS`,
 
 1. Every projection of every layer once (a decode step's products), at each row count:
    PyTorch's int4 kernel (up to 8 rows; it re-reads the weights per row), pdserve's native
-   kernel on the GGUF blocks, and the dense bf16 copy (oneDNN).
+   kernel on the GGUF blocks, the dense bf16 copy (oneDNN), and, for reference, the same
+   weights in fp32 with fp32 inputs (the exact path's product; without native bf16, as on an
+   AVX2-only CPU, the fastest dense form).
 2. Decode attention for a batch of sequences over the paged pool: the native kernel reading
    blocks in place against gathering each context and running SDPA (what the engine did before).
 """
@@ -49,14 +51,17 @@ def best_ms(*fns) -> list[float]:
 
 
 def products_table(linears: list[Int4Linear], native) -> list[str]:
+    fp32_weights = [lin.dense.float() for lin in linears]
     lines = [
-        "| rows | torch int4 (ms) | native (ms) | dense bf16 (ms) | native ÷ best torch |",
-        "|---:|---:|---:|---:|---:|",
+        "| rows | torch int4 (ms) | native (ms) | dense bf16 (ms) | native ÷ best torch "
+        "| dense fp32 (ms) |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for rows in ROWS:
         inputs = {
             w: torch.randn(rows, w).bfloat16() for w in {lin.dense.shape[1] for lin in linears}
         }
+        inputs32 = {w: x.float() for w, x in inputs.items()}
 
         def torch_int4(inputs=inputs):
             for lin in linears:
@@ -74,15 +79,19 @@ def products_table(linears: list[Int4Linear], native) -> list[str]:
             for lin in linears:
                 F.linear(inputs[lin.dense.shape[1]], lin.dense)
 
+        def dense_fp32(inputs=inputs32):
+            for lin, weight in zip(linears, fp32_weights, strict=True):
+                F.linear(inputs[lin.dense.shape[1]], weight)
+
         if rows <= TORCH_INT4_MAX_ROWS:
-            t_int4, t_native, t_dense = best_ms(torch_int4, native_int4, dense)
+            t_int4, t_native, t_dense, t_fp32 = best_ms(torch_int4, native_int4, dense, dense_fp32)
         else:
             t_int4 = float("nan")
-            t_native, t_dense = best_ms(native_int4, dense)
+            t_native, t_dense, t_fp32 = best_ms(native_int4, dense, dense_fp32)
         best_torch = min(t for t in (t_int4, t_dense) if t == t)
         lines.append(
             f"| {rows} | {t_int4:.1f} | {t_native:.1f} | {t_dense:.1f} | "
-            f"{t_native / best_torch:.2f} |"
+            f"{t_native / best_torch:.2f} | {t_fp32:.1f} |"
         )
     return lines
 

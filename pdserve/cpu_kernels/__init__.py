@@ -54,6 +54,9 @@ _ISA_REQUIRES = {
 # on the dense bf16 copy (oneDNN on AMX) is as fast (benchmarks/cpu_kernels.py: 128 rows
 # 58.9 vs 69.5 ms for every projection of SmolLM2, 256 rows 111.3 vs 108.7 ms).
 MAX_KERNEL_ROWS = 128
+# Without native bf16 the dense copies are fp32, and oneDNN's fp32 products overtake the AVX2
+# kernel sooner (same script, AVX2 code paths: 12 rows 35.1 vs 47.0 ms, 16 rows 44.4 vs 39.5).
+AVX2_MAX_KERNEL_ROWS = 12
 GROUP_SIZE = 32  # inputs per 4-bit block; every kernel needs `in` to be a multiple of it
 OUT_MULTIPLE = 4  # output rows the product kernels dequantize together
 _INT64 = ctypes.c_int64
@@ -162,6 +165,8 @@ class Kernels:
         self._silu_mul.argtypes = [_PTR, _PTR, _INT64, _INT64, ctypes.c_int]
         self.max_group = library.pdk_max_group()
         self.lanes = 8 if isa == "avx2" else 16
+        # The most rows a 4-bit product runs natively; the dense copy beyond.
+        self.max_product_rows = AVX2_MAX_KERNEL_ROWS if isa == "avx2" else MAX_KERNEL_ROWS
 
     def int4_linear(self, x, qs, scales, mins) -> torch.Tensor:
         """x [rows, in] bf16 contiguous; qs [out, in / 2] uint8 in GGUF block order; scales,
@@ -239,9 +244,12 @@ class Kernels:
 @cache
 def kernels() -> Kernels | None:
     """This CPU's kernels, built on first use; None where they cannot run (see module doc)."""
-    if os.environ.get(DISABLE_ENV, "1") == "0":
+    requested = os.environ.get(DISABLE_ENV, "1")
+    if requested == "0":
         return None
     isas = isas_for(cpu_flags())
+    if requested in _ISA_FLAGS:  # one build only: A/B runs of a narrower ISA on a wider CPU
+        isas = [isa for isa in isas if isa == requested]
     if not isas:
         log.info("cpu_kernels.unavailable", reason="the CPU has neither AVX-512 BF16 nor AVX2")
         return None

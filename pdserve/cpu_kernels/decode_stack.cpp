@@ -47,7 +47,7 @@ T* ptr(const at::Tensor& t) {
 struct Projection {
   at::Tensor packed, scales_and_zeros;  // PyTorch's int4 layout (≤ max_quantized_rows)
   at::Tensor qs, scales, mins;          // GGUF blocks for the native product (≤ max_kernel_rows)
-  at::Tensor dense;                     // bf16 [out, in]
+  at::Tensor dense;                     // [out, in], bf16 or fp32 (quant.dense_dtype)
 
   int64_t out_features() const { return dense.size(0); }
 };
@@ -112,7 +112,8 @@ struct DecodeStack : torch::CustomClassHolder {
                       ptr<float>(p.mins), p.out_features(), ptr<uint16_t>(y), threads);
       return y;
     }
-    return at::linear(x, p.dense);
+    if (p.dense.scalar_type() == x.scalar_type()) return at::linear(x, p.dense);
+    return at::linear(x.to(p.dense.scalar_type()), p.dense).to(x.scalar_type());
   }
 
   // h [rows, hidden] bf16 (the embedded tokens; updated in place as the residual stream);

@@ -325,7 +325,7 @@ def _decode_stack(model: LlamaModel, backend: AttentionBackend):
     tensors += [model.norm, model.ops.cos, model.ops.sin]
     dims = [
         cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size,
-        cfg.intermediate_size, MAX_QUANTIZED_ROWS, cpu_kernels.MAX_KERNEL_ROWS, INT4_GROUP_SIZE,
+        cfg.intermediate_size, MAX_QUANTIZED_ROWS, native.max_product_rows, INT4_GROUP_SIZE,
     ]  # fmt: skip
     stack = stack_class(tensors, dims, [cfg.rms_norm_eps, model.scale])
     log.info("model.decode_stack", kernel=f"native ({native.isa})")

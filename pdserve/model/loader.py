@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,14 +128,17 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_root: Path, progress: bool)
     cached = _read_gguf_entry(entry, dtype, progress)
     if cached is not None:
         return dataclasses.replace(cached, source=path)
-    gguf = read_gguf(path)
-    config = llama_config_from_gguf(gguf)
-    tokenizer = Tokenizer.from_gguf(gguf, config.bos_token_id, config.eos_token_ids)
-    with _progress_bar(progress, len(gguf.tensors), f"Dequantizing {path.name}") as advance:
-        arrays = llama_weights_from_gguf(gguf, config, on_tensor=advance)
-    weights = {name: torch.from_numpy(values).to(dtype) for name, values in arrays.items()}
-    safetensors_dir.check_weights(weights, config, path)
-    source_digest = file_digest([path])
+    # hashlib releases the GIL while it hashes, so the digest overlaps the parse and dequantize.
+    with ThreadPoolExecutor(1) as hasher:
+        digest = hasher.submit(file_digest, [path])
+        gguf = read_gguf(path)
+        config = llama_config_from_gguf(gguf)
+        tokenizer = Tokenizer.from_gguf(gguf, config.bos_token_id, config.eos_token_ids)
+        with _progress_bar(progress, len(gguf.tensors), f"Dequantizing {path.name}") as advance:
+            arrays = llama_weights_from_gguf(gguf, config, on_tensor=advance)
+        weights = {name: torch.from_numpy(values).to(dtype) for name, values in arrays.items()}
+        safetensors_dir.check_weights(weights, config, path)
+        source_digest = digest.result()
     fingerprint = compute_fingerprint(config, dtype, source_digest)
 
     def write(directory: Path) -> None:
@@ -206,9 +210,9 @@ def load_quantized(
         raise ValueError("quantization needs a checkpoint loaded from a file or directory")
     source = checkpoint.source
     files = [source] if source.is_file() else safetensors_dir.source_files(source)
-    variant = (
-        f"{mode}-{quant.STATE_FORMAT}-{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}"
-    )
+    capability = torch.backends.cpu.get_cpu_capability()
+    dense = DTYPE_NAMES[quant.dense_dtype()]
+    variant = f"{mode}-{quant.STATE_FORMAT}-{torch.__version__}-{capability}-{dense}"
     entry = (cache_dir or default_cache_dir()) / _entry_name(source.stem, files, variant)
     linears = _read_quantized_entry(entry, checkpoint.config)
     if linears is not None:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve import cpu_kernels
-from pdserve.cpu_kernels import MAX_KERNEL_ROWS, cpu_flags
+from pdserve.cpu_kernels import cpu_flags
 from pdserve.model.config import ModelConfig
 from pdserve.model.gguf_reader import (
     Q4_0,
@@ -63,9 +63,27 @@ def native_bf16(flags: frozenset[str] | None = None) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
+def dense_dtype() -> torch.dtype:
+    """The dtype of the quantized projections' dense copies (inputs of many rows): bf16 where the
+    CPU multiplies bf16 natively and PyTorch runs its AVX-512 code; fp32 elsewhere, where
+    oneDNN's bf16 products ran 2.3-4.1x slower than fp32 ones at 8-512 rows (AVX2 code paths,
+    benchmarks/cpu_kernels.py). The values are the bf16 ones either way."""
+    if native_bf16() and torch.backends.cpu.get_cpu_capability() == "AVX512":
+        return torch.bfloat16
+    return torch.float32
+
+
+def dense_product(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """x · denseᵀ in the dense copy's dtype, returned in x's."""
+    if x.dtype == dense.dtype:
+        return F.linear(x, dense)
+    return F.linear(x.to(dense.dtype), dense).to(x.dtype)
+
+
 def resolve_quantization(requested: str, device: torch.device, flags=None) -> str:
-    """The mode `requested` stands for on this device: `auto` becomes int4 on a CPU with native
-    bf16 and none elsewhere (a GPU runs the dense weights)."""
+    """The mode `requested` stands for on this device: `auto` becomes int4 on a CPU whose
+    vector units PyTorch's int4 kernel uses (AVX2 with FMA, or native bf16) and none elsewhere
+    (a GPU runs the dense weights)."""
     if requested not in QUANTIZATION_MODES:
         raise ValueError(
             f"quantization must be one of {', '.join(QUANTIZATION_MODES)}; got {requested!r}"
@@ -74,7 +92,9 @@ def resolve_quantization(requested: str, device: torch.device, flags=None) -> st
         if requested != "none" and device.type != "cpu":
             raise ValueError(f"quantization {requested!r} runs on the CPU only")
         return requested
-    return "int4" if device.type == "cpu" and native_bf16(flags) else "none"
+    flags = cpu_flags() if flags is None else flags
+    vectorized = {"avx2", "fma"} <= flags or native_bf16(flags)
+    return "int4" if device.type == "cpu" and vectorized else "none"
 
 
 def compute_dtype(mode: str, requested: torch.dtype) -> torch.dtype:
@@ -148,12 +168,12 @@ class Int8Linear(Linear):
         scales = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.bfloat16).tiny)
         scales = scales.to(torch.bfloat16).float()  # round to the scale the kernel will use
         q = torch.round(w / scales[:, None]).clamp(-128, 127).to(torch.int8)
-        return cls(q, scales, w.to(torch.bfloat16))
+        return cls(q, scales, w.to(torch.bfloat16).to(dense_dtype()))
 
     def __call__(self, x):
         if x.shape[0] <= MAX_QUANTIZED_ROWS:
             return torch._weight_int8pack_mm(x, self.qweight, self.scales)
-        return F.linear(x, self.dense)
+        return dense_product(x, self.dense)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of the dense copy ([T] → [T, in]): the embedding lookup of a tied table."""
@@ -174,10 +194,10 @@ class Int4Linear(Linear):
     - up to MAX_QUANTIZED_ROWS rows: PyTorch's int4 kernel on its own packed layout, with bf16
       scale and zero ((q − 8) · scale + zero, zero = min + 8 · scale). That layout differs
       between CPU kinds (AVX-512, AVX2), so a cached copy is keyed by the CPU capability;
-    - up to cpu_kernels.MAX_KERNEL_ROWS rows: pdserve's native kernel on the GGUF's own blocks
-      (`blocks`: nibbles in GGUF order, fp32 scales and minimums), which dequantizes each weight
-      once per call however many rows run against it;
-    - more rows (prefill chunks): a dense bf16 copy."""
+    - up to the kernels' `max_product_rows` (128; 12 on AVX2): pdserve's native kernel on the
+      GGUF's own blocks (`blocks`: nibbles in GGUF order, fp32 scales and minimums), which
+      dequantizes each weight once per call however many rows run against it;
+    - more rows (prefill chunks): a dense copy, bf16 or fp32 (`dense_dtype`)."""
 
     kind = "int4"
 
@@ -208,7 +228,7 @@ class Int4Linear(Linear):
             torch.from_numpy(np.ascontiguousarray(zeros - 8 * scales, dtype=np.float32)),
         )
         pairs = torch.from_numpy(np.ascontiguousarray(pairs)).to(torch.bfloat16)
-        return cls(packed, pairs, blocks, blocks.dense())
+        return cls(packed, pairs, blocks, blocks.dense().to(dense_dtype()))
 
     @classmethod
     def quantize(cls, weight: np.ndarray) -> Int4Linear:
@@ -221,14 +241,15 @@ class Int4Linear(Linear):
             return torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros
             )
-        if self._native is not None and rows <= MAX_KERNEL_ROWS:
+        if self._native is not None and rows <= self._native.max_product_rows:
             b = self.blocks
             return self._native.int4_linear(x.contiguous(), b.qs, b.scales, b.mins)
-        return F.linear(x, self.dense)
+        return dense_product(x, self.dense)
 
     @property
     def runs_native(self) -> bool:
-        """Whether products of MAX_QUANTIZED_ROWS < rows ≤ MAX_KERNEL_ROWS run the native kernel."""
+        """Whether products of MAX_QUANTIZED_ROWS < rows ≤ the kernels' `max_product_rows` run
+        the native kernel."""
         return self._native is not None
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -343,12 +364,12 @@ def quantize_gguf(path: Path, config: ModelConfig, mode: str) -> dict[str, Linea
     runs them (see `linear_names`)."""
     gguf = read_gguf(path)
     tensors = {t.name: t for t in gguf.tensors}
-    parts_of = {
-        f"layers.{i}.{fused}": [tensors[f"blk.{i}.{part}.weight"] for part in parts]
-        for i in range(config.num_layers)
-        for fused, (parts, _) in _PROJECTIONS.items()
-    }
-    parts_of[HEAD] = [tensors.get("output.weight", tensors["token_embd.weight"])]
+    # The output projection first: it is the largest by far, and started last it left one
+    # thread working alone at the end.
+    parts_of = {HEAD: [tensors.get("output.weight", tensors["token_embd.weight"])]}
+    for i in range(config.num_layers):
+        for fused, (parts, _) in _PROJECTIONS.items():
+            parts_of[f"layers.{i}.{fused}"] = [tensors[f"blk.{i}.{part}.weight"] for part in parts]
     # One projection per thread: numpy and torch release the GIL for the bulk of the work, so a
     # first load runs on every core the engine has.
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:

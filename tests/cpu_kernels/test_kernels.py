@@ -118,6 +118,18 @@ def test_the_environment_switch_turns_the_kernels_off(monkeypatch, fresh_choice)
     assert cpu_kernels.kernels() is None
 
 
+def test_the_environment_switch_picks_one_build(monkeypatch, fresh_choice):
+    if not RUNNABLE:
+        pytest.skip("no build runs on this CPU")
+    narrowest = RUNNABLE[-1]
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, narrowest)
+    assert cpu_kernels.kernels().isa == narrowest
+    cpu_kernels.kernels.cache_clear()
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "amx")  # a build this CPU cannot run: none
+    assert cpu_kernels.kernels() is None
+
+
 def test_a_failed_build_leaves_the_torch_path(monkeypatch, tmp_path, fresh_choice):
     if not RUNNABLE:
         pytest.skip("no build runs on this CPU")

@@ -7,6 +7,7 @@ from conftest import PASSAGES
 
 from pdserve.engine.attention import AttentionMetadata, PrefillSegment
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.model import quant
 from pdserve.model.llama import NativeLayerOps, RotaryEmbedding, TorchLayerOps
 
 pytestmark = pytest.mark.timeout(900)
@@ -91,10 +92,16 @@ def _decode_plan(engine, num_requests: int):
     return input_ids, positions, meta
 
 
-# 1: PyTorch's int4 kernel; 12: the native 4-bit product; 130: the dense bf16 copy.
-@pytest.mark.parametrize("batch", [1, 12, 130])
-def test_decode_stack_is_bit_identical_to_the_layer_loop(make_engine, monkeypatch, batch):
+# 1: PyTorch's int4 kernel; 12: the native 4-bit product; 130: the dense copy, in bf16 or (as
+# on a CPU without native bf16) fp32.
+@pytest.mark.parametrize(
+    ("batch", "dense"),
+    [(1, torch.bfloat16), (12, torch.bfloat16), (130, torch.bfloat16), (130, torch.float32)],
+)
+def test_decode_stack_is_bit_identical_to_the_layer_loop(make_engine, monkeypatch, batch, dense):
+    monkeypatch.setattr(quant, "dense_dtype", lambda: dense)
     quantized = make_engine(quantization="int4", max_num_seqs=256)
+    assert quantized.runner.model.layers[0]["down"].dense.dtype is dense
     model = quantized.runner.model
     if not model.has_decode_stack:
         pytest.skip("no native decode stack on this machine (no CPU kernels or no bf16)")

@@ -60,17 +60,34 @@ def test_int8_linear_rounds_each_row_to_its_scale():
     torch.testing.assert_close(linear(x).float(), x.float() @ dequantized.T, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dense", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kind", [Int4Linear, Int8Linear])
 @pytest.mark.parametrize("rows", [quant.MAX_QUANTIZED_ROWS + 4, cpu_kernels.MAX_KERNEL_ROWS + 3])
-def test_every_row_count_computes_the_same_product(kind, rows):
+def test_every_row_count_computes_the_same_product(kind, rows, dense, monkeypatch):
     """Few rows run PyTorch's kernel, more the native kernel (where it loads), more still the
-    dense bf16 copy: one product whichever runs."""
+    dense copy (bf16, or fp32 where bf16 is not native): one product whichever runs."""
+    monkeypatch.setattr(quant, "dense_dtype", lambda: dense)
     w = torch.randn(32, 64)
     linear = kind.quantize(w.numpy() if kind is Int4Linear else w)
     x = torch.randn(rows, 64).bfloat16()
-    many = linear(x).float()
+    many = linear(x)
     few = torch.cat([linear(x[i : i + 1]) for i in range(x.shape[0])]).float()
-    assert (many - few).norm() / few.norm() < 2e-2
+    assert linear.dense.dtype is dense and many.dtype is torch.bfloat16
+    assert (many.float() - few).norm() / few.norm() < 2e-2
+
+
+@pytest.mark.parametrize(
+    ("flags", "capability", "dense"),
+    [
+        ({"avx512f", "avx512_bf16"}, "AVX512", torch.bfloat16),
+        ({"avx512f", "avx512_bf16"}, "AVX2", torch.float32),  # PyTorch held to its AVX2 code
+        ({"avx2", "fma"}, "AVX2", torch.float32),
+    ],
+)
+def test_dense_copies_are_bf16_only_where_bf16_is_native(monkeypatch, flags, capability, dense):
+    monkeypatch.setattr(quant, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert quant.dense_dtype() is dense
 
 
 def test_rows_past_the_few_row_kernel_run_the_native_kernel(monkeypatch):
@@ -82,7 +99,7 @@ def test_rows_past_the_few_row_kernel_run_the_native_kernel(monkeypatch):
     wrapped = native.int4_linear
     monkeypatch.setattr(native, "int4_linear", lambda *a: calls.append(1) or wrapped(*a))
     linear(torch.randn(quant.MAX_QUANTIZED_ROWS, 64).bfloat16())
-    linear(torch.randn(cpu_kernels.MAX_KERNEL_ROWS + 1, 64).bfloat16())
+    linear(torch.randn(native.max_product_rows + 1, 64).bfloat16())
     assert calls == []
     linear(torch.randn(quant.MAX_QUANTIZED_ROWS + 1, 64).bfloat16())
     assert calls == [1]
@@ -98,7 +115,8 @@ def test_int4_rejects_shapes_the_kernel_cannot_pack():
     [
         ("auto", {"avx512f", "avx512_bf16"}, "cpu", "int4"),
         ("auto", {"avx2", "amx_bf16"}, "cpu", "int4"),
-        ("auto", {"avx2", "fma"}, "cpu", "none"),
+        ("auto", {"avx2", "fma"}, "cpu", "int4"),
+        ("auto", {"sse4_2"}, "cpu", "none"),
         ("auto", {"avx512_bf16"}, "cuda", "none"),
         ("int8", {"avx2"}, "cpu", "int8"),
         ("none", {"avx512_bf16"}, "cpu", "none"),
