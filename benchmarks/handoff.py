@@ -120,6 +120,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--core", type=int, default=0)
     ap.add_argument(
+        "--decode-core", type=int, default=None,
+        help="pin the decode worker here instead (default: --core; colocated then runs there)",
+    )  # fmt: skip
+    ap.add_argument(
         "--quantization", default="auto", help="the workers' weights (auto: int4 on bf16 CPUs)"
     )
     ap.add_argument(
@@ -127,6 +131,7 @@ def main() -> None:
         help="the prefill's handoff_layer_groups (0: blocks move only after their step's seal)",
     )  # fmt: skip
     args = ap.parse_args()
+    decode_core = args.core if args.decode_core is None else args.decode_core
     env = {
         "PDSERVE_PREFILL_HANDOFF_LAYER_GROUPS": str(args.layer_groups),
         "PDSERVE_PREFILL_NUM_THREADS": "1", "PDSERVE_DECODE_NUM_THREADS": "1",
@@ -136,7 +141,7 @@ def main() -> None:
     }  # fmt: skip
     config = StackConfig(
         num_prefill=1, num_decode=1, default_ports=False, env=env, cluster_name="handoffbench",
-        cpu_affinity={"prefill": {args.core}, "decode": {args.core}},
+        cpu_affinity={"prefill": {args.core}, "decode": {decode_core}},
     )  # fmt: skip
     ttfts: dict[str, list[float]] = {m: [] for m in MODES}
     loads = []
@@ -161,8 +166,8 @@ def main() -> None:
               + " ".join(f"{t * 1000:.0f}" for t in ttfts[mode]))  # fmt: skip
     print(
         f"handoff: SmolLM2-135M (quantization {args.quantization}), {args.prompt_tokens}-token "
-        f"prompt, layer groups {args.layer_groups}, prefill+decode pinned to "
-        f"core {args.core} (1 thread each), {args.reps} reps, {cpu_model()}; "
+        f"prompt, layer groups {args.layer_groups}, prefill pinned to core {args.core}, decode "
+        f"to core {decode_core} (1 thread each), {args.reps} reps, {cpu_model()}; "
         f"overlapped/colocated TTFT {med['overlapped'] / med['colocated']:.3f}x (target <= 1.05), "
         f"sequential/colocated {med['sequential'] / med['colocated']:.3f}x; median of per-rep "
         f"ratios {paired['overlapped']:.3f}x / {paired['sequential']:.3f}x; "
