@@ -1,10 +1,11 @@
 """Handoff overhead: the same long prompt prefilled on the decode worker (colocated) and on a
 prefill worker on the same pinned core (disaggregated), side by side in one run.
 
-    python benchmarks/handoff.py [--prompt-tokens 1024] [--reps 5] [--core 0]
+    python benchmarks/handoff.py [--prompt-tokens 1024] [--reps 5] [--core 0] [--decode-core 1]
+        [--layer-groups 4]
 
 One ``pdserve up`` stack (kvstore, one prefill, one decode, each engine on one thread, both
-workers pinned to ``--core``); the script talks to the workers directly, so the router's
+workers pinned to ``--core``, or the decode worker to ``--decode-core``); the script talks to the workers directly, so the router's
 scheduling is not in the figure. Per repetition, in rotating order, a fresh prompt (nothing
 cached anywhere) goes:
 
