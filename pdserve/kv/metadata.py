@@ -277,7 +277,11 @@ class KVEventPublisher:
         batch_size: int = 512,
         retry_s: float = 0.2,
         check_interval_s: float = 1.0,
+        linger_s: float = 0.01,
     ) -> None:
+        """``linger_s``: how long a woken publisher waits for more events before it writes,
+        so that a steady trickle (a Put stream seals one block at a time) goes out in batches
+        rather than one MULTI per block; the location index lags by that much more."""
         self._redis = client
         self._layout = layout
         self.node_id = node_id
@@ -288,6 +292,8 @@ class KVEventPublisher:
         self._batch_size = batch_size
         self._retry_s = retry_s
         self._check_interval_s = check_interval_s
+        self._linger_s = linger_s
+        self._epoch_seen_at = 0.0  # monotonic time Redis last showed our epoch
         self.epoch = uuid.uuid4().hex[:12]
         self._needs_republish = True
         self._wake = threading.Event()
@@ -328,8 +334,13 @@ class KVEventPublisher:
             try:
                 if self._needs_republish:
                     self._republish()
+                if 0 < len(self._buffer) < self._batch_size:
+                    self._stop.wait(self._linger_s)
                 self._drain()
-                if not self._buffer and not self._wake.is_set():
+                # Each drain reads the epoch too: an idle check is due only after a quiet
+                # interval (it had cost a round trip per drain of a trickle of events).
+                stale = time.monotonic() - self._epoch_seen_at >= self._check_interval_s
+                if not self._buffer and not self._wake.is_set() and stale:
                     self._check_epoch()
                 self.connected = True
             except REDIS_ERRORS as exc:
@@ -354,6 +365,8 @@ class KVEventPublisher:
         if epoch is None or epoch.decode() != self.epoch:
             log.info("kv_events.inventory_lost", node=self.node_id)
             self._needs_republish = True
+        else:
+            self._epoch_seen_at = time.monotonic()
 
     def _republish(self) -> None:
         seq, blocks = self._inventory()
@@ -375,6 +388,7 @@ class KVEventPublisher:
         while self._buffer and self._buffer[0].seq <= seq:
             self._buffer.popleft()
         self._needs_republish = False
+        self._epoch_seen_at = time.monotonic()
         self.num_republished += 1
         log.info("kv_events.republished", node=node, num_blocks=len(blocks), seq=seq)
 
@@ -398,6 +412,7 @@ class KVEventPublisher:
             if results[0] is None or results[0].decode() != self.epoch:
                 self._needs_republish = True  # Redis lost our inventory (restart, flush)
                 return
+            self._epoch_seen_at = time.monotonic()
 
     def _fields(self, seq: int, op: str, events: Sequence[LocationEvent]) -> dict:
         return {

@@ -100,6 +100,13 @@ class _Staged:
     writers: int = 0
     sealing: bool = False
     adopted: bool = False  # its slot became the stored block's (commit in place)
+    # The running hash of the block's leading ``hashed_bytes`` bytes, fed as pieces that
+    # continue them are copied in, so that the seal's check needs no second pass over the
+    # slot. A piece arriving out of order, or while another is being hashed, is not hashed:
+    # the prefix then never covers the block and the seal hashes the slot (-1: a failed copy).
+    hasher: xxhash.xxh3_64 = field(default_factory=xxhash.xxh3_64)
+    hashed_bytes: int = 0
+    hashing: bool = False
 
 
 @dataclass(slots=True)
@@ -283,7 +290,8 @@ class TieredStore:
         return key in self._entries
 
     def write_piece(self, key: BlockKey, offset: int, data) -> None:
-        """Copy ``data`` into the block's staging slot at ``offset``."""
+        """Copy ``data`` into the block's staging slot at ``offset`` (and hash it on the way
+        when it continues the bytes hashed so far)."""
         with self._cond:
             staged = self._stage(key)
             try:
@@ -293,12 +301,20 @@ class TieredStore:
                     self._drop_staged(staged)
                 raise
             staged.writers += 1
+            in_order = staged.hashed_bytes == offset and not staged.hashing
+            staged.hashing |= in_order
+        done = False
         try:
-            self._staging_pool.write(staged.slot, data, offset)
+            hasher = staged.hasher if in_order else None
+            self._staging_pool.write(staged.slot, data, offset, hasher)
+            done = True
         finally:
             with self._cond:
                 staged.writers -= 1
                 staged.touched_at = self._clock()
+                if in_order:
+                    staged.hashing = False
+                    staged.hashed_bytes = offset + len(data) if done else -1
 
     def reserve_shared(
         self, keys: Sequence[bytes], *, skip_existing: bool = False
@@ -375,7 +391,12 @@ class TieredStore:
                 )
             staged.sealing = True
         data = self._staging_pool.view(staged.slot)
-        actual = checksum(data) if verify else expected_checksum
+        if not verify:
+            actual = expected_checksum
+        elif staged.hashed_bytes == self.block_size_bytes:
+            actual = staged.hasher.intdigest()  # hashed as its pieces were copied in
+        else:
+            actual = checksum(data)
         if actual != expected_checksum:
             with self._cond:
                 self._drop_staged(staged)

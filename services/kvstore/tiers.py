@@ -21,7 +21,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import xxhash
+
 from pdserve.kv.blocks import BLOCK_KEY_BYTES, BlockKey
+from pdserve.kv.memcopy import copy_hashed, copy_into
 
 _HEADER = struct.Struct("<4sHH16sQQ")  # magic, version, reserved, key, length, checksum
 _MAGIC = b"PDKV"
@@ -61,9 +64,17 @@ class SlabPool:
         start = self.offset(slot)
         return self._buffer[start : start + self.slot_bytes]
 
-    def write(self, slot: int, data, offset: int = 0) -> None:
+    def write(
+        self, slot: int, data, offset: int = 0, hasher: xxhash.xxh3_64 | None = None
+    ) -> None:
+        """Copy ``data`` into the slot at ``offset`` without holding the GIL; with ``hasher``,
+        also feed it the bytes as they land (pdserve.kv.memcopy)."""
         start = self.offset(slot) + offset
-        self._buffer[start : start + len(data)] = data
+        target = self._buffer[start : start + len(data)]
+        if hasher is None:
+            copy_into(target, data)
+        else:
+            copy_hashed(data, target, hasher)
 
     def read(self, slot: int) -> memoryview:
         return self.view(slot)

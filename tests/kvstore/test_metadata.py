@@ -204,6 +204,53 @@ def test_flush_waits_for_an_event_enqueued_while_the_publisher_goes_idle(redis_u
     pub.stop()
 
 
+class CountingRedis:
+    """Counts the GETs a publisher sends outside its pipelines (its idle epoch checks)."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+        self.num_gets = 0
+
+    def get(self, name):
+        self.num_gets += 1
+        return self._client.get(name)
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def test_a_trickle_of_events_costs_no_epoch_check_per_drain(redis_url, cluster_name):
+    """Each drain reads the epoch inside its MULTI; the idle check waits for a quiet
+    interval (it used to follow every drain: two round trips per event of a Put stream)."""
+    client, layout = connect(redis_url), RedisLayout(cluster_name)
+    counting = CountingRedis(client)
+    pub = KVEventPublisher(counting, layout, "n1", lambda: (0, {}), check_interval_s=30)
+    pub.start()
+    assert pub.flush()
+    for i in range(1, 11):
+        pub.enqueue(LocationEvent(i, "stored", key(i), Tier.DRAM, None))
+        assert pub.flush()
+    assert counting.num_gets == 0
+    assert len(redis_blocks(client, layout, "n1")) == 10
+    pub.stop()
+
+
+def test_events_arriving_within_the_linger_go_out_as_one_entry(redis_url, cluster_name):
+    client, layout = connect(redis_url), RedisLayout(cluster_name)
+    pub = KVEventPublisher(client, layout, "n1", lambda: (0, {}), linger_s=0.3)
+    pub.start()
+    assert pub.flush()
+    pub.enqueue(LocationEvent(1, "stored", key(1), Tier.DRAM, None))
+    time.sleep(0.05)  # the publisher is awake and waiting for more
+    pub.enqueue(LocationEvent(2, "stored", key(2), Tier.DRAM, None))
+    assert pub.flush()
+    assert [(seq, op) for seq, op, _ in stream_events(client, layout)][1:] == [
+        (1, "stored"), (2, "stored")
+    ]
+    assert len(client.xrange(layout.events)) == 2  # the resync, then one entry of both
+    pub.stop()
+
+
 def test_longest_prefix_per_node_per_tier(redis_url, cluster_name):
     client, layout = connect(redis_url), RedisLayout(cluster_name)
     inventories = {
