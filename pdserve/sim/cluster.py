@@ -352,6 +352,9 @@ class Simulator:
         """The shortest whole output among the worker's Decode calls (0: none): the heap's
         smallest entry still held (ended calls are dropped as they surface)."""
         heap, held = self._held_outputs[worker_id], self.decode_held[worker_id]
+        if len(heap) > 2 * len(held) + 64:  # ended calls below the top: drop them all
+            heap[:] = [entry for entry in heap if entry[1] in held]
+            heapq.heapify(heap)
         while heap and heap[0][1] not in held:
             heapq.heappop(heap)
         return heap[0][0] if heap else 0

@@ -9,11 +9,12 @@ from dataclasses import replace
 
 import pytest
 
-from pdserve.sim.cluster import SimConfig, Simulator, _PromptKeys, simulate
+from pdserve.sim.cluster import SimConfig, Simulator, _Flight, _PromptKeys, simulate
 from pdserve.sim.costs import CalibratedCost, EngineLimits, Link, StepShape, load_profile
 from pdserve.sim.roofline import GPUS, MODELS, min_tp, parse_gpu, roofline
 from pdserve.workload.format import Request, WorkloadError
 from pdserve.workload.generate import Lengths, synthetic
+from pdserve.workload.result import RequestRecord
 from services.router import policy
 
 # The exact timelines below use the static threshold rule and no prompt-chunk target.
@@ -166,6 +167,27 @@ def test_precomputed_block_keys_are_equal_exactly_when_the_token_prefixes_are():
                 assert (chain_a[i] == chain_b[i]) == same
                 num_equal += same and chain_a is not chain_b
     assert num_equal > 0  # some blocks of different requests are shared
+
+
+def test_shortest_held_output_follows_decode_calls_as_they_start_and_end():
+    sim = Simulator([], SimConfig(0, 1), LINEAR)
+    flights = [_Flight(Request(0.0, 20, n), RequestRecord(i, 0.0, 20, 0), _PromptKeys(i, 0, 0, 20, n, 16))
+               for i, n in enumerate([7, 3, 9] + [50] * 200)]  # fmt: skip
+    mins = []
+    for f in flights[:3]:
+        sim._call_decode("decode-0", f)
+        mins.append(sim._min_held_output("decode-0"))
+    sim._decode_call_ended("decode-0", flights[1])
+    mins.append(sim._min_held_output("decode-0"))
+    for f in flights[3:]:  # many calls start and end: the pruned heap keeps the right minimum
+        sim._call_decode("decode-0", f)
+        sim._decode_call_ended("decode-0", f)
+    mins.append(sim._min_held_output("decode-0"))
+    sim._decode_call_ended("decode-0", flights[0])
+    mins.append(sim._min_held_output("decode-0"))
+    sim._decode_call_ended("decode-0", flights[2])
+    assert mins + [sim._min_held_output("decode-0")] == [7, 3, 3, 7, 7, 9, 0]
+    assert len(sim._held_outputs["decode-0"]) <= 64 + 2
 
 
 def test_router_load_counts_its_own_calls_when_fresher_than_the_report():
