@@ -40,6 +40,7 @@ from pdserve.kv.transport import (
 )
 from pdserve.tls import ClusterSecurity
 
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     """Message limits sized for KV blocks (the 4 MiB default breaks on large chunks)."""
     return [

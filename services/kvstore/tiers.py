@@ -64,9 +64,7 @@ class SlabPool:
         start = self.offset(slot)
         return self._buffer[start : start + self.slot_bytes]
 
-    def write(
-        self, slot: int, data, offset: int = 0, hasher: xxhash.xxh3_64 | None = None
-    ) -> None:
+    def write(self, slot: int, data, offset: int = 0, hasher: xxhash.xxh3_64 | None = None) -> None:
         """Copy ``data`` into the slot at ``offset`` without holding the GIL; with ``hasher``,
         also feed it the bytes as they land (pdserve.kv.memcopy)."""
         start = self.offset(slot) + offset

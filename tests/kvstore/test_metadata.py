@@ -245,7 +245,8 @@ def test_events_arriving_within_the_linger_go_out_as_one_entry(redis_url, cluste
     pub.enqueue(LocationEvent(2, "stored", key(2), Tier.DRAM, None))
     assert pub.flush()
     assert [(seq, op) for seq, op, _ in stream_events(client, layout)][1:] == [
-        (1, "stored"), (2, "stored")
+        (1, "stored"),
+        (2, "stored"),
     ]
     assert len(client.xrange(layout.events)) == 2  # the resync, then one entry of both
     pub.stop()
