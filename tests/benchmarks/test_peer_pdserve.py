@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import peer_pdserve  # noqa: E402
 
-from pdserve.model import quant  # noqa: E402
+from pdserve.model import llama, quant  # noqa: E402
 from pdserve.model.loader import load_checkpoint  # noqa: E402
 
 
@@ -23,14 +23,15 @@ def test_quality_decodes_in_batches_the_quantized_kernel_runs(int4_engine, monke
     """Prompts generated all at once decode as many rows a step, past PyTorch's few-row
     kernel: the table then scored another kernel and called it int4. The first pass decodes
     at most MAX_QUANTIZED_ROWS rows a step, the second all the prompts together."""
-    rows_seen: list[int] = []
-    call = quant.Int4Linear.__call__
+    decode_rows: list[int] = []  # rows of each pure-decode step (the decode stack's too)
+    forward = llama.LlamaModel.forward
 
-    def recording(self, x):
-        rows_seen.append(x.shape[0])
-        return call(self, x)
+    def recording(self, input_ids, positions, kv_pool, meta, on_layer_done=None):
+        if not meta.prefills:
+            decode_rows.append(input_ids.shape[0])
+        return forward(self, input_ids, positions, kv_pool, meta, on_layer_done)
 
-    monkeypatch.setattr(quant.Int4Linear, "__call__", recording)
+    monkeypatch.setattr(llama.LlamaModel, "forward", recording)
     num_prompts, prompt_len = quant.MAX_QUANTIZED_ROWS + 2, 24
     assert num_prompts < peer_pdserve.BATCHED_QUALITY_ROWS
     prompts = [[100 + i + j for j in range(prompt_len)] for i in range(num_prompts)]
@@ -38,7 +39,6 @@ def test_quality_decodes_in_batches_the_quantized_kernel_runs(int4_engine, monke
     result = peer_pdserve.quality(int4_engine, spec)
     assert [len(g) for g in result["greedy"]] == [3] * num_prompts
     assert [len(g) for g in result["greedy_batched"]] == [3] * num_prompts
-    decode_rows = [n for n in rows_seen if n < prompt_len]  # prefill steps carry more rows
     first_pass = decode_rows[: decode_rows.index(num_prompts)]
     assert first_pass and max(first_pass) <= quant.MAX_QUANTIZED_ROWS
     assert result["batched_rows"] == peer_pdserve.BATCHED_QUALITY_ROWS

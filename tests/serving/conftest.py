@@ -124,7 +124,8 @@ def make_prefill(redis_server, serving_cluster, checkpoint):
 
     def make(kvstore_address: str, **overrides) -> ServerThread:
         fields = _worker_fields(redis_server, serving_cluster)
-        fields.update(kvstore_address=kvstore_address, **overrides)
+        # The layer-group handoff is opt-in; these workers run it, as the handoff tests expect.
+        fields.update(kvstore_address=kvstore_address, handoff_layer_groups=4, **overrides)
         thread = ServerThread(PrefillServer(PrefillSettings(**fields), checkpoint=checkpoint))
         started.append(thread)
         return thread
