@@ -95,31 +95,18 @@ def _build_dir(isa: str, compiler: str) -> Path:
 
 def build(isa: str) -> Path:
     """Compile the kernels for `isa` into the cache (once) and return the library's path."""
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (g++) on PATH")
+    compiler = _compiler()
     target = _build_dir(isa, compiler) / "libpdserve_cpu.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     here = Path(__file__).parent
-    # A unique temporary name, then an atomic rename: concurrent builders never see a torn file.
-    fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
-    os.close(fd)
     command = [
         compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno",
-        *_ISA_FLAGS[isa], *(str(here / s) for s in _SOURCES), "-o", partial,
+        *_ISA_FLAGS[isa], *(str(here / s) for s in _SOURCES),
     ]  # fmt: skip
-    _compile(command, partial, target, f"the {isa} kernels")
+    _compile(command, target, f"the {isa} kernels")
     return target
-
-
-def _compile(command: list[str], partial: str, target: Path, what: str) -> None:
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        os.unlink(partial)
-        raise RuntimeError(f"building {what} failed:\n{result.stderr[-4000:]}")
-    os.replace(partial, target)
 
 
 def build_decode_stack(isa: str) -> Path:
@@ -129,19 +116,36 @@ def build_decode_stack(isa: str) -> Path:
     target = library.parent / f"libpdserve_decode_stack-torch{torch.__version__}.so"
     if target.is_file():
         return target
-    fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
-    os.close(fd)
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     command = [
-        shutil.which(os.environ.get("CXX", "g++")) or "g++", "-O2", "-std=c++20", "-shared",
-        "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *_ISA_FLAGS[isa],
+        _compiler(), "-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *_ISA_FLAGS[isa],
         f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include/torch/csrc/api/include'}",
-        str(Path(__file__).parent / _STACK_SOURCE), "-o", partial,
+        str(Path(__file__).parent / _STACK_SOURCE),
         f"-L{library.parent}", "-lpdserve_cpu", f"-Wl,-rpath,{library.parent}",
         f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}",
     ]  # fmt: skip
-    _compile(command, partial, target, f"the {isa} decode stack")
+    _compile(command, target, f"the {isa} decode stack")
     return target
+
+
+def _compiler() -> str:
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    return compiler
+
+
+def _compile(command: list[str], target: Path, what: str) -> None:
+    """Run `command` writing to a unique temporary name beside `target`, then rename it into
+    place: concurrent builders never see a torn file, and a failed build leaves nothing."""
+    fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
+    os.close(fd)
+    result = subprocess.run([*command, "-o", partial], capture_output=True, text=True)
+    if result.returncode != 0:
+        os.unlink(partial)
+        raise RuntimeError(f"building {what} failed:\n{result.stderr[-4000:]}")
+    os.replace(partial, target)
 
 
 class Kernels:

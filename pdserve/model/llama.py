@@ -311,9 +311,6 @@ def _decode_stack(model: LlamaModel, backend: AttentionBackend):
         or not native.supports_attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     ):
         return None
-    stack_class = cpu_kernels.decode_stack_class()
-    if stack_class is None:
-        return None
     tensors: list[torch.Tensor] = []
     for layer in model.layers:
         tensors += [layer["input_norm"], layer["post_norm"]]
@@ -323,6 +320,11 @@ def _decode_stack(model: LlamaModel, backend: AttentionBackend):
                 return None
             tensors += forms
     tensors += [model.norm, model.ops.cos, model.ops.sin]
+    # Only now: the first call compiles the stack (seconds), which a model it cannot run
+    # (int8 projections) must not pay.
+    stack_class = cpu_kernels.decode_stack_class()
+    if stack_class is None:
+        return None
     dims = [
         cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size,
         cfg.intermediate_size, MAX_QUANTIZED_ROWS, native.max_product_rows, INT4_GROUP_SIZE,
