@@ -40,7 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pdserve.model import quant, safetensors_dir
+from pdserve.model import quant, safetensors_dir, tensor_file
 from pdserve.model.config import ModelConfig
 from pdserve.model.gguf_reader import llama_config_from_gguf, llama_weights_from_gguf, read_gguf
 from pdserve.model.quant import Linear
@@ -53,7 +53,7 @@ CACHE_DIR_ENV = "PDSERVE_CACHE_DIR"
 # Bump when what a cache entry holds, or how it is computed, changes.
 CACHE_FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
-QUANTIZED_FILE = "quantized.safetensors"
+QUANTIZED_FILE = "quantized"  # a tensor_file pair: quantized.json + quantized.bin
 META_FILE = "meta.json"
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -203,7 +203,7 @@ def load_quantized(
     """The checkpoint's projections in `mode` ("int8" or "int4"; see `pdserve.model.quant`).
 
     Packing takes seconds, so the result is cached like dequantized weights: one entry
-    `<stem>-<mode>-<key>/quantized.safetensors`, keyed by the source's identity, the mode, the
+    `<stem>-<mode>-<key>/quantized.{json,bin}` (`tensor_file`), keyed by the source's identity, the mode, the
     torch version and the CPU capability (the int4 kernel's packed layout depends on both).
     """
     if checkpoint.source is None:
@@ -222,19 +222,18 @@ def load_quantized(
     else:
         linears = quant.quantize_weights(checkpoint.weights, checkpoint.config, mode)
     tensors = {f"{name}.{k}": t for name, lin in linears.items() for k, t in lin.state().items()}
-    _write_entry(entry, lambda d: save_file(tensors, str(d / QUANTIZED_FILE)))
+    _write_entry(entry, lambda d: tensor_file.save(tensors, d, QUANTIZED_FILE))
     return linears
 
 
 def _read_quantized_entry(entry: Path, config: ModelConfig) -> dict[str, Linear] | None:
-    if not (entry / QUANTIZED_FILE).is_file():
+    if not (entry / f"{QUANTIZED_FILE}.json").is_file():
         return None
     try:
         states: dict[str, dict[str, torch.Tensor]] = {}
-        with safe_open(str(entry / QUANTIZED_FILE), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                name, part = key.rsplit(".", 1)
-                states.setdefault(name, {})[part] = f.get_tensor(key)
+        for key, tensor in tensor_file.load(entry, QUANTIZED_FILE).items():
+            name, part = key.rsplit(".", 1)
+            states.setdefault(name, {})[part] = tensor
         if sorted(states) != sorted(quant.linear_names(config)):
             raise ValueError("projections do not match the model")
         return {name: quant.linear_from_state(state) for name, state in states.items()}

@@ -299,17 +299,13 @@ def _native_products(in_features: int, out_features: int):
 
 
 def linear_from_state(state: dict[str, torch.Tensor]) -> Linear:
-    """The inverse of `state()`: an Int4Linear or Int8Linear from its saved tensors. The ones
-    PyTorch's weight-only kernels read are copied: their vector loads need the allocator's
-    alignment, which tensors mapped from a safetensors file lack (a segmentation fault in
-    `_weight_int4pack_mm_for_cpu`). The dense copy and the GGUF blocks stay mapped (`F.linear`
-    and the native kernels load unaligned)."""
-    mapped = {"dense", "qs", "block_scales", "block_mins"}
-    copy = {name: t if name in mapped else t.clone() for name, t in state.items()}
-    if "packed" in copy:
-        blocks = Int4Blocks(copy["qs"], copy["block_scales"], copy["block_mins"])
-        return Int4Linear(copy["packed"], copy["scales_and_zeros"], blocks, copy["dense"])
-    return Int8Linear(copy["qweight"], copy["scales"], copy["dense"])
+    """The inverse of `state()`: an Int4Linear or Int8Linear from its saved tensors (used as
+    given: PyTorch's weight-only kernels need the allocator's alignment, which `tensor_file`
+    gives mapped tensors too)."""
+    if "packed" in state:
+        blocks = Int4Blocks(state["qs"], state["block_scales"], state["block_mins"])
+        return Int4Linear(state["packed"], state["scales_and_zeros"], blocks, state["dense"])
+    return Int8Linear(state["qweight"], state["scales"], state["dense"])
 
 
 def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:

@@ -141,3 +141,20 @@ def test_tiny_vocabulary_merges(tiny_gguf) -> None:
     assert tokenizer.encode("hello the") == [hello, the]
     assert tokenizer.decode([hello, the, 2]) == "hello the"
     assert tokenizer.decode([hello, the, 2], skip_special_tokens=False) == "hello the<|im_end|>"
+
+
+def test_a_token_in_raw_utf8_is_respelled_in_the_byte_alphabet() -> None:
+    from conftest import tiny_vocab
+
+    from pdserve.model.tokenizer import _byte_level_bpe_from_gguf, _bytes_to_unicode
+
+    tokens, _types, merges = tiny_vocab()
+    first, second, third = (_bytes_to_unicode()[b] for b in "中".encode())
+    metadata = {
+        "tokenizer.ggml.tokens": [*tokens, first + second, "中"],
+        "tokenizer.ggml.merges": [*merges, f"{first} {second}", f"{first}{second} {third}"],
+    }
+    backend = _byte_level_bpe_from_gguf(metadata, {})
+    assert backend.token_to_id(first + second + third) == len(tokens) + 1
+    assert backend.token_to_id("中") is None
+    assert backend.encode("hello 中").ids[-1] == len(tokens) + 1
