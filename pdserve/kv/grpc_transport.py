@@ -24,11 +24,12 @@ from pdserve.kv.blocks import BlockKey, Tier, checksum, iter_chunks
 from pdserve.kv.compression import KVGeometry, decode_int8
 from pdserve.kv.errors import BY_GRPC_CODE, InvalidBlockError, KVError
 from pdserve.kv.frames import parse_get_response, put_chunk_frame
-from pdserve.kv.memcopy import copy_hashed
+from pdserve.kv.memcopy import copy_hashed, copy_into
 from pdserve.kv.shm import SharedSegment, host_id
 from pdserve.kv.transport import (
     BlockWriter,
     Buffer,
+    ByteRange,
     DeleteResult,
     KVTransport,
     Lease,
@@ -183,6 +184,11 @@ class GrpcTransport(KVTransport):
             request_serializer=kvstore_pb2.GetRequest.SerializeToString,
             response_deserializer=None,
         )
+        self._get_staged = self._channel.unary_stream(
+            "/pdserve.v1.KVStore/GetStaged",
+            request_serializer=kvstore_pb2.GetStagedRequest.SerializeToString,
+            response_deserializer=None,
+        )
         self._chunk_bytes = chunk_bytes
         self._timeout_s = timeout_s
         self._block_size: int | None = None
@@ -287,6 +293,30 @@ class GrpcTransport(KVTransport):
             return None
         return decode_int8(data, self._int8)
 
+    def read_staged_into(
+        self, ranges: Sequence[ByteRange], out, *, trace_context=None
+    ) -> list[bool]:
+        """One GetStaged stream; each range's pieces are copied from the received message
+        into ``out[i]`` (one copy, without holding the GIL)."""
+        request = kvstore_pb2.GetStagedRequest(
+            ranges=[kvstore_pb2.StagedRange(key=r.key, offset=r.offset, length=r.length) for r in ranges],
+            trace_context=_trace(trace_context),
+            chunk_bytes=self._chunk_bytes,
+        )  # fmt: skip
+        ok, index, position = [False] * len(ranges), 0, 0
+        try:
+            for frame in self._get_staged(request, timeout=self._timeout_s):
+                piece, end = parse_get_response(frame)
+                if end is None:
+                    copy_into(memoryview(out[index])[position : position + len(piece)], piece)
+                    position += len(piece)
+                    continue
+                ok[index] = end.found and position == ranges[index].length
+                index, position = index + 1, 0
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return ok
+
     def lookup(self, keys: Sequence[BlockKey]) -> LookupResult:
         r = self._call(self._stub.Lookup, kvstore_pb2.LookupRequest(keys=list(keys)))
         return LookupResult(tuple(_tier(t) for t in r.tiers), r.prefix_blocks)
@@ -330,6 +360,7 @@ class GrpcTransport(KVTransport):
             r.num_hits,
             r.num_misses,
             r.num_corrupt,
+            r.num_leases,
         )
 
     def close(self) -> None:
@@ -579,6 +610,46 @@ class SharedMemoryTransport(GrpcTransport):
             keys=list(keys), ttl_ms=int(ttl_s * 1000), trace_context=_trace(trace_context)
         )
         return self._call(self._stub.MapShared, request)
+
+    def map_staged(
+        self, keys: Sequence[BlockKey], *, ttl_s: float = 30.0, trace_context=None
+    ) -> tuple[str, list[int | None]]:
+        """Pin blocks that are stored in the shared pool or still being written (staged)
+        under one lease; (lease id, each block's offset in the segment or None for a miss).
+        Read written layers with :meth:`segment_range` (unverified: hash them against the
+        block's checksum), then :meth:`unpin` the lease (it also expires after ``ttl_s``)."""
+        request = kvstore_pb2.MapSharedRequest(
+            keys=list(keys), ttl_ms=int(ttl_s * 1000), trace_context=_trace(trace_context),
+            include_staged=True,
+        )  # fmt: skip
+        r = self._call(self._stub.MapShared, request)
+        return r.lease_id, [s.offset if s.length else None for s in r.slots]
+
+    def read_staged_into(self, ranges, out, *, trace_context=None) -> list[bool]:
+        """Same host: one MapShared pins the blocks, the ranges are copied out of the
+        segment, the lease is given back (whatever happens meanwhile)."""
+        if not self.shared:
+            return super().read_staged_into(ranges, out, trace_context=trace_context)
+        for r in ranges:
+            if r.offset < 0 or r.length < 0 or r.offset + r.length > self.block_size_bytes:
+                raise InvalidBlockError(
+                    f"bytes [{r.offset}, {r.offset + r.length}) of block {r.key.hex()} run past "
+                    f"the block size {self.block_size_bytes}"
+                )
+        keys = list(dict.fromkeys(r.key for r in ranges))
+        lease_id, offsets = self.map_staged(keys, trace_context=trace_context)
+        where = dict(zip(keys, offsets, strict=True))
+        try:
+            ok = []
+            for r, dst in zip(ranges, out, strict=True):
+                base = where[r.key]
+                if base is not None:
+                    copy_into(dst, self.segment_range(base + r.offset, r.length))
+                ok.append(base is not None)
+            return ok
+        finally:
+            with contextlib.suppress(KVError):  # unreachable store: the lease expires there
+                self.unpin(lease_id)
 
     def segment_range(self, offset: int, num_bytes: int) -> memoryview:
         """Read-only bytes of the store's segment (a staged block's written layers); the

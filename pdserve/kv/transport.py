@@ -20,6 +20,15 @@ TraceContext = Mapping[str, str]
 
 
 @dataclass(frozen=True)
+class ByteRange:
+    """Bytes ``[offset, offset + length)`` of one block."""
+
+    key: BlockKey
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
 class PutResult:
     num_stored: int
     num_skipped: int
@@ -67,6 +76,7 @@ class StoreStats:
     num_hits: int
     num_misses: int
     num_corrupt: int
+    num_leases: int = 0  # open leases: pins, shared-memory maps, staged reads in progress
 
     def tier(self, tier: Tier) -> TierStats | None:
         return next((t for t in self.tiers if t.tier == tier), None)
@@ -153,6 +163,21 @@ class KVTransport(abc.ABC):
         ]
 
     @abc.abstractmethod
+    def read_staged_into(
+        self,
+        ranges: Sequence[ByteRange],
+        out: Sequence[memoryview | bytearray],
+        *,
+        trace_context: TraceContext | None = None,
+    ) -> list[bool]:
+        """Copy byte ranges of blocks that are being written (the layers put so far) or
+        stored into ``out[i]`` (``ranges[i].length`` bytes each). True where ``out[i]`` now
+        holds the range as the store had it, False where the store has no such block.
+        UNVERIFIED: a staged block has no checksum yet; the caller hashes what it read and
+        compares with the block's checksum once it holds the whole block. The store counts a
+        hit or miss per block per call, and pins the blocks while it reads them."""
+
+    @abc.abstractmethod
     def lookup(self, keys: Sequence[BlockKey]) -> LookupResult: ...
 
     @abc.abstractmethod
@@ -208,6 +233,7 @@ class StoreLike(Protocol):
         self, *, skip_existing: bool = False, trace_context: TraceContext | None = None
     ) -> PutSessionLike: ...
     def get(self, key: bytes) -> tuple[bytearray, Tier, int] | None: ...
+    def reading_ranges(self, ranges: Sequence[tuple[bytes, int, int]]): ...
     def lookup(self, keys: Sequence[bytes]) -> LookupResult: ...
     def pin(self, keys: Sequence[bytes], ttl_s: float | None, lease_id: str | None) -> Lease: ...
     def unpin(self, lease_id: str) -> int: ...
@@ -263,6 +289,16 @@ class InProcessTransport(KVTransport):
             found = self._store.get(key)
             out.append(None if found is None else (found[0], found[1]))
         return out
+
+    def read_staged_into(self, ranges, out, *, trace_context=None) -> list[bool]:
+        with self._store.reading_ranges([(r.key, r.offset, r.length) for r in ranges]) as (
+            _,
+            found,
+        ):
+            for got, dst in zip(found, out, strict=True):
+                if got is not None:
+                    memoryview(dst)[:] = got[0]
+            return [got is not None for got in found]
 
     def lookup(self, keys) -> LookupResult:
         return self._store.lookup(keys)

@@ -91,7 +91,7 @@ def _edge(method):
         error = as_pdserve_error(exc)
         context.abort(grpc.StatusCode[grpc_status(error)], error.message)
 
-    if method.__name__ == "Get":
+    if method.__name__ in ("Get", "GetStaged"):
 
         @functools.wraps(method)
         def streaming(self, request, context):
@@ -265,6 +265,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             node_id=s.node_id, block_size_bytes=s.block_size_bytes, tiers=tiers,
             num_pinned_blocks=s.num_pinned_blocks, num_staging_blocks=s.num_staging_blocks,
             num_hits=s.num_hits, num_misses=s.num_misses, num_corrupt=s.num_corrupt,
+            num_leases=s.num_leases,
         )  # fmt: skip
 
     @_edge
@@ -313,16 +314,55 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     def MapShared(self, request, context):
         with self._kv_span("get", _trace(request)) as transfer:
             transfer.transport = "shm"
-            lease_id, found = self._store.map_shared(request.keys, request.ttl_ms / 1000 or None)
-            transfer.tiers.extend(Tier(f[2]) for f in found if f is not None)
+            lease_id, found = self._store.map_shared(
+                request.keys, request.ttl_ms / 1000 or None, include_staged=request.include_staged
+            )
+            transfer.tiers.extend(Tier(f.tier) for f in found if f is not None)
         size = self._store.block_size_bytes
         slots = [
             kvstore_pb2.SharedSlot(key=k)
             if f is None
-            else kvstore_pb2.SharedSlot(key=k, offset=f[0], length=size, checksum=f[1], tier=f[2])
+            else kvstore_pb2.SharedSlot(
+                key=k,
+                offset=f.offset,
+                length=size,
+                checksum=f.checksum,
+                tier=f.tier,
+                staged=f.staged,
+            )  # fmt: skip
             for k, f in zip(request.keys, found, strict=True)
         ]
         return kvstore_pb2.MapSharedResponse(lease_id=lease_id, slots=slots)
+
+    @_edge
+    def GetStaged(self, request, context):
+        """Byte ranges of staged or stored blocks, framed straight from the slab, read under
+        a lease the call holds until it ends: the ``finally`` and grpc's termination callback
+        (cancel, deadline, broken connection) both release it, whichever runs first."""
+        chunk_bytes = min(
+            request.chunk_bytes or self._settings.chunk_bytes, self._settings.chunk_bytes
+        )
+        ranges = [(r.key, r.offset, r.length) for r in request.ranges]
+        with (
+            self._kv_span("get", _trace(request)) as transfer,
+            self._store.reading_ranges(ranges) as (lease_id, found),
+        ):
+            context.add_callback(lambda: self._store.unpin(lease_id))
+            transfer.transport = "grpc"
+            for (key, offset, _), got in zip(ranges, found, strict=True):
+                if got is None:
+                    yield kvstore_pb2.GetResponse(
+                        end=kvstore_pb2.GetBlockEnd(key=key, found=False)
+                    ).SerializeToString()
+                    continue
+                view, tier, block_checksum = got
+                for start, piece in iter_chunks(view, chunk_bytes):
+                    yield get_chunk_frame(key, offset + start, piece)
+                transfer.add(Tier(tier), len(view))
+                end = kvstore_pb2.GetBlockEnd(
+                    key=key, found=True, checksum=block_checksum, tier=tier
+                )
+                yield kvstore_pb2.GetResponse(end=end).SerializeToString()
 
 
 _HANDLERS = {
@@ -332,9 +372,13 @@ _HANDLERS = {
 }
 
 
+_FRAMED_OUT = ("Get", "GetStaged")  # streams whose responses are pre-encoded frames
+
+
 def add_kvstore_servicer(servicer: KVStoreServicer, server: grpc.Server) -> None:
-    """``add_KVStoreServicer_to_server`` with Put's requests and Get's responses left as bytes
-    (the pre-encoded frames); every other message goes through protobuf as generated."""
+    """``add_KVStoreServicer_to_server`` with Put's requests and Get's and GetStaged's
+    responses left as bytes (the pre-encoded frames); every other message goes through
+    protobuf as generated."""
     service = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"]
     handlers = {}
     for method in service.methods:
@@ -344,7 +388,7 @@ def add_kvstore_servicer(servicer: KVStoreServicer, server: grpc.Server) -> None
         handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=None if method.name == "Put" else request.FromString,
-            response_serializer=None if method.name == "Get" else response.SerializeToString,
+            response_serializer=None if method.name in _FRAMED_OUT else response.SerializeToString,
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
@@ -361,21 +405,29 @@ class _Transfer:
     def __init__(self, direction: str, node_id: str, block_size_bytes: int) -> None:
         self.direction, self.node_id, self.block_size_bytes = direction, node_id, block_size_bytes
         self.transport = "shm"
-        self.tiers: list[Tier] = []
+        self.tiers: list[Tier] = []  # one per whole block moved
+        self.partial: list[tuple[Tier, int]] = []  # (tier, bytes) per byte range moved
         self.started = time.perf_counter()
 
+    def add(self, tier: Tier, num_bytes: int) -> None:
+        """A byte range of a block was moved (GetStaged): counted as one block."""
+        self.partial.append((tier, num_bytes))
+
     def finish(self, span) -> None:
-        by_tier = collections.Counter(t.label for t in self.tiers)
+        moved = [(t, self.block_size_bytes) for t in self.tiers] + self.partial
+        by_tier = collections.Counter(t.label for t, _ in moved)
+        bytes_by_tier = collections.Counter()
+        for tier, num_bytes in moved:
+            bytes_by_tier[tier.label] += num_bytes
         main_tier = by_tier.most_common(1)[0][0] if by_tier else "dram"
-        num_bytes = len(self.tiers) * self.block_size_bytes
         span.set_attributes({
-            Attr.KV_BYTES: num_bytes, Attr.KV_BLOCKS: len(self.tiers), Attr.KV_TIER: main_tier,
-            Attr.KV_TRANSPORT: self.transport,
+            Attr.KV_BYTES: sum(bytes_by_tier.values()), Attr.KV_BLOCKS: len(moved),
+            Attr.KV_TIER: main_tier, Attr.KV_TRANSPORT: self.transport,
         })  # fmt: skip
         for tier, count in by_tier.items():
             labels = (self.direction, self.transport, tier)
             metrics.KV_TRANSFER_BLOCKS.labels(*labels).inc(count)
-            metrics.KV_TRANSFER_BYTES.labels(*labels).inc(count * self.block_size_bytes)
+            metrics.KV_TRANSFER_BYTES.labels(*labels).inc(bytes_by_tier[tier])
         metrics.KV_TRANSFER_DURATION.labels(self.direction, self.transport, main_tier).observe(
             time.perf_counter() - self.started
         )

@@ -22,6 +22,10 @@ Invariants:
   while it copies; a mover owns its block exclusively (readers of a moving block wait).
 - Every tier change emits a :class:`KVEvent` (under the lock, so ``seq`` follows the order
   of the changes); the sink must only enqueue.
+- A lease may pin a staged block too (a layer-pipelined reader copies the layers written so
+  far): its staging slot goes back to the pool only once no lease holds it, even after the
+  block was dropped or sealed elsewhere; sealed in place, the lease pins the new entry.
+  Slots so held count against ``staging_blocks``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import structlog
 import xxhash
@@ -107,12 +112,24 @@ class _Staged:
     hasher: xxhash.xxh3_64 = field(default_factory=xxhash.xxh3_64)
     hashed_bytes: int = 0
     hashing: bool = False
+    leases: set[str] = field(default_factory=set)  # readers of the slot (MapShared, GetStaged)
+    dropped: bool = False  # gone from staging; its slot is freed when the last lease ends
 
 
 @dataclass(slots=True)
 class _LeaseState:
     expires_at: float
     keys: set[BlockKey]
+    staged: list[_Staged] = field(default_factory=list)  # staging slots it holds
+
+
+class Mapped(NamedTuple):
+    """Where a mapped block lies in the segment (MapShared)."""
+
+    offset: int
+    checksum: int  # 0 for a staged block (not sealed: nobody vouches for its bytes yet)
+    tier: Tier
+    staged: bool
 
 
 @dataclass(eq=False, slots=True)
@@ -203,6 +220,7 @@ class TieredStore:
         self._entries: dict[BlockKey, _Entry] = {}
         self._staging: dict[BlockKey, _Staged] = {}
         self._leases: dict[str, _LeaseState] = {}
+        self._num_held_slots = 0  # slots of dropped staged blocks that a lease still holds
         self._seq = 0
         self._closed = False
         self.num_hits = self.num_misses = self.num_corrupt = 0
@@ -354,10 +372,12 @@ class TieredStore:
             if staged.sealing:
                 raise BlockExistsError(f"block {key.hex()} is being stored by another writer")
             return staged
-        if len(self._staging) >= self.settings.staging_blocks:
-            self._expire_staging(self._clock())
+        if self._num_staging_slots() >= self.settings.staging_blocks:
+            now = self._clock()
+            self._expire_leases(now)
+            self._expire_staging(now)
         slot = None
-        if len(self._staging) < self.settings.staging_blocks:
+        if self._num_staging_slots() < self.settings.staging_blocks:
             slot = self._staging_pool.allocate()
         if slot is None:
             raise CapacityError(
@@ -421,11 +441,28 @@ class TieredStore:
                     num_dropped += 1
         return num_dropped
 
+    def _num_staging_slots(self) -> int:
+        return len(self._staging) + self._num_held_slots
+
     def _drop_staged(self, staged: _Staged) -> None:
+        """Forget a staged block; its slot waits for the leases that hold it. Caller holds
+        the lock."""
         if self._staging.get(staged.key) is staged:
             del self._staging[staged.key]
-            if not staged.adopted:
+            staged.dropped = True
+            if staged.adopted:
+                return
+            if staged.leases:
+                self._num_held_slots += 1
+            else:
                 self._staging_pool.free(staged.slot)
+
+    def _unhold(self, staged: _Staged, lease_id: str) -> None:
+        """A lease on a staged block ended. Caller holds the lock."""
+        staged.leases.discard(lease_id)
+        if staged.dropped and not staged.adopted and not staged.leases:
+            self._num_held_slots -= 1
+            self._staging_pool.free(staged.slot)
 
     def _commit(self, staged: _Staged, data, block_checksum: int) -> Tier:
         with self._cond:
@@ -453,6 +490,10 @@ class TieredStore:
                 raise
         with self._cond:
             entry = _Entry(staged.key, dst.tier, loc, block_checksum)
+            if staged.adopted:  # its readers' offsets are the entry's now: pin the entry
+                entry.leases.update(staged.leases)
+                for lease_id in staged.leases:
+                    self._leases[lease_id].keys.add(staged.key)
             self._entries[staged.key] = entry
             dst.lru[staged.key] = entry
             self._emit(EventOp.STORED, staged.key, dst.tier, None)
@@ -689,38 +730,115 @@ class TieredStore:
                 lease.keys.discard(entry.key)
         self._emit(op, entry.key, None, state.tier)
 
-    def map_shared(self, keys: Sequence[bytes], ttl_s: float | None) -> tuple[str, list]:
-        """Pin blocks in the shared DRAM pool; per key (offset, checksum, tier) or None.
+    def map_shared(
+        self, keys: Sequence[bytes], ttl_s: float | None, *, include_staged: bool = False
+    ) -> tuple[str, list[Mapped | None]]:
+        """Pin blocks in the shared DRAM pool under a new lease; per key where it lies, or
+        None (a miss).
 
         A block in a lower tier is read (and so promoted) first; one that cannot be placed
-        in DRAM is a miss here, and the reader falls back to Get.
+        in DRAM is a miss here, and the reader falls back to Get. With ``include_staged`` a
+        block still being written is pinned in its staging slot (see the module's invariants)
+        and counts as a hit.
         """
         if self.segment is None:
             raise InvalidBlockError("shared memory is disabled on this kvstore")
-        lease = self.pin([], ttl_s, None)
-        out: list = []
-        dram = self._tier_state(Tier.DRAM)
-        if dram is None:
-            return lease.lease_id, [None] * len(keys)
-        for raw in keys:
-            key = block_key(raw)
-            lower = key in self._entries and self._entries[key].tier != Tier.DRAM
-            if lower:
-                self.get(key)  # counts the hit or the miss
-            with self._cond:
-                entry = self._entries.get(key)
-                if entry is None or entry.tier != Tier.DRAM or entry.moving or entry.corrupt:
-                    if not lower:
-                        self.num_misses += 1
-                    out.append(None)
-                    continue
+        lease_id = self.pin([], ttl_s, None).lease_id
+        return lease_id, [self._map_one(block_key(k), lease_id, include_staged) for k in keys]
+
+    def _map_one(self, key: BlockKey, lease_id: str, include_staged: bool) -> Mapped | None:
+        lower = key in self._entries and self._entries[key].tier != Tier.DRAM
+        if lower:
+            self.get(key)  # counts the hit or the miss
+        with self._cond:
+            lease = self._leases.get(lease_id)
+            entry = self._entries.get(key)
+            staged = self._staging.get(key) if include_staged and entry is None else None
+            if lease is None:  # expired while a lower tier was read: map nothing more
+                return None
+            if staged is not None:
+                self.num_hits += 1
+                return Mapped(self._hold_staged(staged, lease_id, lease), 0, Tier.DRAM, True)
+            if not self._in_dram(entry):
                 if not lower:
-                    self.num_hits += 1
-                entry.leases.add(lease.lease_id)
-                self._leases[lease.lease_id].keys.add(key)
-                dram.lru.move_to_end(key)
-                out.append((dram.backend.offset(entry.loc), entry.checksum, entry.tier))
-        return lease.lease_id, out
+                    self.num_misses += 1
+                return None
+            if not lower:
+                self.num_hits += 1
+            offset = self._hold_entry(entry, lease_id, lease)
+            return Mapped(offset, entry.checksum, entry.tier, False)
+
+    def _in_dram(self, entry: _Entry | None) -> bool:
+        """Whether a shared-memory reader may pin ``entry`` where it lies. Caller holds the lock."""
+        return (
+            entry is not None and entry.tier == Tier.DRAM and not entry.moving and not entry.corrupt
+        )
+
+    def _hold_staged(self, staged: _Staged, lease_id: str, lease: _LeaseState) -> int:
+        """Pin a staged block's slot under ``lease``; its offset. Caller holds the lock."""
+        staged.leases.add(lease_id)
+        lease.staged.append(staged)
+        return self._staging_pool.offset(staged.slot)
+
+    def _hold_entry(self, entry: _Entry, lease_id: str, lease: _LeaseState) -> int:
+        """Pin a DRAM block under ``lease`` (a use: LRU); its offset. Caller holds the lock."""
+        dram = self._tier_state(Tier.DRAM)
+        entry.leases.add(lease_id)
+        lease.keys.add(entry.key)
+        dram.lru.move_to_end(entry.key)
+        return dram.backend.offset(entry.loc)
+
+    @contextlib.contextmanager
+    def reading_ranges(
+        self, ranges: Sequence[tuple[bytes, int, int]], ttl_s: float | None = None
+    ) -> Iterator[tuple[str, list[tuple[memoryview, Tier, int] | None]]]:
+        """Bytes ``[offset, offset + length)`` of staged or stored blocks (GetStaged), pinned
+        under a lease that ends when the block exits, whatever ends it: yields (lease id, per
+        range (view, tier, checksum) or None). The views are unverified (a staged block has no
+        checksum yet; ``checksum`` is the stored block's, 0 while staged) and valid only
+        inside the block. A block stored outside the slab (SSD, HBM) is read as a verified
+        copy. Each block counts one hit or miss, however many of its ranges are read."""
+        for raw, offset, length in ranges:
+            if offset < 0 or length < 0 or offset + length > self.block_size_bytes:
+                raise InvalidBlockError(
+                    f"bytes [{offset}, {offset + length}) of block {bytes(raw).hex()} run past "
+                    f"the block size {self.block_size_bytes}"
+                )
+        lease_id = self.pin([], ttl_s, None).lease_id
+        try:
+            keys = dict.fromkeys(block_key(raw) for raw, _, _ in ranges)
+            blocks = {key: self._read_held(key, lease_id) for key in keys}
+            out = []
+            for raw, offset, length in ranges:
+                block = blocks[block_key(raw)]
+                out.append(
+                    None if block is None else (block[0][offset : offset + length], *block[1:])
+                )
+            yield lease_id, out
+        finally:
+            self.unpin(lease_id)
+
+    def _read_held(self, key: BlockKey, lease_id: str) -> tuple[memoryview, Tier, int] | None:
+        """The whole block's bytes, staged or stored, pinned under the lease when they lie in
+        the slab; counts the hit or the miss."""
+        size = self.block_size_bytes
+        with self._cond:
+            lease = self._leases.get(lease_id)
+            entry = self._entries.get(key)
+            staged = self._staging.get(key) if entry is None else None
+            if lease is not None and staged is not None:
+                self.num_hits += 1
+                start = self._hold_staged(staged, lease_id, lease)
+                return self._buffer[start : start + size], Tier.DRAM, 0
+            if lease is not None and self._in_dram(entry):
+                self.num_hits += 1
+                start = self._hold_entry(entry, lease_id, lease)
+                return self._buffer[start : start + size], entry.tier, entry.checksum
+            if entry is None:
+                self.num_misses += 1
+                return None
+        found = self.get(key)  # another tier, or moving: a verified copy; counts hit or miss
+        return None if found is None else (memoryview(found[0]), found[1], found[2])
 
     # ---- queries ----
 
@@ -763,6 +881,7 @@ class TieredStore:
                 num_hits=self.num_hits,
                 num_misses=self.num_misses,
                 num_corrupt=self.num_corrupt,
+                num_leases=len(self._leases),
             )
 
     # ---- leases, deletion ----
@@ -809,7 +928,9 @@ class TieredStore:
             entry = self._entries.get(key)
             if entry is not None:
                 entry.leases.discard(lease_id)
-        return len(lease.keys)
+        for staged in lease.staged:
+            self._unhold(staged, lease_id)
+        return len(lease.keys | {s.key for s in lease.staged})
 
     def _is_pinned(self, entry: _Entry, now: float) -> bool:
         for lease_id in list(entry.leases):
@@ -823,11 +944,14 @@ class TieredStore:
         """Drop expired leases and abandoned staging blocks (called periodically)."""
         now = self._clock()
         with self._cond:
-            for lease_id, lease in list(self._leases.items()):
-                if lease.expires_at <= now:
-                    del self._leases[lease_id]
-                    self._release_lease(lease_id, lease)
+            self._expire_leases(now)
             self._expire_staging(now)
+
+    def _expire_leases(self, now: float) -> None:
+        for lease_id, lease in list(self._leases.items()):
+            if lease.expires_at <= now:
+                del self._leases[lease_id]
+                self._release_lease(lease_id, lease)
 
     def _expire_staging(self, now: float) -> None:
         timeout = self.settings.staging_timeout_s

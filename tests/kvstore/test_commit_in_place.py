@@ -16,7 +16,7 @@ def _shm_put(store: TieredStore, i: int) -> int:
 
 
 def _mapped_offset(store: TieredStore, i: int) -> int:
-    lease, [(offset, _, _)] = store.map_shared([key(i)], 5.0)
+    lease, [(offset, _, _, _)] = store.map_shared([key(i)], 5.0)
     store.unpin(lease)
     return offset
 

@@ -52,7 +52,7 @@ def test_put_seals_with_the_hash_of_the_bytes_it_copied(server, shm):
     with shm.open_writer() as writer:
         writer.put(key(1), payload(1))
     assert writer.close().num_stored == 1
-    lease, [(offset, block_checksum, _)] = server.node.store.map_shared([key(1)], 5.0)
+    lease, [(offset, block_checksum, _, _)] = server.node.store.map_shared([key(1)], 5.0)
     assert block_checksum == checksum(payload(1))
     assert bytes(server.node.store.segment.view[offset : offset + BLOCK]) == payload(1)
     server.node.store.unpin(lease)

@@ -196,7 +196,7 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., capacity_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ..., num_evicted: _Optional[int] = ..., num_promoted_in: _Optional[int] = ..., num_demoted_in: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("node_id", "block_size_bytes", "tiers", "num_pinned_blocks", "num_staging_blocks", "num_hits", "num_misses", "num_corrupt")
+    __slots__ = ("node_id", "block_size_bytes", "tiers", "num_pinned_blocks", "num_staging_blocks", "num_hits", "num_misses", "num_corrupt", "num_leases")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +205,7 @@ class StatsResponse(_message.Message):
     NUM_HITS_FIELD_NUMBER: _ClassVar[int]
     NUM_MISSES_FIELD_NUMBER: _ClassVar[int]
     NUM_CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    NUM_LEASES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     block_size_bytes: int
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
@@ -213,7 +214,8 @@ class StatsResponse(_message.Message):
     num_hits: int
     num_misses: int
     num_corrupt: int
-    def __init__(self, node_id: _Optional[str] = ..., block_size_bytes: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., num_pinned_blocks: _Optional[int] = ..., num_staging_blocks: _Optional[int] = ..., num_hits: _Optional[int] = ..., num_misses: _Optional[int] = ..., num_corrupt: _Optional[int] = ...) -> None: ...
+    num_leases: int
+    def __init__(self, node_id: _Optional[str] = ..., block_size_bytes: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., num_pinned_blocks: _Optional[int] = ..., num_staging_blocks: _Optional[int] = ..., num_hits: _Optional[int] = ..., num_misses: _Optional[int] = ..., num_corrupt: _Optional[int] = ..., num_leases: _Optional[int] = ...) -> None: ...
 
 class OpenSharedMemoryRequest(_message.Message):
     __slots__ = ()
@@ -244,18 +246,20 @@ class ReserveSharedRequest(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., skip_existing: _Optional[bool] = ...) -> None: ...
 
 class SharedSlot(_message.Message):
-    __slots__ = ("key", "offset", "length", "checksum", "tier")
+    __slots__ = ("key", "offset", "length", "checksum", "tier", "staged")
     KEY_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     offset: int
     length: int
     checksum: int
     tier: _common_pb2.Tier
-    def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ...) -> None: ...
+    staged: bool
+    def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., checksum: _Optional[int] = ..., tier: _Optional[_Union[_common_pb2.Tier, str]] = ..., staged: _Optional[bool] = ...) -> None: ...
 
 class ReserveSharedResponse(_message.Message):
     __slots__ = ("slots",)
@@ -284,14 +288,36 @@ class ReleaseSharedResponse(_message.Message):
     def __init__(self, num_released: _Optional[int] = ...) -> None: ...
 
 class MapSharedRequest(_message.Message):
-    __slots__ = ("keys", "ttl_ms", "trace_context")
+    __slots__ = ("keys", "ttl_ms", "trace_context", "include_staged")
     KEYS_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_STAGED_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     ttl_ms: int
     trace_context: _common_pb2.TraceContext
-    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., ttl_ms: _Optional[int] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ...) -> None: ...
+    include_staged: bool
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., ttl_ms: _Optional[int] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., include_staged: _Optional[bool] = ...) -> None: ...
+
+class StagedRange(_message.Message):
+    __slots__ = ("key", "offset", "length")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    offset: int
+    length: int
+    def __init__(self, key: _Optional[bytes] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class GetStagedRequest(_message.Message):
+    __slots__ = ("ranges", "trace_context", "chunk_bytes")
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ranges: _containers.RepeatedCompositeFieldContainer[StagedRange]
+    trace_context: _common_pb2.TraceContext
+    chunk_bytes: int
+    def __init__(self, ranges: _Optional[_Iterable[_Union[StagedRange, _Mapping]]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class MapSharedResponse(_message.Message):
     __slots__ = ("lease_id", "slots")

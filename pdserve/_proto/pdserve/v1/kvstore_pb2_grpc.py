@@ -94,6 +94,11 @@ class KVStoreStub:
                 request_serializer=pdserve_dot_v1_dot_kvstore__pb2.MapSharedRequest.SerializeToString,
                 response_deserializer=pdserve_dot_v1_dot_kvstore__pb2.MapSharedResponse.FromString,
                 _registered_method=True)
+        self.GetStaged = channel.unary_stream(
+                '/pdserve.v1.KVStore/GetStaged',
+                request_serializer=pdserve_dot_v1_dot_kvstore__pb2.GetStagedRequest.SerializeToString,
+                response_deserializer=pdserve_dot_v1_dot_kvstore__pb2.GetResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -187,7 +192,23 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MapShared(self, request, context):
-        """Pin the blocks (under a lease) and return where they lie in the segment.
+        """Pin the blocks (under a lease) and return where they lie in the segment. With
+        include_staged, a block still being written (staged, not sealed) is pinned too and
+        answered with its staging slot: a layer-pipelined reader copies the layers written so
+        far and verifies the whole block against its checksum once the last layer is in.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStaged(self, request, context):
+        """Byte ranges of blocks that are staged (being written: the layers put so far) or stored,
+        for a reader on another host pulling layer groups while the writer computes the next
+        ones. Per range: its bytes as BlockChunk messages (offset = the range's offset in the
+        block), then a GetBlockEnd (found: the block is staged or stored; checksum: the stored
+        block's, 0 while staged). Unverified: the reader checks the block's checksum once it
+        holds every layer. The blocks are pinned under a lease for the call only, released when
+        it ends (success, cancel, deadline, broken connection).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -255,6 +276,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.MapShared,
                     request_deserializer=pdserve_dot_v1_dot_kvstore__pb2.MapSharedRequest.FromString,
                     response_serializer=pdserve_dot_v1_dot_kvstore__pb2.MapSharedResponse.SerializeToString,
+            ),
+            'GetStaged': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetStaged,
+                    request_deserializer=pdserve_dot_v1_dot_kvstore__pb2.GetStagedRequest.FromString,
+                    response_serializer=pdserve_dot_v1_dot_kvstore__pb2.GetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -581,6 +607,33 @@ class KVStore:
             '/pdserve.v1.KVStore/MapShared',
             pdserve_dot_v1_dot_kvstore__pb2.MapSharedRequest.SerializeToString,
             pdserve_dot_v1_dot_kvstore__pb2.MapSharedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStaged(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pdserve.v1.KVStore/GetStaged',
+            pdserve_dot_v1_dot_kvstore__pb2.GetStagedRequest.SerializeToString,
+            pdserve_dot_v1_dot_kvstore__pb2.GetResponse.FromString,
             options,
             channel_credentials,
             insecure,
