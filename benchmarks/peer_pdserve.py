@@ -22,7 +22,7 @@ from pdserve.engine.attention import AttentionMetadata, PrefillSegment
 from pdserve.engine.engine_config import EngineConfig
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.model.loader import load_checkpoint, load_quantized
+from pdserve.model.loader import load_checkpoint, load_model
 from pdserve.model.quant import MAX_QUANTIZED_ROWS, resolve_quantization
 
 # Rows of logits computed at once for the perplexity (a [rows, vocab] fp32 block each).
@@ -44,16 +44,14 @@ def engine_for(checkpoint, mode: str, threads: int) -> LLMEngine:
 
 
 def load_seconds(mode: str) -> dict[str, float]:
-    """Model load for `mode` with an empty cache (GGUF parse, dequantize, pack) and again with
-    the cache just written: the checkpoint plus its quantized projections."""
+    """What an engine in `mode` loads (`load_model`), with an empty cache (GGUF parse,
+    dequantize, pack) and again with the cache just written."""
     resolved = resolve_quantization(mode, torch.device("cpu"))
     times = []
     with tempfile.TemporaryDirectory() as cache:
         for _ in range(2):
             start = time.perf_counter()
-            checkpoint = load_checkpoint(None, cache_dir=Path(cache))
-            if resolved != "none":
-                load_quantized(checkpoint, resolved, cache_dir=Path(cache))
+            load_model(None, torch.float32, resolved, cache_dir=Path(cache))
             times.append(time.perf_counter() - start)
     return {"load_first_s": times[0], "load_cached_s": times[1]}
 

@@ -39,7 +39,7 @@ def generate(
     quantization: Annotated[
         str,
         typer.Option(
-            "--quantization", help="auto (int4 on a CPU with native bf16), none (exact), int8, int4"
+            "--quantization", help="auto (int4 on a CPU with AVX2+FMA), none (exact), int8, int4"
         ),
     ] = "auto",
     attention_backend: Annotated[str, typer.Option("--attention-backend")] = "auto",
@@ -49,9 +49,8 @@ def generate(
 ) -> None:
     """Generate text offline with the in-process engine, streaming to the terminal."""
     from pdserve.engine.engine_config import EngineConfig
-    from pdserve.engine.llm_engine import LLMEngine, requested_dtype
+    from pdserve.engine.llm_engine import LLMEngine
     from pdserve.engine.sampling_params import SamplingParams
-    from pdserve.model.loader import load_checkpoint
 
     try:
         params = SamplingParams(
@@ -64,8 +63,7 @@ def generate(
             attention_backend=attention_backend,
         )
         show_progress = not as_json and sys.stderr.isatty()
-        checkpoint = load_checkpoint(model, dtype=requested_dtype(config), progress=show_progress)
-        engine = LLMEngine(config, checkpoint=checkpoint)
+        engine = LLMEngine(config, progress=show_progress)
         request = (
             {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
         )

@@ -30,7 +30,7 @@ from pdserve.engine.scheduler import Scheduler, SchedulerPlan
 from pdserve.engine.sequence import FinishReason, Sequence
 from pdserve.engine.step_costs import StepCosts
 from pdserve.kv.blocks import model_block_nbytes as model_block_nbytes_from_file
-from pdserve.model.loader import Checkpoint, load_checkpoint, load_quantized
+from pdserve.model.loader import Checkpoint, load_model, load_quantized
 from pdserve.model.quant import compute_dtype, resolve_quantization, variant_fingerprint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,25 +109,35 @@ class LLMEngine:
         checkpoint: Checkpoint | None = None,
         *,
         kv_saver: KVSaver | None = None,
+        progress: bool = False,
     ):
-        """`kv_saver` receives every step's completed blocks layer by layer (kv_connector.py)."""
+        """`kv_saver` receives every step's completed blocks layer by layer (kv_connector.py);
+        `progress` shows a progress bar on stderr while the model loads."""
         self.config = config = config or EngineConfig()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = _resolve_device(config.device)
-        self.checkpoint = checkpoint or load_checkpoint(config.model, dtype=requested_dtype(config))
-        self.model_config = self.checkpoint.config
-        self.tokenizer = self.checkpoint.tokenizer
         # Quantized weights compute (and cache KV) in bf16 and give other tokens than the exact
         # path, so their KV blocks carry a fingerprint of their own.
         self.quantization = resolve_quantization(config.quantization, self.device)
+        if checkpoint is None:
+            checkpoint, linears = load_model(
+                config.model, requested_dtype(config), self.quantization, progress=progress
+            )
+        elif self.quantization == "none":
+            if not checkpoint.projections:
+                raise ValueError(
+                    "the unquantized path needs a checkpoint with its projections "
+                    "(loaded with projections=True)"
+                )
+            linears = None
+        else:
+            linears = load_quantized(checkpoint, self.quantization)
+        self.checkpoint = checkpoint
+        self.model_config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
         self.dtype = compute_dtype(self.quantization, requested_dtype(config))
-        self.fingerprint = variant_fingerprint(self.checkpoint.fingerprint, self.quantization)
-        linears = (
-            None
-            if self.quantization == "none"
-            else load_quantized(self.checkpoint, self.quantization)
-        )
+        self.fingerprint = variant_fingerprint(checkpoint.fingerprint, self.quantization)
         self.max_model_len = min(
             config.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,

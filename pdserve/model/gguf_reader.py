@@ -27,6 +27,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from pdserve.model.config import ModelConfig
+from pdserve.model.safetensors_dir import is_projection
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -449,14 +450,22 @@ def llama3_rope_scaling_from_factors(
 
 
 def llama_weights_from_gguf(
-    gguf: GGUFFile, config: ModelConfig, on_tensor: Callable[[str], None] | None = None
+    gguf: GGUFFile,
+    config: ModelConfig,
+    on_tensor: Callable[[str], None] | None = None,
+    projections: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Dequantized float32 weights under Hugging Face names, Q/K rows un-permuted.
+    """Dequantized float32 weights under Hugging Face names, Q/K rows un-permuted; without the
+    projection matrices if `projections` is False (`safetensors_dir.is_projection`).
 
     Tensors are dequantized on a thread pool (numpy releases the GIL); `on_tensor(name)` is
     called once per tensor as it completes, in order.
     """
-    work = [(info, name) for info in gguf.tensors if (name := hf_name(info.name)) is not None]
+    work = [
+        (info, name)
+        for info in gguf.tensors
+        if (name := hf_name(info.name)) is not None and (projections or not is_projection(name))
+    ]
     for info, _ in work:  # fail before any work on an unsupported type
         _layout(info)
 

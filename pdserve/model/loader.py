@@ -65,6 +65,7 @@ class Checkpoint:
     tokenizer: Tokenizer
     fingerprint: str  # 32 hex chars; equal for equal model + dtype on every machine
     source: Path | None = None  # the GGUF file or safetensors directory it came from
+    projections: bool = True  # whether `weights` holds the projection matrices
 
 
 def default_model_path() -> Path:
@@ -86,13 +87,35 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "pdserve")
 
 
+def load_model(
+    path: str | Path | None,
+    dtype: torch.dtype,
+    quantization: str,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> tuple[Checkpoint, dict[str, Linear] | None]:
+    """What an engine runs: the checkpoint and, for a quantized `quantization` ("int8",
+    "int4"; "none" for the exact path), its quantized projections, which replace the
+    checkpoint's own (so a GGUF's are neither dequantized nor cached)."""
+    if quantization == "none":
+        return load_checkpoint(path, dtype, cache_dir, progress), None
+    checkpoint = load_checkpoint(path, dtype, cache_dir, progress, projections=False)
+    return checkpoint, load_quantized(checkpoint, quantization, cache_dir)
+
+
 def load_checkpoint(
     path: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     cache_dir: Path | None = None,
     progress: bool = False,
+    projections: bool = True,
 ) -> Checkpoint:
-    """Load a GGUF file (or a directory holding exactly one) or a HF safetensors directory."""
+    """Load a GGUF file (or a directory holding exactly one) or a HF safetensors directory.
+
+    `projections=False` leaves a GGUF's projection matrices out (`safetensors_dir.
+    is_projection`): a quantized model builds its own from the file's blocks, and dequantizing
+    and caching the float ones was most of a first load. A safetensors directory is memory-
+    mapped, so its checkpoint is always whole."""
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype {dtype} is not supported ({', '.join(DTYPE_NAMES.values())})")
     source = Path(path) if path is not None else default_model_path()
@@ -101,7 +124,7 @@ def load_checkpoint(
         raise FileNotFoundError(f"model path {source} does not exist")
     if safetensors_dir.is_checkpoint_dir(source):
         return _load_safetensors_dir(source.resolve(), dtype, cache_root, progress)
-    return _load_gguf(_resolve_gguf(source), dtype, cache_root, progress)
+    return _load_gguf(_resolve_gguf(source), dtype, cache_root, progress, projections)
 
 
 # ---- GGUF -------------------------------------------------------------------------------
@@ -123,9 +146,12 @@ def _resolve_gguf(source: Path) -> Path:
     return source.resolve()
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, cache_root: Path, progress: bool) -> Checkpoint:
-    entry = cache_root / _entry_name(path.stem, [path], dtype)
-    cached = _read_gguf_entry(entry, dtype, progress)
+def _load_gguf(
+    path: Path, dtype: torch.dtype, cache_root: Path, progress: bool, projections: bool
+) -> Checkpoint:
+    variant = DTYPE_NAMES[dtype] + ("" if projections else "-without-projections")
+    entry = cache_root / _entry_name(path.stem, [path], variant)
+    cached = _read_gguf_entry(entry, dtype, progress, projections)
     if cached is not None:
         return dataclasses.replace(cached, source=path)
     # hashlib releases the GIL while it hashes, so the digest overlaps the parse and dequantize.
@@ -135,9 +161,9 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_root: Path, progress: bool)
         config = llama_config_from_gguf(gguf)
         tokenizer = Tokenizer.from_gguf(gguf, config.bos_token_id, config.eos_token_ids)
         with _progress_bar(progress, len(gguf.tensors), f"Dequantizing {path.name}") as advance:
-            arrays = llama_weights_from_gguf(gguf, config, on_tensor=advance)
+            arrays = llama_weights_from_gguf(gguf, config, advance, projections)
         weights = {name: torch.from_numpy(values).to(dtype) for name, values in arrays.items()}
-        safetensors_dir.check_weights(weights, config, path)
+        safetensors_dir.check_weights(weights, config, path, projections)
         source_digest = digest.result()
     fingerprint = compute_fingerprint(config, dtype, source_digest)
 
@@ -147,10 +173,12 @@ def _load_gguf(path: Path, dtype: torch.dtype, cache_root: Path, progress: bool)
         _write_meta(directory, config, dtype, source_digest, fingerprint)
 
     _write_entry(entry, write)
-    return Checkpoint(config, weights, tokenizer, fingerprint, path)
+    return Checkpoint(config, weights, tokenizer, fingerprint, path, projections)
 
 
-def _read_gguf_entry(entry: Path, dtype: torch.dtype, progress: bool) -> Checkpoint | None:
+def _read_gguf_entry(
+    entry: Path, dtype: torch.dtype, progress: bool, projections: bool
+) -> Checkpoint | None:
     meta = _read_meta(entry, dtype)
     if meta is None or not (entry / WEIGHTS_FILE).is_file():
         return None
@@ -165,11 +193,11 @@ def _read_gguf_entry(entry: Path, dtype: torch.dtype, progress: bool) -> Checkpo
                     weights[name] = f.get_tensor(name)  # memory-mapped, paged in on first use
                     if advance is not None:
                         advance(name)
-        safetensors_dir.check_weights(weights, config, entry)
+        safetensors_dir.check_weights(weights, config, entry, projections)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         logger.warning("ignoring unreadable model cache entry %s: %s", entry, exc)
         return None
-    return Checkpoint(config, weights, tokenizer, meta["fingerprint"])
+    return Checkpoint(config, weights, tokenizer, meta["fingerprint"], projections=projections)
 
 
 # ---- safetensors directory --------------------------------------------------------------

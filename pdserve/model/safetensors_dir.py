@@ -74,8 +74,28 @@ def normalize_rope_scaling(raw: dict[str, Any] | None) -> dict[str, Any] | None:
     return scaling
 
 
-def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every weight a Llama of this config has, with its HF shape ([out, in] for matrices)."""
+_PROJECTION_LEAVES = (
+    "q_proj.weight",
+    "k_proj.weight",
+    "v_proj.weight",
+    "o_proj.weight",
+    "gate_proj.weight",
+    "up_proj.weight",
+    "down_proj.weight",
+)
+
+
+def is_projection(name: str) -> bool:
+    """Whether HF weight `name` is one of the matrices a quantized model replaces (the layers'
+    projections and an untied output projection; not the embedding, which it looks rows up in)."""
+    return name == "lm_head.weight" or name.endswith(_PROJECTION_LEAVES)
+
+
+def expected_weight_shapes(
+    config: ModelConfig, projections: bool = True
+) -> dict[str, tuple[int, ...]]:
+    """Every weight a Llama of this config has, with its HF shape ([out, in] for matrices);
+    without the projections (`is_projection`) if `projections` is False."""
     h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
     for layer in range(config.num_layers):
@@ -95,12 +115,16 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         )
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, h)
+    if not projections:
+        return {name: shape for name, shape in shapes.items() if not is_projection(name)}
     return shapes
 
 
-def check_weights(weights: dict[str, Any], config: ModelConfig, source: Path) -> None:
+def check_weights(
+    weights: dict[str, Any], config: ModelConfig, source: Path, projections: bool = True
+) -> None:
     """Exactly the expected names with the expected shapes, or a ValueError saying what differs."""
-    expected = expected_weight_shapes(config)
+    expected = expected_weight_shapes(config, projections)
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:

@@ -11,8 +11,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from pdserve import cpu_kernels
-from pdserve.model import quant
-from pdserve.model.loader import load_checkpoint, load_quantized
+from pdserve.model import loader, quant
+from pdserve.model.loader import load_checkpoint, load_model, load_quantized
 from pdserve.model.quant import (
     HEAD,
     Int4Linear,
@@ -22,6 +22,7 @@ from pdserve.model.quant import (
     resolve_quantization,
     variant_fingerprint,
 )
+from pdserve.model.safetensors_dir import is_projection
 
 CPU = torch.device("cpu")
 
@@ -172,3 +173,33 @@ def test_packed_projections_are_cached(tmp_path, monkeypatch):
         x = torch.randn(rows, 64).bfloat16()
         for name in ("layers.0.gate_up", HEAD):
             torch.testing.assert_close(again[name](x), first[name](x), rtol=0, atol=0)
+
+
+def test_a_quantized_model_loads_without_float_projections(tmp_path, monkeypatch):
+    tiny = write_tiny_gguf(tmp_path / "tiny.gguf")
+    cache = tmp_path / "cache"
+    full = load_checkpoint(tiny.path, cache_dir=cache)
+    checkpoint, linears = load_model(tiny.path, torch.float32, "int4", cache_dir=cache)
+    assert not checkpoint.projections and checkpoint.fingerprint == full.fingerprint
+    assert set(checkpoint.weights) == {n for n in full.weights if not is_projection(n)}
+    assert "model.embed_tokens.weight" in checkpoint.weights
+    for name in checkpoint.weights:
+        assert torch.equal(checkpoint.weights[name], full.weights[name]), name
+    assert sorted(linears) == sorted(linear_names(full.config))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("dequantized again instead of read from the cache")
+
+    monkeypatch.setattr(loader, "llama_weights_from_gguf", fail)
+    again, _ = load_model(tiny.path, torch.float32, "int4", cache_dir=cache)
+    assert set(again.weights) == set(checkpoint.weights) and not again.projections
+
+
+def test_the_exact_path_refuses_a_checkpoint_without_projections(tmp_path):
+    from pdserve.engine.engine_config import EngineConfig
+    from pdserve.engine.llm_engine import LLMEngine
+
+    tiny = write_tiny_gguf(tmp_path / "tiny.gguf")
+    checkpoint, _ = load_model(tiny.path, torch.float32, "int4", cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="projections"):
+        LLMEngine(EngineConfig(model=str(tiny.path), quantization="none"), checkpoint)
