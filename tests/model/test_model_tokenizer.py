@@ -96,6 +96,9 @@ def test_save_and_reload_is_identical(tokenizer, tmp_path: Path) -> None:
         assert reloaded.apply_chat_template(messages) == tokenizer.apply_chat_template(messages)
     assert reloaded.special_tokens == tokenizer.special_tokens
     assert (reloaded.bos_token_id, reloaded.eos_token_ids) == (1, (2,))
+    assert reloaded._backend.to_str() == tokenizer._backend.to_str()
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert all(isinstance(merge, str) for merge in saved["model"]["merges"])  # the fast form
 
 
 @pytest.mark.parametrize(
@@ -158,3 +161,17 @@ def test_a_token_in_raw_utf8_is_respelled_in_the_byte_alphabet() -> None:
     assert backend.token_to_id(first + second + third) == len(tokens) + 1
     assert backend.token_to_id("中") is None
     assert backend.encode("hello 中").ids[-1] == len(tokens) + 1
+
+
+def test_compact_form_keeps_a_vocabulary_that_spells_merges() -> None:
+    from tokenizers import Tokenizer as BackendTokenizer
+    from tokenizers import models
+
+    from pdserve.model.tokenizer import _compact_json
+
+    vocab = {"m": 0, "e": 1, "me": 2, "merges": 3, "a": 4, " ": 5, "b": 6, "a ": 7, "a b": 8}
+    for merges, legacy in ([("m", "e")], True), ([("a", " "), ("a ", "b")], False):
+        backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges))
+        text = _compact_json(backend)
+        assert BackendTokenizer.from_str(text).to_str() == backend.to_str()
+        assert isinstance(json.loads(text)["model"]["merges"][0], str) == legacy
