@@ -154,7 +154,8 @@ def load_model_info(settings: RouterSettings) -> ModelInfo:
 
     # `auto` resolves on this host's device, as a worker with device=auto does (bf16 on CUDA).
     dtype = requested_dtype(EngineConfig(model=settings.model, dtype=settings.dtype))
-    checkpoint = load_checkpoint(settings.model, dtype=dtype)
+    # The router needs the tokenizer and the fingerprint, not the projection matrices.
+    checkpoint = load_checkpoint(settings.model, dtype=dtype, projections=False)
     config = checkpoint.config
     # The workers' KV fingerprint: a quantized mode has its own (resolved on this host's
     # device, as a worker with device=auto does).
