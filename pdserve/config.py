@@ -179,6 +179,11 @@ class WorkerSettings(ServiceSettings):
         "--enable-prefix-caching, --seed (or the PDSERVE_<ROLE>_<NAME> variables)",
     )
     shutdown_grace_s: float = Field(5.0, ge=0)
+    step_log_path: Path | None = Field(
+        None,
+        description="append one JSON line per engine step (shape, time, learned step costs): "
+        "what `pdserve profile` calibrates the simulator from (pdserve/engine/step_log.py)",
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -29,6 +29,7 @@ import structlog
 
 from pdserve import metrics
 from pdserve.config import WorkerSettings
+from pdserve.engine import step_log
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.kv.metadata import Heartbeat, WorkerInfo
 from pdserve.model.loader import Checkpoint
@@ -72,6 +73,12 @@ class EngineWorker(abc.ABC):
         self._lock = threading.Lock()
         self._inbox = EngineInbox()
         self._last_step_ms = 0.0
+        # Opt-in record of every step (pdserve profile calibrates the simulator from it).
+        self._step_log = (
+            step_log.StepLogWriter(settings.step_log_path) if settings.step_log_path else None
+        )
+        self._step_plan = None  # the plan of the step in progress, while logging
+        self._slept = False  # the loop slept since the last step (step log)
         self._publish_load()
         self._heartbeat = Heartbeat(registry, self.worker_info, settings.heartbeat_interval_s)
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.role}", daemon=True)
@@ -86,6 +93,8 @@ class EngineWorker(abc.ABC):
         self._heartbeat.stop(deregister=True)
         self._inbox.close()
         self._thread.join(10)
+        if self._step_log is not None:
+            self._step_log.close()
         self._close()
 
     def _close(self) -> None:  # noqa: B027 - optional hook
@@ -153,19 +162,28 @@ class EngineWorker(abc.ABC):
                 self._step()
             if not self.engine.has_unfinished or self.engine.last_step_was_empty:
                 self._inbox.wait(self._idle_wait_s())
+                self._slept = True
             self._publish_load()
             self._after_iteration()
         self._shut_down_jobs()
 
     def _step(self) -> None:
-        start = time.perf_counter()
+        logging = self._step_log is not None
+        started_wall_s, start = time.time(), time.perf_counter()
         try:
-            outputs = self.engine.step(on_layer_done=self._on_layer_done)
+            outputs = self.engine.step(
+                on_layer_done=self._logged_layer_done if logging else self._on_layer_done
+            )
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
             log.exception(f"{self.role}.step_failed")
             self._step_failed(exc)
             return
         step_s = time.perf_counter() - start
+        if logging and self._step_plan is not None:
+            self._step_log.write(step_log.record_of(self._step_plan, started_wall_s, step_s,
+                                                    self._slept, self.engine.step_costs,
+                                                    self.role))  # fmt: skip
+            self._step_plan, self._slept = None, False
         metrics.STEP_DURATION.labels(self._step_phase()).observe(step_s)
         self._last_step_ms = step_s * 1000
         self._on_outputs(outputs)
@@ -179,6 +197,11 @@ class EngineWorker(abc.ABC):
 
     def _on_layer_done(self, layer: int, plan) -> None:  # noqa: B027 - optional hook
         """Called by the engine as each layer of a step finishes."""
+
+    def _logged_layer_done(self, layer: int, plan) -> None:
+        """``_on_layer_done``, keeping the step's plan for the step log."""
+        self._step_plan = plan
+        self._on_layer_done(layer, plan)
 
     def _step_phase(self) -> str:
         """The step-duration metric's label for the step that just ran."""

@@ -140,6 +140,17 @@ class StepCosts:
         floor = min(MIN_PROMPT_CHUNK_TOKENS, cap_tokens)
         return self.prompt_budget(target_step_s, floor, cap_tokens, pending_prompt_tokens, drain_s)
 
+    def state(self) -> tuple[float, ...]:
+        """Everything it has learned, as numbers (``from_state`` restores it exactly): a
+        worker's step log carries it, so a simulation starts from what the worker knew."""
+        line = self._prompt_line
+        return (self.base_step_s, self.prompt_step_s, self.prompt_token_s, line.weight,
+                line.sum_x, line.sum_y, line.sum_xx, line.sum_xy)  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: tuple[float, ...]) -> StepCosts:
+        return cls(*state[:3], _RecentLine(*state[3:]))
+
     def report(self) -> dict[str, float]:
         """The figures a worker publishes with its load (seconds; tokens per second)."""
         return {

@@ -207,6 +207,7 @@ class _Replica:
         self.plan: SchedulerPlan | None = None
         self.stretch: _Stretch | None = None
         self.busy = False
+        self.step_end_s = 0.0  # when the last step started (not fast-forwarded) ends
         self.version = 0  # bumped to invalidate a scheduled step end
         self.step_costs = StepCosts()  # what the engine learns from its steps, and reports
         self.report: dict = {}  # the load published at the last heartbeat
@@ -265,6 +266,15 @@ class Simulator:
         self._gaps: list[float] = []
         self._gap_weights: list[float] = []
         self._gap_blocks: list[tuple[np.ndarray, int]] = []
+
+    def start_from(self, step_costs: dict[str, StepCosts]) -> None:
+        """Start replicas (by worker id) with what a running worker's engine had learned
+        (its step log's ``StepCosts.state()``), published as its first report: a live stack
+        serves a run with the costs its earlier requests taught it."""
+        for worker_id, costs in step_costs.items():
+            rep = self.replicas[worker_id]
+            rep.step_costs = costs
+            rep.publish()
 
     # ---- the event loop ----
 
@@ -462,20 +472,41 @@ class Simulator:
             self._fail_unschedulable(rep, t)
             plan = rep.sched.schedule(rep.prompt_budget())
         if plan.is_empty:
-            rep.busy = False
+            self._set_busy(rep, False, t)
             return
         if rep.role == "prefill":
             for chunk in plan.chunks:
                 flight = self.flights[chunk.seq.request_id]
                 if flight.prefill_start_s is None:
                     flight.prefill_start_s = t
-        rep.busy, rep.plan = True, plan
+        self._set_busy(rep, True, t)
+        rep.plan = plan
         rep.version += 1
         shape, num_prompt_tokens, num_decodes = _shape(plan)
-        duration_s = float(self.cost.step_s(shape))
+        duration_s = float(self.cost.step_s(shape)) * self._slowdown(rep)
         engine_s = duration_s - self.cost.worker_overhead_s  # what the engine times itself
         rep.step_costs.record(num_prompt_tokens, num_decodes, engine_s)
-        self._push(t + duration_s, self._end_step, rep, rep.version)
+        rep.step_end_s = t + duration_s
+        self._push(rep.step_end_s, self._end_step, rep, rep.version)
+
+    def _slowdown(self, rep: _Replica) -> float:
+        """The cost model's factors on a step: a prefill replica's own, and contention while
+        another replica computes (replicas sharing a machine's memory system; 1.0: none)."""
+        role = self.cost.prefill_factor if rep.role == "prefill" else 1.0
+        factor = self.cost.contention_factor
+        if factor == 1.0 or not any(r.busy for r in self.replicas.values() if r is not rep):
+            return role
+        return role * factor
+
+    def _set_busy(self, rep: _Replica, busy: bool, t: float) -> None:
+        """Under contention, a replica starting or stopping to compute changes the others'
+        step times: their fast-forwarded stretches end with the step in flight, and the steps
+        after it are costed anew."""
+        changed, rep.busy = rep.busy != busy, busy
+        if changed and self.cost.contention_factor != 1.0:
+            for other in self.replicas.values():
+                if other is not rep and other.stretch is not None:
+                    self._cut_stretch(other, t)
 
     def _fail_unschedulable(self, rep: _Replica, t: float) -> None:
         seq = rep.sched.waiting[0]
@@ -565,12 +596,24 @@ class Simulator:
         self._close_load(rep, flight, len(flight.reserved))
         flight.seq = self._sequence(flight.record.index, flight.keys, flight.req.num_decode_tokens)
         flight.seq.output_token_ids.append(0)
-        self._tokens(flight, t, 1)  # streamed at admission, before the decode worker's first step
+        # Streamed at admission, before the decode worker's first step for it: its engine
+        # thread admits between steps, so after the step in flight.
+        admitted_s = self._step_in_flight_end_s(rep, t)
+        self._tokens(flight, admitted_s, 1)
         if flight.req.num_decode_tokens == 1:  # the prefill's token was the whole answer
-            flight.record.finish(flight.record.ttft_s, t - flight.req.arrived_at_s, 1)
+            flight.record.finish(flight.record.ttft_s, admitted_s - flight.req.arrived_at_s, 1)
             self._release(flight, rep, t)
             return
         self._submit(t, rep, flight.seq)
+
+    @staticmethod
+    def _step_in_flight_end_s(rep: _Replica, t: float) -> float:
+        """When the replica's step in flight at ``t`` ends (``t`` when it is idle)."""
+        if rep.stretch is not None:
+            ends = rep.stretch.ends_s
+            return max(t, float(ends[min(int(np.searchsorted(ends, t, side="right")),
+                                         rep.stretch.num_steps - 1)]))  # fmt: skip
+        return max(t, rep.step_end_s) if rep.busy else t
 
     def _finish(self, rep: _Replica, flight: _Flight, t: float) -> None:
         rep.sched.finish(flight.seq, FinishReason.LENGTH)
@@ -621,14 +664,14 @@ class Simulator:
             return False
         # every sequence reads its context plus the new token
         ctx = np.arange(context + n, context + n * (steps + 1), n, dtype=float)
-        durations = self.cost.step_s(StepShape(n, n, ctx, ctx))
+        durations = self.cost.step_s(StepShape(n, n, ctx, ctx)) * self._slowdown(rep)
         if np.ndim(durations) == 0:
             durations = np.full(steps, float(durations))
         ends = t + np.cumsum(durations)
         rep.stretch = _Stretch(list(sched.running), durations, ends, steps,
                                worker_overhead_s=self.cost.worker_overhead_s)  # fmt: skip
         rep.stretch.record_started(rep.step_costs, t)
-        rep.busy = True
+        self._set_busy(rep, True, t)
         rep.version += 1
         self._push(float(ends[-1]), self._end_stretch, rep, rep.version)
         return True

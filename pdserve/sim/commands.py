@@ -170,16 +170,30 @@ def profile(
     quick: Annotated[
         bool, typer.Option("--quick", help="a few engine shapes only (a rough, fast profile)")
     ] = False,
+    step_logs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--step-log",
+            help="with --url: a worker's step log (its step_log_path; repeatable): calibrate "
+            "the steps from what the serving workers measure under calibration traffic",
+        ),
+    ] = None,
+    calibration_requests: Annotated[
+        int, typer.Option("--calibration-requests", help="with --step-log: requests per load")
+    ] = 24,
 ) -> None:
     """Measure this machine's engine step times (and, with --url, dispatch and KV handoff)."""
     from pdserve.sim import profile as prof
     from services.router.settings import RouterSettings
 
+    if step_logs and not url:
+        raise _fail(ValueError("--step-log needs --url (the stack whose workers write them)"))
+    all_cpus = os.sched_getaffinity(0)
     if cpus:
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
     machine = prof.machine()
     typer.echo(f"profiling the engine on {machine} ...")
-    cases = prof.QUICK_ENGINE_CASES if quick else prof.ENGINE_CASES
+    cases = prof.QUICK_ENGINE_CASES if quick or step_logs else prof.ENGINE_CASES
     rows, engine = prof.measure_engine(
         threads, kv_cache_bytes, repeats, typer.echo, cases=cases, quantization=quantization
     )
@@ -190,24 +204,56 @@ def profile(
         "prefill_tokens_per_s": prof.prefill_tokens_per_s(coefficients, engine),
     }, "samples": rows}  # fmt: skip
     typer.echo(f"step fit over {len(rows)} steps: median relative error {error:.1%}")
+    os.sched_setaffinity(0, all_cpus)  # the stack's clients run where the benchmarks' do
+    if step_logs:
+        coefficients, live = _live_fit(prof, url, step_logs, coefficients, engine,
+                                       calibration_requests)  # fmt: skip
+        data["in_process_step_fit"], data["step_fit"] = data["step_fit"], live
+        data["samples"] = live.pop("samples")
     if url:
-        overhead_s = prof.measure_step_overhead(url, coefficients, engine, typer.echo)
+        overhead_s = (data["step_fit"]["loop_overhead_s"] if step_logs
+                      else prof.measure_step_overhead(url, coefficients, engine, typer.echo))  # fmt: skip
         # The worker's steps as the simulator charges them: the engine's plus its loop's.
         served = [coefficients[0] + overhead_s, *coefficients[1:]]
         threshold = RouterSettings.model_fields["disagg_threshold_tokens"].default
-        dispatch = prof.measure_dispatch(url, served, engine, threshold, typer.echo)
+        dispatch = prof.measure_dispatch(url, served, engine, threshold, typer.echo,
+                                         data["step_fit"])  # fmt: skip
         dispatch["step_overhead_s"] = overhead_s
         data.update(dispatch=dispatch)
         typer.echo(f"dispatch {dispatch['latency_s'] * 1000:.1f} ms, worker loop "
                    f"{overhead_s * 1000:.1f} ms a step")  # fmt: skip
     if url and handoff:
-        h = prof.measure_handoff(url, served, engine, dispatch["latency_s"], typer.echo)
+        h = prof.measure_handoff(url, served, engine, dispatch["latency_s"], typer.echo,
+                                 data["step_fit"])  # fmt: skip
         data.update(handoff=h)
         typer.echo(f"handoff latency {h['latency_s'] * 1000:.1f} ms at "
                    f"{h['bytes_per_s'] / 1e9:.2f} GB/s")  # fmt: skip
     data["machine"]["load_avg_1m_after"] = os.getloadavg()[0]
     out.write_text(json.dumps(data, indent=1) + "\n")
     typer.echo(f"wrote {out}")
+
+
+def _live_fit(prof, url, step_logs, coefficients, engine, num_requests):
+    """Calibration traffic through the stack, then the step fit over the steps its workers
+    logged (``step_fit`` of the profile) and their loop's time between steps."""
+    import time
+
+    since_s = time.time()
+    prof.calibration_traffic(url, coefficients, engine, num_requests, typer.echo)
+    by_log = prof.live_steps(step_logs, since_s)
+    fitted = prof.fit_live(by_log)
+    if fitted is None:
+        num_steps = sum(len(r) for r in by_log.values())
+        raise _fail(ValueError(f"the step logs {step_logs} hold {num_steps} steps since the "
+                               "calibration started: is step_log_path set on the workers?"))  # fmt: skip
+    typer.echo(f"live step fit over {fitted['num_steps']} worker steps alone on the machine: "
+               f"median relative error {fitted['median_relative_error']:.1%}; "
+               f"prefill worker {fitted['prefill_worker_factor']:.3f}x; "
+               f"{fitted['contention_factor']:.3f}x while another worker computes "
+               f"({fitted['num_contended_steps']} steps); loop overhead "
+               f"{fitted['loop_overhead_s'] * 1000:.1f} ms a step")  # fmt: skip
+    fitted["prefill_tokens_per_s"] = prof.prefill_tokens_per_s(fitted["coefficients"], engine)
+    return fitted["coefficients"], fitted
 
 
 def _cost_model(profile_path, gpu, model, tp, max_num_seqs, max_num_batched_tokens):

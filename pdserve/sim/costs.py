@@ -56,6 +56,10 @@ class CostModel(Protocol):
     # Part of step_s a worker's loop adds around each engine step: not in the step time the
     # engine itself measures (its StepCosts) and reports.
     worker_overhead_s: float
+    # A step's time is multiplied by this while another replica computes (replicas that share
+    # one machine's cores and memory; 1.0: independent replicas, as GPUs are).
+    contention_factor: float
+    prefill_factor: float  # a prefill replica's step time over a decode replica's, same shape
 
     def step_s(self, shape: StepShape) -> np.ndarray | float: ...
 
@@ -80,7 +84,9 @@ class Link:
 @dataclass(frozen=True)
 class CalibratedCost:
     """Step time = coefficients · (1, tokens, seqs, attended pairs, context tokens), plus the
-    worker loop's overhead."""
+    measured residual of steps with the same number of batched tokens where the profile has
+    enough of them (``token_residuals_s``: a batch's matrix products take their kernels' time
+    for that row count, which is not linear in it on a CPU), plus the worker loop's overhead."""
 
     name: str
     coefficients: tuple[float, ...]
@@ -90,11 +96,24 @@ class CalibratedCost:
     prefill_tokens_per_s: float
     gpus_per_replica: int = 1
     worker_overhead_s: float = 0.0
+    token_residuals_s: tuple[tuple[int, float], ...] = ()  # (batched tokens, seconds)
+    contention_factor: float = 1.0
+    prompt_step_s: float = 0.0  # what a step carrying prompt tokens pays on top
+    prefill_factor: float = 1.0
 
     def step_s(self, shape: StepShape):
         c = self.coefficients
-        return (c[0] + self.worker_overhead_s + c[1] * shape.num_tokens + c[2] * shape.num_seqs
-                + c[3] * shape.attended_pairs + c[4] * shape.context_tokens)  # fmt: skip
+        linear = (c[0] + self.worker_overhead_s + c[1] * shape.num_tokens + c[2] * shape.num_seqs
+                  + c[3] * shape.attended_pairs + c[4] * shape.context_tokens)  # fmt: skip
+        if self.prompt_step_s:  # (a step carries prompt tokens when it has more than one a seq)
+            linear = linear + self.prompt_step_s * (np.asarray(shape.num_tokens)
+                                                    > np.asarray(shape.num_seqs))  # fmt: skip
+        if not self.token_residuals_s:
+            return linear
+        table = dict(self.token_residuals_s)
+        if np.ndim(shape.num_tokens) == 0:
+            return linear + table.get(int(shape.num_tokens), 0.0)
+        return linear + np.array([table.get(int(n), 0.0) for n in shape.num_tokens])
 
     def handoff_ready_s(self, prefill_start_s: float, prefill_end_s: float, num_tokens: int):
         if self.link is None:
@@ -162,7 +181,23 @@ def _parse_profile(path: Path, data) -> CalibratedCost:
         # A worker's loop adds this to each of its engine steps (the stack's calibration).
         worker_overhead_s=_positive(path, dispatch, "dispatch.step_overhead_s", zero_ok=True)
         if "step_overhead_s" in dispatch else 0.0,
+        token_residuals_s=_residuals(path, fit),
+        contention_factor=_positive(path, fit, "step_fit.contention_factor")
+        if "contention_factor" in fit else 1.0,
+        prompt_step_s=_positive(path, fit, "step_fit.prompt_step_s", zero_ok=True)
+        if "prompt_step_s" in fit else 0.0,
+        prefill_factor=_positive(path, fit, "step_fit.prefill_worker_factor")
+        if "prefill_worker_factor" in fit else 1.0,
     )  # fmt: skip
+
+
+def _residuals(path: Path, fit: dict) -> tuple[tuple[int, float], ...]:
+    """``step_fit.token_residuals_s``: {batched tokens: seconds} (optional)."""
+    table = fit.get("token_residuals_s", {})
+    if not isinstance(table, dict) or not all(k.isdigit() and _finite(v) for k, v in table.items()):
+        raise WorkloadError(path, None, "step_fit.token_residuals_s",
+                            "must map token counts to seconds")  # fmt: skip
+    return tuple(sorted((int(k), float(v)) for k, v in table.items()))
 
 
 def _finite(value) -> bool:

@@ -35,6 +35,19 @@ ENGINE_CASES = (
 )
 # ``pdserve profile --quick``: one of each kind (a prompt alone, a chunked one, decode batches).
 QUICK_ENGINE_CASES = [(32, 1, 1), (192, 1, 1), (640, 1, 1), (48, 8, 1), (48, 8, 4), (192, 8, 8)]
+# Live calibration (``--step-log``): seeded Poisson traffic through the stack at these loads
+# (fractions of one worker's one-at-a-time service rate by the in-process fit), so that the
+# workers run every kind of step they serve: prompts alone and chunked, decode batches, and
+# prompt chunks next to running decodes. Its prompts and outputs span the shapes served.
+CALIBRATION_PROMPT, CALIBRATION_OUTPUT = (16, 1024), (1, 48)
+CALIBRATION_LOADS = (0.5, 1.0)
+# Before it, decode batches of each size up to the largest over contexts of every length:
+# this many requests at once, prompts spread over CALIBRATION_PROMPT's lower half (prefilled
+# where the router sends them) and paired with outputs in a shuffled order (5 is prime to
+# every burst size), outputs spread so that the batch shrinks one by one.
+CALIBRATION_BURSTS = (3, 6, 9)
+BURST_OUTPUT_TOKENS = (8, 64)
+CALIBRATION_SEED = 7_000_000  # prompt ids and arrivals no benchmark workload uses
 
 
 def measure_engine(
@@ -103,38 +116,213 @@ def _timed_step(engine) -> list[float]:
 
 def fit(rows: list[list[float]]) -> tuple[list[float], float]:
     """Non-negative least squares on relative error (short steps count as much as long
-    ones); returns (coefficients in FEATURES order, median relative error)."""
+    ones); returns (coefficients in FEATURES order, then any extra column's, median relative
+    error). A row is its regressors, then seconds."""
     data = np.asarray(rows, dtype=float)
-    x, y = data[:, : len(FEATURES)], data[:, -1]
+    x, y = data[:, :-1], data[:, -1]
     scale = 1.0 / y
-    active = list(range(len(FEATURES)))
+    active = list(range(x.shape[1]))
     while True:
         coef, *_ = np.linalg.lstsq(x[:, active] * scale[:, None], y * scale, rcond=None)
         if (coef >= 0).all():
             break
         del active[int(np.argmin(coef))]
-    full = np.zeros(len(FEATURES))
+    full = np.zeros(x.shape[1])
     full[active] = coef
     error = float(np.median(np.abs(x @ full - y) / y))
     return full.tolist(), error
 
 
-def _cost(coefficients: list[float], engine: dict):
+def one_at_a_time_s(cost, prompt_tokens: float, output_tokens: float) -> float:
+    """One request served alone: its prompt prefilled (chunked), then its output decoded."""
+    budget, prefill_s, done = cost.limits.max_num_batched_tokens, 0.0, 0.0
+    while done < prompt_tokens:
+        n = min(budget, prompt_tokens - done)
+        prefill_s += float(cost.step_s(StepShape(n, 1, n * (done + (n + 1) / 2), done + n)))
+        done += n
+    context = prompt_tokens + output_tokens / 2
+    return prefill_s + output_tokens * float(cost.step_s(StepShape(1, 1, context, context)))
+
+
+def calibration_traffic(url: str, coefficients: list[float], engine: dict, num_requests: int,
+                        log) -> None:  # fmt: skip
+    """Serve the calibration workloads (CALIBRATION_*) through the stack, one load after the
+    other, and wait for each to finish."""
+    import asyncio
+
+    from pdserve.workload.bench import replay, target_for
+    from pdserve.workload.format import Request
+    from pdserve.workload.generate import Lengths, synthetic
+
+    service_s = one_at_a_time_s(_cost(coefficients, engine), sum(CALIBRATION_PROMPT) / 2,
+                                sum(CALIBRATION_OUTPUT) / 2)  # fmt: skip
+    lengths = [
+        Lengths("uniform:{}:{}".format(*r)) for r in (CALIBRATION_PROMPT, CALIBRATION_OUTPUT)
+    ]
+
+    async def serve(workload, seed: int):
+        target = target_for(url, 600)
+        try:
+            return await replay(workload, target, seed=seed)
+        finally:
+            await target.close()
+
+    for size in CALIBRATION_BURSTS:
+        burst = [Request(0.0, _spread(CALIBRATION_PROMPT[0], sum(CALIBRATION_PROMPT) // 2,
+                                      (i * 5) % size, size),
+                         _spread(*BURST_OUTPUT_TOKENS, i, size)) for i in range(size)]  # fmt: skip
+        asyncio.run(serve(burst, CALIBRATION_SEED - size))
+        log(f"  calibration burst: {size} requests at once")
+    for i, load in enumerate(CALIBRATION_LOADS):
+        seed = CALIBRATION_SEED + i
+        workload = synthetic(num_requests, load / service_s, *lengths, seed=seed)
+        records, _, _ = asyncio.run(serve(workload, seed))
+        failed = sum(1 for r in records if r.error)
+        log(f"  calibration traffic at {load / service_s:.3f} req/s: {len(records)} requests"
+            + (f", {failed} failed" if failed else ""))  # fmt: skip
+
+
+def _spread(lo: int, hi: int, i: int, n: int) -> int:
+    """The i-th of n values spread evenly from lo to hi."""
+    return lo + (hi - lo) * i // max(1, n - 1)
+
+
+def live_steps(paths: list[str], since_s: float) -> dict[str, list]:
+    """The step records each worker's log holds from ``since_s`` on, by log file."""
+    from pdserve.engine import step_log
+
+    return {str(p): step_log.read(p, since_s) for p in paths}
+
+
+# A step counts as alone on the machine below this share of overlap with another worker's
+# steps, and as contended above 1 minus it.
+OVERLAP_SHARE = 0.1
+
+
+def fit_live(by_log: dict[str, list]) -> dict | None:
+    """The step fit of the workers' logged steps (``step_fit`` of a live profile), from the
+    steps that ran alone on the machine: the linear fit (with ``prompt_step_s``, what a step
+    carrying prompt tokens pays on top, as the engine's own StepCosts has it) and the token
+    residuals over the decode worker's steps (it runs every kind: decode batches, local
+    prefills, prompt chunks next to decodes; all workers' steps without one); then, as
+    medians of measured / fitted, the prefill worker's factor (its steps also write the KV
+    to the kvstore) and the contention factor over the steps that ran while another worker
+    computed throughout (each 1.0 with fewer than MIN_RESIDUAL_STEPS steps). None: too few
+    steps."""
+    from pdserve.engine import step_log
+
+    alone, contended, overheads = [], [], []
+    for path, records in by_log.items():
+        others = sorted((r for p, recs in by_log.items() if p != path for r in recs),
+                        key=lambda r: r.t)  # fmt: skip
+        shares = step_log.overlaps(records, others)
+        alone += [r for r, share in zip(records, shares, strict=True) if share < OVERLAP_SHARE]
+        contended += [r for r, share in zip(records, shares, strict=True)
+                      if share > 1 - OVERLAP_SHARE]  # fmt: skip
+        overheads += step_log.loop_overheads_s(records)
+    base = [r for r in alone if r.role == "decode"] or alone
+    if len(base) < 2 * len(FEATURES):
+        return None
+    rows = [row[:-1] + [float(row[1] > row[2]), row[-1]] for row in live_rows(base)]
+    *coefficients, prompt_step_s = fit(rows)[0]
+    rows = [row[:-2] + row[-1:] for row in rows]
+    cost = _cost(coefficients, _NO_ENGINE, prompt_step_s=prompt_step_s)
+    residuals = token_residuals(rows, coefficients, cost)
+    cost = _cost(coefficients, _NO_ENGINE, residuals, prompt_step_s)
+    prefill = _median_ratio([r for r in alone if r.role == "prefill"], cost)
+    factors = {"prefill": prefill or 1.0, "decode": 1.0, "": 1.0}
+    contention = _median_ratio(contended, cost, factors)
+    return {
+        "source": "worker step logs", "features": list(FEATURES), "coefficients": coefficients,
+        "prompt_step_s": prompt_step_s,
+        "median_relative_error": _median_error(rows, cost), "num_steps": len(rows),
+        "token_residuals_s": residuals, "prefill_worker_factor": prefill or 1.0,
+        "contention_factor": contention or 1.0, "num_contended_steps": len(contended),
+        "loop_overhead_s": statistics.median(overheads) if overheads else 0.0,
+        "samples": rows,
+    }  # fmt: skip
+
+
+_NO_ENGINE = {"num_kv_blocks": 1, "block_size": 1, "max_num_seqs": 1, "max_num_batched_tokens": 1}
+
+
+def _median_ratio(records, cost, factors: dict[str, float] | None = None) -> float | None:
+    """Median of measured / modelled step time (times the role's factor); None with fewer
+    than MIN_RESIDUAL_STEPS steps."""
+    if len(records) < MIN_RESIDUAL_STEPS:
+        return None
+    return statistics.median(
+        r.engine_s / float(cost.step_s(_shape(r))) / (factors or {}).get(r.role, 1.0)
+        for r in records
+    )
+
+
+def _median_error(rows: list[list[float]], cost) -> float:
+    return statistics.median(abs(float(cost.step_s(StepShape(*row[1:5]))) - row[-1]) / row[-1]
+                             for row in rows)  # fmt: skip
+
+
+def _shape(record) -> StepShape:
+    r = record
+    return StepShape(r.num_tokens, r.num_seqs, r.attended_pairs, r.context_tokens)
+
+
+def live_rows(records) -> list[list[float]]:
+    """Fit rows (FEATURES + seconds) of step records."""
+    return [[1.0, r.num_tokens, r.num_seqs, r.attended_pairs, r.context_tokens, r.engine_s]
+            for r in records]  # fmt: skip
+
+
+# A token count needs this many measured steps before its residual is trusted.
+MIN_RESIDUAL_STEPS = 5
+
+
+def token_residuals(rows: list[list[float]], coefficients: list[float],
+                    cost=None) -> dict[str, float]:  # fmt: skip
+    """Per number of batched tokens with at least MIN_RESIDUAL_STEPS measured steps: the
+    median of (measured - fitted) step time (fitted: ``cost``'s, or the linear
+    ``coefficients``'). Decode batches of a few rows run matrix kernels whose time is not
+    linear in the row count (on this CPU a batch of 4 can take longer than one of 5); the
+    linear fit cannot follow that, the measured residual does."""
+    by_tokens: dict[int, list[float]] = {}
+    for row in rows:
+        fitted = (float(cost.step_s(StepShape(*row[1:5]))) if cost is not None
+                  else float(np.dot(coefficients, row[: len(FEATURES)])))  # fmt: skip
+        by_tokens.setdefault(int(row[1]), []).append(row[-1] - fitted)
+    return {str(n): statistics.median(r) for n, r in sorted(by_tokens.items())
+            if len(r) >= MIN_RESIDUAL_STEPS}  # fmt: skip
+
+
+def _fitted_cost(coefficients: list[float], engine: dict, step_fit: dict | None):
+    fit = step_fit or {}
+    return _cost(coefficients, engine, fit.get("token_residuals_s"), fit.get("prompt_step_s", 0.0))
+
+
+def _cost(coefficients: list[float], engine: dict, residuals: dict[str, float] | None = None,
+          prompt_step_s: float = 0.0):  # fmt: skip
     from pdserve.sim.costs import CalibratedCost, EngineLimits
 
     limits = EngineLimits(
         engine["num_kv_blocks"], engine["block_size"], engine["max_num_seqs"],
         engine["max_num_batched_tokens"],
     )  # fmt: skip
-    return CalibratedCost("fit", tuple(coefficients), limits, None, 0.0, 1.0)
+    table = tuple(sorted((int(k), v) for k, v in (residuals or {}).items()))
+    return CalibratedCost("fit", tuple(coefficients), limits, None, 0.0, 1.0,
+                          token_residuals_s=table, prompt_step_s=prompt_step_s)  # fmt: skip
 
 
 def measure_dispatch(
-    url: str, coefficients: list[float], engine: dict, threshold_tokens: int, log
+    url: str,
+    coefficients: list[float],
+    engine: dict,
+    threshold_tokens: int,
+    log,
+    step_fit: dict | None = None,
 ) -> dict:
     """Router + RPC time before a locally prefilled request's first step: idle TTFT of short
-    prompts (below the router's threshold, so prefilled on the decode worker) minus the step."""
-    cost = _cost(coefficients, engine)
+    prompts (below the router's threshold, so prefilled on the decode worker) minus the step
+    (``step_fit``: a live profile's, for its residuals and prompt-step cost)."""
+    cost = _fitted_cost(coefficients, engine, step_fit)
     short = [n for n in (16, 48, 96) if n < threshold_tokens] or [min(16, threshold_tokens)]
     ttft = {n: _idle_ttft_s(url, n, repeats=3) for n in short}
     log(f"  idle TTFT, local prompts: { {n: round(t * 1000, 1) for n, t in ttft.items()} } ms")
@@ -169,20 +357,26 @@ def measure_step_overhead(url: str, coefficients: list[float], engine: dict, log
 
 
 def measure_handoff(
-    url: str, coefficients: list[float], engine: dict, dispatch_s: float, log
+    url: str,
+    coefficients: list[float],
+    engine: dict,
+    dispatch_s: float,
+    log,
+    step_fit: dict | None = None,
 ) -> dict:
     """On a disaggregated stack: what idle TTFT of long prompts leaves after dispatch, the
-    prefill steps and decode's first step, fitted to the pipelined handoff formula (latency,
-    bandwidth) over a grid of bandwidths."""
-    cost = _cost(coefficients, engine)
+    prefill worker's steps and decode's first step, fitted to the pipelined handoff formula
+    (latency, bandwidth) over a grid of bandwidths."""
+    cost = _fitted_cost(coefficients, engine, step_fit)
+    slower = (step_fit or {}).get("prefill_worker_factor", 1.0)
     long = [256, 512, 1024, 1536]
     ttft = {n: _idle_ttft_s(url, n, repeats=3) for n in long}
     log(f"  idle TTFT, handed-off prompts: { {n: round(t * 1000, 1) for n, t in ttft.items()} } ms")
     bs = engine["block_size"]
-    extra = np.array([ttft[n] - dispatch_s - _prefill_s(cost, n)
+    extra = np.array([ttft[n] - dispatch_s - slower * _prefill_s(cost, n)
                       - _prefill_s(cost, n % bs + 1, start=n - n % bs) for n in long])  # fmt: skip
     nbytes = np.array(long, dtype=float) * engine["kv_bytes_per_token"]
-    prefill = np.array([_prefill_s(cost, n) for n in long])
+    prefill = np.array([slower * _prefill_s(cost, n) for n in long])
     best = None
     for bw in np.geomspace(1e7, 1e11, 161):
         tail = np.maximum(nbytes / engine["num_layers"] / bw, nbytes / bw - prefill)

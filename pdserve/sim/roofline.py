@@ -123,6 +123,8 @@ class RooflineCost:
     limits: EngineLimits
     dispatch_s: float = 0.0
     worker_overhead_s: float = 0.0  # step_overhead_s is the engine's own (launches, scheduling)
+    contention_factor: float = 1.0  # GPUs do not slow each other's steps
+    prefill_factor: float = 1.0
 
     @property
     def name(self) -> str:
