@@ -11,7 +11,11 @@ protobuf. tests/kvstore/test_frames.py checks each against protobuf.
 
 from __future__ import annotations
 
+import numpy as np
+import xxhash
+
 from pdserve._proto.pdserve.v1 import kvstore_pb2
+from pdserve.kv.memcopy import copy_hashed, copy_into, fresh_bytes
 
 _VARINT = 0  # wire type of the offset field; the others are length-delimited
 
@@ -38,25 +42,46 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _chunk_frame(outer_tag: bytes, key: bytes, offset: int, data: memoryview) -> bytes:
+_SMALL_BYTES = 64 << 10  # below this a plain join is cheaper than setting up the copy
+
+
+def _chunk_frame(
+    outer_tag: bytes, key: bytes, offset: int, data: memoryview, hasher: xxhash.xxh3_64 | None
+) -> bytes:
     inner_head = b"\x0a" + _varint(len(key)) + key
     if offset:
         inner_head += b"\x10" + _varint(offset)
     if len(data):  # protobuf omits an empty bytes field
         inner_head += b"\x1a" + _varint(len(data))
-    inner_len = len(inner_head) + len(data)
-    return b"".join((outer_tag, _varint(inner_len), inner_head, data))
+    head = outer_tag + _varint(len(inner_head) + len(data)) + inner_head
+    if len(data) < _SMALL_BYTES:
+        if hasher is not None:
+            hasher.update(data)
+        return b"".join((head, data))
+    frame, target = fresh_bytes(len(head) + len(data))
+    target[: len(head)] = np.frombuffer(head, dtype=np.uint8)
+    if hasher is None:
+        copy_into(target[len(head) :], data)
+    else:
+        copy_hashed(data, target[len(head) :], hasher)
+    return frame
 
 
-def put_chunk_frame(key: bytes, offset: int, data: memoryview) -> bytes:
-    """``PutRequest{chunk: BlockChunk{key, offset, data}}`` serialized; one copy of ``data``."""
-    return _chunk_frame(b"\x12", key, offset, data)
+def put_chunk_frame(
+    key: bytes, offset: int, data: memoryview, hasher: xxhash.xxh3_64 | None = None
+) -> bytes:
+    """``PutRequest{chunk: BlockChunk{key, offset, data}}`` serialized; one copy of ``data``,
+    made without holding the GIL; with ``hasher``, the copy is hashed as it is made (a block
+    sent in order: its checksum without a second pass)."""
+    return _chunk_frame(b"\x12", key, offset, data, hasher)
 
 
-def get_chunk_frame(key: bytes, offset: int, data: memoryview) -> bytes:
-    """``GetResponse{chunk: BlockChunk{key, offset, data}}`` serialized; one copy of ``data``
-    (the frame ends with ``data``, so ``frame[-len(data):]`` is the copy)."""
-    return _chunk_frame(b"\x0a", key, offset, data)
+def get_chunk_frame(
+    key: bytes, offset: int, data: memoryview, hasher: xxhash.xxh3_64 | None = None
+) -> bytes:
+    """``GetResponse{chunk: BlockChunk{key, offset, data}}`` serialized, like
+    :func:`put_chunk_frame` (the store hashes the copy it sends as it makes it)."""
+    return _chunk_frame(b"\x0a", key, offset, data, hasher)
 
 
 def parse_put_request(

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import xxhash
 from opentelemetry import context as otel_context
 
 from pdserve._proto.pdserve.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
@@ -227,9 +228,10 @@ class GrpcTransport(KVTransport):
             )
             yield kvstore_pb2.PutRequest(header=header).SerializeToString()
             for key, data in blocks:
+                hasher = xxhash.xxh3_64()  # the seal's checksum, hashed as the frames are copied
                 for start, piece in iter_chunks(memoryview(data), self._chunk_bytes):
-                    yield put_chunk_frame(key, start, piece)
-                yield _seal_frame(key, checksum(data))
+                    yield put_chunk_frame(key, start, piece, hasher)
+                yield _seal_frame(key, hasher.intdigest())
 
         try:
             r = self._put(requests(), timeout=self._timeout_s)

@@ -198,8 +198,10 @@ class _TierState:
         return data
 
 
-def _copy(offset: int, piece: memoryview) -> bytes:
-    return bytes(piece)
+def _copy(offset: int, piece: memoryview, hasher: xxhash.xxh3_64) -> bytes:
+    out = bytes(piece)
+    hasher.update(out)
+    return out
 
 
 class TieredStore:
@@ -673,21 +675,23 @@ class TieredStore:
         return self._finish_read(entry, data, tier)
 
     def get_chunks(
-        self, key: bytes, chunk_bytes: int, encode: Callable[[int, memoryview], bytes] = _copy
+        self,
+        key: bytes,
+        chunk_bytes: int,
+        encode: Callable[[int, memoryview, xxhash.xxh3_64], bytes] = _copy,
     ) -> tuple[list[bytes], Tier, int] | None:
-        """The block as ``chunk_bytes`` pieces, verified, in one copy: ``encode(offset, piece)``
-        makes that copy (the gRPC server frames it straight from the slab) and must end with
-        the piece's bytes, which are what is hashed."""
+        """The block as ``chunk_bytes`` pieces, verified, in one copy: ``encode(offset, piece,
+        hasher)`` makes that copy (the gRPC server frames it straight from the slab) and feeds
+        ``hasher`` the bytes it copied, which are what is verified."""
         with self._reading(key) as found:
             if found is None:
                 return None
             entry, raw = found
             view, hasher = memoryview(raw), xxhash.xxh3_64()
-            chunks = []
-            for start in range(0, len(view), chunk_bytes):
-                piece = view[start : start + chunk_bytes]
-                chunks.append(encode(start, piece))
-                hasher.update(memoryview(chunks[-1])[len(chunks[-1]) - len(piece) :])
+            chunks = [
+                encode(start, view[start : start + chunk_bytes], hasher)
+                for start in range(0, len(view), chunk_bytes)
+            ]
             tier = entry.tier
             if len(view) != self.block_size_bytes or hasher.intdigest() != entry.checksum:
                 entry.corrupt = True

@@ -4,6 +4,7 @@ protobuf encodes (get), for offsets and sizes that take one- and multi-byte vari
 from __future__ import annotations
 
 import pytest
+import xxhash
 
 from pdserve._proto.pdserve.v1 import kvstore_pb2
 from pdserve.kv.frames import (
@@ -76,3 +77,11 @@ def test_put_chunk_requests_parse_to_key_offset_and_a_view_of_the_data(offset, s
 def test_other_put_requests_parse_to_the_message(request_):
     chunk, message = parse_put_request(request_.SerializeToString())
     assert chunk is None and message == request_
+
+
+@pytest.mark.parametrize("size", [100, 300_000])  # a plain join, and a copy into fresh bytes
+def test_frames_hash_the_bytes_they_copy(size):
+    data = bytes(i % 239 for i in range(size))
+    hasher = xxhash.xxh3_64()
+    frame = put_chunk_frame(KEY, 0, memoryview(data), hasher)
+    assert frame.endswith(data) and hasher.intdigest() == xxhash.xxh3_64_intdigest(data)
