@@ -8,6 +8,11 @@ Invariants:
   block's tokens, compared on every hit so a key hit can never serve foreign tokens.
 - A sequence releases its blocks tail-first, so a prefix's head blocks outlive its tail
   under eviction.
+
+Per-block state lives in three flat lists indexed by block id (`_ref_counts`, `_keys`,
+`_token_ids`) rather than one object per block: the hot loops (allocate with eviction, commit,
+free, a simulator's hundreds of block visits per request) index a list instead of loading an
+object and its attribute, and a pool is three lists to build. `blocks` gives read-only views.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ class OutOfBlocksError(RuntimeError):
     """Raised when a request can never fit the pool, whatever is freed."""
 
 
-@dataclass(slots=True)  # one compact object per block: the pool's hot loops touch many
+@dataclass(frozen=True, slots=True)
 class Block:
+    """A read-only view of one block's state (``BlockManager.blocks``)."""
+
     block_id: int
     ref_count: int = 0
     key: BlockKey | None = None
@@ -51,7 +58,9 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.key_fn = key_fn
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._ref_counts = [0] * num_blocks
+        self._keys: list[BlockKey | None] = [None] * num_blocks
+        self._token_ids: list[tuple[int, ...] | None] = [None] * num_blocks
         self._free_uncached: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._cached: dict[BlockKey, int] = {}
@@ -59,6 +68,20 @@ class BlockManager:
         self.num_reserved_blocks = 0  # held by KV loads (`reserve`) until `release_reserved`
 
     # -- queries ---------------------------------------------------------------------------
+    @property
+    def blocks(self) -> list[Block]:
+        """Every block's state, as read-only views (built on each call: not for hot paths)."""
+        return [
+            Block(i, ref_count, key, token_ids)
+            for i, (ref_count, key, token_ids) in enumerate(
+                zip(self._ref_counts, self._keys, self._token_ids, strict=True)
+            )
+        ]
+
+    def cached_keys(self) -> list[BlockKey]:
+        """The keys of the blocks holding a registered block, in block id order."""
+        return [key for key in self._keys if key is not None]
+
     @property
     def num_free_blocks(self) -> int:
         return len(self._free_uncached) + len(self._evictable)
@@ -74,8 +97,7 @@ class BlockManager:
         block_id = self._cached.get(key)
         if block_id is None:
             return None
-        block = self.blocks[block_id]
-        return block_id if block.token_ids == tuple(token_ids) else None
+        return block_id if self._token_ids[block_id] == tuple(token_ids) else None
 
     def block_key(self, seq: Sequence, index: int) -> BlockKey:
         """The chained key of full block ``index`` of ``seq``, hashed once per sequence
@@ -99,12 +121,12 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[tuple[BlockKey, int]] = []
-        cached, blocks = self._cached, self.blocks
+        cached, token_ids = self._cached, self._token_ids
         chain, block_tokens = seq.key_chain, seq.block_tokens
         for i in range((seq.num_tokens - 1) // self.block_size):
             key = chain[i] if i < len(chain) else self.block_key(seq, i)
             block_id = cached.get(key)
-            if block_id is None or blocks[block_id].token_ids != block_tokens[i]:
+            if block_id is None or token_ids[block_id] != block_tokens[i]:
                 break
             hits.append((key, block_id))
         return hits
@@ -114,29 +136,29 @@ class BlockManager:
         if self._free_uncached:
             return self._free_uncached.popleft()
         block_id, _ = self._evictable.popitem(last=False)
-        block = self.blocks[block_id]
-        assert block.key is not None
-        del self._cached[block.key]
-        block.key, block.token_ids = None, None
+        key = self._keys[block_id]
+        assert key is not None
+        del self._cached[key]
+        self._keys[block_id] = self._token_ids[block_id] = None
         self.num_evictions += 1
         return block_id
 
     def _take_free_blocks(self, num_blocks: int) -> list[int]:
         """``num_blocks`` free blocks, each now referenced once (the caller checked the pool
         has them); uncached ones first, then evicting least-recently-used cached ones."""
-        free, blocks = self._free_uncached, self.blocks
+        free, ref_counts = self._free_uncached, self._ref_counts
         block_ids = [free.popleft() for _ in range(min(num_blocks, len(free)))]
         for block_id in block_ids:
-            blocks[block_id].ref_count = 1
+            ref_counts[block_id] = 1
         num_evicted = num_blocks - len(block_ids)
         if num_evicted:
             pop_oldest, cached, append = self._evictable.popitem, self._cached, block_ids.append
+            keys, token_ids = self._keys, self._token_ids
             for _ in range(num_evicted):
-                block_id, _ = pop_oldest(last=False)
-                block = blocks[block_id]
-                del cached[block.key]
-                block.key = block.token_ids = None
-                block.ref_count = 1
+                block_id, _ = pop_oldest(False)  # (positional: the oldest)
+                del cached[keys[block_id]]
+                keys[block_id] = token_ids[block_id] = None
+                ref_counts[block_id] = 1
                 append(block_id)
             self.num_evictions += num_evicted
         return block_ids
@@ -149,15 +171,16 @@ class BlockManager:
         num_cached_tokens = len(hits) * self.block_size
         num_new_tokens = min(num_new_tokens, seq.num_tokens - num_cached_tokens)
         needed = self.blocks_needed(num_cached_tokens + num_new_tokens) - len(hits)
-        reusable_free = sum(1 for _, b in hits if self.blocks[b].ref_count == 0)
+        ref_counts = self._ref_counts
+        reusable_free = [ref_counts[b] for _, b in hits].count(0)
         if needed > self.num_free_blocks - reusable_free:
             return False
-        blocks, evictable, table = self.blocks, self._evictable, seq.block_table
+        evictable, table = self._evictable, seq.block_table
         for _, block_id in hits:  # a cached block is evictable while nothing references it
-            block = blocks[block_id]
-            if block.ref_count == 0:
+            ref_count = ref_counts[block_id]
+            if ref_count == 0:
                 evictable.pop(block_id, None)
-            block.ref_count += 1
+            ref_counts[block_id] = ref_count + 1
             table.append(block_id)
         seq.block_keys.extend(key for key, _ in hits)
         seq.block_table.extend(self._take_free_blocks(needed))
@@ -187,27 +210,25 @@ class BlockManager:
         keys.extend(new_keys)
         if not self.enable_prefix_caching:
             return
-        cached, blocks = self._cached, self.blocks
+        cached, block_keys, token_ids = self._cached, self._keys, self._token_ids
         for key, block_id, tokens in zip(
             new_keys, seq.block_table[first:end], seq.block_tokens[first:end], strict=True
         ):
-            if key not in cached:
-                block = blocks[block_id]
-                if block.key is None:
-                    block.key = key
-                    block.token_ids = tokens
-                    cached[key] = block_id
+            if key not in cached and block_keys[block_id] is None:
+                block_keys[block_id] = key
+                token_ids[block_id] = tokens
+                cached[key] = block_id
 
     def free(self, seq: Sequence) -> None:
         """Release every block of `seq`, tail first; resets its table."""
-        blocks, uncached, evictable = self.blocks, self._free_uncached, self._evictable
+        ref_counts, keys = self._ref_counts, self._keys
+        uncached, evictable = self._free_uncached, self._evictable
         for block_id in reversed(seq.block_table):
-            block = blocks[block_id]
-            ref_count = block.ref_count = block.ref_count - 1
+            ref_count = ref_counts[block_id] = ref_counts[block_id] - 1
             if ref_count <= 0:
                 if ref_count < 0:
                     raise AssertionError(f"block {block_id} released twice")
-                if block.key is None:
+                if keys[block_id] is None:
                     uncached.append(block_id)
                 else:
                     evictable[block_id] = None
@@ -229,8 +250,7 @@ class BlockManager:
         if key in self._cached or self.num_free_blocks == 0:
             return None
         block_id = self._take_free_block()
-        block = self.blocks[block_id]
-        block.key, block.token_ids = key, tuple(token_ids)
+        self._keys[block_id], self._token_ids[block_id] = key, tuple(token_ids)
         self._cached[key] = block_id
         self._evictable[block_id] = None
         return block_id
@@ -249,28 +269,28 @@ class BlockManager:
         `block_ids[i]` in the prefix cache first (its bytes were loaded), unless that key is
         already cached by another block."""
         self.num_reserved_blocks -= len(block_ids)
-        blocks, index, evictable = self.blocks, self._cached, self._evictable
+        ref_counts, keys, block_tokens = self._ref_counts, self._keys, self._token_ids
+        index, evictable, uncached = self._cached, self._evictable, self._free_uncached
         num_cached = len(cached) if self.enable_prefix_caching else 0
         for i, block_id in enumerate(block_ids):
-            block = blocks[block_id]
             if i < num_cached and cached[i][0] not in index:
                 key, token_ids = cached[i]
-                block.key, block.token_ids = key, tuple(token_ids)
+                keys[block_id], block_tokens[block_id] = key, tuple(token_ids)
                 index[key] = block_id
-            block.ref_count -= 1
-            if block.ref_count != 0:
+            ref_count = ref_counts[block_id] = ref_counts[block_id] - 1
+            if ref_count != 0:
                 raise AssertionError(f"reserved block {block_id} is shared")
-            if block.key is None:
-                self._free_uncached.append(block_id)
+            if keys[block_id] is None:
+                uncached.append(block_id)
             else:
                 evictable[block_id] = None
 
     def check_invariants(self) -> None:
         free = set(self._free_uncached) | set(self._evictable)
-        for block in self.blocks:
-            if (block.ref_count == 0) != (block.block_id in free):
-                raise AssertionError(f"block {block.block_id} ref_count/free mismatch")
-            if block.key is not None and self._cached.get(block.key) != block.block_id:
-                raise AssertionError(f"block {block.block_id} key not indexed")
+        for block_id, (ref_count, key) in enumerate(zip(self._ref_counts, self._keys, strict=True)):
+            if (ref_count == 0) != (block_id in free):
+                raise AssertionError(f"block {block_id} ref_count/free mismatch")
+            if key is not None and self._cached.get(key) != block_id:
+                raise AssertionError(f"block {block_id} key not indexed")
         if len(self._free_uncached) + len(self._evictable) != len(free):
             raise AssertionError("a block is in both free lists")

@@ -636,7 +636,7 @@ class LLMEngine:
         return self.block_manager.num_cached_blocks
 
     def cached_keys(self) -> list[BlockKey]:
-        return [b.key for b in self.block_manager.blocks if b.key is not None]
+        return self.block_manager.cached_keys()
 
     @property
     def num_running(self) -> int:

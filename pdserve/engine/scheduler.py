@@ -29,12 +29,13 @@ class ScheduledChunk:
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the sequence, so its last logits are sampled."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+        seq = self.seq  # (``seq.num_tokens`` inlined: asked of every chunk of every step)
+        return self.start + self.num_tokens == len(seq.prompt_token_ids) + len(seq.output_token_ids)
 
     @property
     def is_decode(self) -> bool:
         """One new token of a sequence whose prompt is computed."""
-        return self.num_tokens == 1 and self.start >= self.seq.num_prompt_tokens
+        return self.num_tokens == 1 and self.start >= len(self.seq.prompt_token_ids)
 
 
 @dataclass
@@ -81,11 +82,14 @@ class Scheduler:
         """Prompt (or recomputation) tokens still to compute, waiting or mid-prefill; a
         waiting prompt's cached prefix is not known before admission and counts in full."""
         pending = 0
-        for seq in self.running:
-            if not _is_decoding(seq):
-                pending += seq.num_tokens - seq.num_computed_tokens
+        for seq in self.running:  # (``_is_decoding`` inlined: this runs at every step)
+            num_prompt, computed = len(seq.prompt_token_ids), seq.num_computed_tokens
+            left = num_prompt + len(seq.output_token_ids) - computed
+            if computed < num_prompt or left != 1:
+                pending += left
         for seq in self.waiting:
-            pending += seq.num_tokens - seq.num_computed_tokens
+            pending += len(seq.prompt_token_ids) + len(seq.output_token_ids)
+            pending -= seq.num_computed_tokens
         return pending
 
     def schedule(self, prompt_budget: int | None = None) -> SchedulerPlan:
@@ -101,17 +105,22 @@ class Scheduler:
 
     def _schedule_running(self, plan: SchedulerPlan, budget: int, prompts: _PromptBudget) -> int:
         index, bm, bs, running = 0, self.block_manager, self.block_manager.block_size, self.running
+        chunks = plan.chunks
         while index < len(running) and budget > 0:
             seq = running[index]
-            num_new = min(_num_left(seq), budget)
-            if not _is_decoding(seq):
+            # (``_num_left`` and ``_is_decoding`` inlined: this loop visits every running
+            # sequence at every step)
+            num_prompt, computed = len(seq.prompt_token_ids), seq.num_computed_tokens
+            left = num_prompt + len(seq.output_token_ids) - computed
+            num_new = min(_num_left(seq) if seq.replay_output else left, budget)
+            if computed < num_prompt or left != 1:
                 num_new = prompts.take(num_new)
                 if num_new == 0:
                     index += 1
                     continue
                 prompts.spend(num_new)
             # Most steps fit in the blocks a sequence holds: nothing to check or allocate then.
-            grows = -(-(seq.num_computed_tokens + num_new) // bs) > len(seq.block_table)
+            grows = -(-(computed + num_new) // bs) > len(seq.block_table)
             while grows and not bm.can_grow(seq, num_new):
                 victim = running[-1]
                 self._preempt(victim)
@@ -121,7 +130,7 @@ class Scheduler:
             else:
                 if grows:
                     bm.grow(seq, num_new)
-                plan.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+                chunks.append(ScheduledChunk(seq, computed, num_new))
                 budget -= num_new
                 index += 1
                 continue
@@ -153,13 +162,14 @@ class Scheduler:
 
     def update(self, plan: SchedulerPlan, sampled_token_ids: dict[str, int]) -> None:
         """Advance every scheduled sequence by its chunk and append its sampled token."""
-        bm = self.block_manager
+        bm, finished = self.block_manager, SequenceStatus.FINISHED
+        bs = bm.block_size
         for chunk in plan.chunks:
             seq = chunk.seq
-            if seq.is_finished:
+            if seq.status is finished:
                 continue
-            seq.num_computed_tokens += chunk.num_tokens
-            if seq.num_computed_tokens // bm.block_size > len(seq.block_keys):  # a block filled
+            computed = seq.num_computed_tokens = seq.num_computed_tokens + chunk.num_tokens
+            if computed // bs > len(seq.block_keys):  # a block filled
                 bm.commit_full_blocks(seq)
             token_id = sampled_token_ids.get(seq.request_id)
             if token_id is not None:

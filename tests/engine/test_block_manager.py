@@ -93,6 +93,31 @@ def test_lru_eviction_order_uncached_first_then_oldest_tail_first():
     bm.check_invariants()
 
 
+def test_block_views_and_cached_keys_follow_the_pool():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a = make_seq("a", [1, 2, 3, 4, 5])
+    bm.admit(a, 5)  # blocks 0, 1, 2
+    a.num_computed_tokens = 5
+    bm.commit_full_blocks(a)
+    assert [(b.block_id, b.ref_count, b.key) for b in bm.blocks] == [
+        (0, 1, a.block_keys[0]),
+        (1, 1, a.block_keys[1]),
+        (2, 1, None),
+        (3, 0, None),
+    ]
+    assert bm.cached_keys() == a.block_keys  # block id order
+    with pytest.raises(AttributeError):  # a view: the pool's state changes only through it
+        bm.blocks[0].ref_count = 5
+    keys = list(a.block_keys)
+    bm.free(a)
+    c = make_seq("c", [7, 8, 7, 8, 7, 8])
+    bm.admit(c, 6)  # the two uncached blocks (3, then 2), then evicts block 1
+    assert c.block_table == [3, 2, 1]
+    assert bm.cached_keys() == keys[:1]
+    assert [b.ref_count for b in bm.blocks] == [0, 1, 1, 1]
+    bm.check_invariants()
+
+
 def test_key_hit_with_different_tokens_is_a_miss():
     bm = BlockManager(num_blocks=4, block_size=2)
     a = make_seq("a", [1, 2, 3])
