@@ -4,18 +4,20 @@ The same seeded workloads (Poisson arrivals, prompts uniform 32-640 tokens so th
 sends some to the prefill worker and prefills others locally, outputs 16-48 tokens) run live
 on a ``pdserve up`` stack (disaggregated: prefill pinned to CPU 0, decode to CPU 1; colocated:
 one decode worker on CPU 1, the router, kvstore and Redis on CPU 0; one torch thread each) and
-in the simulator with the calibrated profile measured on the same machine just before (engine
-steps on CPU 1 while the stack idles beside it; dispatch and handoff through the idle stack).
-The simulator runs the stack's settings: the router's defaults plus the overlapped handoff that
-``pdserve up`` turns on. Target: TTFT p50/p90 and ITL p50 within 15 %, at two loads, for both
+in the simulator with the calibrated profile measured on the same machine just before: the
+step costs from the steps the stack's own workers log (``step_log_path``) while they serve
+calibration traffic, dispatch and handoff through the idle stack. Each run's simulation starts
+from what the live stack had learned when the run started (its workers' StepCosts, the
+router's prefill rate). The simulator runs the stack's settings: the router's defaults plus
+the overlapped handoff that ``pdserve up`` turns on. Target: TTFT p50/p90 and ITL p50 within 15 %, at two loads, for both
 stacks. Prints the table and writes it (with every result) to --out.
 
 Loads: by default two fractions of what one worker serves one request at a time (--loads,
 from the profile: a mean prompt's prefill plus its decode steps), so the rates follow the
 machine; --rates gives them in requests/s instead.
 
-    .venv/bin/python benchmarks/sim_validate.py            # the full run (about 26 minutes on 2 cores)
-    .venv/bin/python benchmarks/sim_validate.py --quick    # 12 requests a run, a quick profile
+    .venv/bin/python benchmarks/sim_validate.py            # the full run (about 30 minutes on 2 cores)
+    .venv/bin/python benchmarks/sim_validate.py --quick    # 12 requests a run (about 7 minutes)
 
 Run it on a quiet machine: another process on the same cores slows the live runs and not the
 simulated ones. The 1-minute load average is recorded before and after every live run, and
