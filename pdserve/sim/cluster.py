@@ -28,6 +28,7 @@ from __future__ import annotations
 import gc
 import heapq
 import itertools
+from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -179,6 +180,9 @@ class _Flight:
     # full blocks from ``load_first`` on; None while none is open.
     reserved: list[int] | None = None
     load_first: int = 0
+    # KV blocks of its whole prompt and output (``admission.blocks_needed``), as the router's
+    # decode-slot estimate counts it at every later arrival
+    num_whole_blocks: int = 0
 
 
 @dataclass
@@ -189,10 +193,15 @@ class _Stretch:
     num_steps: int
     num_recorded: int = 0  # steps whose start the engine's StepCosts has seen
     worker_overhead_s: float = 0.0  # of each duration, not in what the engine measures
+    # ``ends_s`` as floats, searched with bisect (numpy's per-call cost dominates on a few steps)
+    end_times_s: list[float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.end_times_s = self.ends_s.tolist()
 
     def record_started(self, costs: StepCosts, t: float) -> None:
         """Record every step started by ``t`` (the engine records a step as it runs)."""
-        started = min(self.num_steps, int(np.searchsorted(self.ends_s, t, side="right")) + 1)
+        started = min(self.num_steps, bisect_right(self.end_times_s, t) + 1)
         for d in self.durations_s[self.num_recorded : started].tolist():
             costs.record(0, len(self.seqs), d - self.worker_overhead_s)
         self.num_recorded = max(self.num_recorded, started)
@@ -265,7 +274,8 @@ class Simulator:
         self._next_arrival = 0
         self._gaps: list[float] = []
         self._gap_weights: list[float] = []
-        self._gap_blocks: list[tuple[np.ndarray, int]] = []
+        # (gaps between a stretch's steps, the sequences that saw each): weighted ITL samples
+        self._gap_blocks: list[tuple[list[float], int]] = []
 
     def start_from(self, step_costs: dict[str, StepCosts]) -> None:
         """Start replicas (by worker id) with what a running worker's engine had learned
@@ -319,7 +329,9 @@ class Simulator:
         self.records.append(record)
         keys = _PromptKeys(index, self._group(req), req.prefix_tokens, req.num_prefill_tokens,
                            req.num_decode_tokens, self.cost.limits.block_size)  # fmt: skip
-        flight = _Flight(req, record, keys)
+        whole = admission.blocks_needed(req.num_prefill_tokens + req.num_decode_tokens,
+                                        self.cost.limits.block_size)  # fmt: skip
+        flight = _Flight(req, record, keys, num_whole_blocks=whole)
         plan = policy.plan_route(
             self._loads(self.decode, keys), self._loads(self.prefill, keys),
             req.num_prefill_tokens, self.config.weights, self.config.threshold_tokens,
@@ -433,9 +445,7 @@ class Simulator:
             num_reported_seqs=report.get("running", 0) + report.get("waiting", 0),
             step_s=report.get("step_s", 0.0) or self.config.decode_step_s,
             inflight=tuple(
-                admission.Inflight(f.req.num_decode_tokens - f.num_tokens,
-                                   admission.blocks_needed(f.req.num_prefill_tokens
-                                                           + f.req.num_decode_tokens, bs))
+                admission.Inflight(f.req.num_decode_tokens - f.num_tokens, f.num_whole_blocks)
                 for f in self.decode_held[rep.worker_id].values()
             ),
         )  # fmt: skip
@@ -507,18 +517,18 @@ class Simulator:
     def _end_step(self, t: float, rep: _Replica, version: int) -> None:
         if version != rep.version:
             return
-        plan = rep.plan
-        sampled = {c.seq.request_id: 0 for c in plan.chunks if c.samples}
-        rep.sched.update(plan, sampled)
-        for chunk in plan.chunks:  # (chunk.samples is stale now: the update grew the seq)
-            flight = self.flights[chunk.seq.request_id]
-            samples = chunk.seq.request_id in sampled
-            if rep.role == "prefill":
-                if samples:
-                    self._prefill_done(rep, flight, chunk.seq, t)
-            elif samples:
+        plan, flights = rep.plan, self.flights
+        # (asked before the update, which grows the sequences and makes ``samples`` stale)
+        samplers = [c.seq for c in plan.chunks if c.samples]
+        rep.sched.update(plan, dict.fromkeys([seq.request_id for seq in samplers], 0))
+        if rep.role == "prefill":
+            for seq in samplers:
+                self._prefill_done(rep, flights[seq.request_id], seq, t)
+        else:
+            for seq in samplers:
+                flight = flights[seq.request_id]
                 self._tokens(flight, t, 1)
-                if len(chunk.seq.output_token_ids) >= chunk.seq.max_tokens:
+                if len(seq.output_token_ids) >= seq.max_tokens:
                     self._finish(rep, flight, t)
         self._start_step(rep, t)
 
@@ -670,35 +680,37 @@ class Simulator:
     def _cut_stretch(self, rep: _Replica, t: float) -> None:
         """A sequence joined: the stretch ends with the step in flight at ``t``."""
         stretch = rep.stretch
-        in_flight = int(np.searchsorted(stretch.ends_s, t, side="right"))
+        in_flight = bisect_right(stretch.end_times_s, t)
         keep = min(in_flight + 1, stretch.num_steps)
         if keep < stretch.num_steps:
             stretch.num_steps = keep
             rep.version += 1
-            self._push(float(stretch.ends_s[keep - 1]), self._end_stretch, rep, rep.version)
+            self._push(stretch.end_times_s[keep - 1], self._end_stretch, rep, rep.version)
 
     def _end_stretch(self, t: float, rep: _Replica, version: int) -> None:
         if version != rep.version:
             return
         stretch, rep.stretch = rep.stretch, None
-        m, bm, ends = stretch.num_steps, rep.bm, stretch.ends_s
+        m, bm, ends = stretch.num_steps, rep.bm, stretch.end_times_s
         stretch.record_started(rep.step_costs, t)
-        first_end_s, bs, flights, zeros = float(ends[0]), bm.block_size, self.flights, [0] * m
+        first_end_s, bs, flights, zeros = ends[0], bm.block_size, self.flights, [0] * m
         gaps, gap_weights = self._gaps, self._gap_weights
         for seq in stretch.seqs:
-            if seq.num_computed_tokens + m > len(seq.block_table) * bs:
+            computed = seq.num_computed_tokens
+            if computed + m > len(seq.block_table) * bs:
                 bm.grow(seq, m)  # (a no-op otherwise: skip the call)
-            seq.num_computed_tokens += m
+            computed = seq.num_computed_tokens = computed + m
             seq.output_token_ids += zeros
-            if seq.num_computed_tokens // bs > len(seq.block_keys):
+            if computed // bs > len(seq.block_keys):
                 bm.commit_full_blocks(seq)  # (a no-op otherwise: skip the call)
             flight = flights[seq.request_id]
             gaps.append(first_end_s - flight.last_token_s)
-            gap_weights.append(1)
             flight.num_tokens += m
             flight.last_token_s = t
+        gap_weights += [1] * len(stretch.seqs)
         if m > 1:
-            self._gap_blocks.append((np.diff(ends[:m]), len(stretch.seqs)))
+            step_gaps_s = [ends[i + 1] - ends[i] for i in range(m - 1)]  # (np.diff's, for a few)
+            self._gap_blocks.append((step_gaps_s, len(stretch.seqs)))
         for seq in stretch.seqs:
             if len(seq.output_token_ids) >= seq.max_tokens:
                 self._finish(rep, self.flights[seq.request_id], t)
@@ -707,11 +719,13 @@ class Simulator:
     # ---- output ----
 
     def result(self, conditions: dict | None = None) -> dict:
-        gaps = [np.asarray(self._gaps)] + [g for g, _ in self._gap_blocks]
-        weights = [np.asarray(self._gap_weights, dtype=float)]
-        weights += [np.full(g.shape, w, dtype=float) for g, w in self._gap_blocks]
-        return result.build(self.records, np.concatenate(gaps), np.concatenate(weights),
-                            self.config.slo, "sim", conditions or self.conditions())  # fmt: skip
+        gaps, weights = list(self._gaps), list(self._gap_weights)
+        for block_gaps, num_seqs in self._gap_blocks:
+            gaps += block_gaps
+            weights += [num_seqs] * len(block_gaps)
+        return result.build(self.records, np.asarray(gaps, dtype=float),
+                            np.asarray(weights, dtype=float), self.config.slo, "sim",
+                            conditions or self.conditions())  # fmt: skip
 
     def conditions(self) -> dict:
         c = self.config
