@@ -7,6 +7,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pdserve.engine.attention import AttentionMetadata, PrefillSegment, select_backend
@@ -170,6 +171,15 @@ class ModelRunner:
         n, k = len(block_ids), len(layers)
         if len(data) != n * k * self.layer_nbytes:
             raise ValueError(f"{n} blocks x {k} layers need {n * k * self.layer_nbytes} bytes")
+        if self.device.type == "cpu":
+            # numpy reads any buffer, a kvstore's read-only segment included, without a copy
+            # (torch.frombuffer wants a writable one); the pool is written through a byte view
+            pool_bytes = self.kv_pool[layers.start : layers.stop].view(torch.uint8).numpy()
+            raw = np.frombuffer(data, dtype=np.uint8).reshape(n, k, *pool_bytes[:, :, 0].shape[1:])
+            for block_id, block in zip(block_ids, raw, strict=True):
+                np.copyto(pool_bytes[:, :, block_id], block)  # one strided copy, GIL released
+            return
+        data = bytearray(data) if memoryview(data).readonly else data
         shape = (n, k, *self.kv_pool[0, :, 0].shape)  # [blocks, layers, 2, block_size, KVH, D]
         raw = torch.frombuffer(data, dtype=torch.uint8).view(self.dtype).view(shape)
         pool = self.kv_pool[layers.start : layers.stop]  # [layers, 2, blocks, ...], a view

@@ -87,16 +87,16 @@ class KVFetcher:
         with self._lock:
             self._transports.pop(address, None)  # the old one is left to the GC
 
-    def staged_reader(self, source: KVSource) -> Callable[[int, int], memoryview] | None:
-        """How to read written layers of the source's staged (unsealed) blocks: a range of its
-        kvstore's shared segment when that is mapped here; None otherwise (another host: the
-        blocks are fetched whole after their seal)."""
+    def staged_transport(self, source: KVSource) -> SharedMemoryTransport | None:
+        """The source's kvstore when its shared segment is mapped here (layer pulls pin and
+        read its staged blocks); None otherwise (another host: the blocks are fetched whole
+        after their seal)."""
         try:
             transport = self._transport(source)
         except Exception as exc:  # noqa: BLE001 - the whole-block fetch will retry and report
             log.debug("decode.kv_connect_failed", address=source.kvstore_address, error=str(exc))
             return None
-        return transport.segment_range if transport.kind == "shm" else None
+        return transport if transport.kind == "shm" else None
 
     def fetch(
         self, source: KVSource, keys: Sequence[bytes], *, trace_context: TraceContext | None = None

@@ -66,6 +66,7 @@ from services.decode.follow import HandoffProgress, HandoffStream, PrefillFollow
 from services.decode.hbm import HbmPublisher
 from services.decode.layers import LayerPull
 from services.decode.settings import DecodeSettings
+from services.decode.staged import StagedPins
 from services.engine_worker import EngineWorker, OverloadedError, Registry  # noqa: F401 - re-exported for the server
 
 log = structlog.get_logger(__name__)
@@ -129,6 +130,7 @@ class _Job:
     first_token: SampledToken | None = None  # from the spec, or from the followed prefill
     follow: HandoffStream | None = None  # the Prefill.Handoff being followed
     pull: LayerPull | None = None  # which reserved blocks of a followed handoff are loaded
+    staged: StagedPins | None = None  # the kvstore's pins of the blocks the pull reads
     # Overlapped handoff: the prefill's request span (kv.fetch links to it) and the prompt
     # tokens it loaded instead of computing (the usage's cached_tokens), from Prefill.Handoff.
     prefill_trace: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -335,44 +337,41 @@ class DecodeWorker(EngineWorker):
                     job.prefill_cached_tokens = progress.num_cached_tokens
             except Exception as exc:  # noqa: BLE001 - any failure: recompute locally
                 error = str(exc)
+            finally:
+                if job.staged is not None:
+                    job.staged.close()  # every pin given back, however the follow ended
         num_loaded = job.pull.num_ready_prefix
         self._inbox.call_soon(lambda: self._on_followed(job, first, num_loaded, error))
 
     def _pull_layers(self, job: _Job, progress: HandoffProgress) -> None:
         """Copy the announced layer groups out of the prefill's staging slots into the
-        reservation (same host only; a group that cannot be read is left to the sealed path)."""
-        read = self.fetcher.staged_reader(progress.kv) if progress.layers else None
-        if read is None:
+        reservation, under the kvstore's pins (same host only; a group that cannot be read is
+        left to the sealed path)."""
+        if not progress.layers:
             return
-        load, pull, started = job.load, job.pull, time.perf_counter()
-        num_bytes = pull.num_bytes
-        groups = progress.layers
-        attributes = {
-            Attr.REQUEST_ID: job.spec.request_id, Attr.KV_DIRECTION: "get",
-            Attr.KV_NODE: progress.kv.node_id, Attr.KV_TRANSPORT: "shm", Attr.KV_TIER: "staging",
-            "pdserve.kv.layers": f"{groups[0].layer_start}-{groups[-1].layer_end}",
-        }  # fmt: skip
-        with tracer.start_as_current_span(
+        if job.staged is None:
+            transport = self.fetcher.staged_transport(progress.kv)
+            if transport is None:
+                return
+            job.staged = StagedPins(transport, lambda: self._staged_span(job, progress.kv))
+        load, pull = job.load, job.pull
+        try:
+            for group in progress.layers:
+                pull.add(group, job.staged, lambda *a: self.engine.load_layers(load, *a))
+        except Exception as exc:  # noqa: BLE001 - those blocks are fetched whole or recomputed
+            _log(job, "decode.layer_pull_failed", error=str(exc))
+
+    def _staged_span(self, job: _Job, source: KVSource) -> trace.Span:
+        """One ``kv.fetch`` of a layer pull's lease (StagedPins ends it)."""
+        return tracer.start_span(
             "kv.fetch",
             context=job.parent(),
             links=links_from(job.prefill_trace or job.spec.prefill_trace),
-            attributes=attributes,
-        ) as span:
-            num_blocks = 0  # completed and verified by these groups
-            try:
-                for group in groups:
-                    num_blocks += pull.add(
-                        group, read, lambda *a: self.engine.load_layers(load, *a)
-                    )
-            except Exception as exc:  # noqa: BLE001 - those blocks are fetched whole or recomputed
-                _log(job, "decode.layer_pull_failed", error=str(exc))
-                span.set_status(Status(StatusCode.ERROR, f"layer pull failed: {exc}"))
-            num_bytes = pull.num_bytes - num_bytes
-            span.set_attributes({Attr.KV_BYTES: num_bytes, Attr.KV_BLOCKS: num_blocks})
-        labels = ("get", "shm", "staging")
-        metrics.KV_TRANSFER_BYTES.labels(*labels).inc(num_bytes)
-        metrics.KV_TRANSFER_BLOCKS.labels(*labels).inc(num_blocks)
-        metrics.KV_TRANSFER_DURATION.labels(*labels).observe(time.perf_counter() - started)
+            attributes={
+                Attr.REQUEST_ID: job.spec.request_id, Attr.KV_DIRECTION: "get",
+                Attr.KV_NODE: source.node_id, Attr.KV_TRANSPORT: "shm", Attr.KV_TIER: "staging",
+            },
+        )  # fmt: skip
 
     def _pull(self, job: _Job, source: KVSource) -> None:
         """Fetch whole every sealed block that the layer pulls did not complete."""

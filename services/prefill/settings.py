@@ -30,8 +30,8 @@ class PrefillSettings(WorkerSettings):
     )
     kv_timeout_s: float = Field(30.0, gt=0, description="one kvstore call (lookup, get, put)")
     # Opt-in: with both workers on one core the handoff measured 1.18x colocated with 4 groups
-    # against 1.12x without (benchmarks/handoff.py), and a layer pull reads the store's shared
-    # memory without a lease, so the store's hit counts and kv.get spans miss those reads.
+    # against 1.12x without (benchmarks/handoff.py). The pulls are leased kvstore reads now
+    # (services/decode/staged.py); the default waits for a measurement that favours them.
     handoff_layer_groups: int = Field(
         0, ge=0,
         description="a step's layers are announced to a following decode worker in this many "

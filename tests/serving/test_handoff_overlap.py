@@ -91,9 +91,12 @@ def tokens(chunks) -> list[int]:
     return [t for c in chunks for t in c.token_ids]
 
 
-def test_overlapped_handoff_equals_offline_engine(oracle, prefill, prefill_stub, decode_stub):
+def test_overlapped_handoff_equals_offline_engine(
+    oracle, kvstore, prefill, prefill_stub, decode_stub
+):
     prompt = distinct_prompt(oracle, 1100, 3101)  # three prefill steps of 512 tokens
     before = staged()
+    hits = kvstore.node.store.stats().num_hits
     p, chunks = overlapped(prefill_stub, decode_stub, prefill.address, prompt, "ov-1")
     expected = offline(oracle, prompt)
     assert p.first_token_id == expected[0]
@@ -102,20 +105,26 @@ def test_overlapped_handoff_equals_offline_engine(oracle, prefill, prefill_stub,
     assert not chunks[0].recomputed
     assert chunks[-1].usage.prompt_tokens == 1100
     assert staged() - before == 1100 // 16  # every block layer by layer, none whole after seal
+    store = kvstore.node.store.stats()
+    assert store.num_hits - hits == 1100 // 16 and store.num_leases == 0  # one pin per step
 
 
 def test_one_step_prompt_moves_layer_group_by_layer_group(
-    oracle, prefill, prefill_stub, decode_stub
+    oracle, kvstore, prefill, prefill_stub, decode_stub
 ):
     """A prompt that fits in one prefill step: its blocks still reach the decode worker while
-    the step computes (before, there was nothing to overlap with)."""
+    the step computes (before, there was nothing to overlap with), as reads the kvstore counts
+    (one hit per block) under a lease that is given back."""
     prompt = distinct_prompt(oracle, 400, 3108)
     before, before_bytes = staged(), staged("bytes")
+    hits = kvstore.node.store.stats().num_hits
     p, chunks = overlapped(prefill_stub, decode_stub, prefill.address, prompt, "ov-7")
     assert tokens(chunks) == offline(oracle, prompt)
     assert chunks[0].num_kv_blocks_fetched == 400 // 16 and not chunks[0].recomputed
     assert staged() - before == 400 // 16
     assert staged("bytes") - before_bytes == 400 // 16 * BLOCK_BYTES  # each layer copied once
+    store = kvstore.node.store.stats()
+    assert store.num_hits - hits == 400 // 16 and store.num_leases == 0
     stats = wait_until_idle(decode_stub)
     assert (stats.num_free_blocks, stats.waiting) == (stats.num_total_blocks, 0)
 
@@ -212,6 +221,7 @@ def test_prefill_failing_mid_layers_falls_back_and_releases_both_sides(
     assert (stats.num_free_blocks, stats.waiting) == (stats.num_total_blocks, 0)
     assert worker.engine.num_free_kv_blocks == worker.engine.num_kv_blocks
     assert kvstore.node.store.stats().num_staging_blocks == 0
+    assert kvstore.node.store.stats().num_leases == 0  # the decode's pins given back
     keys = oracle.block_keys(prompt[: 400 // 16 * 16])
     assert kvstore.node.store.lookup(keys).prefix_blocks == 0  # nothing sealed half-written
 
