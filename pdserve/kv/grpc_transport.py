@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import grpc.experimental  # not loaded by `import grpc`; its ChannelOptions are used below
 import xxhash
 from opentelemetry import context as otel_context
 

@@ -301,3 +301,16 @@ def test_shared_memory_get_into_caller_buffers(server):
     assert kv.get_blocks_into([key(1), key(2), key(3)], out) == [True, False, False]
     assert out[0] == payload(1)
     kv.close()
+
+
+def test_the_grpc_transport_builds_in_a_fresh_interpreter() -> None:
+    # grpc.experimental is a submodule `import grpc` does not load; a script that built a
+    # transport before anything else had imported it failed with an AttributeError.
+    script = (
+        "from pdserve.kv.grpc_transport import GrpcTransport\n"
+        "GrpcTransport('127.0.0.1:1').close()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
