@@ -42,10 +42,10 @@ class StepRecord:
     role: str = ""  # the worker's: "prefill" | "decode"
 
 
-def record_of(plan, started_wall_s: float, engine_s: float, after_wait: bool,
-              costs: StepCosts, role: str) -> StepRecord:  # fmt: skip
-    """The record of one step from its ``SchedulerPlan`` (chunks with ``start`` and
-    ``num_tokens``)."""
+def plan_totals(plan) -> tuple[int, int, float, int, int, int]:
+    """One pass over a ``SchedulerPlan``'s chunks (``start``, ``num_tokens``, ``is_decode``):
+    tokens, sequences, attended (query, key) pairs, context tokens, prompt tokens and decodes:
+    the step's shape as the step log records it and the simulator's cost models read it."""
     tokens = pairs = context = prompt = decodes = 0
     for c in plan.chunks:
         n, start = c.num_tokens, c.start
@@ -56,8 +56,14 @@ def record_of(plan, started_wall_s: float, engine_s: float, after_wait: bool,
             decodes += 1
         else:
             prompt += n
-    return StepRecord(started_wall_s, tokens, len(plan.chunks), pairs, context, prompt, decodes,
-                      engine_s, after_wait, costs.state(), role)  # fmt: skip
+    return tokens, len(plan.chunks), pairs, context, prompt, decodes
+
+
+def record_of(plan, started_wall_s: float, engine_s: float, after_wait: bool,
+              costs: StepCosts, role: str) -> StepRecord:  # fmt: skip
+    """The record of one step from its ``SchedulerPlan``."""
+    return StepRecord(started_wall_s, *plan_totals(plan), engine_s, after_wait, costs.state(),
+                      role)  # fmt: skip
 
 
 class StepLogWriter:

@@ -38,6 +38,7 @@ from pdserve.engine.block_manager import BlockManager
 from pdserve.engine.scheduler import Scheduler, SchedulerPlan
 from pdserve.engine.sequence import FinishReason, Sequence
 from pdserve.engine.step_costs import StepCosts
+from pdserve.engine.step_log import plan_totals
 from pdserve.sim.costs import CostModel, StepShape
 from pdserve.workload import result
 from pdserve.workload.format import Request
@@ -742,17 +743,8 @@ class Simulator:
 def _shape(plan: SchedulerPlan) -> tuple[StepShape, int, int]:
     """The step's shape, its prompt tokens and its decodes (``plan.num_prompt_tokens`` and
     the chunks that are ``is_decode``), in one pass."""
-    tokens = pairs = context = num_prompt = num_decodes = 0
-    for c in plan.chunks:
-        n, start = c.num_tokens, c.start
-        tokens += n
-        pairs += n * (start + (n + 1) / 2)
-        context += start + n
-        if c.is_decode:
-            num_decodes += 1
-        else:
-            num_prompt += n
-    return StepShape(tokens, len(plan.chunks), pairs, context), num_prompt, num_decodes
+    tokens, seqs, pairs, context, num_prompt, num_decodes = plan_totals(plan)
+    return StepShape(tokens, seqs, pairs, context), num_prompt, num_decodes
 
 
 def _steps_that_fit(rooms: list[int], bs: int, free: int, steps: int) -> int:
