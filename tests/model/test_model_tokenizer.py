@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny_vocab
 
 from pdserve.model.gguf_reader import read_gguf
 from pdserve.model.tokenizer import Tokenizer
@@ -147,8 +148,6 @@ def test_tiny_vocabulary_merges(tiny_gguf) -> None:
 
 
 def test_a_token_in_raw_utf8_is_respelled_in_the_byte_alphabet() -> None:
-    from conftest import tiny_vocab
-
     from pdserve.model.tokenizer import _byte_level_bpe_from_gguf, _bytes_to_unicode
 
     tokens, _types, merges = tiny_vocab()
