@@ -449,6 +449,16 @@ def llama3_rope_scaling_from_factors(
     return scaling
 
 
+def weight_tensors(gguf: GGUFFile, projections: bool = True) -> list[tuple[TensorInfo, str]]:
+    """The file's weight tensors with their Hugging Face names, in file order; without the
+    projection matrices if `projections` is False."""
+    return [
+        (info, name)
+        for info in gguf.tensors
+        if (name := hf_name(info.name)) is not None and (projections or not is_projection(name))
+    ]
+
+
 def llama_weights_from_gguf(
     gguf: GGUFFile,
     config: ModelConfig,
@@ -461,11 +471,7 @@ def llama_weights_from_gguf(
     Tensors are dequantized on a thread pool (numpy releases the GIL); `on_tensor(name)` is
     called once per tensor as it completes, in order.
     """
-    work = [
-        (info, name)
-        for info in gguf.tensors
-        if (name := hf_name(info.name)) is not None and (projections or not is_projection(name))
-    ]
+    work = weight_tensors(gguf, projections)
     for info, _ in work:  # fail before any work on an unsupported type
         _layout(info)
 

@@ -42,7 +42,12 @@ from safetensors.torch import save_file
 
 from pdserve.model import quant, safetensors_dir, tensor_file
 from pdserve.model.config import ModelConfig
-from pdserve.model.gguf_reader import llama_config_from_gguf, llama_weights_from_gguf, read_gguf
+from pdserve.model.gguf_reader import (
+    llama_config_from_gguf,
+    llama_weights_from_gguf,
+    read_gguf,
+    weight_tensors,
+)
 from pdserve.model.quant import Linear
 from pdserve.model.tokenizer import Tokenizer
 
@@ -160,7 +165,8 @@ def _load_gguf(
         gguf = read_gguf(path)
         config = llama_config_from_gguf(gguf)
         tokenizer = Tokenizer.from_gguf(gguf, config.bos_token_id, config.eos_token_ids)
-        with _progress_bar(progress, len(gguf.tensors), f"Dequantizing {path.name}") as advance:
+        total = len(weight_tensors(gguf, projections))
+        with _progress_bar(progress, total, f"Dequantizing {path.name}") as advance:
             arrays = llama_weights_from_gguf(gguf, config, advance, projections)
         weights = {name: torch.from_numpy(values).to(dtype) for name, values in arrays.items()}
         safetensors_dir.check_weights(weights, config, path, projections)
@@ -231,8 +237,9 @@ def load_quantized(
     """The checkpoint's projections in `mode` ("int8" or "int4"; see `pdserve.model.quant`).
 
     Packing takes seconds, so the result is cached like dequantized weights: one entry
-    `<stem>-<mode>-<key>/quantized.{json,bin}` (`tensor_file`), keyed by the source's identity, the mode, the
-    torch version and the CPU capability (the int4 kernel's packed layout depends on both).
+    `<stem>-<mode>-<key>/quantized.{json,bin}` (`tensor_file`), keyed by the source's
+    identity, the mode, the torch version and the CPU capability (the int4 kernel's packed
+    layout depends on both) and the dense copies' dtype.
     """
     if checkpoint.source is None:
         raise ValueError("quantization needs a checkpoint loaded from a file or directory")

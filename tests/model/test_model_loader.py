@@ -304,3 +304,24 @@ def test_safetensors_directory_errors(tmp_path: Path, tiny_gguf) -> None:
     (directory / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
     with pytest.raises(ValueError, match="model_type 'mistral'"):
         load_checkpoint(directory, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("projections", [True, False])
+def test_the_progress_bar_total_is_the_tensors_it_advances_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, projections: bool
+) -> None:
+    from contextlib import contextmanager
+
+    bars: list[tuple[int | None, list[str]]] = []
+
+    @contextmanager
+    def recording_bar(enabled, total, description):
+        advanced: list[str] = []
+        bars.append((total, advanced))
+        yield advanced.append
+
+    monkeypatch.setattr(loader, "_progress_bar", recording_bar)
+    tiny = write_tiny_gguf(tmp_path / "tiny.gguf")
+    loader.load_checkpoint(tiny.path, cache_dir=tmp_path / "cache", projections=projections)
+    [(total, advanced)] = bars
+    assert total == len(advanced) > 0
