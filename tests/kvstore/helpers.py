@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pdserve.config import KVStoreSettings
 from pdserve.kv.blocks import BlockKey
+from pdserve.kv.grpc_transport import GrpcTransport, SharedMemoryTransport
+from pdserve.kv.transport import InProcessTransport, KVTransport
+from services.kvstore.server import KVStoreServer
 
 BLOCK = 4096
 
@@ -35,6 +40,34 @@ def settings(
     )
     fields.update(overrides)
     return KVStoreSettings(**fields)
+
+
+@contextmanager
+def running_server(
+    tmp_path: Path, redis_url: str, cluster_name: str, **overrides
+) -> Iterator[KVStoreServer]:
+    """A kvstore server on 127.0.0.1 (a free port), with `settings(tmp_path, **overrides)`."""
+    server = KVStoreServer(
+        settings(
+            tmp_path, redis_url=redis_url, cluster_name=cluster_name, grpc_host="127.0.0.1",
+            grpc_port=0, **overrides,
+        )
+    )  # fmt: skip
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def open_transport(kind: str, server: KVStoreServer) -> KVTransport:
+    """A client of `server` over "grpc", "shm" (shared memory) or "inprocess"."""
+    address = f"127.0.0.1:{server.port}"
+    return {
+        "grpc": lambda: GrpcTransport(address, chunk_bytes=1024, max_message_bytes=1 << 20),
+        "shm": lambda: SharedMemoryTransport(address, chunk_bytes=1024),
+        "inprocess": lambda: InProcessTransport(server.node.store),
+    }[kind]()
 
 
 class FakeClock:

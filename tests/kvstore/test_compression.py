@@ -9,8 +9,7 @@ import pytest
 from pdserve.kv.compression import KVGeometry, decode_int8, encode_int8
 from pdserve.kv.errors import InvalidBlockError
 from pdserve.kv.grpc_transport import GrpcTransport
-from services.kvstore.server import KVStoreServer
-from tests.kvstore.helpers import BLOCK, key, settings
+from tests.kvstore.helpers import BLOCK, key, running_server
 
 GEOMETRY = KVGeometry(num_layers=2, block_size=4, num_kv_heads=2, head_dim=32, dtype="float32")
 
@@ -71,15 +70,8 @@ def test_sizes_and_dtypes_are_checked():
 
 @pytest.fixture
 def server(tmp_path, redis_url, cluster_name):
-    srv = KVStoreServer(
-        settings(
-            tmp_path, dram_blocks=4, redis_url=redis_url, cluster_name=cluster_name,
-            grpc_host="127.0.0.1", grpc_port=0,
-        )
-    )  # fmt: skip
-    srv.start()
-    yield srv
-    srv.stop()
+    with running_server(tmp_path, redis_url, cluster_name, dram_blocks=4) as srv:
+        yield srv
 
 
 def test_an_int8_get_is_decoded_and_the_store_keeps_the_exact_block(server):

@@ -18,25 +18,20 @@ from pdserve.kv.blocks import Tier, checksum
 from pdserve.kv.errors import BlockExistsError, InvalidBlockError
 from pdserve.kv.grpc_transport import GrpcTransport, SharedMemoryTransport
 from pdserve.kv.metadata import RedisLayout, WorkerRegistry, connect
-from pdserve.kv.transport import InProcessTransport
 from services.kvstore.server import KVStoreServer
 from tests.conftest import free_port
-from tests.kvstore.helpers import BLOCK, key, payload, settings
+from tests.kvstore.helpers import BLOCK, key, open_transport, payload, running_server, settings
 
 BIG = 737_280  # SmolLM2-135M block
 
 
 @pytest.fixture
 def server(tmp_path, redis_url, cluster_name):
-    srv = KVStoreServer(
-        settings(
-            tmp_path, dram_blocks=8, ssd_blocks=4, redis_url=redis_url, cluster_name=cluster_name,
-            grpc_host="127.0.0.1", grpc_port=0, max_message_bytes=1 << 20, chunk_bytes=1024,
-        )
-    )  # fmt: skip
-    srv.start()
-    yield srv
-    srv.stop()
+    with running_server(
+        tmp_path, redis_url, cluster_name, dram_blocks=8, ssd_blocks=4,
+        max_message_bytes=1 << 20, chunk_bytes=1024,
+    ) as srv:  # fmt: skip
+        yield srv
 
 
 @pytest.fixture
@@ -48,12 +43,7 @@ def stub(server):
 
 @pytest.fixture(params=["grpc", "shm", "inprocess"])
 def transport(request, server):
-    address = f"127.0.0.1:{server.port}"
-    kv = {
-        "grpc": lambda: GrpcTransport(address, chunk_bytes=1024, max_message_bytes=1 << 20),
-        "shm": lambda: SharedMemoryTransport(address, chunk_bytes=1024),
-        "inprocess": lambda: InProcessTransport(server.node.store),
-    }[request.param]()
+    kv = open_transport(request.param, server)
     if request.param == "shm":
         assert kv.shared
     yield kv

@@ -9,21 +9,16 @@ import pytest
 from pdserve.kv.blocks import Tier, checksum
 from pdserve.kv.errors import CapacityError, InvalidBlockError
 from pdserve.kv.grpc_transport import SharedMemoryTransport
-from services.kvstore.server import KVStoreServer
-from tests.kvstore.helpers import BLOCK, key, payload, settings
+from tests.kvstore.helpers import BLOCK, key, payload, running_server
 
 
 @pytest.fixture
 def server(tmp_path, redis_url, cluster_name):
-    srv = KVStoreServer(
-        settings(
-            tmp_path, dram_blocks=8, redis_url=redis_url, cluster_name=cluster_name,
-            grpc_host="127.0.0.1", grpc_port=0, max_message_bytes=1 << 20, chunk_bytes=1024,
-        )
-    )  # fmt: skip
-    srv.start()
-    yield srv
-    srv.stop()
+    with running_server(
+        tmp_path, redis_url, cluster_name, dram_blocks=8, max_message_bytes=1 << 20,
+        chunk_bytes=1024,
+    ) as srv:  # fmt: skip
+        yield srv
 
 
 @pytest.fixture

@@ -16,11 +16,17 @@ from prometheus_client import REGISTRY
 from pdserve._proto.pdserve.v1 import kvstore_pb2
 from pdserve.kv.blocks import Tier, checksum
 from pdserve.kv.errors import CapacityError, InvalidBlockError
-from pdserve.kv.grpc_transport import GrpcTransport, SharedMemoryTransport
-from pdserve.kv.transport import ByteRange, InProcessTransport
-from services.kvstore.server import KVStoreServer
+from pdserve.kv.transport import ByteRange
 from services.kvstore.store import TieredStore
-from tests.kvstore.helpers import BLOCK, FakeClock, key, payload, settings
+from tests.kvstore.helpers import (
+    BLOCK,
+    FakeClock,
+    key,
+    open_transport,
+    payload,
+    running_server,
+    settings,
+)
 
 HALF = BLOCK // 2
 
@@ -127,25 +133,16 @@ def test_reading_ranges_reads_a_block_stored_on_ssd(tmp_path):
 
 @pytest.fixture
 def server(tmp_path, redis_url, cluster_name):
-    srv = KVStoreServer(
-        settings(
-            tmp_path, dram_blocks=8, redis_url=redis_url, cluster_name=cluster_name,
-            grpc_host="127.0.0.1", grpc_port=0, max_message_bytes=1 << 20, chunk_bytes=1024,
-        )
-    )  # fmt: skip
-    srv.start()
-    yield srv
-    srv.stop()
+    with running_server(
+        tmp_path, redis_url, cluster_name, dram_blocks=8, max_message_bytes=1 << 20,
+        chunk_bytes=1024,
+    ) as srv:  # fmt: skip
+        yield srv
 
 
 @pytest.fixture(params=["grpc", "shm", "inprocess"])
 def transport(request, server):
-    address = f"127.0.0.1:{server.port}"
-    kv = {
-        "grpc": lambda: GrpcTransport(address, chunk_bytes=1024, max_message_bytes=1 << 20),
-        "shm": lambda: SharedMemoryTransport(address, chunk_bytes=1024),
-        "inprocess": lambda: InProcessTransport(server.node.store),
-    }[request.param]()
+    kv = open_transport(request.param, server)
     yield kv
     kv.close()
 
