@@ -6,11 +6,21 @@ mixed (70 % short, 32-128 tokens; 30 % long, 384-768 tokens), output lengths 16-
 ``--shared-share`` of the prompts starting with one shared 256-token system prefix. Greedy
 decoding, EOS ignored (``pdserve bench`` does both), so both stacks produce the same tokens.
 
-Targets:
+Targets (``--targets``, comma-separated; the default runs the first and the last):
 - disaggregated: ``pdserve up --prefill 1 --decode 1`` with prefill and decode pinned to
-  different cores (when the machine has two or more).
+  different cores (when the machine has two or more), the router's default policy (``cost``:
+  a prompt is prefilled where its first token is predicted sooner, so the decode worker
+  computes short prompts and some long ones itself).
+- disaggregated-strict: the same stack, every prompt prefilled on the prefill worker (router
+  ``disaggregation_policy=threshold``, ``disagg_threshold_tokens=0``).
+- disaggregated-chunk128: the default policy, the decode worker's steps capped at 128 tokens
+  (``max_num_batched_tokens``; its default is 512), so a prompt it computes itself stretches
+  its running streams' steps less.
 - colocated: ``pdserve up --prefill 0 --decode 1`` (the decode worker prefills locally),
   on all the cores the disaggregated stack uses.
+
+``--set PDSERVE_VAR=VALUE`` adds a setting to every target's stack; ``--step-logs DIR`` has each
+worker write its engine steps (``step_log_path``) to ``DIR/steps-TARGET-ROLE.jsonl``.
 
 Each target's RESULT.json (``pdserve bench --out``) is kept next to the summary; the table
 prints TTFT, ITL and end-to-end p50/p90/p99, output throughput and goodput (requests/s meeting
@@ -25,13 +35,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.machine_info import cpu_model  # noqa: E402
 from pdserve.launcher import Stack, StackConfig, parse_cpu_affinity  # noqa: E402
 from pdserve.workload.format import Request, save  # noqa: E402
 from pdserve.workload.generate import Lengths, synthetic  # noqa: E402
@@ -46,11 +58,26 @@ def bench(address: str, workload: Path, out: Path, args) -> dict:
     return json.loads(out.read_text())
 
 
-def run_stack(target: str, args, workload: Path, probe: Path) -> tuple[dict, dict]:
-    cpus = sorted(os.sched_getaffinity(0))
-    split = len(cpus) >= 2 and target == "disaggregated"
+# Each target: its number of prefill workers and its settings on top of ``pdserve up``'s.
+TARGETS: dict[str, tuple[int, dict[str, str]]] = {
+    "disaggregated": (1, {}),
+    "disaggregated-strict": (1, {  # every prompt prefilled on the prefill worker
+        "PDSERVE_ROUTER_DISAGGREGATION_POLICY": "threshold",
+        "PDSERVE_ROUTER_DISAGG_THRESHOLD_TOKENS": "0",
+    }),
+    "disaggregated-chunk128": (1, {"PDSERVE_DECODE_MAX_NUM_BATCHED_TOKENS": "128"}),
+    "colocated": (0, {}),
+}  # fmt: skip
+
+
+def stack_config(target: str, cpus: list[int], settings: dict[str, str],
+                 step_logs: Path | None) -> StackConfig:  # fmt: skip
+    """The stack of one target on ``cpus``: a prefill worker on the first half and the decode
+    worker on the second (when there are two or more), else the decode worker on all of them;
+    ``settings`` (``--set``) over the target's own; each worker's step log in ``step_logs``."""
+    num_prefill, target_env = TARGETS[target]
     spec = lambda c: ",".join(map(str, c))  # noqa: E731
-    if split:
+    if num_prefill and len(cpus) >= 2:
         p_cpus, d_cpus = cpus[: len(cpus) // 2], cpus[len(cpus) // 2 :]
         affinity, threads = [f"prefill={spec(p_cpus)}", f"decode={spec(d_cpus)}"], {
             "prefill": len(p_cpus), "decode": len(d_cpus)}  # fmt: skip
@@ -58,9 +85,22 @@ def run_stack(target: str, args, workload: Path, probe: Path) -> tuple[dict, dic
         affinity, threads = [f"decode={spec(cpus)}"], {"decode": len(cpus), "prefill": len(cpus)}
     env = {f"PDSERVE_{role.upper()}_NUM_THREADS": str(n) for role, n in threads.items()}
     env["PDSERVE_LOG_LEVEL"] = "warning"
-    config = StackConfig(num_prefill=1 if target == "disaggregated" else 0, num_decode=1,
-                         default_ports=False, env=env, cpu_affinity=parse_cpu_affinity(affinity),
-                         cluster_name="bench")  # fmt: skip
+    env.update(target_env)
+    env.update(settings)
+    if step_logs is not None:  # each worker's engine steps, one JSON line each
+        for role in threads:
+            env[f"PDSERVE_{role.upper()}_STEP_LOG_PATH"] = str(
+                (step_logs / f"steps-{target}-{role}.jsonl").resolve()
+            )
+    return StackConfig(num_prefill=num_prefill, num_decode=1, default_ports=False, env=env,
+                       cpu_affinity=parse_cpu_affinity(affinity), cluster_name="bench")  # fmt: skip
+
+
+def run_stack(target: str, args, workload: Path, probe: Path) -> tuple[dict, dict]:
+    config = stack_config(target, sorted(os.sched_getaffinity(0)), args.set, args.step_logs)
+    for name, value in config.env.items():
+        if name.endswith("_STEP_LOG_PATH"):
+            Path(value).unlink(missing_ok=True)  # a log of this run only
     with Stack(config) as stack:
         probe_res = bench(stack.grpc_address, probe, args.out / f"probe-{target}.json", args)
         res = bench(stack.grpc_address, workload, args.out / f"result-{target}.json", args)
@@ -71,7 +111,9 @@ def row(target: str, res: dict) -> dict:
     out = {"target": target, "requests": res["num_requests"], "failed": res["num_failed"],
            "wall_s": round(res["duration_s"], 2),
            "output_tok_per_s": round(res["output_tokens_per_s"], 1),
-           "goodput_req_per_s": round(res["goodput_rps"], 3)}  # fmt: skip
+           "goodput_req_per_s": round(res["goodput_rps"], 3),
+           "met_slo": round(res["slo_attainment"] * res["num_requests"]),
+           "routes": dict(Counter(r["route"] or "unknown" for r in res["requests"]))}  # fmt: skip
     for metric in ("ttft", "itl", "e2e"):
         for q in ("p50", "p90", "p99"):
             value = res[f"{metric}_s"][q]
@@ -89,10 +131,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slo-ttft-s", type=float, default=2.0)
     ap.add_argument("--slo-tpot-s", type=float, default=0.2)
-    ap.add_argument("--targets", default="disaggregated,colocated")
+    ap.add_argument("--targets", default="disaggregated,colocated", help=", ".join(TARGETS))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/serving"))
+    ap.add_argument("--step-logs", type=Path, default=None,
+                    help="write each worker's step log (step_log_path) to DIR/steps-TARGET-ROLE.jsonl")  # fmt: skip
+    ap.add_argument("--set", action="append", default=[], metavar="PDSERVE_VAR=VALUE",
+                    help="a setting for every target's stack (repeatable)")  # fmt: skip
     args = ap.parse_args()
+    args.set = dict(_setting(a) for a in args.set)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.step_logs is not None:
+        args.step_logs.mkdir(parents=True, exist_ok=True)
     workload = args.out / "workload.jsonl"
     save(workload, synthetic(
         args.num_requests, args.rate, Lengths("0.7*uniform:32:128+0.3*uniform:384:768"),
@@ -102,22 +151,33 @@ def main() -> None:
     probe = args.out / "probe.jsonl"
     save(probe, [Request(3.0 * i, 512, 1) for i in range(3)])
     rows, probes = [], {}
+    started = time.gmtime(), os.getloadavg()[0]
     for target in args.targets.split(","):
-        if target not in ("disaggregated", "colocated"):
-            raise SystemExit(f"unknown target {target!r}")
+        if target not in TARGETS:
+            raise SystemExit(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
         print(f"running {target} ...", flush=True)
         res, probe_res = run_stack(target, args, workload, probe)
         rows.append(row(target, res))
         probes[f"{target}_ttft_ms"] = round(probe_res["ttft_s"]["p50"] * 1000, 1)
         print(json.dumps(rows[-1]), flush=True)
-    report(rows, probes, args, len(os.sched_getaffinity(0)))
+    report(rows, probes, args, len(os.sched_getaffinity(0)), started)
 
 
-def report(rows: list[dict], probes: dict, args, num_cpus: int) -> None:
-    conditions = (f"SmolLM2-135M-Instruct, quantization auto (the engine default), CPU x{num_cpus} ({platform.processor() or platform.machine()}), "
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("PDSERVE_"):
+        raise SystemExit(f"--set wants PDSERVE_VAR=VALUE, got {text!r}")
+    return name, value
+
+
+def report(rows: list[dict], probes: dict, args, num_cpus: int, started) -> None:
+    start_utc, start_load = started
+    conditions = (f"SmolLM2-135M-Instruct, quantization auto (the engine default), {cpu_model()} x{num_cpus}, "
                   f"{args.num_requests} requests, Poisson {args.rate}/s, seed {args.seed}, "
                   f"SLO TTFT<={args.slo_ttft_s}s TPOT<={args.slo_tpot_s}s, "
-                  f"load avg 1m {os.getloadavg()[0]:.2f}")  # fmt: skip
+                  f"started {time.strftime('%Y-%m-%d %H:%M UTC', start_utc)}, "
+                  f"load avg 1m {start_load:.2f} at start, {os.getloadavg()[0]:.2f} at end"
+                  + "".join(f", {k}={v}" for k, v in args.set.items()))  # fmt: skip
     (args.out / "results.json").write_text(json.dumps({"conditions": conditions, "rows": rows,
                                                        "handoff_probe_512": probes}, indent=2))  # fmt: skip
     head = " | ".join(f"{r['target']}: TTFT p50 {r['ttft_p50_ms']} ms, ITL p99 {r['itl_p99_ms']} ms, "
