@@ -23,6 +23,8 @@ from pdserve.kv.grpc_transport import GrpcTransport, SharedMemoryTransport
 from pdserve.kv.transport import KVTransport, TraceContext
 from pdserve.tls import ClusterSecurity
 from pdserve.wire import KVSource
+from services.decode.layers import StagedReads
+from services.decode.staged import StagedPins, StagedRanges, StartSpan
 
 log = structlog.get_logger(__name__)
 
@@ -87,16 +89,22 @@ class KVFetcher:
         with self._lock:
             self._transports.pop(address, None)  # the old one is left to the GC
 
-    def staged_transport(self, source: KVSource) -> SharedMemoryTransport | None:
-        """The source's kvstore when its shared segment is mapped here (layer pulls pin and
-        read its staged blocks); None otherwise (another host: the blocks are fetched whole
-        after their seal)."""
+    def staged_reads(self, source: KVSource, start_span: StartSpan) -> StagedReads | None:
+        """How a request's layer pulls read the source's kvstore, by the transport's kind:
+        pinned in its shared segment (mapped here), or GetStaged over gRPC (another host).
+        None when the store cannot be reached (the whole-block fetch will retry and report),
+        or when blocks are int8-encoded on the wire (layer pulls are exact: they would send
+        the bytes the operator chose not to send; blocks are fetched whole after the seal)."""
         try:
             transport = self._transport(source)
         except Exception as exc:  # noqa: BLE001 - the whole-block fetch will retry and report
             log.debug("decode.kv_connect_failed", address=source.kvstore_address, error=str(exc))
             return None
-        return transport if transport.kind == "shm" else None
+        if transport.kind == "shm":
+            return StagedPins(transport, start_span)
+        if self._int8_geometry is not None:
+            return None
+        return StagedRanges(transport, start_span)
 
     def fetch(
         self, source: KVSource, keys: Sequence[bytes], *, trace_context: TraceContext | None = None

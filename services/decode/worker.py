@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -64,9 +65,8 @@ from pdserve.wire import KVSource
 from services.decode.fetch import KVFetcher
 from services.decode.follow import HandoffProgress, HandoffStream, PrefillFollower
 from services.decode.hbm import HbmPublisher
-from services.decode.layers import LayerPull
+from services.decode.layers import LayerPull, StagedReads
 from services.decode.settings import DecodeSettings
-from services.decode.staged import StagedPins
 from services.engine_worker import EngineWorker, OverloadedError, Registry  # noqa: F401 - re-exported for the server
 
 log = structlog.get_logger(__name__)
@@ -130,7 +130,7 @@ class _Job:
     first_token: SampledToken | None = None  # from the spec, or from the followed prefill
     follow: HandoffStream | None = None  # the Prefill.Handoff being followed
     pull: LayerPull | None = None  # which reserved blocks of a followed handoff are loaded
-    staged: StagedPins | None = None  # the kvstore's pins of the blocks the pull reads
+    staged: StagedReads | None = None  # how the pull reads the kvstore (pins, calls)
     # Overlapped handoff: the prefill's request span (kv.fetch links to it) and the prompt
     # tokens it loaded instead of computing (the usage's cached_tokens), from Prefill.Handoff.
     prefill_trace: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -345,15 +345,15 @@ class DecodeWorker(EngineWorker):
 
     def _pull_layers(self, job: _Job, progress: HandoffProgress) -> None:
         """Copy the announced layer groups out of the prefill's staging slots into the
-        reservation, under the kvstore's pins (same host only; a group that cannot be read is
-        left to the sealed path)."""
+        reservation, read as the kvstore's transport allows (its segment, pinned, on the same
+        host; GetStaged from another); a group that cannot be read is left to the sealed path."""
         if not progress.layers:
             return
         if job.staged is None:
-            transport = self.fetcher.staged_transport(progress.kv)
-            if transport is None:
+            start_span = functools.partial(self._staged_span, job, progress.kv)
+            job.staged = self.fetcher.staged_reads(progress.kv, start_span)
+            if job.staged is None:
                 return
-            job.staged = StagedPins(transport, lambda: self._staged_span(job, progress.kv))
         load, pull = job.load, job.pull
         try:
             for group in progress.layers:
@@ -361,15 +361,16 @@ class DecodeWorker(EngineWorker):
         except Exception as exc:  # noqa: BLE001 - those blocks are fetched whole or recomputed
             _log(job, "decode.layer_pull_failed", error=str(exc))
 
-    def _staged_span(self, job: _Job, source: KVSource) -> trace.Span:
-        """One ``kv.fetch`` of a layer pull's lease (StagedPins ends it)."""
+    def _staged_span(self, job: _Job, source: KVSource, transport: str) -> trace.Span:
+        """One ``kv.fetch`` of a layer pull's lease (the StagedReads ends it)."""
         return tracer.start_span(
             "kv.fetch",
             context=job.parent(),
             links=links_from(job.prefill_trace or job.spec.prefill_trace),
             attributes={
                 Attr.REQUEST_ID: job.spec.request_id, Attr.KV_DIRECTION: "get",
-                Attr.KV_NODE: source.node_id, Attr.KV_TRANSPORT: "shm", Attr.KV_TIER: "staging",
+                Attr.KV_NODE: source.node_id, Attr.KV_TRANSPORT: transport,
+                Attr.KV_TIER: "staging",
             },
         )  # fmt: skip
 

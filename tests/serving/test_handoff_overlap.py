@@ -249,47 +249,104 @@ def test_decode_cancelled_while_following_releases_its_reservation(oracle, prefi
     assert (stats.num_free_blocks, stats.waiting) == (stats.num_total_blocks, 0)
 
 
-def test_prefill_and_decode_on_different_nodes_hand_off_over_grpc(
-    oracle, make_kvstore, make_prefill, make_decode
-):
-    """The compose / Kubernetes path: the decode worker's node differs from the kvstore's, so
-    blocks travel over the gRPC stream, not shared memory."""
+@pytest.fixture(scope="module")
+def across_nodes(make_kvstore, make_prefill, make_decode):
+    """The compose / Kubernetes path: a kvstore and a prefill worker on node-a, a decode worker
+    on node-b; (kvstore, prefill worker, prefill stub, decode stub)."""
+    store = make_kvstore(node_id="node-a")
+    prefill_a = make_prefill(f"127.0.0.1:{store.port}", node_id="node-a")
+    decode_b = make_decode(node_id="node-b")
+    with (
+        grpc.insecure_channel(prefill_a.address) as pch,
+        grpc.insecure_channel(decode_b.address) as dch,
+    ):
+        yield store, prefill_a, prefill_pb2_grpc.PrefillStub(pch), decode_pb2_grpc.DecodeStub(dch)
+
+
+def pulled_over_grpc(what: str = "blocks") -> float:
+    """Blocks (or bytes) a decode worker pulled layer by layer with GetStaged."""
+    labels = {"direction": "get", "transport": "grpc", "tier": "staging"}
+    return REGISTRY.get_sample_value(f"pdserve_kv_transfer_{what}_total", labels) or 0.0
+
+
+def test_prefill_and_decode_on_different_nodes_hand_off_over_grpc(oracle, across_nodes):
+    """The decode worker's node differs from the kvstore's, so no shared memory: overlapped,
+    each layer group of every block moves with one GetStaged call as the prefill writes it
+    (verified by the same checksums); sequential, the sealed blocks come over the Get stream."""
 
     def grpc_gets() -> float:
         labels = {"direction": "get", "transport": "grpc", "tier": "dram"}
         return REGISTRY.get_sample_value("pdserve_kv_transfer_blocks_total", labels) or 0.0
 
-    store = make_kvstore(node_id="node-a")
-    prefill_a = make_prefill(f"127.0.0.1:{store.port}", node_id="node-a")
-    decode_b = make_decode(node_id="node-b")
-    prompt = distinct_prompt(oracle, 200, 3105)
-    before = grpc_gets()
-    with (
-        grpc.insecure_channel(prefill_a.address) as pch,
-        grpc.insecure_channel(decode_b.address) as dch,
-    ):
-        pstub = prefill_pb2_grpc.PrefillStub(pch)
-        dstub = decode_pb2_grpc.DecodeStub(dch)
-        p, chunks = overlapped(pstub, dstub, prefill_a.address, prompt, "ov-5")
-        assert p.kv.node_id == "node-a"
-        assert tokens(chunks) == offline(oracle, prompt)
-        assert chunks[0].num_kv_blocks_fetched == 200 // 16 and not chunks[0].recomputed
+    store, prefill_a, pstub, dstub = across_nodes
+    prompt = distinct_prompt(oracle, 400, 3105)  # one step: 25 blocks in 4 groups of layers
+    before, before_bytes, gets = pulled_over_grpc(), pulled_over_grpc("bytes"), grpc_gets()
+    hits = store.node.store.stats().num_hits
+    p, chunks = overlapped(pstub, dstub, prefill_a.address, prompt, "ov-5")
+    assert p.kv.node_id == "node-a"
+    assert tokens(chunks) == offline(oracle, prompt)
+    assert chunks[0].num_kv_blocks_fetched == 400 // 16 and not chunks[0].recomputed
+    assert pulled_over_grpc() - before == 400 // 16  # every block layer by layer
+    assert pulled_over_grpc("bytes") - before_bytes == 400 // 16 * BLOCK_BYTES  # each layer once
+    stats = store.node.store.stats()
+    assert stats.num_leases == 0 and stats.num_staging_blocks == 0
+    assert stats.num_hits - hits == 4 * (400 // 16)  # a hit per block per group's call
+    # The kvstore counts each GetStaged range as a block moved; a block fetched whole after
+    # its seal would add two more (both ends count a Get stream's blocks).
+    assert grpc_gets() - gets == 4 * (400 // 16)
+    gets = grpc_gets()
 
-        # The sequential path (router without overlap, or a retry) takes the same transport.
-        prompt2 = distinct_prompt(oracle, 100, 3106)
-        p2 = pstub.Prefill(
-            prefill_pb2.PrefillRequest(request_id="ov-6", prompt_token_ids=prompt2,
-                                       sampling=greedy()), timeout=120,
-        )  # fmt: skip
-        request = decode_pb2.DecodeRequest(
-            request_id="ov-6", prompt_token_ids=prompt2, sampling=greedy(),
-            first_token_id=p2.first_token_id, kv=p2.kv,
-        )  # fmt: skip
-        chunks2 = list(dstub.Decode(request, timeout=120))
-        assert tokens(chunks2) == offline(oracle, prompt2)
-        assert chunks2[0].num_kv_blocks_fetched == 100 // 16
+    # The sequential path (router without overlap, or a retry) takes the same transport.
+    prompt2 = distinct_prompt(oracle, 100, 3106)
+    p2 = pstub.Prefill(
+        prefill_pb2.PrefillRequest(request_id="ov-6", prompt_token_ids=prompt2,
+                                   sampling=greedy()), timeout=120,
+    )  # fmt: skip
+    request = decode_pb2.DecodeRequest(
+        request_id="ov-6", prompt_token_ids=prompt2, sampling=greedy(),
+        first_token_id=p2.first_token_id, kv=p2.kv,
+    )  # fmt: skip
+    chunks2 = list(dstub.Decode(request, timeout=120))
+    assert tokens(chunks2) == offline(oracle, prompt2)
+    assert chunks2[0].num_kv_blocks_fetched == 100 // 16
     # Both ends count the Get stream's blocks (the kvstore runs in this process too).
-    assert grpc_gets() - before == 2 * (200 // 16 + 100 // 16)
+    assert grpc_gets() - gets == 2 * (100 // 16)
+
+
+def test_prefill_failing_mid_layers_across_nodes_leaves_no_lease_and_recomputes(
+    oracle, across_nodes, monkeypatch
+):
+    """The prefill on node-a fails at layer 20, after the decode worker on node-b pulled the
+    first groups with GetStaged: same tokens by recompute, nothing partial committed, no lease
+    left in the kvstore, its staging area and both pools released."""
+    store, prefill_a, pstub, dstub = across_nodes
+    worker = prefill_a.server.worker
+    hook = worker._on_layer_done
+    before, before_bytes = pulled_over_grpc(), pulled_over_grpc("bytes")
+
+    def fail_at_layer_20(layer: int, plan) -> None:
+        hook(layer, plan)
+        if layer == 20:
+            deadline = time.monotonic() + 10
+            while pulled_over_grpc("bytes") == before_bytes and time.monotonic() < deadline:
+                time.sleep(0.01)  # let the decode worker pull the first groups
+            raise RuntimeError("injected failure at layer 20")
+
+    monkeypatch.setattr(worker, "_on_layer_done", fail_at_layer_20)
+    prompt = distinct_prompt(oracle, 400, 3111)
+    p, chunks = overlapped(pstub, dstub, prefill_a.address, prompt, "ov-9")
+    monkeypatch.undo()
+    assert p is None  # the Prefill call failed
+    assert pulled_over_grpc("bytes") > before_bytes and pulled_over_grpc() == before
+    assert tokens(chunks) == offline(oracle, prompt)
+    assert chunks[0].recomputed and chunks[0].num_kv_blocks_fetched == 0
+    stats = wait_until_idle(dstub)
+    assert (stats.num_free_blocks, stats.waiting) == (stats.num_total_blocks, 0)
+    assert worker.engine.num_free_kv_blocks == worker.engine.num_kv_blocks
+    kv = store.node.store.stats()
+    assert (kv.num_leases, kv.num_staging_blocks) == (0, 0)
+    keys = oracle.block_keys(prompt[: 400 // 16 * 16])
+    assert store.node.store.lookup(keys).prefix_blocks == 0  # nothing sealed half-written
 
 
 def test_int8_wire_compression_across_nodes_completes_the_request(
