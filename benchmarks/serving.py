@@ -6,7 +6,7 @@ mixed (70 % short, 32-128 tokens; 30 % long, 384-768 tokens), output lengths 16-
 ``--shared-share`` of the prompts starting with one shared 256-token system prefix. Greedy
 decoding, EOS ignored (``pdserve bench`` does both), so both stacks produce the same tokens.
 
-Targets (``--targets``, comma-separated; the default runs the first and the last):
+Targets (``--targets``, comma-separated; the default runs all but disaggregated-strict):
 - disaggregated: ``pdserve up --prefill 1 --decode 1`` with prefill and decode pinned to
   different cores (when the machine has two or more), the router's default policy (``cost``:
   a prompt is prefilled where its first token is predicted sooner, so the decode worker
@@ -27,7 +27,8 @@ prints TTFT, ITL and end-to-end p50/p90/p99, output throughput and goodput (requ
 TTFT <= --slo-ttft-s and TPOT <= --slo-tpot-s), plus a handoff probe: TTFT of a 512-token
 prompt on each idle stack (``pdserve bench`` on three such requests, 3 s apart).
 
-    .venv/bin/python benchmarks/serving.py --num-requests 32 --rate 1.0 --out benchmarks/serving
+    .venv/bin/python benchmarks/serving.py --num-requests 64 --rate 2.0 \
+        --targets disaggregated,disaggregated-chunk128,colocated --out benchmarks/serving
 """
 
 from __future__ import annotations
@@ -125,13 +126,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--num-requests", type=int, default=32)
-    ap.add_argument("--rate", type=float, default=1.0, help="mean arrivals per second")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--rate", type=float, default=2.0, help="mean arrivals per second")
     ap.add_argument("--shared-share", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--slo-ttft-s", type=float, default=2.0)
     ap.add_argument("--slo-tpot-s", type=float, default=0.2)
-    ap.add_argument("--targets", default="disaggregated,colocated", help=", ".join(TARGETS))
+    ap.add_argument(
+        "--targets",
+        default="disaggregated,disaggregated-chunk128,colocated",
+        help=", ".join(TARGETS),
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/serving"))
     ap.add_argument("--step-logs", type=Path, default=None,
                     help="write each worker's step log (step_log_path) to DIR/steps-TARGET-ROLE.jsonl")  # fmt: skip
