@@ -349,6 +349,51 @@ def test_prefill_failing_mid_layers_across_nodes_leaves_no_lease_and_recomputes(
     assert store.node.store.lookup(keys).prefix_blocks == 0  # nothing sealed half-written
 
 
+def test_decode_cancelled_mid_layers_across_nodes_leaves_no_lease(
+    oracle, across_nodes, monkeypatch
+):
+    """The client goes away while the decode worker on node-b pulls a step's layers with
+    GetStaged: its reservation is released, no lease is left in the kvstore, and the prefill
+    on node-a completes and seals its blocks as usual."""
+    store, prefill_a, pstub, dstub = across_nodes
+    worker = prefill_a.server.worker
+    hook = worker._on_layer_done
+    before_bytes = pulled_over_grpc("bytes")
+    prompt = distinct_prompt(oracle, 400, 3112)
+    request = decode_pb2.DecodeRequest(
+        request_id="ov-10", prompt_token_ids=prompt, sampling=greedy(),
+        prefill_address=prefill_a.address,
+    )  # fmt: skip
+    stream = dstub.Decode(request, timeout=120)
+
+    def cancel_at_layer_20(layer: int, plan) -> None:
+        hook(layer, plan)
+        if layer == 20:
+            deadline = time.monotonic() + 10
+            while pulled_over_grpc("bytes") == before_bytes and time.monotonic() < deadline:
+                time.sleep(0.01)  # the decode worker pulls the first groups
+            stream.cancel()
+
+    monkeypatch.setattr(worker, "_on_layer_done", cancel_at_layer_20)
+    time.sleep(0.2)  # the decode follows before the prefill arrives
+    p = pstub.Prefill(
+        prefill_pb2.PrefillRequest(request_id="ov-10", prompt_token_ids=prompt,
+                                   sampling=greedy()), timeout=120,
+    )  # fmt: skip
+    monkeypatch.undo()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    assert pulled_over_grpc("bytes") > before_bytes  # it was pulling when it went away
+    assert p.first_token_id == offline(oracle, prompt)[0]
+    stats = wait_until_idle(dstub)
+    assert (stats.num_free_blocks, stats.waiting) == (stats.num_total_blocks, 0)
+    kv = store.node.store.stats()
+    assert (kv.num_leases, kv.num_staging_blocks) == (0, 0)
+    keys = oracle.block_keys(prompt[: 400 // 16 * 16])
+    assert store.node.store.lookup(keys).prefix_blocks == 400 // 16  # sealed by the prefill
+
+
 def test_int8_wire_compression_across_nodes_completes_the_request(
     oracle, make_kvstore, make_prefill, make_decode
 ):
