@@ -8,8 +8,10 @@ on loopback. Seeded; every measurement has a warm-up. Targets (issues 3 and 8): 
 >= 50 % of memcpy for get and put, gRPC >= 1 GB/s for 2 MiB blocks, index lookup p99 <= 200 us
 for a 2,048-token prompt. "bare gRPC" is grpcio's own ceiling on this machine, in the same run:
 a server that streams pre-built block-sized messages with no store, protobuf or checksum.
-"gRPC CPU s/GB" is what client and kvstore spend together per GB moved: on a shared machine
-it moves far less than GB/s does, and 2 cores / (s/GB) bounds what an idle 2-core host reaches.
+"staged" is GetStaged as a decode worker on another node pulls a prefill's layer groups (one
+read per group, a quarter of every block each). "gRPC CPU s/GB" is what client and kvstore
+spend together per GB moved: on a shared machine it moves far less than GB/s does, and
+2 cores / (s/GB) bounds what an idle 2-core host reaches.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pdserve.kv.grpc_transport import (  # noqa: E402
 )
 from pdserve.kv.malloc import keep_large_buffers  # noqa: E402
 from pdserve.kv.metadata import KVEventPublisher, LocationIndex, RedisLayout, connect  # noqa: E402
+from pdserve.kv.transport import ByteRange  # noqa: E402
 
 PARTS = ("shm", "grpc", "bare", "small", "index")
 SMOLLM2 = block_nbytes(30, 16, 3, 64, 4)  # 737,280: SmolLM2-135M fp32
@@ -192,6 +195,21 @@ def cpu_s_per_gb(fn, server_pid: int, nbytes: int) -> float:
     return spent / (nbytes / GB)
 
 
+def staged_rate(transport, keys, block_bytes: int, repeats: int, groups: int = 4) -> float:
+    """GetStaged as a decode worker on another node pulls layer groups: one call per group
+    for that group's byte range of every block (here: stored blocks, a quarter each), into
+    buffers it keeps. Bytes per second of ranges read."""
+    size = block_bytes // groups
+    out = [bytearray(size) for _ in keys]
+    calls = [[ByteRange(k, g * size, size) for k in keys] for g in range(groups)]
+
+    def pull() -> None:
+        for ranges in calls:
+            assert all(transport.read_staged_into(ranges, out))
+
+    return best_rate(pull, groups * size * len(keys), repeats)
+
+
 def put_rate(transport, blocks, nbytes: int, repeats: int, settle) -> float:
     """Median put rate; the blocks are deleted (untimed) before each put, and ``settle``
     waits until the kvstore has published those deletions to Redis, so the timed put does
@@ -237,7 +255,7 @@ def bench_block_size(
     nan = float("nan")
     out = dict.fromkeys(
         ("shm_put", "shm_get", "grpc_get", "grpc_get_cpu", "grpc_put", "grpc_put_cpu",
-         "grpc_bare", "grpc_bare_cpu"), nan,
+         "grpc_staged", "grpc_bare", "grpc_bare_cpu"), nan,
     )  # fmt: skip
     out["memcpy"] = best_rate(memcpy, nbytes, repeats)
     settle = published_empty(redis_url)
@@ -262,6 +280,7 @@ def bench_block_size(
             assert all(bytes(g) == s for g, s in zip(got, src, strict=True))
             out["grpc_get"] = best_rate(lambda: rpc.get_blocks(keys), nbytes, repeats)
             out["grpc_get_cpu"] = cpu_s_per_gb(lambda: rpc.get_blocks(keys), proc.pid, nbytes)
+            out["grpc_staged"] = staged_rate(rpc, keys, block_bytes, repeats)
             out["grpc_put"] = put_rate(rpc, blocks, nbytes, repeats, settle)
             rpc.delete(keys)
             settle()
@@ -372,7 +391,7 @@ def main() -> None:
         print(f"load average (1 min) at the start: {os.getloadavg()[0]:.1f}")
         print(
             f"{'block':>22} | {'memcpy':>8} | {'shm get':>8} | {'shm %':>6} | {'shm put':>8} | "
-            f"{'gRPC get':>8} | {'gRPC %':>6} | {'gRPC put':>8} | {'bare gRPC':>9} | "
+            f"{'gRPC get':>8} | {'gRPC %':>6} | {'gRPC put':>8} | {'staged':>8} | {'bare gRPC':>9} | "
             f"{'gRPC CPU s/GB get, put, bare':>28}"
         )
         rows = {}
@@ -383,7 +402,8 @@ def main() -> None:
                 f"{name + f' {size:,} B':>22} | {r['memcpy'] / GB:6.2f}GB/s | {r['shm_get'] / GB:6.2f}GB/s | "
                 f"{100 * r['shm_get'] / r['memcpy']:5.1f}% | {r['shm_put'] / GB:6.2f}GB/s | "
                 f"{r['grpc_get'] / GB:6.2f}GB/s | {100 * r['grpc_get'] / r['memcpy']:5.1f}% | "
-                f"{r['grpc_put'] / GB:6.2f}GB/s | {r['grpc_bare'] / GB:7.2f}GB/s | "
+                f"{r['grpc_put'] / GB:6.2f}GB/s | {r['grpc_staged'] / GB:6.2f}GB/s | "
+                f"{r['grpc_bare'] / GB:7.2f}GB/s | "
                 f"{r['grpc_get_cpu']:10.2f}, {r['grpc_put_cpu']:.2f}, {r['grpc_bare_cpu']:.2f}"
             )
         if "small" in parts:

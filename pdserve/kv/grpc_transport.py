@@ -300,7 +300,10 @@ class GrpcTransport(KVTransport):
         self, ranges: Sequence[ByteRange], out, *, trace_context=None
     ) -> list[bool]:
         """One GetStaged stream; each range's pieces are copied from the received message
-        into ``out[i]`` (one copy, without holding the GIL)."""
+        into ``out[i]`` (one copy, without holding the GIL). Several streams in flight
+        measured no faster (benchmarks/kv_transfer.py, "staged")."""
+        if len(ranges) != len(out):
+            raise ValueError(f"{len(ranges)} ranges but {len(out)} buffers")
         request = kvstore_pb2.GetStagedRequest(
             ranges=[kvstore_pb2.StagedRange(key=r.key, offset=r.offset, length=r.length) for r in ranges],
             trace_context=_trace(trace_context),

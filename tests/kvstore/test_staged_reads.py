@@ -171,6 +171,30 @@ def test_read_staged_into_follows_a_block_from_staged_to_stored(transport, serve
     assert store.stats().num_leases == 0
 
 
+def test_ranges_of_many_blocks_land_in_their_buffers_in_order(server):
+    """Every range of staged and stored blocks lands in its own buffer, in order, although the
+    ranges of one block are not adjacent (one hit per block); a buffer short is refused."""
+    store = server.node.store
+    for i in range(5, 9):
+        store.put(key(i), payload(i))  # stored
+    for i in range(1, 5):
+        store.write_piece(key(i), 0, payload(i)[:HALF])  # staged (every slot), half written
+    rpc = open_transport("grpc", server)
+    ranges = [ByteRange(key(i), o, 64) for o in (0, 512) for i in range(1, 9)]  # 8 apart
+    ranges.append(ByteRange(key(20), 0, 8))  # absent
+    out = [bytearray(r.length) for r in ranges]
+    hits, misses = store.stats().num_hits, store.stats().num_misses
+    assert rpc.read_staged_into(ranges, out) == [True] * 16 + [False]
+    assert [bytes(b) for b in out[:16]] == [
+        payload(r.key[-1])[r.offset : r.offset + 64] for r in ranges[:16]
+    ]
+    stats = store.stats()
+    assert (stats.num_hits - hits, stats.num_misses - misses, stats.num_leases) == (8, 1, 0)
+    with pytest.raises(ValueError):
+        rpc.read_staged_into(ranges, out[:-1])
+    rpc.close()
+
+
 def test_a_range_past_the_block_is_refused(transport):
     transport.put_blocks([(key(1), payload(1))])
     with pytest.raises(InvalidBlockError):
