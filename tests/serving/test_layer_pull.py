@@ -8,8 +8,12 @@ import pytest
 import xxhash
 from opentelemetry import trace
 
+from pdserve.kv.compression import KVGeometry
+from pdserve.tls import ClusterSecurity
+from pdserve.wire import KVSource
+from services.decode.fetch import KVFetcher
 from services.decode.layers import LayerPull, StagedLayers
-from services.decode.staged import StagedRanges
+from services.decode.staged import StagedPins, StagedRanges
 from tests.kvstore import helpers
 
 LAYERS, NBYTES = 3, 4
@@ -172,3 +176,34 @@ def test_ranges_read_each_group_in_one_get_staged_call_and_hold_nothing_between(
         assert (stats.num_hits - hits, stats.num_misses - misses) == (4, 1)
         assert stats.num_leases == 0 and kinds == ["grpc", "grpc"]  # one span per call
         transport.close()
+
+
+def test_the_transports_kind_picks_how_layers_are_read(tmp_path, redis_url, cluster_name):
+    """Shared memory: pinned in the segment; gRPC: GetStaged ranges, unless blocks are
+    int8-encoded on that wire (then none: whole blocks after the seal); no store: none."""
+
+    def span(kind: str) -> trace.Span:
+        return trace.get_tracer(__name__).start_span("kv.fetch")
+
+    def unreachable(source):
+        raise ConnectionError("no kvstore there")
+
+    geometry = KVGeometry(2, 16, 1, 64, "float32")
+    with helpers.running_server(tmp_path, redis_url, cluster_name) as server:
+        source = KVSource((), f"127.0.0.1:{server.port}", "node-a")
+
+        def picked(kind: str | None, int8: KVGeometry | None = None) -> type | None:
+            connect = (
+                unreachable if kind is None else lambda _: helpers.open_transport(kind, server)
+            )
+            fetcher = KVFetcher(
+                "node-b", allow_shm=True, timeout_s=5.0, security=ClusterSecurity(),
+                connect=connect, int8_geometry=int8,
+            )  # fmt: skip
+            reads = fetcher.staged_reads(source, span)
+            fetcher.close()
+            return None if reads is None else type(reads)
+
+        assert picked("shm") is StagedPins and picked("shm", geometry) is StagedPins
+        assert picked("grpc") is StagedRanges and picked("grpc", geometry) is None
+        assert picked(None) is None
