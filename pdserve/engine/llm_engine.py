@@ -343,10 +343,12 @@ class LLMEngine:
 
     def cost_report(self) -> dict[str, float]:
         """What the router's cost model reads from the heartbeat: the learned step costs and
-        how this engine chunks prompts (0: no step target, no drain time)."""
+        how this engine chunks prompts (its token budget per step; 0: no step target, no drain
+        time)."""
         c = self.config
         return {
             **self.step_costs.report(),
+            "max_num_batched_tokens": c.max_num_batched_tokens,
             "target_step_s": c.target_step_s or 0.0,
             "prompt_drain_s": c.prompt_drain_s or 0.0,
         }

@@ -68,6 +68,7 @@ class WorkerLoad:
     # queued prompts; None: not reported, the CostModel's prior applies.
     target_step_s: float | None = None
     prompt_drain_s: float | None = None
+    max_step_tokens: int | None = None  # its token budget per step (reported; None: the prior)
     min_output_tokens: int = 0  # shortest whole output among its running streams (0: unknown)
 
     @property
@@ -104,6 +105,9 @@ def worker_load(
         prompt_step_s=float(report.get("prompt_step_s", 0.0)),
         target_step_s=reported("target_step_s"),
         prompt_drain_s=reported("prompt_drain_s"),
+        max_step_tokens=int(report["max_num_batched_tokens"])
+        if report.get("max_num_batched_tokens")
+        else None,
         min_output_tokens=min_output_tokens,
     )
 
@@ -172,7 +176,7 @@ class CostModel:
 
     prefill_tokens_per_s: float = 2000.0  # prompt throughput of a worker that reported none
     decode_step_s: float = 0.05  # decode-only step of a worker that reported none
-    max_chunk_tokens: int = 512  # the decode worker's token budget per step
+    max_chunk_tokens: int = 512  # a decode worker's token budget per step, until it reports its own
     target_step_s: float = 0.1  # a decode worker's step target, until it reports its own
     prompt_drain_s: float | None = 0.5  # its time to drain queued prompts, likewise
     handoff_s: float = 0.02  # fixed cost of a handoff (decode RPC, last layer's transfer)
@@ -230,13 +234,14 @@ def local_chunk_tokens(decode: WorkerLoad, uncached_tokens: int, costs: CostMode
     the engine's own budget (``StepCosts.step_budget``) from what the worker reports."""
     target = costs.target_step_s if decode.target_step_s is None else decode.target_step_s
     drain = costs.prompt_drain_s if decode.prompt_drain_s is None else decode.prompt_drain_s
+    max_tokens = decode.max_step_tokens or costs.max_chunk_tokens
     budget = _step_costs(decode, costs).step_budget(
         target or None,
         drain or None,
-        costs.max_chunk_tokens,
+        max_tokens,
         decode.queued_prefill_tokens + uncached_tokens,
     )
-    return costs.max_chunk_tokens if budget is None else budget
+    return max_tokens if budget is None else budget
 
 
 def _local_prefill(

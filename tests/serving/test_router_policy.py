@@ -108,6 +108,24 @@ def test_cost_local_chunks_are_the_decode_workers_own_budget():
     assert local_chunk_tokens(dataclasses.replace(BUSY, target_step_s=0.0), 600, COSTS) == 512
 
 
+def test_cost_local_chunks_never_exceed_the_budget_the_decode_worker_reports():
+    """A decode worker capped at 128 tokens a step (a disaggregated stack's) prefills a long
+    prompt in 128-token chunks, whatever the router's prior for an unreported budget."""
+    report = {"running": 8, "step_s": 0.04, "prompt_tokens_per_s": 1000.0,
+              "target_step_s": 0.0, "prompt_drain_s": 0.0, "max_num_batched_tokens": 128}  # fmt: skip
+    capped = worker_load("d", report, 64)
+    assert capped.max_step_tokens == 128
+    assert local_chunk_tokens(capped, 600, COSTS) == 128
+    assert local_step_s(capped, 600, COSTS) == pytest.approx(0.04 + 0.128)
+    draining = dataclasses.replace(capped, prompt_drain_s=1.0)
+    assert local_chunk_tokens(draining, 900, COSTS) == 128  # the drain grows it up to the cap
+    unreported = worker_load(
+        "d", {k: v for k, v in report.items() if k != "max_num_batched_tokens"}, 64
+    )
+    assert unreported.max_step_tokens is None
+    assert local_chunk_tokens(unreported, 600, COSTS) == 512
+
+
 def test_cost_a_prompt_steps_fixed_cost_counts_once_per_chunk():
     """A CPU decode worker on 4-bit weights pays ~90 ms for any step carrying prompt tokens."""
     costly = dataclasses.replace(BUSY, step_s=0.05, prompt_step_s=0.09, prompt_drain_s=0.6)

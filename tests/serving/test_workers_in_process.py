@@ -222,6 +222,8 @@ def test_both_workers_share_the_job_table_and_registry_entry(store, checkpoint):
         assert (info.worker_id, info.role, info.node_id) == (worker.worker_id, role, "n")
         assert set(info.capacity) == capacity and info.capacity["num_blocks"] == ENGINE_BLOCKS
         assert {"running", "waiting", "num_free_blocks", "step_ms"} <= set(info.load)
+        # the router sizes a local prefill's chunks by the budget the worker reports
+        assert info.load["max_num_batched_tokens"] == worker.settings.engine.max_num_batched_tokens
     decode.start()
     prefill.start()
     decode.stop()
