@@ -10,12 +10,13 @@ Targets (``--targets``, comma-separated; the default runs all but disaggregated-
 - disaggregated: ``pdserve up --prefill 1 --decode 1`` with prefill and decode pinned to
   different cores (when the machine has two or more), the router's default policy (``cost``:
   a prompt is prefilled where its first token is predicted sooner, so the decode worker
-  computes short prompts and some long ones itself).
+  computes short prompts and some long ones itself), the decode worker's steps capped at
+  128 tokens (``pdserve up``'s default beside prefill workers).
 - disaggregated-strict: the same stack, every prompt prefilled on the prefill worker (router
   ``disaggregation_policy=threshold``, ``disagg_threshold_tokens=0``).
-- disaggregated-chunk128: the default policy, the decode worker's steps capped at 128 tokens
-  (``max_num_batched_tokens``; its default is 512), so a prompt it computes itself stretches
-  its running streams' steps less.
+- disaggregated-chunk512: the same, the decode worker's steps at the engine's default budget
+  of 512 tokens (``max_num_batched_tokens``), as ``pdserve up`` ran before the cap: a prompt
+  it computes itself stretches its running streams' steps up to four times as long.
 - colocated: ``pdserve up --prefill 0 --decode 1`` (the decode worker prefills locally),
   on all the cores the disaggregated stack uses.
 
@@ -28,7 +29,7 @@ TTFT <= --slo-ttft-s and TPOT <= --slo-tpot-s), plus a handoff probe: TTFT of a 
 prompt on each idle stack (``pdserve bench`` on three such requests, 3 s apart).
 
     .venv/bin/python benchmarks/serving.py --num-requests 64 --rate 2.0 \
-        --targets disaggregated,disaggregated-chunk128,colocated --out benchmarks/serving
+        --targets disaggregated,disaggregated-chunk512,colocated --out benchmarks/serving
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ TARGETS: dict[str, tuple[int, dict[str, str]]] = {
         "PDSERVE_ROUTER_DISAGGREGATION_POLICY": "threshold",
         "PDSERVE_ROUTER_DISAGG_THRESHOLD_TOKENS": "0",
     }),
-    "disaggregated-chunk128": (1, {"PDSERVE_DECODE_MAX_NUM_BATCHED_TOKENS": "128"}),
+    "disaggregated-chunk512": (1, {"PDSERVE_DECODE_MAX_NUM_BATCHED_TOKENS": "512"}),
     "colocated": (0, {}),
 }  # fmt: skip
 
@@ -134,7 +135,7 @@ def main() -> None:
     ap.add_argument("--slo-tpot-s", type=float, default=0.2)
     ap.add_argument(
         "--targets",
-        default="disaggregated,disaggregated-chunk128,colocated",
+        default="disaggregated,disaggregated-chunk512,colocated",
         help=", ".join(TARGETS),
     )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/serving"))

@@ -99,6 +99,14 @@ class Child:
     log_path: Path
 
 
+# A decode worker beside prefill workers still prefills what the router keeps local (short
+# prompts, long ones while the prefill pool is busy); its prompt chunks then stall every
+# running stream for a step, and a 512-token chunk takes 0.6-1.2 s on one CPU core. Capped at
+# 128 tokens its streams' ITL p99 fell to 0.38-0.58x colocated's at equal goodput or better
+# (README, "Serving benchmark at equal cores"); the router reads the cap from its heartbeat.
+DISAGGREGATED_DECODE_STEP_TOKENS = 128
+
+
 @dataclass
 class StackConfig:
     num_prefill: int = 1
@@ -195,6 +203,19 @@ class Stack:
             env.update(self.pki.env(role))
         return env
 
+    def _engine_env(self, name: str, role: str, env: Mapping[str, str]) -> dict[str, str]:
+        """What the launcher decides for one engine worker: its kvstore, and unless the
+        operator set them (in the environment or the stack's ``env``) its threads (its share
+        of the cores) and, for a decode worker beside prefill workers, its step budget."""
+        p = f"PDSERVE_{role.upper()}_"
+        defaults = {f"{p}NUM_THREADS": str(self.cpu_layout[name].num_threads)}
+        if role == "decode" and self.config.num_prefill:
+            defaults[f"{p}MAX_NUM_BATCHED_TOKENS"] = str(DISAGGREGATED_DECODE_STEP_TOKENS)
+        chosen = {k: v for k, v in defaults.items() if k not in os.environ and k not in env}
+        if role == "prefill":
+            chosen[f"{p}KVSTORE_ADDRESS"] = self.kvstore_address
+        return chosen
+
     def _lay_out_engines(self) -> None:
         """Each engine worker's cores and threads (pdserve/cpu_layout.py)."""
         cfg = self.config
@@ -235,12 +256,7 @@ class Stack:
             for i in range(count):
                 port = self._port(grpc_default if i == 0 else 0)
                 env = self._service_env(role, port, self._port(http_default if i == 0 else 0))
-                threads_var = f"PDSERVE_{role.upper()}_NUM_THREADS"
-                if threads_var not in os.environ:  # the operator's own choice wins
-                    threads = self.cpu_layout[f"{role}-{i}"].num_threads
-                    env.setdefault(threads_var, str(threads))
-                if role == "prefill":
-                    env["PDSERVE_PREFILL_KVSTORE_ADDRESS"] = self.kvstore_address
+                env.update(self._engine_env(f"{role}-{i}", role, env))
                 self._spawn(f"{role}-{i}", role, [sys.executable, "-m", f"services.{role}"],
                             env, port)  # fmt: skip
         port = pick_port(cfg.grpc_port if cfg.default_ports else 0)

@@ -19,7 +19,7 @@ needs_two_cpus = pytest.mark.skipif(len(CPUS) < 2, reason="the split needs two C
 def test_disaggregated_targets_split_the_cores_and_differ_only_in_their_settings(tmp_path):
     half = len(CPUS) // 2
     configs = {t: serving.stack_config(t, CPUS, {}, tmp_path) for t in serving.TARGETS}
-    for target in ("disaggregated", "disaggregated-strict", "disaggregated-chunk128"):
+    for target in ("disaggregated", "disaggregated-strict", "disaggregated-chunk512"):
         config = configs[target]
         assert config.num_prefill == 1
         assert config.cpu_affinity == {"prefill": set(CPUS[:half]), "decode": set(CPUS[half:])}
@@ -30,7 +30,7 @@ def test_disaggregated_targets_split_the_cores_and_differ_only_in_their_settings
     strict = configs["disaggregated-strict"].env
     assert strict["PDSERVE_ROUTER_DISAGGREGATION_POLICY"] == "threshold"
     assert strict["PDSERVE_ROUTER_DISAGG_THRESHOLD_TOKENS"] == "0"
-    assert configs["disaggregated-chunk128"].env["PDSERVE_DECODE_MAX_NUM_BATCHED_TOKENS"] == "128"
+    assert configs["disaggregated-chunk512"].env["PDSERVE_DECODE_MAX_NUM_BATCHED_TOKENS"] == "512"
     assert not any("ROUTER" in k or "BATCHED" in k for k in configs["disaggregated"].env)
 
 

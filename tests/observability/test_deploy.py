@@ -7,6 +7,7 @@ ports, metrics) is checked against the modules that define it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -20,6 +21,7 @@ import yaml
 from pydantic import AliasChoices
 
 from pdserve import metrics
+from pdserve.engine.engine_config import EngineConfig
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
@@ -64,6 +66,9 @@ def env_names(cls) -> dict[str, str]:
                     names[(prefix + choice).upper()] = field_name
         elif isinstance(alias, str):
             names[alias.upper()] = field_name
+        elif field_name == "engine":  # a worker's engine fields keep their flat names
+            for engine_field in dataclasses.fields(EngineConfig):
+                names[(prefix + engine_field.name).upper()] = f"engine.{engine_field.name}"
         else:
             names[(prefix + field_name).upper()] = field_name
     return names
@@ -127,7 +132,9 @@ def test_every_pdserve_env_var_is_a_setting_the_service_reads(compose, monkeypat
         for key, value in env.items():
             field = known.get(key.upper())
             if field is not None:
-                got = getattr(settings, field)
+                got = settings
+                for part in field.split("."):  # engine.<field> for a worker's engine
+                    got = getattr(got, part)
                 assert str(got).lower() == value.lower(), f"{name}: {key}={value} read as {got!r}"
         assert settings.otlp_endpoint == env["OTEL_EXPORTER_OTLP_ENDPOINT"]
 
