@@ -38,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pdserve.engine import step_log  # noqa: E402
+from pdserve.engine.engine_config import EngineConfig  # noqa: E402
 from pdserve.engine.step_costs import StepCosts  # noqa: E402
 from pdserve.launcher import Stack, StackConfig, parse_cpu_affinity  # noqa: E402
 from pdserve.sim.cluster import SimConfig, Simulator  # noqa: E402
@@ -79,9 +80,13 @@ def step_logs(out: Path, mode: str) -> dict[str, Path]:
 
 def stack_config(mode: str, name: str, out: Path) -> StackConfig:
     num_prefill, affinity = MODES[mode]
+    # Both roles at the engine's token budget: the profile fits, and the simulator gives, one
+    # budget to every replica (pdserve up would cap a decode worker beside prefill workers).
+    budget = str(EngineConfig.max_num_batched_tokens)
     env = {"PDSERVE_PREFILL_NUM_THREADS": "1", "PDSERVE_DECODE_NUM_THREADS": "1",
-           "PDSERVE_LOG_LEVEL": "warning", **{f"PDSERVE_{role}_QUANTIZATION": QUANTIZATION
-                                              for role in ("PREFILL", "DECODE", "KVSTORE")}}  # fmt: skip
+           "PDSERVE_LOG_LEVEL": "warning", "PDSERVE_DECODE_MAX_NUM_BATCHED_TOKENS": budget,
+           **{f"PDSERVE_{role}_QUANTIZATION": QUANTIZATION
+              for role in ("PREFILL", "DECODE", "KVSTORE")}}  # fmt: skip
     logs = step_logs(out, mode)
     (out / "steps").mkdir(parents=True, exist_ok=True)
     for worker_id, path in logs.items():
