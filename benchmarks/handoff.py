@@ -4,8 +4,9 @@ prefill worker on the same pinned core (disaggregated), side by side in one run.
     python benchmarks/handoff.py [--prompt-tokens 1024] [--reps 5] [--core 0] [--decode-core 1]
         [--layer-groups 4]
 
-One ``pdserve up`` stack (kvstore, one prefill, one decode, each engine on one thread, both
-workers pinned to ``--core``, or the decode worker to ``--decode-core``); the script talks to the workers directly, so the router's
+One ``pdserve up`` stack (kvstore, one prefill, one decode, each engine on one thread and
+``--step-tokens`` a step, both workers pinned to ``--core``, or the decode worker to
+``--decode-core``); the script talks to the workers directly, so the router's
 scheduling is not in the figure. Per repetition, in rotating order, a fresh prompt (nothing
 cached anywhere) goes:
 
@@ -128,6 +129,11 @@ def main() -> None:
         "--quantization", default="auto", help="the workers' weights (auto: int4 on bf16 CPUs)"
     )
     ap.add_argument(
+        "--step-tokens", type=int, default=512,
+        help="both workers' max_num_batched_tokens: colocated and disaggregated compute the same "
+        "chunks (pdserve up would cap a decode worker beside prefill workers at 128)",
+    )  # fmt: skip
+    ap.add_argument(
         "--layer-groups", type=int, default=4,
         help="the prefill's handoff_layer_groups (0: blocks move only after their step's seal)",
     )  # fmt: skip
@@ -137,6 +143,8 @@ def main() -> None:
         "PDSERVE_PREFILL_HANDOFF_LAYER_GROUPS": str(args.layer_groups),
         "PDSERVE_PREFILL_NUM_THREADS": "1", "PDSERVE_DECODE_NUM_THREADS": "1",
         "PDSERVE_DECODE_KV_FETCH_TIMEOUT_S": "30",
+        "PDSERVE_PREFILL_MAX_NUM_BATCHED_TOKENS": str(args.step_tokens),
+        "PDSERVE_DECODE_MAX_NUM_BATCHED_TOKENS": str(args.step_tokens),
         "PDSERVE_PREFILL_QUANTIZATION": args.quantization,
         "PDSERVE_DECODE_QUANTIZATION": args.quantization,
     }  # fmt: skip
@@ -167,8 +175,9 @@ def main() -> None:
               + " ".join(f"{t * 1000:.0f}" for t in ttfts[mode]))  # fmt: skip
     print(
         f"handoff: SmolLM2-135M (quantization {args.quantization}), {args.prompt_tokens}-token "
-        f"prompt, layer groups {args.layer_groups}, prefill pinned to core {args.core}, decode "
-        f"to core {decode_core} (1 thread each), {args.reps} reps, {cpu_model()}; "
+        f"prompt, {args.step_tokens}-token steps, layer groups {args.layer_groups}, prefill "
+        f"pinned to core {args.core}, decode to core {decode_core} (1 thread each), "
+        f"{args.reps} reps, {cpu_model()}; "
         f"overlapped/colocated TTFT {med['overlapped'] / med['colocated']:.3f}x (target <= 1.05), "
         f"sequential/colocated {med['sequential'] / med['colocated']:.3f}x; median of per-rep "
         f"ratios {paired['overlapped']:.3f}x / {paired['sequential']:.3f}x; "
