@@ -14,9 +14,10 @@ Targets (``--targets``, comma-separated; the default runs all but disaggregated-
   128 tokens (``pdserve up``'s default beside prefill workers).
 - disaggregated-strict: the same stack, every prompt prefilled on the prefill worker (router
   ``disaggregation_policy=threshold``, ``disagg_threshold_tokens=0``).
-- disaggregated-chunk512: the same, the decode worker's steps at the engine's default budget
-  of 512 tokens (``max_num_batched_tokens``), as ``pdserve up`` ran before the cap: a prompt
-  it computes itself stretches its running streams' steps up to four times as long.
+- disaggregated-chunkN: the same, the decode worker's steps capped at N tokens
+  (``max_num_batched_tokens``); disaggregated-chunk512 is the engine's default budget, as
+  ``pdserve up`` ran before its cap: a prompt the decode worker computes itself then stretches
+  its running streams' steps up to four times as long.
 - colocated: ``pdserve up --prefill 0 --decode 1`` (the decode worker prefills locally),
   on all the cores the disaggregated stack uses.
 
@@ -67,9 +68,19 @@ TARGETS: dict[str, tuple[int, dict[str, str]]] = {
         "PDSERVE_ROUTER_DISAGGREGATION_POLICY": "threshold",
         "PDSERVE_ROUTER_DISAGG_THRESHOLD_TOKENS": "0",
     }),
-    "disaggregated-chunk512": (1, {"PDSERVE_DECODE_MAX_NUM_BATCHED_TOKENS": "512"}),
     "colocated": (0, {}),
 }  # fmt: skip
+CHUNK_TARGET = "disaggregated-chunk"  # + N: the decode worker's steps capped at N tokens
+
+
+def target_settings(target: str) -> tuple[int, dict[str, str]]:
+    """A target's number of prefill workers and settings (``TARGETS`` or ``CHUNK_TARGET`` N)."""
+    if target in TARGETS:
+        return TARGETS[target]
+    budget = target.removeprefix(CHUNK_TARGET)
+    if target.startswith(CHUNK_TARGET) and budget.isdigit() and int(budget) >= 1:
+        return 1, {"PDSERVE_DECODE_MAX_NUM_BATCHED_TOKENS": budget}
+    raise ValueError(f"unknown target {target!r} (known: {', '.join(TARGETS)}, {CHUNK_TARGET}N)")
 
 
 def stack_config(target: str, cpus: list[int], settings: dict[str, str],
@@ -77,7 +88,7 @@ def stack_config(target: str, cpus: list[int], settings: dict[str, str],
     """The stack of one target on ``cpus``: a prefill worker on the first half and the decode
     worker on the second (when there are two or more), else the decode worker on all of them;
     ``settings`` (``--set``) over the target's own; each worker's step log in ``step_logs``."""
-    num_prefill, target_env = TARGETS[target]
+    num_prefill, target_env = target_settings(target)
     spec = lambda c: ",".join(map(str, c))  # noqa: E731
     if num_prefill and len(cpus) >= 2:
         p_cpus, d_cpus = cpus[: len(cpus) // 2], cpus[len(cpus) // 2 :]
@@ -136,7 +147,7 @@ def main() -> None:
     ap.add_argument(
         "--targets",
         default="disaggregated,disaggregated-chunk512,colocated",
-        help=", ".join(TARGETS),
+        help=", ".join([*TARGETS, f"{CHUNK_TARGET}N"]),
     )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/serving"))
     ap.add_argument("--step-logs", type=Path, default=None,
@@ -158,9 +169,13 @@ def main() -> None:
     save(probe, [Request(3.0 * i, 512, 1) for i in range(3)])
     rows, probes = [], {}
     started = time.gmtime(), os.getloadavg()[0]
-    for target in args.targets.split(","):
-        if target not in TARGETS:
-            raise SystemExit(f"unknown target {target!r} (known: {', '.join(TARGETS)})")
+    targets = args.targets.split(",")
+    for target in targets:  # every name checked before the first stack starts
+        try:
+            target_settings(target)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+    for target in targets:
         print(f"running {target} ...", flush=True)
         res, probe_res = run_stack(target, args, workload, probe)
         rows.append(row(target, res))

@@ -18,7 +18,8 @@ needs_two_cpus = pytest.mark.skipif(len(CPUS) < 2, reason="the split needs two C
 @needs_two_cpus
 def test_disaggregated_targets_split_the_cores_and_differ_only_in_their_settings(tmp_path):
     half = len(CPUS) // 2
-    configs = {t: serving.stack_config(t, CPUS, {}, tmp_path) for t in serving.TARGETS}
+    targets = [*serving.TARGETS, "disaggregated-chunk512"]
+    configs = {t: serving.stack_config(t, CPUS, {}, tmp_path) for t in targets}
     for target in ("disaggregated", "disaggregated-strict", "disaggregated-chunk512"):
         config = configs[target]
         assert config.num_prefill == 1
@@ -32,6 +33,14 @@ def test_disaggregated_targets_split_the_cores_and_differ_only_in_their_settings
     assert strict["PDSERVE_ROUTER_DISAGG_THRESHOLD_TOKENS"] == "0"
     assert configs["disaggregated-chunk512"].env["PDSERVE_DECODE_MAX_NUM_BATCHED_TOKENS"] == "512"
     assert not any("ROUTER" in k or "BATCHED" in k for k in configs["disaggregated"].env)
+
+
+@pytest.mark.parametrize(
+    "name", ["disaggregated-chunk", "disaggregated-chunk0", "chunk64", "split"]
+)
+def test_an_unknown_target_is_refused_with_the_known_names(name):
+    with pytest.raises(ValueError, match="known: disaggregated, .*disaggregated-chunkN"):
+        serving.target_settings(name)
 
 
 def test_colocated_runs_one_decode_worker_on_every_core_with_the_settings_given():
