@@ -29,9 +29,10 @@ class PrefillSettings(WorkerSettings):
         "auto", description="auto: shared memory when the kvstore is on this host, else gRPC"
     )
     kv_timeout_s: float = Field(30.0, gt=0, description="one kvstore call (lookup, get, put)")
-    # Opt-in: with both workers on one core the handoff measured 1.18x colocated with 4 groups
-    # against 1.12x without (benchmarks/handoff.py). The pulls are leased kvstore reads now
-    # (services/decode/staged.py); the default waits for a measurement that favours them.
+    # Opt-in: with both workers on one core the handoff measured 1.07x colocated with 4 groups
+    # against 1.04x without (benchmarks/handoff.py, leased pulls): on a shared core an early
+    # pull takes the core from the next layers' compute. The default waits for a measurement
+    # with the workers on their own cores that favours them.
     handoff_layer_groups: int = Field(
         0, ge=0,
         description="a step's layers are announced to a following decode worker in this many "
