@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument(
         "--step-tokens", type=int, default=512,
         help="both workers' max_num_batched_tokens: colocated and disaggregated compute the same "
-        "chunks (pdserve up would cap a decode worker beside prefill workers at 128)",
+        "chunks (pdserve up would cap a decode worker beside prefill workers at 64)",
     )  # fmt: skip
     ap.add_argument(
         "--layer-groups", type=int, default=4,

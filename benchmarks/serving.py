@@ -11,7 +11,7 @@ Targets (``--targets``, comma-separated; the default runs all but disaggregated-
   different cores (when the machine has two or more), the router's default policy (``cost``:
   a prompt is prefilled where its first token is predicted sooner, so the decode worker
   computes short prompts and some long ones itself), the decode worker's steps capped at
-  128 tokens (``pdserve up``'s default beside prefill workers).
+  64 tokens (``pdserve up``'s default beside prefill workers).
 - disaggregated-strict: the same stack, every prompt prefilled on the prefill worker (router
   ``disaggregation_policy=threshold``, ``disagg_threshold_tokens=0``).
 - disaggregated-chunkN: the same, the decode worker's steps capped at N tokens

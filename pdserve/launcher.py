@@ -101,10 +101,11 @@ class Child:
 
 # A decode worker beside prefill workers still prefills what the router keeps local (short
 # prompts, long ones while the prefill pool is busy); its prompt chunks then stall every
-# running stream for a step, and a 512-token chunk takes 0.6-1.2 s on one CPU core. Capped at
-# 128 tokens its streams' ITL p99 fell to 0.38-0.58x colocated's at equal goodput or better
-# (README, "Serving benchmark at equal cores"); the router reads the cap from its heartbeat.
-DISAGGREGATED_DECODE_STEP_TOKENS = 128
+# running stream for a step, and a 512-token chunk takes 0.6-1.2 s on one CPU core. At 64
+# tokens a step its streams' ITL p99 was 0.24-0.30x colocated's at equal or better goodput;
+# at 128, 0.42-0.61x (README, "Serving benchmark at equal cores"). The router reads the cap
+# from the worker's heartbeat and predicts its local prefills with it.
+DISAGGREGATED_DECODE_STEP_TOKENS = 64
 
 
 @dataclass

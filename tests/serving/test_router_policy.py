@@ -109,7 +109,7 @@ def test_cost_local_chunks_are_the_decode_workers_own_budget():
 
 
 def test_cost_local_chunks_never_exceed_the_budget_the_decode_worker_reports():
-    """A decode worker capped at 128 tokens a step (a disaggregated stack's) prefills a long
+    """A decode worker capped at 128 tokens a step prefills a long
     prompt in 128-token chunks, whatever the router's prior for an unreported budget."""
     report = {"running": 8, "step_s": 0.04, "prompt_tokens_per_s": 1000.0,
               "target_step_s": 0.0, "prompt_drain_s": 0.0, "max_num_batched_tokens": 128}  # fmt: skip
