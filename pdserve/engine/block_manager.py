@@ -1,9 +1,15 @@
 """Paged KV block allocator with reference counts and a prefix cache. Pure Python.
 
 Invariants:
-- A block is *free* when its ref_count is 0. Free blocks live in exactly one of two places:
-  `_free_uncached` (hold nothing reusable; handed out first) or `_evictable` (hold a
-  registered full block; ordered least-recently-used first, evicted from the front).
+- A block is *free* when its ref_count is 0. A free block either holds nothing reusable (it
+  is in `_free_uncached`, handed out first) or holds a registered full block (it is
+  *evictable*; evicted least-recently-used first).
+- The LRU order is `_lru`, a deque of block ids, oldest on the left, where an evictable block's
+  position is its last entry; `_lru_entries[b]` counts the entries of block b. Making a block
+  evictable (or touching it) appends an entry; taking it out (a prefix hit) leaves its entry,
+  which is skipped when it surfaces (the block is not evictable or has a later entry). A deque
+  entry costs a third of an `OrderedDict` node on the hot paths (free, evict), and the deque
+  is compacted when skipped entries outnumber the pool.
 - `_cached` maps a block key to the one block holding it; that block's `token_ids` are the
   block's tokens, compared on every hit so a key hit can never serve foreign tokens.
 - A sequence releases its blocks tail-first, so a prefix's head blocks outlive its tail
@@ -17,7 +23,7 @@ object and its attribute, and a pool is three lists to build. `blocks` gives rea
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
@@ -62,7 +68,9 @@ class BlockManager:
         self._keys: list[BlockKey | None] = [None] * num_blocks
         self._token_ids: list[tuple[int, ...] | None] = [None] * num_blocks
         self._free_uncached: deque[int] = deque(range(num_blocks))
-        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._lru: deque[int] = deque()
+        self._lru_entries = [0] * num_blocks
+        self._num_evictable = 0
         self._cached: dict[BlockKey, int] = {}
         self.num_evictions = 0
         self.num_reserved_blocks = 0  # held by KV loads (`reserve`) until `release_reserved`
@@ -84,7 +92,7 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_uncached) + len(self._evictable)
+        return len(self._free_uncached) + self._num_evictable
 
     @property
     def num_cached_blocks(self) -> int:
@@ -115,34 +123,27 @@ class BlockManager:
             block_tokens.append(tokens)
         return parent
 
-    def cached_prefix(self, seq: Sequence) -> list[tuple[BlockKey, int]]:
-        """(key, block id) of the longest cached prefix of `seq`, never covering its last token
-        (at least one token must be computed to produce logits)."""
+    def cached_prefix(self, seq: Sequence) -> list[int]:
+        """The block ids of the longest cached prefix of `seq` (their keys are the first ones of
+        ``seq.key_chain``), never covering its last token (at least one token must be computed
+        to produce logits)."""
         if not self.enable_prefix_caching:
             return []
-        hits: list[tuple[BlockKey, int]] = []
+        hits: list[int] = []
         cached, token_ids = self._cached, self._token_ids
         chain, block_tokens = seq.key_chain, seq.block_tokens
         for i in range((seq.num_tokens - 1) // self.block_size):
             key = chain[i] if i < len(chain) else self.block_key(seq, i)
             block_id = cached.get(key)
-            if block_id is None or token_ids[block_id] != block_tokens[i]:
+            if block_id is None:
                 break
-            hits.append((key, block_id))
+            held = token_ids[block_id]  # (the very tuple, often: no need to compare tokens)
+            if held is not block_tokens[i] and held != block_tokens[i]:
+                break
+            hits.append(block_id)
         return hits
 
     # -- allocation ------------------------------------------------------------------------
-    def _take_free_block(self) -> int:
-        if self._free_uncached:
-            return self._free_uncached.popleft()
-        block_id, _ = self._evictable.popitem(last=False)
-        key = self._keys[block_id]
-        assert key is not None
-        del self._cached[key]
-        self._keys[block_id] = self._token_ids[block_id] = None
-        self.num_evictions += 1
-        return block_id
-
     def _take_free_blocks(self, num_blocks: int) -> list[int]:
         """``num_blocks`` free blocks, each now referenced once (the caller checked the pool
         has them); uncached ones first, then evicting least-recently-used cached ones."""
@@ -152,16 +153,45 @@ class BlockManager:
             ref_counts[block_id] = 1
         num_evicted = num_blocks - len(block_ids)
         if num_evicted:
-            pop_oldest, cached, append = self._evictable.popitem, self._cached, block_ids.append
-            keys, token_ids = self._keys, self._token_ids
+            pop_oldest, entries, cached = self._lru.popleft, self._lru_entries, self._cached
+            keys, token_ids, append = self._keys, self._token_ids, block_ids.append
             for _ in range(num_evicted):
-                block_id, _ = pop_oldest(False)  # (positional: the oldest)
+                while True:  # skip entries of blocks taken out or appended again since
+                    block_id = pop_oldest()
+                    later = entries[block_id] = entries[block_id] - 1
+                    if not later and not ref_counts[block_id] and keys[block_id] is not None:
+                        break
                 del cached[keys[block_id]]
                 keys[block_id] = token_ids[block_id] = None
                 ref_counts[block_id] = 1
                 append(block_id)
             self.num_evictions += num_evicted
+            self._num_evictable -= num_evicted
         return block_ids
+
+    def _append_evictable(self, block_ids: list[int]) -> None:
+        """Make free registered blocks evictable, the last of them the most recently used."""
+        lru, entries = self._lru, self._lru_entries
+        lru.extend(block_ids)
+        for block_id in block_ids:
+            entries[block_id] += 1
+        self._num_evictable += len(block_ids)
+        if len(lru) > 2 * self.num_blocks + 64:
+            self._compact_lru()
+
+    def _compact_lru(self) -> None:
+        """Drop the skipped entries: keep each evictable block's last entry, in order."""
+        ref_counts, keys = self._ref_counts, self._keys
+        kept, seen = [], set()
+        for block_id in reversed(self._lru):
+            if block_id not in seen and not ref_counts[block_id] and keys[block_id] is not None:
+                seen.add(block_id)
+                kept.append(block_id)
+        kept.reverse()
+        self._lru = deque(kept)
+        self._lru_entries = [0] * self.num_blocks
+        for block_id in kept:
+            self._lru_entries[block_id] = 1
 
     def admit(self, seq: Sequence, num_new_tokens: int) -> bool:
         """First allocation of a waiting sequence: reuse its cached prefix, then allocate room
@@ -172,18 +202,15 @@ class BlockManager:
         num_new_tokens = min(num_new_tokens, seq.num_tokens - num_cached_tokens)
         needed = self.blocks_needed(num_cached_tokens + num_new_tokens) - len(hits)
         ref_counts = self._ref_counts
-        reusable_free = [ref_counts[b] for _, b in hits].count(0)
+        reusable_free = [ref_counts[b] for b in hits].count(0)
         if needed > self.num_free_blocks - reusable_free:
             return False
-        evictable, table = self._evictable, seq.block_table
-        for _, block_id in hits:  # a cached block is evictable while nothing references it
-            ref_count = ref_counts[block_id]
-            if ref_count == 0:
-                evictable.pop(block_id, None)
-            ref_counts[block_id] = ref_count + 1
-            table.append(block_id)
-        seq.block_keys.extend(key for key, _ in hits)
-        seq.block_table.extend(self._take_free_blocks(needed))
+        for block_id in hits:  # (a cached block is evictable while nothing references it)
+            ref_counts[block_id] += 1
+        self._num_evictable -= reusable_free
+        seq.block_table += hits
+        seq.block_keys += seq.key_chain[: len(hits)]
+        seq.block_table += self._take_free_blocks(needed)
         seq.num_computed_tokens = num_cached_tokens
         seq.num_cached_tokens = num_cached_tokens
         return True
@@ -214,15 +241,15 @@ class BlockManager:
         for key, block_id, tokens in zip(
             new_keys, seq.block_table[first:end], seq.block_tokens[first:end], strict=True
         ):
-            if key not in cached and block_keys[block_id] is None:
+            # (one probe of the index: ``setdefault`` returns this very id when it added it)
+            if block_keys[block_id] is None and cached.setdefault(key, block_id) is block_id:
                 block_keys[block_id] = key
                 token_ids[block_id] = tokens
-                cached[key] = block_id
 
     def free(self, seq: Sequence) -> None:
         """Release every block of `seq`, tail first; resets its table."""
-        ref_counts, keys = self._ref_counts, self._keys
-        uncached, evictable = self._free_uncached, self._evictable
+        ref_counts, keys, uncached = self._ref_counts, self._keys, self._free_uncached
+        evictable: list[int] = []
         for block_id in reversed(seq.block_table):
             ref_count = ref_counts[block_id] = ref_counts[block_id] - 1
             if ref_count <= 0:
@@ -231,7 +258,9 @@ class BlockManager:
                 if keys[block_id] is None:
                     uncached.append(block_id)
                 else:
-                    evictable[block_id] = None
+                    evictable.append(block_id)
+        if evictable:
+            self._append_evictable(evictable)
         seq.block_table = []
         seq.block_keys = []
 
@@ -240,8 +269,10 @@ class BlockManager:
         return self._cached.get(key)
 
     def touch(self, block_id: int) -> None:
-        if block_id in self._evictable:
-            self._evictable.move_to_end(block_id)
+        """Make an evictable block the most recently used."""
+        if not self._ref_counts[block_id] and self._keys[block_id] is not None:
+            self._num_evictable -= 1  # (counted again as it is appended)
+            self._append_evictable([block_id])
 
     def insert_cached_block(self, key: BlockKey, token_ids: SequenceABC[int]) -> int | None:
         """Reserve a free block to hold an imported block under `key`; returns its id (the
@@ -249,10 +280,11 @@ class BlockManager:
         free. The block is left unreferenced and evictable."""
         if key in self._cached or self.num_free_blocks == 0:
             return None
-        block_id = self._take_free_block()
+        [block_id] = self._take_free_blocks(1)
+        self._ref_counts[block_id] = 0
         self._keys[block_id], self._token_ids[block_id] = key, tuple(token_ids)
         self._cached[key] = block_id
-        self._evictable[block_id] = None
+        self._append_evictable([block_id])
         return block_id
 
     def reserve(self, num_blocks: int) -> list[int]:
@@ -270,27 +302,37 @@ class BlockManager:
         already cached by another block."""
         self.num_reserved_blocks -= len(block_ids)
         ref_counts, keys, block_tokens = self._ref_counts, self._keys, self._token_ids
-        index, evictable, uncached = self._cached, self._evictable, self._free_uncached
-        num_cached = len(cached) if self.enable_prefix_caching else 0
-        for i, block_id in enumerate(block_ids):
-            if i < num_cached and cached[i][0] not in index:
-                key, token_ids = cached[i]
-                keys[block_id], block_tokens[block_id] = key, tuple(token_ids)
-                index[key] = block_id
+        index, uncached = self._cached, self._free_uncached
+        if self.enable_prefix_caching:
+            # (``cached`` may cover only the first blocks)
+            for block_id, (key, token_ids) in zip(block_ids, cached, strict=False):
+                if index.setdefault(key, block_id) is block_id:  # (it was not cached)
+                    keys[block_id], block_tokens[block_id] = key, tuple(token_ids)
+        evictable: list[int] = []
+        for block_id in block_ids:
             ref_count = ref_counts[block_id] = ref_counts[block_id] - 1
             if ref_count != 0:
                 raise AssertionError(f"reserved block {block_id} is shared")
             if keys[block_id] is None:
                 uncached.append(block_id)
             else:
-                evictable[block_id] = None
+                evictable.append(block_id)
+        if evictable:
+            self._append_evictable(evictable)
 
     def check_invariants(self) -> None:
-        free = set(self._free_uncached) | set(self._evictable)
+        uncached = set(self._free_uncached)
+        pairs = enumerate(zip(self._ref_counts, self._keys, strict=True))
+        evictable = {b for b, (ref_count, key) in pairs if ref_count == 0 and key is not None}
         for block_id, (ref_count, key) in enumerate(zip(self._ref_counts, self._keys, strict=True)):
-            if (ref_count == 0) != (block_id in free):
+            if (ref_count == 0) != (block_id in uncached or block_id in evictable):
                 raise AssertionError(f"block {block_id} ref_count/free mismatch")
             if key is not None and self._cached.get(key) != block_id:
                 raise AssertionError(f"block {block_id} key not indexed")
-        if len(self._free_uncached) + len(self._evictable) != len(free):
-            raise AssertionError("a block is in both free lists")
+        if len(self._free_uncached) != len(uncached) or uncached & evictable:
+            raise AssertionError("a free block is listed twice")
+        if self._num_evictable != len(evictable) or not evictable <= set(self._lru):
+            raise AssertionError("an evictable block is not in the LRU order")
+        counts = Counter(self._lru)
+        if [counts[b] for b in range(self.num_blocks)] != self._lru_entries:
+            raise AssertionError("LRU entry counts are off")

@@ -220,3 +220,42 @@ def test_sequences_compare_by_identity():
     running = [a, b]
     running.remove(b)
     assert running == [a] and running[0] is a and a != b
+
+
+def test_lru_order_skips_hit_and_touched_blocks_exactly():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a, b = make_seq("a", [1, 2, 3, 4]), make_seq("b", [5, 6, 7, 8])
+    for seq in (a, b):
+        bm.admit(seq, 4)  # a: blocks 0, 1; b: blocks 2, 3
+        seq.num_computed_tokens = 4
+        bm.commit_full_blocks(seq)
+    b_head = b.block_keys[0]
+    bm.free(a)
+    bm.free(b)  # LRU, oldest first: 1, 0, 3, 2
+    c = make_seq("c", [1, 2, 3, 4, 9])
+    assert bm.admit(c, 5)  # hits 0 and 1 (out of the LRU), evicts 3, the oldest left
+    assert c.block_table == [0, 1, 3] and bm.num_evictions == 1
+    bm.touch(0)  # referenced: not evictable, nothing moves
+    bm.free(c)  # block 3 holds no full block: uncached; LRU: 2, 1, 0
+    bm.touch(2)  # LRU: 1, 0, 2
+    bm.check_invariants()
+    d = make_seq("d", [7] * 6)
+    assert bm.admit(d, 6)  # the uncached block, then evicts 1 and 0
+    assert d.block_table == [3, 1, 0] and bm.num_evictions == 3
+    assert bm.cached_keys() == [b_head]  # block 2
+    bm.check_invariants()
+
+
+def test_lru_stays_bounded_and_ordered_under_hits_without_eviction():
+    bm = BlockManager(num_blocks=3, block_size=2)
+    for i in range(200):  # each hit and release leaves one skipped entry behind
+        seq = make_seq(str(i), [1, 2, 3, 4, 5])
+        assert bm.admit(seq, 5)
+        seq.num_computed_tokens = 5
+        bm.commit_full_blocks(seq)
+        bm.free(seq)  # LRU: 2 (uncached, not listed), then 1, 0
+        assert len(bm._lru) <= 2 * bm.num_blocks + 64
+    bm.check_invariants()
+    e = make_seq("e", [8] * 6)
+    assert bm.admit(e, 6)
+    assert e.block_table == [2, 1, 0]  # uncached first, then the tail before the head
