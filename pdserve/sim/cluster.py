@@ -295,17 +295,19 @@ class Simulator:
             self._push(self.workload[0].arrived_at_s, self._heartbeat)
         # The loop allocates millions of short-lived objects but no reference cycles, while the
         # cyclic collector's full passes walk every live block, tuple and record: a third of
-        # the run. Reference counting frees everything the loop drops.
+        # the run. Reference counting frees everything the loop drops. The result is built
+        # before collecting again: the first collection after the loop walks every object the
+        # loop left alive (a tenth of a run when it fell in ``result``).
         collecting = gc.isenabled()
         gc.disable()
         try:
             while self._heap:
                 t, _, fn, args = heapq.heappop(self._heap)
                 fn(t, *args)
+            return self.result()
         finally:
             if collecting:
                 gc.enable()
-        return self.result()
 
     def _push(self, t: float, fn, *args) -> None:
         heapq.heappush(self._heap, (t, next(self._order), fn, args))
@@ -519,8 +521,10 @@ class Simulator:
         if version != rep.version:
             return
         plan, flights = rep.plan, self.flights
-        # (asked before the update, which grows the sequences and makes ``samples`` stale)
-        samplers = [c.seq for c in plan.chunks if c.samples]
+        # (asked before the update, which grows the sequences and makes ``samples`` stale;
+        # ``ScheduledChunk.samples`` inlined)
+        samplers = [c.seq for c in plan.chunks if c.start + c.num_tokens
+                    == len(c.seq.prompt_token_ids) + len(c.seq.output_token_ids)]  # fmt: skip
         rep.sched.update(plan, dict.fromkeys([seq.request_id for seq in samplers], 0))
         if rep.role == "prefill":
             for seq in samplers:
@@ -666,7 +670,10 @@ class Simulator:
             return False
         # every sequence reads its context plus the new token
         ctx = np.arange(context + n, context + n * (steps + 1), n, dtype=float)
-        durations = self.cost.step_s(StepShape(n, n, ctx, ctx)) * self._slowdown(rep)
+        durations = self.cost.step_s(StepShape(n, n, ctx, ctx))
+        slowdown = self._slowdown(rep)
+        if slowdown != 1.0:  # (x * 1.0 is x: skip an array pass)
+            durations = durations * slowdown
         if np.ndim(durations) == 0:
             durations = np.full(steps, float(durations))
         ends = t + np.cumsum(durations)

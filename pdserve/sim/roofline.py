@@ -175,11 +175,14 @@ class RooflineCost:
         )
         return slower_s + allreduce_s * n + self.gpu.step_overhead_s
 
-    def handoff_ready_s(self, prefill_start_s: float, prefill_end_s: float, num_tokens: int):
+    @cached_property
+    def _link(self) -> Link:
         m, g = self.model, self.gpu
-        link = Link(g.network_latency_s, g.network_bytes_per_s * self.tp, m.kv_bytes_per_token,
+        return Link(g.network_latency_s, g.network_bytes_per_s * self.tp, m.kv_bytes_per_token,
                     m.num_layers)  # fmt: skip
-        return link.ready_s(prefill_start_s, prefill_end_s, num_tokens)
+
+    def handoff_ready_s(self, prefill_start_s: float, prefill_end_s: float, num_tokens: int):
+        return self._link.ready_s(prefill_start_s, prefill_end_s, num_tokens)
 
 
 def min_tp(gpu: Gpu, model: ModelShape) -> int:
