@@ -2,7 +2,7 @@
 prefill worker on the same pinned core (disaggregated), side by side in one run.
 
     python benchmarks/handoff.py [--prompt-tokens 1024] [--reps 5] [--core 0] [--decode-core 1]
-        [--layer-groups 4]
+        [--layer-groups 4] [--step-tokens 512] [--threads]
 
 One ``pdserve up`` stack (kvstore, one prefill, one decode, each engine on one thread and
 ``--step-tokens`` a step, both workers pinned to ``--core``, or the decode worker to
@@ -24,6 +24,7 @@ machine only the ratio of the interleaved runs means anything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import threading
@@ -104,6 +105,24 @@ def run_sequential(stubs, rid: str, prompt: list[int], max_tokens: int) -> float
 
 
 RUNNERS = {"colocated": run_colocated, "overlapped": run_overlapped, "sequential": run_sequential}
+WORKERS = ("prefill", "decode")
+
+
+def _thread_cpu_ns(pid: int) -> dict[int, int]:
+    """CPU time of each thread of a process so far (/proc/<pid>/task/<tid>/schedstat)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        path = f"/proc/{pid}/task/{tid}/schedstat"
+        with contextlib.suppress(OSError), open(path) as f:  # OSError: the thread ended
+            out[int(tid)] = int(f.read().split()[0])
+    return out
+
+
+def _split_cpu_ms(before: dict[int, int], after: dict[int, int]) -> tuple[float, float]:
+    """(the busiest thread, every other thread) in ms between two snapshots: the busiest is
+    the engine thread of a worker that computed, the rest its gRPC, handoff and telemetry."""
+    spent = sorted((ns - before.get(tid, 0) for tid, ns in after.items()), reverse=True)
+    return spent[0] / 1e6, sum(spent[1:]) / 1e6
 
 
 def _stubs(stack: Stack) -> dict:
@@ -137,6 +156,10 @@ def main() -> None:
         "--layer-groups", type=int, default=4,
         help="the prefill's handoff_layer_groups (0: blocks move only after their step's seal)",
     )  # fmt: skip
+    ap.add_argument(
+        "--threads", action="store_true",
+        help="also print each worker's CPU per request: its engine thread and all the others",
+    )  # fmt: skip
     args = ap.parse_args()
     decode_core = args.core if args.decode_core is None else args.decode_core
     env = {
@@ -153,16 +176,22 @@ def main() -> None:
         cpu_affinity={"prefill": {args.core}, "decode": {decode_core}},
     )  # fmt: skip
     ttfts: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu_ms: dict[tuple[str, str], list[tuple[float, float]]] = {}  # (mode, worker) -> per rep
     loads = []
     with Stack(config) as stack:
         stubs = _stubs(stack)
+        pids = {c.role: c.proc.pid for c in stack.children if c.role in WORKERS}
         RUNNERS["colocated"](stubs, "warm-c", _prompt(999, 0, 64), 2)  # warm-up
         RUNNERS["overlapped"](stubs, "warm-o", _prompt(999, 1, 64), 2)
         for rep in range(args.reps):
             order = MODES[rep % 3 :] + MODES[: rep % 3]  # rotate: no mode always goes first
             for mode in order:
                 prompt = _prompt(rep, MODES.index(mode), args.prompt_tokens)
+                before = {w: _thread_cpu_ns(pid) for w, pid in pids.items()}
                 ttfts[mode].append(RUNNERS[mode](stubs, f"{mode}-{rep}", prompt, args.max_tokens))
+                for w, pid in pids.items():
+                    split = _split_cpu_ms(before[w], _thread_cpu_ns(pid))
+                    cpu_ms.setdefault((mode, w), []).append(split)
                 loads.append(os.getloadavg()[0])
     med = {m: statistics.median(v) for m, v in ttfts.items()}
     # Each repetition's modes ran back to back: their ratio cancels most of the machine's drift.
@@ -173,6 +202,12 @@ def main() -> None:
     for mode in MODES:
         print(f"{mode:>10}: TTFT median {med[mode] * 1000:8.1f} ms  runs "
               + " ".join(f"{t * 1000:.0f}" for t in ttfts[mode]))  # fmt: skip
+    if args.threads:  # the whole request, the decode steps after the first token included
+        for mode in MODES:
+            print(f"{mode:>10}: CPU per request (median ms), engine thread / other threads: "
+                  + ", ".join(f"{w} {statistics.median(e for e, _ in cpu_ms[mode, w]):.0f} / "
+                              f"{statistics.median(o for _, o in cpu_ms[mode, w]):.0f}"
+                              for w in WORKERS))  # fmt: skip
     print(
         f"handoff: SmolLM2-135M (quantization {args.quantization}), {args.prompt_tokens}-token "
         f"prompt, {args.step_tokens}-token steps, layer groups {args.layer_groups}, prefill "
