@@ -106,6 +106,12 @@ class Child:
 # at 128, 0.42-0.61x (README, "Serving benchmark at equal cores"). The router reads the cap
 # from the worker's heartbeat and predicts its local prefills with it.
 DISAGGREGATED_DECODE_STEP_TOKENS = 64
+# A prefill worker on cores of its own announces each quarter of a step's layers as it is
+# written, so the decode worker pulls them during the compute: overlapped / colocated TTFT
+# 0.98-1.01 with four groups against 1.03-1.04 with none (benchmarks/handoff.py
+# --decode-core 1). Where the two share a core the earlier copies take it from the compute
+# (1.07 against 1.04), so there the worker's default (none) stays.
+SEPARATE_CORES_LAYER_GROUPS = 4
 
 
 @dataclass
@@ -212,10 +218,18 @@ class Stack:
         defaults = {f"{p}NUM_THREADS": str(self.cpu_layout[name].num_threads)}
         if role == "decode" and self.config.num_prefill:
             defaults[f"{p}MAX_NUM_BATCHED_TOKENS"] = str(DISAGGREGATED_DECODE_STEP_TOKENS)
+        if role == "prefill" and self._cores_of_their_own(name):
+            defaults[f"{p}HANDOFF_LAYER_GROUPS"] = str(SEPARATE_CORES_LAYER_GROUPS)
         chosen = {k: v for k, v in defaults.items() if k not in os.environ and k not in env}
         if role == "prefill":
             chosen[f"{p}KVSTORE_ADDRESS"] = self.kvstore_address
         return chosen
+
+    def _cores_of_their_own(self, name: str) -> bool:
+        """Whether this worker is pinned to cores no decode worker shares."""
+        mine = self.cpu_layout[name].cpus
+        decode = [w.cpus for n, w in self.cpu_layout.items() if n.startswith("decode-")]
+        return bool(mine) and all(d and not (d & mine) for d in decode)
 
     def _lay_out_engines(self) -> None:
         """Each engine worker's cores and threads (pdserve/cpu_layout.py)."""

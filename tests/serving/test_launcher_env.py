@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.launcher import DISAGGREGATED_DECODE_STEP_TOKENS, Stack, StackConfig
+from pdserve.launcher import (
+    DISAGGREGATED_DECODE_STEP_TOKENS,
+    SEPARATE_CORES_LAYER_GROUPS,
+    Stack,
+    StackConfig,
+)
 
 CAP = "PDSERVE_DECODE_MAX_NUM_BATCHED_TOKENS"
 
@@ -44,3 +49,19 @@ def test_a_prefill_worker_is_pointed_at_the_kvstore(tmp_path, monkeypatch):
     env = _engine_env(tmp_path, "prefill-0", "prefill", num_prefill=1)
     assert env["PDSERVE_PREFILL_KVSTORE_ADDRESS"] == "127.0.0.1:1"  # the stack's own kvstore
     assert CAP.replace("DECODE", "PREFILL") not in env
+
+
+GROUPS = "PDSERVE_PREFILL_HANDOFF_LAYER_GROUPS"
+
+
+def test_a_prefill_worker_on_its_own_cores_pipelines_layer_groups(tmp_path, monkeypatch):
+    monkeypatch.delenv(GROUPS, raising=False)
+    split = {"prefill": {0}, "decode": {1}}
+    env = _engine_env(tmp_path, "prefill-0", "prefill", num_prefill=1, cpu_affinity=split)
+    assert env[GROUPS] == str(SEPARATE_CORES_LAYER_GROUPS) == "4"
+    shared = {"prefill": {0}, "decode": {0}}
+    env = _engine_env(tmp_path, "prefill-0", "prefill", num_prefill=1, cpu_affinity=shared)
+    assert GROUPS not in env  # an earlier copy would take the core from the compute
+    monkeypatch.setenv(GROUPS, "0")
+    env = _engine_env(tmp_path, "prefill-0", "prefill", num_prefill=1, cpu_affinity=split)
+    assert GROUPS not in env  # the operator's choice wins
