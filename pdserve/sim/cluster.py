@@ -238,6 +238,7 @@ class _Replica:
                        "pending_prompt_tokens": s.num_pending_prompt_tokens,
                        "num_free_blocks": self.bm.num_free_blocks,
                        **self.step_costs.report(),
+                       "max_num_batched_tokens": s.max_num_batched_tokens,
                        "target_step_s": self.target_step_s or 0.0,
                        "prompt_drain_s": self.prompt_drain_s or 0.0}  # fmt: skip
 

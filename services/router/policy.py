@@ -248,11 +248,12 @@ def _local_prefill(
     decode: WorkerLoad, uncached_tokens: int, costs: CostModel
 ) -> tuple[StepCosts, int, int]:
     """The decode worker's step costs, the prompt work a local prefill joins (its queue and
-    this prompt) and the steps that work takes: chunked next to running decodes, else one."""
+    this prompt) and the steps that work takes: chunked next to running decodes, else in
+    steps as large as the worker's token budget."""
     step = _step_costs(decode, costs)
     work = decode.queued_prefill_tokens + uncached_tokens
     if not decode.num_running:
-        return step, work, 1
+        return step, work, math.ceil(work / (decode.max_step_tokens or costs.max_chunk_tokens))
     return step, work, math.ceil(work / local_chunk_tokens(decode, uncached_tokens, costs))
 
 

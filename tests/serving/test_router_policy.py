@@ -99,7 +99,9 @@ def test_cost_local_chunks_are_the_decode_workers_own_budget():
     # 600 tokens: 0.6 s of compute plus ten 40 ms decode steps around its chunks
     assert predict_local_ttft_s(BUSY, 600, COSTS) == pytest.approx(0.6 + 10 * 0.04)
     idle = WorkerLoad("d", 0, 64)
-    assert predict_local_ttft_s(idle, 600, COSTS) == pytest.approx(0.04 + 0.6)  # one step
+    assert predict_local_ttft_s(idle, 500, COSTS) == pytest.approx(0.04 + 0.5)  # one step
+    # beyond the worker's budget (512, the prior) an idle worker needs a second step
+    assert predict_local_ttft_s(idle, 600, COSTS) == pytest.approx(2 * 0.04 + 0.6)
     # a worker that reports a drain time grows its chunks to compute its queue in time
     draining = dataclasses.replace(BUSY, prompt_drain_s=1.0)
     assert local_chunk_tokens(draining, 600, COSTS) == 60  # 600 * 0.04 / (1 - 0.6)
@@ -117,6 +119,8 @@ def test_cost_local_chunks_never_exceed_the_budget_the_decode_worker_reports():
     assert capped.max_step_tokens == 128
     assert local_chunk_tokens(capped, 600, COSTS) == 128
     assert local_step_s(capped, 600, COSTS) == pytest.approx(0.04 + 0.128)
+    idle = dataclasses.replace(capped, num_running=0, num_inflight=0)
+    assert predict_local_ttft_s(idle, 600, COSTS) == pytest.approx(5 * 0.04 + 0.6)  # 5 chunks
     draining = dataclasses.replace(capped, prompt_drain_s=1.0)
     assert local_chunk_tokens(draining, 900, COSTS) == 128  # the drain grows it up to the cap
     unreported = worker_load(
@@ -154,11 +158,19 @@ def test_cost_tpot_of_running_streams_is_their_average_over_their_output():
 
 
 def test_cost_idle_decode_worker_prefills_locally():
-    d = decide_disaggregation(600, WorkerLoad("d", 0, 64), WorkerLoad("p", 0, 64), 128, COSTS)
+    d = decide_disaggregation(500, WorkerLoad("d", 0, 64), WorkerLoad("p", 0, 64), 128, COSTS)
     assert (d.mode, d.reason_class) == (PrefillMode.LOCAL, "local_faster")
-    assert d.predicted_local_ttft_s == pytest.approx(0.64)
-    assert d.predicted_remote_ttft_s == pytest.approx(0.65)
-    assert d.reason.startswith("local is faster: predicted TTFT local 0.640s, remote 0.650s")
+    assert d.predicted_local_ttft_s == pytest.approx(0.54)
+    assert d.predicted_remote_ttft_s == pytest.approx(0.55)
+    assert d.reason.startswith("local is faster: predicted TTFT local 0.540s, remote 0.550s")
+
+
+def test_cost_an_idle_decode_worker_prefills_past_its_budget_in_several_steps():
+    """600 tokens on a worker whose steps hold 512 take two steps: 0.68 s, not one of 0.64 s,
+    and the prefill worker's 0.65 s wins."""
+    d = decide_disaggregation(600, WorkerLoad("d", 0, 64), WorkerLoad("p", 0, 64), 128, COSTS)
+    assert (d.mode, d.reason_class) == (PrefillMode.REMOTE, "remote_faster")
+    assert d.predicted_local_ttft_s == pytest.approx(0.68)
 
 
 def test_cost_busy_decode_worker_hands_off_to_an_idle_prefill_worker():
@@ -203,8 +215,8 @@ def test_plan_route_uses_the_cost_model_when_given():
     prefill = [WorkerLoad("p0", 0, 64)]
     plan = plan_route(busy, prefill, 600, W, 128, costs=COSTS)
     assert plan.prefill.worker_id == "p0"
-    plan = plan_route([WorkerLoad("d0", 0, 64)], prefill, 600, W, 128, costs=COSTS)
-    assert plan.prefill is None and plan.uncached_tokens == 600
+    plan = plan_route([WorkerLoad("d0", 0, 64)], prefill, 500, W, 128, costs=COSTS)
+    assert plan.prefill is None and plan.uncached_tokens == 500
 
 
 def test_plan_route_end_to_end():

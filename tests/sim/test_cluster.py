@@ -190,6 +190,16 @@ def test_shortest_held_output_follows_decode_calls_as_they_start_and_end():
     assert len(sim._held_outputs["decode-0"]) <= 64 + 2
 
 
+def test_the_router_sees_each_replicas_token_budget_as_it_sees_a_live_workers():
+    """A live worker reports its step budget and the router sizes a local prefill's chunks by
+    it; a replica's report carries it too (LINEAR's budget: 64 tokens, not the 512 prior)."""
+    sim = Simulator([], SimConfig(0, 1), LINEAR)
+    sim.decode[0].publish()
+    load = sim._loads(sim.decode, _PromptKeys(0, 0, 0, 32, 1, 16))[0]
+    assert load.max_step_tokens == LINEAR.limits.max_num_batched_tokens == 64
+    assert policy.local_chunk_tokens(replace(load, target_step_s=0.0), 200, sim._costs()) == 64
+
+
 def test_router_load_counts_its_own_calls_when_fresher_than_the_report():
     sim = Simulator([], SimConfig(0, 1), LINEAR)
     sim.inflight["decode-0"] = 3  # three Decode calls since the last heartbeat (reported 0)
