@@ -191,39 +191,50 @@ def test_unreachable_prefill_worker_falls_back_to_local_recompute(oracle, decode
     assert chunks[0].recomputed and chunks[0].num_kv_blocks_fetched == 0
 
 
-def test_prefill_failing_mid_layers_falls_back_and_releases_both_sides(
-    oracle, kvstore, prefill, prefill_stub, decode_stub, monkeypatch
-):
-    """The prefill's step fails at layer 20, after the decode worker pulled the first groups
-    into its reservation: the decode recomputes (same tokens), nothing partial is committed,
-    and the decode pool, the prefill pool and the kvstore's staging area are all released."""
-    worker = prefill.server.worker
+def fails_mid_layers_then_recomputes(
+    oracle, worker, prefill_stub, decode_stub, address, store, pulled, seed, request_id,
+    monkeypatch,
+) -> None:  # fmt: skip
+    """The prefill's step fails at layer 20, once the decode worker has pulled its first
+    groups (``pulled``: the counter of its layer reads): the decode recomputes (same tokens),
+    nothing partial is committed, no lease is left, and the decode pool, the prefill pool and
+    the kvstore's staging area are all released."""
     hook = worker._on_layer_done
-    before, before_bytes = staged(), staged("bytes")
+    before, before_bytes = pulled(), pulled("bytes")
 
     def fail_at_layer_20(layer: int, plan) -> None:
         hook(layer, plan)
         if layer == 20:
             deadline = time.monotonic() + 10
-            while staged("bytes") == before_bytes and time.monotonic() < deadline:
+            while pulled("bytes") == before_bytes and time.monotonic() < deadline:
                 time.sleep(0.01)  # let the decode worker copy the first groups
             raise RuntimeError("injected failure at layer 20")
 
     monkeypatch.setattr(worker, "_on_layer_done", fail_at_layer_20)
-    prompt = distinct_prompt(oracle, 400, 3109)
-    p, chunks = overlapped(prefill_stub, decode_stub, prefill.address, prompt, "ov-8")
+    prompt = distinct_prompt(oracle, 400, seed)
+    p, chunks = overlapped(prefill_stub, decode_stub, address, prompt, request_id)
     monkeypatch.undo()
     assert p is None  # the Prefill call failed
-    assert staged("bytes") > before_bytes and staged() == before  # pulled, never verified
+    assert pulled("bytes") > before_bytes and pulled() == before  # pulled, never verified
     assert tokens(chunks) == offline(oracle, prompt)
     assert chunks[0].recomputed and chunks[0].num_kv_blocks_fetched == 0
     stats = wait_until_idle(decode_stub)
     assert (stats.num_free_blocks, stats.waiting) == (stats.num_total_blocks, 0)
     assert worker.engine.num_free_kv_blocks == worker.engine.num_kv_blocks
-    assert kvstore.node.store.stats().num_staging_blocks == 0
-    assert kvstore.node.store.stats().num_leases == 0  # the decode's pins given back
+    kv = store.stats()
+    assert (kv.num_leases, kv.num_staging_blocks) == (0, 0)  # the decode's pins given back
     keys = oracle.block_keys(prompt[: 400 // 16 * 16])
-    assert kvstore.node.store.lookup(keys).prefix_blocks == 0  # nothing sealed half-written
+    assert store.lookup(keys).prefix_blocks == 0  # nothing sealed half-written
+
+
+def test_prefill_failing_mid_layers_falls_back_and_releases_both_sides(
+    oracle, kvstore, prefill, prefill_stub, decode_stub, monkeypatch
+):
+    """Same host: the first groups were copied from the segment into the reservation."""
+    fails_mid_layers_then_recomputes(
+        oracle, prefill.server.worker, prefill_stub, decode_stub, prefill.address,
+        kvstore.node.store, staged, 3109, "ov-8", monkeypatch,
+    )  # fmt: skip
 
 
 def test_decode_cancelled_while_following_releases_its_reservation(oracle, prefill, decode_stub):
@@ -316,37 +327,13 @@ def test_prefill_and_decode_on_different_nodes_hand_off_over_grpc(oracle, across
 def test_prefill_failing_mid_layers_across_nodes_leaves_no_lease_and_recomputes(
     oracle, across_nodes, monkeypatch
 ):
-    """The prefill on node-a fails at layer 20, after the decode worker on node-b pulled the
-    first groups with GetStaged: same tokens by recompute, nothing partial committed, no lease
-    left in the kvstore, its staging area and both pools released."""
+    """Across nodes: the decode worker on node-b pulled the first groups with GetStaged from
+    the kvstore of the prefill on node-a."""
     store, prefill_a, pstub, dstub = across_nodes
-    worker = prefill_a.server.worker
-    hook = worker._on_layer_done
-    before, before_bytes = pulled_over_grpc(), pulled_over_grpc("bytes")
-
-    def fail_at_layer_20(layer: int, plan) -> None:
-        hook(layer, plan)
-        if layer == 20:
-            deadline = time.monotonic() + 10
-            while pulled_over_grpc("bytes") == before_bytes and time.monotonic() < deadline:
-                time.sleep(0.01)  # let the decode worker pull the first groups
-            raise RuntimeError("injected failure at layer 20")
-
-    monkeypatch.setattr(worker, "_on_layer_done", fail_at_layer_20)
-    prompt = distinct_prompt(oracle, 400, 3111)
-    p, chunks = overlapped(pstub, dstub, prefill_a.address, prompt, "ov-9")
-    monkeypatch.undo()
-    assert p is None  # the Prefill call failed
-    assert pulled_over_grpc("bytes") > before_bytes and pulled_over_grpc() == before
-    assert tokens(chunks) == offline(oracle, prompt)
-    assert chunks[0].recomputed and chunks[0].num_kv_blocks_fetched == 0
-    stats = wait_until_idle(dstub)
-    assert (stats.num_free_blocks, stats.waiting) == (stats.num_total_blocks, 0)
-    assert worker.engine.num_free_kv_blocks == worker.engine.num_kv_blocks
-    kv = store.node.store.stats()
-    assert (kv.num_leases, kv.num_staging_blocks) == (0, 0)
-    keys = oracle.block_keys(prompt[: 400 // 16 * 16])
-    assert store.node.store.lookup(keys).prefix_blocks == 0  # nothing sealed half-written
+    fails_mid_layers_then_recomputes(
+        oracle, prefill_a.server.worker, pstub, dstub, prefill_a.address,
+        store.node.store, pulled_over_grpc, 3111, "ov-9", monkeypatch,
+    )  # fmt: skip
 
 
 def test_decode_cancelled_mid_layers_across_nodes_leaves_no_lease(
