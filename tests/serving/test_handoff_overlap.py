@@ -87,6 +87,17 @@ def overlapped(prefill_stub, decode_stub, prefill_address: str, prompt, rid: str
     return out.get("prefill"), chunks
 
 
+def sequential(prefill_stub, decode_stub, prompt, rid: str):
+    """The Prefill, then a Decode given its KV (a router without overlap, or a retry)."""
+    request = prefill_pb2.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=greedy())
+    p = prefill_stub.Prefill(request, timeout=120)
+    request = decode_pb2.DecodeRequest(
+        request_id=rid, prompt_token_ids=prompt, sampling=greedy(),
+        first_token_id=p.first_token_id, kv=p.kv,
+    )  # fmt: skip
+    return p, list(decode_stub.Decode(request, timeout=120))
+
+
 def tokens(chunks) -> list[int]:
     return [t for c in chunks for t in c.token_ids]
 
@@ -309,15 +320,7 @@ def test_prefill_and_decode_on_different_nodes_hand_off_over_grpc(oracle, across
 
     # The sequential path (router without overlap, or a retry) takes the same transport.
     prompt2 = distinct_prompt(oracle, 100, 3106)
-    p2 = pstub.Prefill(
-        prefill_pb2.PrefillRequest(request_id="ov-6", prompt_token_ids=prompt2,
-                                   sampling=greedy()), timeout=120,
-    )  # fmt: skip
-    request = decode_pb2.DecodeRequest(
-        request_id="ov-6", prompt_token_ids=prompt2, sampling=greedy(),
-        first_token_id=p2.first_token_id, kv=p2.kv,
-    )  # fmt: skip
-    chunks2 = list(dstub.Decode(request, timeout=120))
+    _, chunks2 = sequential(pstub, dstub, prompt2, "ov-6")
     assert tokens(chunks2) == offline(oracle, prompt2)
     assert chunks2[0].num_kv_blocks_fetched == 100 // 16
     # Both ends count the Get stream's blocks (the kvstore runs in this process too).
@@ -394,15 +397,8 @@ def test_int8_wire_compression_across_nodes_completes_the_request(
         grpc.insecure_channel(prefill_c.address) as pch,
         grpc.insecure_channel(decode_d.address) as dch,
     ):
-        p = prefill_pb2_grpc.PrefillStub(pch).Prefill(
-            prefill_pb2.PrefillRequest(request_id="int8-1", prompt_token_ids=prompt,
-                                       sampling=greedy()), timeout=120,
-        )  # fmt: skip
-        request = decode_pb2.DecodeRequest(
-            request_id="int8-1", prompt_token_ids=prompt, sampling=greedy(),
-            first_token_id=p.first_token_id, kv=p.kv,
-        )  # fmt: skip
-        chunks = list(decode_pb2_grpc.DecodeStub(dch).Decode(request, timeout=120))
+        pstub = prefill_pb2_grpc.PrefillStub(pch)
+        p, chunks = sequential(pstub, decode_pb2_grpc.DecodeStub(dch), prompt, "int8-1")
     assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert len(tokens(chunks)) == MAX_TOKENS
     assert tokens(chunks)[0] == p.first_token_id  # the prefill worker's token comes first
