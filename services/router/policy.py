@@ -229,12 +229,17 @@ def predict_remote_ttft_s(prefill: WorkerLoad, uncached_tokens: int, costs: Cost
     return compute_s + costs.handoff_s + uncached_tokens * costs.handoff_s_per_token
 
 
+def _max_step_tokens(decode: WorkerLoad, costs: CostModel) -> int:
+    """The decode worker's token budget per step: its own report, else the prior."""
+    return decode.max_step_tokens or costs.max_chunk_tokens
+
+
 def local_chunk_tokens(decode: WorkerLoad, uncached_tokens: int, costs: CostModel) -> int:
     """The prompt tokens per step the decode worker would give its queue plus this prompt:
     the engine's own budget (``StepCosts.step_budget``) from what the worker reports."""
     target = costs.target_step_s if decode.target_step_s is None else decode.target_step_s
     drain = costs.prompt_drain_s if decode.prompt_drain_s is None else decode.prompt_drain_s
-    max_tokens = decode.max_step_tokens or costs.max_chunk_tokens
+    max_tokens = _max_step_tokens(decode, costs)
     budget = _step_costs(decode, costs).step_budget(
         target or None,
         drain or None,
@@ -253,7 +258,7 @@ def _local_prefill(
     step = _step_costs(decode, costs)
     work = decode.queued_prefill_tokens + uncached_tokens
     if not decode.num_running:
-        return step, work, math.ceil(work / (decode.max_step_tokens or costs.max_chunk_tokens))
+        return step, work, math.ceil(work / _max_step_tokens(decode, costs))
     return step, work, math.ceil(work / local_chunk_tokens(decode, uncached_tokens, costs))
 
 
