@@ -37,6 +37,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdserve import cpu_layout
 from pdserve.tls import ClusterPki, ClusterSecurity, make_cluster_pki
+from services.decode.settings import DISAGGREGATED_MAX_NUM_BATCHED_TOKENS
 
 _PR_SET_PDEATHSIG = 1
 HOST = "127.0.0.1"
@@ -99,13 +100,6 @@ class Child:
     log_path: Path
 
 
-# A decode worker beside prefill workers still prefills what the router keeps local (short
-# prompts, long ones while the prefill pool is busy); its prompt chunks then stall every
-# running stream for a step, and a 512-token chunk takes 0.6-1.2 s on one CPU core. At 64
-# tokens a step its streams' ITL p99 was 0.24-0.30x colocated's at equal or better goodput;
-# at 128, 0.42-0.61x (README, "Serving benchmark at equal cores"). The router reads the cap
-# from the worker's heartbeat and predicts its local prefills with it.
-DISAGGREGATED_DECODE_STEP_TOKENS = 64
 # A prefill worker on cores of its own announces each quarter of a step's layers as it is
 # written, so the decode worker pulls them during the compute: overlapped / colocated TTFT
 # 0.98-1.01 with four groups against 1.03-1.04 with none (benchmarks/handoff.py
@@ -217,7 +211,7 @@ class Stack:
         p = f"PDSERVE_{role.upper()}_"
         defaults = {f"{p}NUM_THREADS": str(self.cpu_layout[name].num_threads)}
         if role == "decode" and self.config.num_prefill:
-            defaults[f"{p}MAX_NUM_BATCHED_TOKENS"] = str(DISAGGREGATED_DECODE_STEP_TOKENS)
+            defaults[f"{p}MAX_NUM_BATCHED_TOKENS"] = str(DISAGGREGATED_MAX_NUM_BATCHED_TOKENS)
         if role == "prefill" and self._cores_of_their_own(name):
             defaults[f"{p}HANDOFF_LAYER_GROUPS"] = str(SEPARATE_CORES_LAYER_GROUPS)
         chosen = {k: v for k, v in defaults.items() if k not in os.environ and k not in env}

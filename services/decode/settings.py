@@ -9,6 +9,15 @@ from pydantic_settings import SettingsConfigDict
 
 from pdserve.config import WorkerSettings
 
+# A decode worker beside prefill workers still prefills what the router keeps local (short
+# prompts, long ones while the prefill pool is busy); its prompt chunks then stall every
+# running stream for a step, and a 512-token chunk takes 0.6-1.2 s on one CPU core. At 64
+# tokens a step its streams' ITL p99 was 0.24-0.30x colocated's at equal or better goodput;
+# at 128, 0.42-0.61x (README, "Serving benchmark at equal cores"). The router reads the cap
+# from the worker's heartbeat and predicts its local prefills with it. `pdserve up` sets it;
+# `pdserve sim` simulates it.
+DISAGGREGATED_MAX_NUM_BATCHED_TOKENS = 64
+
 
 class DecodeSettings(WorkerSettings):
     """``python -m services.decode``: continuous batching fed by KV blocks from the kvstores."""

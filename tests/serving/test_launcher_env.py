@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pdserve.launcher import (
-    DISAGGREGATED_DECODE_STEP_TOKENS,
+    DISAGGREGATED_MAX_NUM_BATCHED_TOKENS,
     SEPARATE_CORES_LAYER_GROUPS,
     Stack,
     StackConfig,
@@ -24,7 +24,7 @@ def _engine_env(tmp_path, name: str, role: str, env=None, **config) -> dict[str,
 def test_a_decode_worker_beside_prefill_workers_gets_short_steps(tmp_path, monkeypatch):
     monkeypatch.delenv(CAP, raising=False)
     env = _engine_env(tmp_path, "decode-0", "decode", num_prefill=1)
-    assert env[CAP] == str(DISAGGREGATED_DECODE_STEP_TOKENS) == "64"
+    assert env[CAP] == str(DISAGGREGATED_MAX_NUM_BATCHED_TOKENS) == "64"
     assert "PDSERVE_DECODE_NUM_THREADS" in env
 
 
