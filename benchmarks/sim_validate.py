@@ -9,7 +9,8 @@ step costs from the steps the stack's own workers log (``step_log_path``) while 
 calibration traffic, dispatch and handoff through the idle stack. Each run's simulation starts
 from what the live stack had learned when the run started (its workers' StepCosts, the
 router's prefill rate). The simulator runs the stack's settings: the router's defaults plus
-the overlapped handoff that ``pdserve up`` turns on. Target: TTFT p50/p90 and ITL p50 within 15 %, at two loads, for both
+the overlapped handoff that ``pdserve up`` turns on, and its decode worker's step budget
+(capped beside a prefill worker). Target: TTFT p50/p90 and ITL p50 within 15 %, at two loads, for both
 stacks. Prints the table and writes it (with every result) to --out.
 
 Loads: by default two fractions of what one worker serves one request at a time (--loads,
@@ -38,7 +39,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pdserve.engine import step_log  # noqa: E402
-from pdserve.engine.engine_config import EngineConfig  # noqa: E402
 from pdserve.engine.step_costs import StepCosts  # noqa: E402
 from pdserve.launcher import Stack, StackConfig, parse_cpu_affinity  # noqa: E402
 from pdserve.sim.cluster import SimConfig, Simulator  # noqa: E402
@@ -48,7 +48,10 @@ from pdserve.workload import result  # noqa: E402
 from pdserve.workload.bench import replay, target_for  # noqa: E402
 from pdserve.workload.format import load, save  # noqa: E402
 from pdserve.workload.generate import Lengths, synthetic  # noqa: E402
-from services.decode.settings import DecodeSettings  # noqa: E402
+from services.decode.settings import (  # noqa: E402
+    DISAGGREGATED_MAX_NUM_BATCHED_TOKENS,
+    DecodeSettings,
+)
 from services.router.settings import RouterSettings  # noqa: E402
 
 # mode: (prefill workers, CPU pinning). Disaggregated first: its stack also calibrates the handoff.
@@ -80,11 +83,8 @@ def step_logs(out: Path, mode: str) -> dict[str, Path]:
 
 def stack_config(mode: str, name: str, out: Path) -> StackConfig:
     num_prefill, affinity = MODES[mode]
-    # Both roles at the engine's token budget: the profile fits, and the simulator gives, one
-    # budget to every replica (pdserve up would cap a decode worker beside prefill workers).
-    budget = str(EngineConfig.max_num_batched_tokens)
     env = {"PDSERVE_PREFILL_NUM_THREADS": "1", "PDSERVE_DECODE_NUM_THREADS": "1",
-           "PDSERVE_LOG_LEVEL": "warning", "PDSERVE_DECODE_MAX_NUM_BATCHED_TOKENS": budget,
+           "PDSERVE_LOG_LEVEL": "warning",
            **{f"PDSERVE_{role}_QUANTIZATION": QUANTIZATION
               for role in ("PREFILL", "DECODE", "KVSTORE")}}  # fmt: skip
     logs = step_logs(out, mode)
@@ -176,8 +176,11 @@ def rates_for(loads: list[float], profile_path: Path) -> list[float]:
 
 def simulate(workload, mode: str, profile_path: Path, slo: result.Slo, learned: dict) -> dict:
     """The run simulated from the state the live stack had learned when it started."""
-    config = SimConfig(MODES[mode][0], 1, slo, prefill_tokens_per_s=learned["prefill_tokens_per_s"],
-                       **STACK_ROUTER)  # fmt: skip
+    num_prefill = MODES[mode][0]
+    # pdserve up's decode worker beside a prefill worker takes its capped step budget
+    decode_budget = DISAGGREGATED_MAX_NUM_BATCHED_TOKENS if num_prefill else None
+    config = SimConfig(num_prefill, 1, slo, prefill_tokens_per_s=learned["prefill_tokens_per_s"],
+                       decode_max_num_batched_tokens=decode_budget, **STACK_ROUTER)  # fmt: skip
     sim = Simulator(workload, config, load_profile(profile_path))
     sim.start_from({wid: StepCosts.from_state(tuple(state))
                     for wid, state in learned["step_costs"].items() if state is not None})  # fmt: skip

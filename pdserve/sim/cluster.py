@@ -80,6 +80,10 @@ class SimConfig:
     prefill_tokens_per_s: float = _router_default("prefill_tokens_per_s")
     decode_target_step_s: float | None = _decode_default("target_step_s")
     decode_prompt_drain_s: float | None = _decode_default("prompt_drain_s")
+    # A decode replica's token budget (its engine's max_num_batched_tokens); None: the cost
+    # model's, which every prefill replica has. `pdserve up` caps a decode worker beside
+    # prefill workers (services/decode/settings.py DISAGGREGATED_MAX_NUM_BATCHED_TOKENS).
+    decode_max_num_batched_tokens: int | None = None
     # The router calls Decode with Prefill (the decode worker follows the prefill's KV), so the
     # decode worker counts the request from the start. Its block reservation is not modelled:
     # the blocks are taken when the KV lands.
@@ -99,6 +103,11 @@ class SimConfig:
             raise ValueError("staleness_s must be > 0")
         if self.disaggregation_policy not in ("cost", "threshold"):
             raise ValueError("disaggregation_policy must be cost or threshold")
+        if (
+            self.decode_max_num_batched_tokens is not None
+            and self.decode_max_num_batched_tokens < 1
+        ):
+            raise ValueError("a decode replica's max_num_batched_tokens must be >= 1")
 
 
 class _PromptKeys:
@@ -209,11 +218,13 @@ class _Stretch:
 
 
 class _Replica:
-    def __init__(self, worker_id: str, role: str, cost: CostModel) -> None:
+    def __init__(self, worker_id: str, role: str, cost: CostModel,
+                 max_num_batched_tokens: int | None = None) -> None:  # fmt: skip
         lim = cost.limits
         self.worker_id, self.role = worker_id, role
         self.bm = BlockManager(lim.num_kv_blocks, lim.block_size, key_fn=_no_hashing)
-        self.sched = Scheduler(self.bm, lim.max_num_seqs, lim.max_num_batched_tokens)
+        self.sched = Scheduler(self.bm, lim.max_num_seqs,
+                               max_num_batched_tokens or lim.max_num_batched_tokens)  # fmt: skip
         self.plan: SchedulerPlan | None = None
         self.stretch: _Stretch | None = None
         self.busy = False
@@ -252,7 +263,8 @@ class _Replica:
 class Simulator:
     def __init__(self, workload: list[Request], config: SimConfig, cost: CostModel) -> None:
         self.workload, self.config, self.cost = workload, config, cost
-        self.decode = [_Replica(f"decode-{i}", "decode", cost) for i in range(config.num_decode)]
+        self.decode = [_Replica(f"decode-{i}", "decode", cost, config.decode_max_num_batched_tokens)
+                       for i in range(config.num_decode)]  # fmt: skip
         self.prefill = [
             _Replica(f"prefill-{i}", "prefill", cost) for i in range(config.num_prefill)
         ]
@@ -742,6 +754,7 @@ class Simulator:
             "cost_model": self.cost.name, "num_prefill": c.num_prefill, "num_decode": c.num_decode,
             "gpus_per_replica": self.cost.gpus_per_replica,
             "engine": asdict(self.cost.limits),
+            "decode_max_num_batched_tokens": self.decode[0].sched.max_num_batched_tokens,
             "disaggregation_policy": c.disaggregation_policy, "overlap_handoff": c.overlap_handoff,
             "threshold_tokens": c.threshold_tokens, "staleness_s": c.staleness_s,
             "max_inflight_requests": c.max_inflight_requests,

@@ -280,6 +280,14 @@ TpOpt = Annotated[int | None, typer.Option("--tp", help="GPUs per replica (defau
 SeqsOpt = Annotated[int, typer.Option("--max-num-seqs", help="roofline replicas' batch")]
 TokensOpt = Annotated[int, typer.Option("--max-num-batched-tokens", help="roofline budget")]
 StaleOpt = Annotated[float | None, typer.Option("--staleness-s", help="worker load report period")]
+DecodeTokensOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--decode-max-num-batched-tokens",
+        help="decode replicas' token budget (default: with --profile and prefill replicas, "
+        "the cap pdserve up sets; else the replicas' budget)",
+    ),
+]
 
 
 def sim(
@@ -293,6 +301,7 @@ def sim(
     tp: TpOpt = None,
     max_num_seqs: SeqsOpt = 256,
     max_num_batched_tokens: TokensOpt = 4096,
+    decode_max_num_batched_tokens: DecodeTokensOpt = None,
     slo_ttft_s: SloTtft = 2.0,
     slo_tpot_s: SloTpot = 0.2,
     staleness_s: StaleOpt = None,
@@ -317,14 +326,19 @@ def sim(
     import time
 
     from pdserve.sim.cluster import SimConfig, Simulator
+    from services.decode.settings import DISAGGREGATED_MAX_NUM_BATCHED_TOKENS
 
     try:
         requests = _workload(workload_spec, time_scale, length_scale, rate, max_requests,
                              max_prompt_tokens)  # fmt: skip
         cost = _cost_model(profile_path, gpu, model, tp, max_num_seqs, max_num_batched_tokens)
         extra = {"staleness_s": staleness_s} if staleness_s is not None else {}
+        if decode_max_num_batched_tokens is None and profile_path is not None and prefill:
+            decode_max_num_batched_tokens = DISAGGREGATED_MAX_NUM_BATCHED_TOKENS
         config = SimConfig(prefill, decode, results.Slo(slo_ttft_s, slo_tpot_s),
-                           fast_forward=fast_forward, overlap_handoff=overlap_handoff, **extra)  # fmt: skip
+                           fast_forward=fast_forward, overlap_handoff=overlap_handoff,
+                           decode_max_num_batched_tokens=decode_max_num_batched_tokens,
+                           **extra)  # fmt: skip
         started = time.perf_counter()
         simulator = Simulator(requests, config, cost)
         simulator.run()

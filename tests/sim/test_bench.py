@@ -15,6 +15,14 @@ from pdserve.workload import result
 from pdserve.workload.bench import INTERRUPTED, prompt_ids, replay
 from pdserve.workload.format import Request, save
 
+# A calibrated profile's smallest form (10 ms a step + 1 ms a token; a 1 GB/s handoff).
+PROFILE = {
+    "engine": {"num_kv_blocks": 256, "block_size": 16, "max_num_seqs": 8,
+               "max_num_batched_tokens": 512, "kv_bytes_per_token": 1000, "num_layers": 4},
+    "step_fit": {"coefficients": [0.01, 0.001, 0, 0, 0], "prefill_tokens_per_s": 1e3},
+    "handoff": {"latency_s": 0.001, "bytes_per_s": 1e9},
+}  # fmt: skip
+
 
 class FakeTarget:
     """Streams ``max_tokens`` tokens, ``tokens_per_chunk`` at a time, ``gap_s`` apart."""
@@ -89,6 +97,29 @@ def test_sim_cli_writes_the_bench_result_shape(tmp_path):
     assert set(res["requests"][0]) == set(fake["requests"][0])
     assert set(res["ttft_s"]) == {"p50", "p90", "p99"}
     assert res["num_requests"] == 20 and res["num_failed"] == 0
+
+
+def test_sim_cli_caps_decode_replicas_beside_prefill_ones_as_pdserve_up_does(tmp_path):
+    """With a calibrated profile (this machine's pdserve), the decode replicas of a
+    disaggregated cluster get the cap ``pdserve up`` sets, colocated ones the profile's budget;
+    the option overrides both."""
+    from services.decode.settings import DISAGGREGATED_MAX_NUM_BATCHED_TOKENS
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(PROFILE))
+    path = tmp_path / "w.jsonl"
+    save(path, [Request(0.1 * i, 200, 4) for i in range(4)])
+
+    def decode_budget(*extra: str) -> int:
+        out = CliRunner().invoke(app, ["sim", str(path), "--profile", str(profile),
+                                       "--out", str(tmp_path / "r.json"), *extra])  # fmt: skip
+        assert out.exit_code == 0, out.output
+        return json.loads((tmp_path / "r.json").read_text())["conditions"][
+            "decode_max_num_batched_tokens"]  # fmt: skip
+
+    assert decode_budget("--prefill", "1") == DISAGGREGATED_MAX_NUM_BATCHED_TOKENS
+    assert decode_budget("--prefill", "0") == PROFILE["engine"]["max_num_batched_tokens"]
+    assert decode_budget("--prefill", "1", "--decode-max-num-batched-tokens", "128") == 128
 
 
 def test_planner_bisects_to_the_fewest_replicas():

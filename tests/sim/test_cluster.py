@@ -200,6 +200,24 @@ def test_the_router_sees_each_replicas_token_budget_as_it_sees_a_live_workers():
     assert policy.local_chunk_tokens(replace(load, target_step_s=0.0), 200, sim._costs()) == 64
 
 
+def test_a_decode_replicas_own_budget_chunks_its_prompts_and_reaches_the_router():
+    """``pdserve up`` caps a decode worker beside prefill workers below the prefill worker's
+    budget: a decode replica gets its own, a prefill replica keeps the cost model's."""
+    config = SimConfig(1, 1, threshold_tokens=1000, decode_max_num_batched_tokens=16, **T)
+    sim = Simulator([Request(0.0, 100, 2)], config, LINEAR)
+    res = sim.run()
+    assert sim.prefill[0].sched.max_num_batched_tokens == 64
+    # The 100-token prompt stays local: six 16-token chunks and a 4-token one.
+    ttft = 0.005 + 7 * 0.010 + 0.100
+    assert res["requests"][0]["route"] == "local"
+    assert res["requests"][0]["ttft_s"] == pytest.approx(ttft)
+    sim.decode[0].publish()
+    assert sim._loads(sim.decode, _PromptKeys(0, 0, 0, 32, 1, 16))[0].max_step_tokens == 16
+    assert res["conditions"]["decode_max_num_batched_tokens"] == 16
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        SimConfig(1, 1, decode_max_num_batched_tokens=0)
+
+
 def test_router_load_counts_its_own_calls_when_fresher_than_the_report():
     sim = Simulator([], SimConfig(0, 1), LINEAR)
     sim.inflight["decode-0"] = 3  # three Decode calls since the last heartbeat (reported 0)
