@@ -4,7 +4,8 @@ The same seeded workloads (Poisson arrivals, prompts uniform 32-640 tokens so th
 sends some to the prefill worker and prefills others locally, outputs 16-48 tokens) run live
 on a ``pdserve up`` stack (disaggregated: prefill pinned to CPU 0, decode to CPU 1; colocated:
 one decode worker on CPU 1, the router, kvstore and Redis on CPU 0; one torch thread each) and
-in the simulator with the calibrated profile measured on the same machine just before: the
+in the simulator with the calibrated profile measured on the same machine just before, on a
+stack of the first mode's kind whose decode worker runs the engine's full token budget: the
 step costs from the steps the stack's own workers log (``step_log_path``) while they serve
 calibration traffic, dispatch and handoff through the idle stack. Each run's simulation starts
 from what the live stack had learned when the run started (its workers' StepCosts, the
@@ -39,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pdserve.engine import step_log  # noqa: E402
+from pdserve.engine.engine_config import EngineConfig  # noqa: E402
 from pdserve.engine.step_costs import StepCosts  # noqa: E402
 from pdserve.launcher import Stack, StackConfig, parse_cpu_affinity  # noqa: E402
 from pdserve.sim.cluster import SimConfig, Simulator  # noqa: E402
@@ -75,19 +77,23 @@ def make_workload(num_requests: int, rate: float, seed: int):
                      Lengths(f"uniform:{OUTPUT[0]}:{OUTPUT[1]}"), seed=seed)  # fmt: skip
 
 
-def step_logs(out: Path, mode: str) -> dict[str, Path]:
+def step_logs(out: Path, mode: str, name: str | None = None) -> dict[str, Path]:
     """Each worker's step log (its simulated replica's id: the log), written by the stack."""
     roles = ["prefill", "decode"] if MODES[mode][0] else ["decode"]
-    return {f"{role}-0": out / "steps" / f"{mode}-{role}.jsonl" for role in roles}
+    return {f"{role}-0": out / "steps" / f"{name or mode}-{role}.jsonl" for role in roles}
 
 
-def stack_config(mode: str, name: str, out: Path) -> StackConfig:
+def stack_config(mode: str, name: str, out: Path, calibration: bool = False) -> StackConfig:
+    """The ``pdserve up`` stack of a mode; for the calibration, with the decode worker at the
+    engine's full token budget (see ``calibrate``)."""
     num_prefill, affinity = MODES[mode]
     env = {"PDSERVE_PREFILL_NUM_THREADS": "1", "PDSERVE_DECODE_NUM_THREADS": "1",
            "PDSERVE_LOG_LEVEL": "warning",
            **{f"PDSERVE_{role}_QUANTIZATION": QUANTIZATION
               for role in ("PREFILL", "DECODE", "KVSTORE")}}  # fmt: skip
-    logs = step_logs(out, mode)
+    if calibration:
+        env["PDSERVE_DECODE_MAX_NUM_BATCHED_TOKENS"] = str(EngineConfig.max_num_batched_tokens)
+    logs = step_logs(out, mode, "calibration" if calibration else None)
     (out / "steps").mkdir(parents=True, exist_ok=True)
     for worker_id, path in logs.items():
         path.unlink(missing_ok=True)
@@ -156,15 +162,24 @@ def _step_summary(records) -> dict:
             "loop_overhead_s": sorted(overheads)[len(overheads) // 2] if overheads else None}  # fmt: skip
 
 
-def profile(stack: Stack, out: Path, repeats: int, quick: bool, handoff: bool,
-            logs: dict[str, Path], calibration_requests: int) -> None:  # fmt: skip
-    cmd = [sys.executable, "-m", "pdserve.cli", "profile", "--out", str(out), "--cpus", "1",
-           "--threads", "1", "--repeats", str(repeats), "--url", stack.grpc_address,
-           "--quantization", QUANTIZATION, "--handoff" if handoff else "--no-handoff",
-           "--calibration-requests", str(calibration_requests)]  # fmt: skip
-    for path in logs.values():
-        cmd += ["--step-log", str(path)]
-    subprocess.run(cmd + (["--quick"] if quick else []), check=True)
+def calibrate(mode: str, out: Path, profile_path: Path, repeats: int, quick: bool,
+              calibration_requests: int) -> None:  # fmt: skip
+    """Measure the profile on a stack of its own: the mode's, with the decode worker at the
+    engine's full budget. The profile's step fit is the decode worker's steps; ``pdserve up``
+    caps a decode worker beside a prefill worker at a few dozen tokens a step, and a fit of
+    those alone extrapolates to the colocated worker's 512-token steps (by 20 % too fast on
+    this machine), while the prefill worker's factor, then fitted on shapes the decode worker
+    never ran, absorbs the difference instead of measuring that worker."""
+    logs = step_logs(out, mode, "calibration")
+    with Stack(stack_config(mode, f"simval-calibration-{mode}", out, calibration=True)) as stack:
+        cmd = [sys.executable, "-m", "pdserve.cli", "profile", "--out", str(profile_path),
+               "--cpus", "1", "--threads", "1", "--repeats", str(repeats),
+               "--url", stack.grpc_address, "--quantization", QUANTIZATION,
+               "--handoff" if MODES[mode][0] else "--no-handoff",
+               "--calibration-requests", str(calibration_requests)]  # fmt: skip
+        for path in logs.values():
+            cmd += ["--step-log", str(path)]
+        subprocess.run(cmd + (["--quick"] if quick else []), check=True)
 
 
 def rates_for(loads: list[float], profile_path: Path) -> list[float]:
@@ -249,12 +264,12 @@ def run_live(args, slo: result.Slo, profile_path: Path) -> list[dict]:
     for stale in ("bench-*.json", "sim-*.json", "workload-*.jsonl"):  # --sim-only reads them all
         for path in args.out.glob(stale):
             path.unlink()
+    if args.profile is None:  # measured fresh, on the first mode's topology
+        calibrate(args.modes[0], args.out, profile_path, args.repeats, args.quick,
+                  args.calibration_requests)  # fmt: skip
     for mode in args.modes:
         logs = step_logs(args.out, mode)
         with Stack(stack_config(mode, f"simval-{mode}", args.out)) as stack:
-            if args.profile is None and mode == args.modes[0]:  # measured fresh, once
-                profile(stack, profile_path, args.repeats, args.quick,
-                        mode == "disaggregated", logs, args.calibration_requests)  # fmt: skip
             rates = rates or _rates(args, profile_path)
             for rate in rates:
                 workload = make_workload(args.num_requests, rate, args.seed)

@@ -252,6 +252,9 @@ def _live_fit(prof, url, step_logs, coefficients, engine, num_requests):
                f"{fitted['contention_factor']:.3f}x while another worker computes "
                f"({fitted['num_contended_steps']} steps); loop overhead "
                f"{fitted['loop_overhead_s'] * 1000:.1f} ms a step")  # fmt: skip
+    warning = prof.extrapolation_warning(fitted, engine["max_num_batched_tokens"])
+    if warning:
+        typer.echo(f"warning: {warning}")
     fitted["prefill_tokens_per_s"] = prof.prefill_tokens_per_s(fitted["coefficients"], engine)
     return fitted["coefficients"], fitted
 

@@ -48,6 +48,13 @@ CALIBRATION_LOADS = (0.5, 1.0)
 CALIBRATION_BURSTS = (3, 6, 9)
 BURST_OUTPUT_TOKENS = (8, 64)
 CALIBRATION_SEED = 7_000_000  # prompt ids and arrivals no benchmark workload uses
+# The bursts' prompts take seconds to prefill on a CPU, so their early outputs end before the
+# last prompt is in: they reach batches of 5-6, not 9. Then a ladder: this many short prompts
+# at once (one prefill step on the worker the router keeps them on), outputs
+# LADDER_OUTPUT_STEP apart, so that every batch size up to the ladder's decodes alone for more
+# than MIN_RESIDUAL_STEPS steps and gets its own token residual (a batch of n rows is not
+# linear in n on a CPU; the linear fit over-predicted batches of 6 by a third).
+CALIBRATION_LADDER, LADDER_PROMPT_TOKENS, LADDER_OUTPUT_STEP = 16, 16, 7
 
 
 def measure_engine(
@@ -173,6 +180,10 @@ def calibration_traffic(url: str, coefficients: list[float], engine: dict, num_r
                          _spread(*BURST_OUTPUT_TOKENS, i, size)) for i in range(size)]  # fmt: skip
         asyncio.run(serve(burst, CALIBRATION_SEED - size))
         log(f"  calibration burst: {size} requests at once")
+    ladder = [Request(0.0, LADDER_PROMPT_TOKENS, LADDER_OUTPUT_STEP * (i + 1))
+              for i in range(CALIBRATION_LADDER)]  # fmt: skip
+    asyncio.run(serve(ladder, CALIBRATION_SEED - 1))
+    log(f"  calibration ladder: {CALIBRATION_LADDER} short prompts at once")
     for i, load in enumerate(CALIBRATION_LOADS):
         seed = CALIBRATION_SEED + i
         workload = synthetic(num_requests, load / service_s, *lengths, seed=seed)
@@ -207,8 +218,9 @@ def fit_live(by_log: dict[str, list]) -> dict | None:
     prefills, prompt chunks next to decodes; all workers' steps without one); then, as
     medians of measured / fitted, the prefill worker's factor (its steps also write the KV
     to the kvstore) and the contention factor over the steps that ran while another worker
-    computed throughout (each 1.0 with fewer than MIN_RESIDUAL_STEPS steps). None: too few
-    steps."""
+    computed throughout (each 1.0 with fewer than MIN_RESIDUAL_STEPS steps);
+    ``max_fitted_tokens``: the largest step fitted (beyond it the fit extrapolates). None: too
+    few steps."""
     from pdserve.engine import step_log
 
     alone, contended, overheads = [], [], []
@@ -239,8 +251,22 @@ def fit_live(by_log: dict[str, list]) -> dict | None:
         "token_residuals_s": residuals, "prefill_worker_factor": prefill or 1.0,
         "contention_factor": contention or 1.0, "num_contended_steps": len(contended),
         "loop_overhead_s": statistics.median(overheads) if overheads else 0.0,
+        "max_fitted_tokens": max(r.num_tokens for r in base),
         "samples": rows,
     }  # fmt: skip
+
+
+def extrapolation_warning(fitted: dict, budget: int) -> str | None:
+    """Why a live fit is unsafe when its (decode worker's) steps stop short of the token
+    budget: a capped decode worker beside prefill workers never runs the large steps a
+    colocated one does, and the prefill worker's factor, fitted on shapes the decode worker
+    never ran, takes up the fit's error there instead of measuring the prefill worker."""
+    if fitted["max_fitted_tokens"] >= budget // 2:
+        return None
+    return (f"the fitted steps reach {fitted['max_fitted_tokens']} of the {budget}-token "
+            "budget; larger ones are extrapolated and the prefill worker's factor absorbs the "
+            "difference: calibrate a stack whose decode worker runs the full budget "
+            "(PDSERVE_DECODE_MAX_NUM_BATCHED_TOKENS)")  # fmt: skip
 
 
 _NO_ENGINE = {"num_kv_blocks": 1, "block_size": 1, "max_num_seqs": 1, "max_num_batched_tokens": 1}

@@ -134,6 +134,9 @@ def test_fit_live_recovers_the_workers_costs_and_factors():
     assert fitted["prefill_worker_factor"] == pytest.approx(1.25, rel=0.02)
     assert fitted["contention_factor"] == pytest.approx(1.1, rel=0.03)
     assert fitted["median_relative_error"] < 0.01
+    assert fitted["max_fitted_tokens"] == 32 + 7 * 29  # the decode worker's largest step
+    assert prof.extrapolation_warning(fitted, 400) is None
+    assert "reach 235 of the 1024-token budget" in prof.extrapolation_warning(fitted, 1024)
 
 
 def test_calibrated_cost_adds_prompt_step_and_token_residuals():
