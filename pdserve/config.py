@@ -36,6 +36,15 @@ def _shared(default: Any, name: str, description: str) -> Any:
     )
 
 
+def advertised_address(advertise_address: str | None, node_id: str, bound_port: int) -> str:
+    """What peers dial: ``advertise_address`` with a port of 0 replaced by the port bound (a
+    launcher that lets the service pick a free port), else ``node_id:bound_port``."""
+    if not advertise_address:
+        return f"{node_id}:{bound_port}"
+    host, _, port = advertise_address.rpartition(":")
+    return f"{host}:{bound_port}" if port == "0" else advertise_address
+
+
 class ServiceSettings(BaseSettings):
     """Fields common to every pdserve process."""
 
@@ -87,6 +96,12 @@ class ServiceSettings(BaseSettings):
             "otlp_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", "PDSERVE_OTLP_ENDPOINT"
         ),
         description="OTLP gRPC collector (e.g. http://jaeger:4317); unset: local span files",
+    )
+    port_file: Path | None = _shared(
+        None,
+        "port_file",
+        "once listening, write the ports bound here as JSON: how a launcher learns the free "
+        "ports its children chose (pdserve/port_file.py)",
     )
     heartbeat_interval_s: float = _shared(2.0, "heartbeat_interval_s", "registry refresh period")
     heartbeat_ttl_s: float = _shared(10.0, "heartbeat_ttl_s", "a worker silent this long is out")
@@ -165,9 +180,11 @@ class WorkerSettings(ServiceSettings):
 
     grpc_host: str = "0.0.0.0"
     grpc_port: int = Field(ge=0, le=65535, description="0 picks a free port")
-    http_port: int = Field(ge=0, le=65535, description="Prometheus /metrics; 0 disables")
+    http_port: int = Field(
+        ge=-1, le=65535, description="Prometheus /metrics; 0 disables, -1 picks a free port"
+    )
     advertise_address: str | None = Field(
-        None, description="host:port the router dials; default node_id:grpc_port"
+        None, description="host:port the router dials (port 0: the one bound); default node_id:port"
     )
     max_message_bytes: int = Field(16 << 20, ge=1 << 20, description="gRPC send/receive limit")
     engine: EngineConfig = Field(
@@ -233,9 +250,11 @@ class KVStoreSettings(ServiceSettings):
 
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 50081
-    http_port: int = Field(9081, description="Prometheus /metrics; 0 disables it")
+    http_port: int = Field(
+        9081, ge=-1, le=65535, description="Prometheus /metrics; 0 disables, -1 picks a free port"
+    )
     advertise_address: str | None = Field(
-        None, description="host:port peers dial; default node_id:grpc_port"
+        None, description="host:port peers dial (port 0: the one bound); default node_id:port"
     )
     grpc_workers: int = Field(16, ge=1, description="server threads (concurrent RPCs)")
     max_message_bytes: int = Field(64 << 20, ge=1 << 20, description="gRPC send/receive limit")

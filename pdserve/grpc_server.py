@@ -22,8 +22,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from pdserve import metrics
+from pdserve import metrics, port_file
 from pdserve.cluster_auth import AioClusterAuthInterceptor, ClusterAuthPolicy
+from pdserve.config import advertised_address
 from pdserve.grpc_tracing import AioServerTracingInterceptor
 from pdserve.kv.grpc_transport import channel_options
 from pdserve.tls import ClusterSecurity
@@ -34,6 +35,12 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 H = TypeVar("H")
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """pdserve's message limits, without SO_REUSEPORT: gRPC sets it by default, and with it
+    a second server binds a port another one serves, with no error, and takes its calls."""
+    return [*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)]
 
 
 def new_server(
@@ -50,7 +57,7 @@ def new_server(
     if auth is not None and not auth.is_open:
         interceptors.append(AioClusterAuthInterceptor(auth))
     interceptors.append(interceptor or AioServerTracingInterceptor())
-    return grpc.aio.server(options=channel_options(max_message_bytes), interceptors=interceptors)
+    return grpc.aio.server(options=server_options(max_message_bytes), interceptors=interceptors)
 
 
 def add_health_and_reflection(server: Any, service_name: str, servicer: H) -> H:
@@ -142,7 +149,7 @@ class WorkerServer(Generic[W]):
         self.port = security.add_port(self.server, f"{s.grpc_host}:{s.grpc_port}")
         if security.auth_policy().is_open:
             log.warning(f"{self.role}.unauthenticated", hint="set tls_* files or cluster_token")
-        address = s.advertise_address or f"{s.node_id}:{self.port}"
+        address = advertised_address(s.advertise_address, s.node_id, self.port)
         worker_id = f"{self.role}-{s.node_id}-{self.port}"
         self.worker = await asyncio.to_thread(
             self.worker_cls, s, checkpoint=self._checkpoint, worker_id=worker_id, address=address
@@ -158,7 +165,12 @@ class WorkerServer(Generic[W]):
             s.http_port, s.grpc_host, health=lambda: not self._stopping
         )
         metrics.set_service_info(role=self.role, node=s.node_id, worker_id=worker_id)
-        log.info(f"{self.role}.listening", port=self.port, address=address, worker_id=worker_id)
+        http_port = self.metrics.port if self.metrics else None
+        port_file.write(s.port_file, grpc_port=self.port, http_port=http_port)
+        log.info(
+            f"{self.role}.listening", port=self.port, address=address, worker_id=worker_id,
+            metrics_port=http_port,
+        )  # fmt: skip
 
     async def stop(self) -> None:
         self._stopping = True

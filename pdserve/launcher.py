@@ -2,8 +2,9 @@
 
 Lifecycle::
 
-    start: Redis (unless --redis-url) → one kvstore → N prefill + M decode workers → router,
-           each in its own process group (and killed with the launcher: PDEATHSIG)
+    start: Redis (unless --redis-url) → one kvstore, M decode workers and the router → (once
+           the kvstore listens) N prefill workers, each in its own process group (and killed
+           with the launcher: PDEATHSIG)
     wait:  every child's gRPC health check SERVING, every worker in the Redis registry and
            in the router's view of it (its /health), so the first request finds them all
     ready: endpoints printed, then one line ``ready``
@@ -12,8 +13,13 @@ Lifecycle::
            grace period; every port is free again afterwards
 
 Ports: the defaults of ARCHITECTURE.md when free (router 50051/8000, kvstore 50081, first
-prefill 50061, first decode 50071), else a free port. ``--prefill 0`` is the colocated mode:
-decode workers prefill locally.
+prefill 50061, first decode 50071), else a free port, which the service binds itself (gRPC
+port 0, HTTP ``FREE_PORT``) and reports in a port file (pdserve/port_file.py): a port picked
+here and bound later by the child could be taken in between. A default port taken between
+the check here and the service's bind stops the start with an error naming both. Only Redis,
+which cannot report a port, is given one picked here, and started again on another if it
+exits at once. Prefill workers start once the kvstore listens: they are told its address.
+``--prefill 0`` is the colocated mode: decode workers prefill locally.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pdserve import cpu_layout
+from pdserve import cpu_layout, port_file
+from pdserve.port_file import FREE_PORT
 from pdserve.tls import ClusterPki, ClusterSecurity, make_cluster_pki
 from services.decode.settings import DISAGGREGATED_MAX_NUM_BATCHED_TOKENS
 
@@ -56,17 +63,24 @@ def redis_server_binary() -> str:
     return str(path)
 
 
-def pick_port(preferred: int = 0) -> int:
-    """``preferred`` when it is free on the loopback interface (0: any), else a free port."""
-    for port in (preferred, 0) if preferred else (0,):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError("no free port")
+def port_is_free(port: int) -> bool:
+    """Whether ``port`` can be bound on the loopback interface now."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def pick_port() -> int:
+    """A port free now. Whoever binds it later may find it taken (any process can bind it, or
+    connect from it, in between): only for a program that cannot bind port 0 and say which
+    port it got (redis-server), and then with a retry."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
 
 
 def parse_cpu_affinity(specs: list[str]) -> dict[str, set[int]]:
@@ -96,8 +110,11 @@ class Child:
     name: str
     role: str
     proc: subprocess.Popen
-    grpc_port: int | None
     log_path: Path
+    port_file: Path | None = None  # where a service reports the ports it bound (not Redis)
+    fixed_ports: tuple[int, ...] = ()  # the default ports it was given (for a clear error)
+    grpc_port: int | None = None  # once reported
+    http_port: int | None = None  # once reported; None: no HTTP listener
 
 
 # A prefill worker on cores of its own announces each quarter of a step's layers as it is
@@ -148,11 +165,17 @@ class Stack:
 
     # ---- start ----
 
-    def _port(self, default: int) -> int:
-        return pick_port(default if self.config.default_ports else 0)
+    def _ports(self, grpc_default: int, http_default: int) -> tuple[int, int]:
+        """What a service is told to bind: with ``default_ports`` a default that is free now,
+        else a free port of its own choosing (gRPC 0, HTTP ``FREE_PORT``)."""
 
-    def _spawn(self, name: str, role: str, argv: list[str], env: dict[str, str],
-               grpc_port: int | None) -> Child:  # fmt: skip
+        def use(default: int) -> bool:
+            return self.config.default_ports and default > 0 and port_is_free(default)
+
+        return (grpc_default if use(grpc_default) else 0,
+                http_default if use(http_default) else FREE_PORT)  # fmt: skip
+
+    def _spawn(self, name: str, role: str, argv: list[str], env: dict[str, str]) -> Child:
         log_path = self.log_dir / f"{name}.log"
         placed = self.cpu_layout.get(name)
         cpus = set(placed.cpus) if placed else self.config.cpu_affinity.get(role)
@@ -169,8 +192,23 @@ class Stack:
                 argv, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=preexec,
             )  # fmt: skip
-        child = Child(name, role, proc, grpc_port, log_path)
+        child = Child(name, role, proc, log_path)
         self.children.append(child)
+        return child
+
+    def _spawn_service(self, name: str, role: str, grpc_default: int, http_default: int) -> Child:
+        """``python -m services.<role>`` on its ports (``_ports``), reporting them in
+        ``<log_dir>/<name>.ports.json``."""
+        grpc_port, http_port = self._ports(grpc_default, http_default)
+        env = self._service_env(role, grpc_port, http_port)
+        if role in ("prefill", "decode"):
+            env.update(self._engine_env(name, role, env))
+        ports_path = self.log_dir / f"{name}.ports.json"
+        ports_path.unlink(missing_ok=True)  # a --log-dir used before holds an old one
+        env["PDSERVE_PORT_FILE"] = str(ports_path)
+        child = self._spawn(name, role, [sys.executable, "-m", f"services.{role}"], env)
+        child.port_file = ports_path
+        child.fixed_ports = tuple(p for p in (grpc_port, http_port) if p > 0)
         return child
 
     def _common_env(self) -> dict[str, str]:
@@ -196,7 +234,7 @@ class Stack:
             f"{p}GRPC_PORT": str(grpc_port),
             f"{p}HTTP_PORT": str(http_port),
         }
-        if role != "router":
+        if role != "router":  # port 0: the one the service binds
             env[f"{p}ADVERTISE_ADDRESS"] = f"{HOST}:{grpc_port}"
         else:
             env.setdefault("PDSERVE_ROUTER_OVERLAP_HANDOFF", "true")  # the pipelined handoff
@@ -246,41 +284,49 @@ class Stack:
         if cfg.tls:
             self._make_pki()
         self._lay_out_engines()
-        if not self.redis_url:
-            port = self._port(6379)
-            self._spawn("redis", "redis", [
-                redis_server_binary(), "--port", str(port), "--bind", HOST, "--save", "",
-                "--appendonly", "no", "--dir", str(self.log_dir),
-            ], {}, None)  # fmt: skip
-            self.redis_url = f"redis://{HOST}:{port}/0"
-            self._wait_redis()
-        port = self._port(50081)
-        self.kvstore_address = f"{HOST}:{port}"
-        self._spawn("kvstore", "kvstore", [sys.executable, "-m", "services.kvstore"],
-                    self._service_env("kvstore", port, self._port(9081)), port)  # fmt: skip
-        for role, count, grpc_default, http_default in (
-            ("prefill", cfg.num_prefill, 50061, 9061),
-            ("decode", cfg.num_decode, 50071, 9071),
-        ):
-            for i in range(count):
-                port = self._port(grpc_default if i == 0 else 0)
-                env = self._service_env(role, port, self._port(http_default if i == 0 else 0))
-                env.update(self._engine_env(f"{role}-{i}", role, env))
-                self._spawn(f"{role}-{i}", role, [sys.executable, "-m", f"services.{role}"],
-                            env, port)  # fmt: skip
-        port = pick_port(cfg.grpc_port if cfg.default_ports else 0)
-        self.http_port = pick_port(cfg.http_port if cfg.default_ports else 0)
-        self._spawn("router", "router", [sys.executable, "-m", "services.router"],
-                    self._service_env("router", port, self.http_port), port)  # fmt: skip
-        self.grpc_address = f"{HOST}:{port}"
-        scheme = "https" if cfg.tls else "http"
-        self.http_url = f"{scheme}://{HOST}:{self.http_port}"
         deadline = time.monotonic() + cfg.startup_timeout_s
+        if not self.redis_url:
+            self._start_redis()
+        kvstore = self._spawn_service("kvstore", "kvstore", 50081, 9081)
+        for i in range(cfg.num_decode):
+            self._spawn_service(f"decode-{i}", "decode", 50071 if i == 0 else 0,
+                                9071 if i == 0 else 0)  # fmt: skip
+        router = self._spawn_service("router", "router", cfg.grpc_port, cfg.http_port)
+        self._wait_ports(kvstore, deadline)  # prefill workers are told its address
+        self.kvstore_address = f"{HOST}:{kvstore.grpc_port}"
+        for i in range(cfg.num_prefill):
+            self._spawn_service(f"prefill-{i}", "prefill", 50061 if i == 0 else 0,
+                                9061 if i == 0 else 0)  # fmt: skip
         for child in self.children:
-            if child.grpc_port is not None:
+            if child.port_file is not None:
+                self._wait_ports(child, deadline)
                 self._wait_healthy(child, deadline)
+        self.grpc_address = f"{HOST}:{router.grpc_port}"
+        self.http_port = router.http_port
+        self.http_url = f"{'https' if cfg.tls else 'http'}://{HOST}:{self.http_port}"
         self._wait_registered(deadline)
         self._wait_router_sees_workers(deadline)
+
+    def _start_redis(self, attempts: int = 3) -> None:
+        """redis-server is given a port picked here (it cannot report one it chose), which
+        another process can take before it binds it: one that exits at once is started
+        again on another port. A default port (6379) is not retried: the error names it."""
+        for attempt in range(attempts):
+            fixed = self.config.default_ports and port_is_free(6379)
+            port = 6379 if fixed else pick_port()
+            child = self._spawn("redis", "redis", [
+                redis_server_binary(), "--port", str(port), "--bind", HOST, "--save", "",
+                "--appendonly", "no", "--dir", str(self.log_dir),
+            ], {})  # fmt: skip
+            child.fixed_ports = (port,) if fixed else ()
+            self.redis_url = f"redis://{HOST}:{port}/0"
+            try:
+                self._wait_redis(child)
+                return
+            except RuntimeError:
+                if fixed or child.proc.poll() is None or attempt == attempts - 1:
+                    raise
+                self.children.remove(child)
 
     def _make_pki(self) -> None:
         """A CA and one certificate per service under ``<log_dir>/tls``; the launcher itself
@@ -291,7 +337,7 @@ class Stack:
             key_file=self.pki.key_file("router"), ca_file=self.pki.ca_file,
         )  # fmt: skip
 
-    def _wait_redis(self) -> None:
+    def _wait_redis(self, child: Child) -> None:
         import redis
 
         client = redis.Redis.from_url(self.redis_url, socket_timeout=0.5)
@@ -301,15 +347,33 @@ class Stack:
                 client.ping()
                 return
             except redis.RedisError:
-                self._check_alive(self.children[-1])
+                self._check_alive(child)
                 if time.monotonic() > deadline:
                     raise RuntimeError("redis-server did not start") from None
                 time.sleep(0.05)
 
     def _check_alive(self, child: Child) -> None:
-        if child.proc.poll() is not None:
-            tail = child.log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{child.name} exited with {child.proc.returncode}:\n{tail}")
+        if child.proc.poll() is None:
+            return
+        taken = [p for p in child.fixed_ports if not port_is_free(p)]
+        if taken:  # it exited, so another process holds it
+            raise RuntimeError(
+                f"{child.name} could not listen on {HOST}:{taken[0]}: the port is in use by "
+                f"another process (log: {child.log_path})"
+            )
+        tail = child.log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{child.name} exited with {child.proc.returncode}:\n{tail}")
+
+    def _wait_ports(self, child: Child, deadline: float) -> None:
+        """Until ``child`` (a service) has reported the ports it bound (its port file)."""
+        while (ports := port_file.read(child.port_file)) is None:
+            self._check_alive(child)
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"{child.name} was not listening in time (log: {child.log_path})"
+                )
+            time.sleep(0.05)
+        child.grpc_port, child.http_port = ports["grpc_port"], ports["http_port"]
 
     def _wait_healthy(self, child: Child, deadline: float) -> None:
         with self.security.channel(f"{HOST}:{child.grpc_port}", []) as channel:
@@ -413,9 +477,10 @@ class Stack:
             "redis": self.redis_url,
             "kvstore": self.kvstore_address,
         }
-        for c in self.children:
-            if c.role in ("prefill", "decode"):
-                out[c.name] = f"{HOST}:{c.grpc_port}"
+        for role in ("prefill", "decode"):
+            for c in self.children:
+                if c.role == role:
+                    out[c.name] = f"{HOST}:{c.grpc_port}"
         if self.pki is not None:
             out["ca"] = str(self.pki.ca_file)
         out["logs"] = str(self.log_dir)

@@ -26,6 +26,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from pdserve.port_file import listen_port
+
 # Buckets suited to LLM serving: TTFT spans 10 ms (cached, short prompt) to a minute (long
 # prompt under load); inter-token gaps 1 ms (GPU) to 1 s (a stalled CPU batch).
 TTFT_BUCKETS_S = (
@@ -297,10 +299,11 @@ def _safe(health: Callable[[], bool]) -> bool:
 def start_metrics_server(
     port: int, host: str = "0.0.0.0", *, health: Callable[[], bool] | None = None
 ) -> MetricsServer | None:
-    """Serve ``/metrics`` and ``/health``; ``port`` 0 from settings means disabled (None)."""
+    """Serve ``/metrics`` and ``/health``; ``port`` from settings: 0 means disabled (None),
+    ``FREE_PORT`` a free port (``.port``)."""
     if not port:
         return None
-    return MetricsServer(port, host, health=health)
+    return MetricsServer(listen_port(port), host, health=health)
 
 
 async def aiohttp_metrics_handler(_request: Any) -> Any:

@@ -30,7 +30,9 @@ class DecodeSettings(WorkerSettings):
     engine_defaults: ClassVar[dict[str, Any]] = {"target_step_s": 0.1, "prompt_drain_s": 0.5}
 
     grpc_port: int = Field(50071, ge=0, le=65535, description="0 picks a free port")
-    http_port: int = Field(9071, ge=0, le=65535, description="Prometheus /metrics; 0 disables")
+    http_port: int = Field(
+        9071, ge=-1, le=65535, description="Prometheus /metrics; 0 disables, -1 picks a free port"
+    )
 
     # The handoff.
     kv_fetch_timeout_s: float = Field(

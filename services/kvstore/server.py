@@ -26,10 +26,10 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2
 
-from pdserve import metrics
+from pdserve import metrics, port_file
 from pdserve._proto.pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 from pdserve.cluster_auth import ClusterAuthInterceptor
-from pdserve.config import KVStoreSettings
+from pdserve.config import KVStoreSettings, advertised_address
 from pdserve.errors import (
     AlreadyExists,
     DataLoss,
@@ -41,7 +41,7 @@ from pdserve.errors import (
     Unavailable,
     grpc_status,
 )
-from pdserve.grpc_server import add_health_and_reflection
+from pdserve.grpc_server import add_health_and_reflection, server_options
 from pdserve.grpc_tracing import ServerTracingInterceptor
 from pdserve.kv.blocks import Tier, block_key, checksum, iter_chunks
 from pdserve.kv.compression import KVGeometry, encode_int8
@@ -56,7 +56,6 @@ from pdserve.kv.errors import (
     StoreClosedError,
 )
 from pdserve.kv.frames import get_chunk_frame, parse_put_request
-from pdserve.kv.grpc_transport import channel_options
 from pdserve.kv.shm import host_id
 from pdserve.telemetry import Attr, get_tracer, links_from
 from pdserve.tls import ClusterSecurity
@@ -447,7 +446,7 @@ class KVStoreServer:
             futures.ThreadPoolExecutor(
                 max_workers=settings.grpc_workers, thread_name_prefix="kvstore-rpc"
             ),
-            options=channel_options(settings.max_message_bytes),
+            options=server_options(settings.max_message_bytes),
             interceptors=[*interceptors, ServerTracingInterceptor()],
         )
         self.metrics: metrics.MetricsServer | None = None
@@ -455,7 +454,7 @@ class KVStoreServer:
         self.port = security.add_port(self.server, f"{settings.grpc_host}:{settings.grpc_port}")
         if policy.is_open:
             log.warning("kvstore.unauthenticated", hint="set tls_* files or cluster_token")
-        address = settings.advertise_address or f"{settings.node_id}:{self.port}"
+        address = advertised_address(settings.advertise_address, settings.node_id, self.port)
         self.node = KVStoreNode(settings, address=address)
         add_kvstore_servicer(KVStoreServicer(self.node.store, settings), self.server)
         self.health = add_health_and_reflection(self.server, SERVICE_NAME, health.HealthServicer())
@@ -470,9 +469,11 @@ class KVStoreServer:
             s.http_port, s.grpc_host, health=lambda: not self._stopping
         )
         metrics.set_service_info(role="kvstore", node=s.node_id, worker_id=self.node.worker_id)
+        http_port = self.metrics.port if self.metrics else None
+        port_file.write(s.port_file, grpc_port=self.port, http_port=http_port)
         log.info(
             "kvstore.listening", port=self.port, address=self.node.address,
-            metrics_port=self.metrics.port if self.metrics else None,
+            metrics_port=http_port,
         )  # fmt: skip
 
     def stop(self) -> None:

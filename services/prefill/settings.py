@@ -16,7 +16,9 @@ class PrefillSettings(WorkerSettings):
     model_config = SettingsConfigDict(env_prefix="PDSERVE_PREFILL_")
 
     grpc_port: int = Field(50061, ge=0, le=65535, description="0 picks a free port")
-    http_port: int = Field(9061, ge=0, le=65535, description="Prometheus /metrics; 0 disables")
+    http_port: int = Field(
+        9061, ge=-1, le=65535, description="Prometheus /metrics; 0 disables, -1 picks a free port"
+    )
 
     # The handoff.
     kvstore_address: str = Field(

@@ -28,7 +28,7 @@ import structlog
 from aiohttp import web
 from grpc_health.v1.health import aio as health_aio
 
-from pdserve import metrics, wire
+from pdserve import metrics, port_file, wire
 from pdserve._proto.pdserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 from pdserve.errors import InvalidRequest, PdserveError, grpc_status
 from pdserve.grpc_server import (
@@ -225,8 +225,9 @@ class RouterServer:
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
             site = web.TCPSite(
-                self._runner, s.http_host, s.http_port, ssl_context=api.http_ssl_context()
-            )
+                self._runner, s.http_host, port_file.listen_port(s.http_port),
+                ssl_context=api.http_ssl_context(),
+            )  # fmt: skip
             await site.start()
             self.http_port = self._runner.addresses[0][1]
         # As often as the replicas read the registry: its load is their admission input.
@@ -240,6 +241,7 @@ class RouterServer:
         metrics.set_service_info(
             role="router", node=s.node_id, worker_id=self.worker_id, model=s.model_name
         )
+        port_file.write(s.port_file, grpc_port=self.grpc_port, http_port=self.http_port or None)
         log.info("router.listening", grpc_port=self.grpc_port, http_port=self.http_port)
 
     def _info(self) -> WorkerInfo:

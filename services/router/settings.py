@@ -17,9 +17,11 @@ class RouterSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="PDSERVE_ROUTER_")
 
     grpc_host: str = "0.0.0.0"
-    grpc_port: int = Field(50051, ge=0, le=65535)
+    grpc_port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")
     http_host: str = "0.0.0.0"
-    http_port: int = Field(8000, ge=0, le=65535, description="OpenAI API, /health; 0 disables")
+    http_port: int = Field(
+        8000, ge=-1, le=65535, description="OpenAI API, /health; 0 disables, -1 picks a free port"
+    )
     api_key: str | None = Field(
         None, description="when set, every call needs 'authorization: Bearer <api_key>'"
     )

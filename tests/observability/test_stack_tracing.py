@@ -14,8 +14,10 @@ One stack at a time (class-scoped), tiny outputs: about a minute in all on two c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import time
 import urllib.request
 
@@ -25,7 +27,7 @@ from typer.testing import CliRunner
 
 from pdserve.cli import app
 from pdserve.client import Client
-from pdserve.launcher import Stack, StackConfig, pick_port
+from pdserve.launcher import Stack, StackConfig
 from pdserve.span_file import read_spans, span_files
 from pdserve.telemetry import Attr, Event
 from tests.observability.test_services_tracing import _otlp_spans
@@ -202,14 +204,26 @@ def log_lines(stack: Stack, name: str) -> list[dict]:
 # --- OTLP ----------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def held_port():
+    """A free port, bound here with SO_REUSEPORT for the block: no other process can take it,
+    and a gRPC server of this process (gRPC sets SO_REUSEPORT) can bind it beside this socket
+    (which does not listen, so it receives no connection)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
 @pytest.fixture(scope="class")
 def otlp_stack(tmp_path_factory):
     """(stack, receiver). The receiver starts after the children: forking while a gRPC server
-    runs in this process can abort the child (grpc skips its fork handlers when busy)."""
-    port = pick_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    stack = start_stack(tmp_path_factory, "otlp", {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
-    receiver = start_otlp_receiver(port)
+    runs in this process can abort the child (grpc skips its fork handlers when busy). Its
+    port is held from before the children learn it until the receiver has bound it."""
+    with held_port() as port:
+        endpoint = f"http://127.0.0.1:{port}"
+        stack = start_stack(tmp_path_factory, "otlp", {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
+        receiver = start_otlp_receiver(port)
     yield stack, receiver
     stack.stop()
     receiver.stop()

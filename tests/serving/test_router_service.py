@@ -46,6 +46,7 @@ from pdserve.kv.metadata import (
     WorkerRegistry,
     connect,
 )
+from pdserve.port_file import FREE_PORT
 from services.router.server import RouterServer
 from services.router.settings import RouterSettings
 
@@ -147,7 +148,7 @@ def env(redis_server):
         )
     settings = RouterSettings(
         redis_url=redis_server.url, cluster_name=cluster, grpc_host="127.0.0.1", grpc_port=0,
-        http_host="127.0.0.1", http_port=_free_port(), disagg_threshold_tokens=64,
+        http_host="127.0.0.1", http_port=FREE_PORT, disagg_threshold_tokens=64,
         disaggregation_policy="threshold",
         decode_stall_timeout_s=1.0, heartbeat_ttl_s=3.0, heartbeat_interval_s=1.0,
         registry_refresh_s=0.1,
@@ -162,12 +163,6 @@ def env(redis_server):
     for server in servers:
         loop.run(server.stop(0))
     loop.close()
-
-
-def _free_port() -> int:
-    from pdserve.launcher import pick_port
-
-    return pick_port()
 
 
 @pytest.fixture(autouse=True)
@@ -387,7 +382,7 @@ def test_official_openai_package(env):
 
 
 def test_bearer_token_is_required_when_api_key_is_set(env):
-    settings = env.settings.model_copy(update={"api_key": "s3cret", "http_port": _free_port()})
+    settings = env.settings.model_copy(update={"api_key": "s3cret", "http_port": FREE_PORT})
     server = RouterServer(settings)
     env.loop.run(server.start())
     try:
@@ -617,7 +612,7 @@ def _get(url: str) -> tuple[int, dict]:
 
 def test_two_router_replicas_share_workers_and_cache_locations(env):
 
-    second = RouterServer(env.settings.model_copy(update={"http_port": _free_port()}))
+    second = RouterServer(env.settings.model_copy(update={"http_port": FREE_PORT}))
     env.loop.run(second.start())
     try:
         prompt = LONG + " replicas"
@@ -649,7 +644,7 @@ def test_two_router_replicas_share_workers_and_cache_locations(env):
 def test_two_router_replicas_share_one_admission_limit_through_their_heartbeats(env):
     """A stream admitted by the first replica counts against the second's limit (here 1)."""
     second = RouterServer(env.settings.model_copy(
-        update={"http_port": _free_port(), "max_inflight_requests": 1}))  # fmt: skip
+        update={"http_port": FREE_PORT, "max_inflight_requests": 1}))  # fmt: skip
     env.loop.run(second.start())
     env.fakes["d0"].mode = env.fakes["d1"].mode = "hang"
     try:
@@ -724,7 +719,7 @@ def test_a_client_that_leaves_while_its_request_waits_frees_it_at_the_next_keep_
 
 
 def test_a_router_without_decode_workers_is_alive_but_not_ready(env):
-    empty = env.settings.model_copy(update={"http_port": _free_port(),
+    empty = env.settings.model_copy(update={"http_port": FREE_PORT,
                                             "cluster_name": f"empty{uuid.uuid4().hex[:6]}"})  # fmt: skip
     server = RouterServer(empty)
     env.loop.run(server.start())
