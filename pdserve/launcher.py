@@ -20,6 +20,9 @@ the check here and the service's bind stops the start with an error naming both.
 which cannot report a port, is given one picked here, and started again on another if it
 exits at once. Prefill workers start once the kvstore listens: they are told its address.
 ``--prefill 0`` is the colocated mode: decode workers prefill locally.
+
+Signals: SIGTERM and SIGINT both stop the stack; one that arrives while it is stopping is
+ignored, so the teardown always completes and the exit code is 0.
 """
 
 from __future__ import annotations
@@ -577,42 +580,75 @@ def _echo(line: str) -> None:
     print(line, flush=True)
 
 
+class _StopSignals:
+    """SIGTERM and SIGINT (Ctrl-C) stop ``pdserve up``, in a ``with`` block.
+
+    The first one interrupts the launcher where it is (start-up, demo, serve loop) with
+    KeyboardInterrupt. From then on, and from ``stopping = True`` (the teardown has begun),
+    they are ignored: one raised inside the teardown would cut it short, leave children
+    running and end the launcher on the interrupt instead of with 0 (a SIGINT was Python's
+    KeyboardInterrupt anywhere, a second SIGTERM raised again). After a stop signal they stay
+    ignored on leaving the block (the process is exiting, its stack stopped); otherwise the
+    previous handlers come back."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.signalled = False
+        self._previous: dict[int, object] = {}
+
+    def _on_signal(self, _signum: int, _frame: object) -> None:
+        self.signalled = True
+        if not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _StopSignals:
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_IGN if self.signalled else handler)
+
+
 def up(config: StackConfig, *, demo: bool = False, echo=_echo) -> int:
-    """Run the stack in the foreground until Ctrl-C or SIGTERM. Returns an exit code."""
-    stop_signal: list[int] = []
-
-    def on_signal(signum, _frame):
-        stop_signal.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    """Run the stack in the foreground until SIGTERM or Ctrl-C. Returns an exit code: 0 when
+    a signal stopped it (every child stopped), 1 when it could not start."""
     stack = Stack(config)
-    try:
-        echo(f"starting pdserve (logs in {stack.log_dir}) ...")
-        stack.start()
-        for name, value in stack.endpoints().items():
-            echo(f"  {name:<10} {value}")
-        echo(f"  {'cpus':<10} {cpu_layout.describe(stack.cpu_layout)}")
-        echo("ready")
-        if demo:
-            try:
-                run_demo(stack.grpc_address, echo, stack.pki.ca_file if stack.pki else None)
-            except Exception as exc:  # the demo is a courtesy; the stack keeps serving
-                echo(f"demo request failed: {exc}")
-        reported: set[str] = set()
-        while True:
-            time.sleep(0.5)
-            for child in stack.children:
-                if child.proc.poll() is not None and child.name not in reported:
-                    reported.add(child.name)
-                    echo(f"warning: {child.name} exited with {child.proc.returncode} "
-                         f"(log: {child.log_path})")  # fmt: skip
-    except KeyboardInterrupt:
-        echo("stopping ...")
-        return 0
-    except RuntimeError as exc:
-        echo(f"error: {exc}")
-        return 1
-    finally:
-        stack.stop()
-        signal.signal(signal.SIGTERM, previous)
+    with _StopSignals() as signals:
+        try:
+            echo(f"starting pdserve (logs in {stack.log_dir}) ...")
+            stack.start()
+            for name, value in stack.endpoints().items():
+                echo(f"  {name:<10} {value}")
+            echo(f"  {'cpus':<10} {cpu_layout.describe(stack.cpu_layout)}")
+            echo("ready")
+            if demo:
+                try:
+                    run_demo(stack.grpc_address, echo, stack.pki.ca_file if stack.pki else None)
+                except Exception as exc:  # the demo is a courtesy; the stack keeps serving
+                    echo(f"demo request failed: {exc}")
+            _serve(stack, echo)
+        except KeyboardInterrupt:
+            echo("stopping ...")
+            return 0
+        except RuntimeError as exc:
+            echo(f"error: {exc}")
+            return 1
+        finally:
+            signals.stopping = True
+            stack.stop()
+
+
+def _serve(stack: Stack, echo) -> None:
+    """Until interrupted: report a child that exits (it is not restarted)."""
+    reported: set[str] = set()
+    while True:
+        time.sleep(0.5)
+        for child in stack.children:
+            if child.proc.poll() is not None and child.name not in reported:
+                reported.add(child.name)
+                echo(f"warning: {child.name} exited with {child.proc.returncode} "
+                     f"(log: {child.log_path})")  # fmt: skip
