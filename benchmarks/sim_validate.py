@@ -18,7 +18,7 @@ Loads: by default two fractions of what one worker serves one request at a time 
 from the profile: a mean prompt's prefill plus its decode steps), so the rates follow the
 machine; --rates gives them in requests/s instead.
 
-    .venv/bin/python benchmarks/sim_validate.py            # the full run (about 30 minutes on 2 cores)
+    .venv/bin/python benchmarks/sim_validate.py            # the full run (about 20 minutes on 2 cores)
     .venv/bin/python benchmarks/sim_validate.py --quick    # 12 requests a run (about 7 minutes)
 
 Run it on a quiet machine: another process on the same cores slows the live runs and not the

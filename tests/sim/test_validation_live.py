@@ -1,8 +1,9 @@
 """benchmarks/sim_validate.py, small: keeps the live-vs-simulated validation from rotting.
 
-The script itself runs, colocated only: a quick profile calibrated from the decode worker's
-own step log (``pdserve profile --quick --step-log``: calibration traffic through the stack,
-then the fit of the steps the worker logged; dispatch through the stack), then four requests
+The script itself runs, colocated only: a quick profile calibrated on a stack of its own from
+the decode worker's step log (``pdserve profile --quick --step-log``: calibration traffic
+through that stack, then the fit of the steps the worker logged; dispatch through the stack),
+then, on the stack ``pdserve up`` runs, four requests
 live with ``pdserve bench``'s replay at each of two light loads it derives from the profile,
 each simulated with that profile from the state the stack had learned when the run started.
 The full benchmark holds the 15 % target; on a shared CI machine this small run only checks
@@ -41,6 +42,8 @@ def test_sim_validate_quick_runs_and_agrees_roughly(tmp_path, capsys):
     fit = json.loads((tmp_path / "profile.json").read_text())["step_fit"]
     assert fit["source"] == "worker step logs" and fit["num_steps"] > 20, fit
     assert fit["contention_factor"] == 1.0  # one worker: nothing to contend with
+    assert fit["max_fitted_tokens"] > 64  # the calibration stack's decode worker is not capped
+    assert (tmp_path / "steps" / "calibration-decode.jsonl").stat().st_size > 0
     for r in rows:
         live = json.loads((tmp_path / f"bench-colocated-{r['rate']}.json").read_text())
         sim = json.loads((tmp_path / f"sim-colocated-{r['rate']}.json").read_text())
