@@ -588,6 +588,8 @@ class Simulator:
         holds, reserve pool blocks for the rest (as many as fit; the rest is recomputed).
         With the overlapped handoff it opens when the router calls Decode with Prefill, so the
         reservation holds blocks while the prompt is prefilled; otherwise when the KV lands."""
+        if rep.stretch is not None:
+            self._hold_stretch_blocks(rep, t)
         bm, keys, first = rep.bm, flight.keys, 0
         while (
             first < keys.num_blocks and bm.lookup(keys.chain[first], keys.tokens[first]) is not None
@@ -707,6 +709,18 @@ class Simulator:
             stretch.num_steps = keep
             rep.version += 1
             self._push(stretch.end_times_s[keep - 1], self._end_stretch, rep, rep.version)
+
+    def _hold_stretch_blocks(self, rep: _Replica, t: float) -> None:
+        """Blocks are about to leave the pool mid-stretch (a KV load's reservation): end the
+        stretch with the step in flight at ``t`` and give its sequences the blocks of the steps
+        kept now, as the engine holds a step's blocks from when it scheduled the step. (The
+        stretch was sized to the free blocks when it started.)"""
+        self._cut_stretch(rep, t)
+        stretch, bm = rep.stretch, rep.bm
+        room = stretch.num_steps
+        for seq in stretch.seqs:
+            if seq.num_computed_tokens + room > len(seq.block_table) * bm.block_size:
+                bm.grow(seq, room)
 
     def _end_stretch(self, t: float, rep: _Replica, version: int) -> None:
         if version != rep.version:

@@ -246,6 +246,27 @@ def test_overlapped_handoff_reserves_decode_blocks_while_the_prompt_prefills(ove
     sim.decode[0].bm.check_invariants()
 
 
+def test_a_kv_load_reserving_blocks_mid_stretch_leaves_the_stretch_its_blocks():
+    """A decoding sequence fast-forwards over steps that will need new blocks; meanwhile the
+    overlapped handoff of a long prompt reserves most of the pool for its KV. The engine
+    holds the blocks of the steps it has scheduled, and the reservation takes from the rest:
+    the stretch used to count on blocks the reservation had taken and failed to grow
+    (IndexError), as ``sim_identity``'s small-pool setup did."""
+    config = SimConfig(1, 1, threshold_tokens=128, overlap_handoff=True, **T)
+    workload = [Request(0.0, 16, 60), Request(0.1, 960, 4)]
+    sim = Simulator(workload, config, LINEAR)
+    res = sim.run()
+    assert [r["route"] for r in res["requests"]] == ["local", "disaggregated"]
+    assert res["num_failed"] == 0
+    assert [r["num_output_tokens"] for r in res["requests"]] == [60, 4]
+    sim.decode[0].bm.check_invariants()
+    assert sim.decode[0].bm.num_free_blocks == LINEAR.limits.num_kv_blocks
+    stepped = simulate(workload, replace(config, fast_forward=False), LINEAR)
+    for a, b in zip(stepped["requests"], res["requests"], strict=True):
+        assert (a["route"], a["num_output_tokens"]) == (b["route"], b["num_output_tokens"])
+        assert (a["ttft_s"], a["e2e_s"]) == pytest.approx((b["ttft_s"], b["e2e_s"]), abs=1e-9)
+
+
 def test_link_is_pipelined_with_prefill():
     link = Link(0.001, 1e9, 1000.0, 10)
     # Compute-bound: only the last layer's 1/10 is left after a 1 s prefill.
