@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from pdserve import launcher
+from pdserve.config import advertised_address
 from pdserve.launcher import HOST, Stack, StackConfig
 
 pytestmark = [pytest.mark.timeout(600)]
@@ -74,6 +75,12 @@ def thief(monkeypatch):
     monkeypatch.setattr(launcher, "socket", stealing)
     yield stealing
     stealing.give_back()
+
+
+def test_an_advertised_address_with_port_0_names_the_port_bound():
+    assert advertised_address("127.0.0.1:0", "node", 41234) == "127.0.0.1:41234"
+    assert advertised_address("prefill:50061", "node", 41234) == "prefill:50061"
+    assert advertised_address(None, "node", 41234) == "node:41234"
 
 
 @pytest.mark.slow
