@@ -13,13 +13,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from pdserve import port_file
 from pdserve._proto.pdserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 from pdserve.kv.blocks import Tier, checksum
 from pdserve.kv.errors import BlockExistsError, InvalidBlockError
 from pdserve.kv.grpc_transport import GrpcTransport, SharedMemoryTransport
 from pdserve.kv.metadata import RedisLayout, WorkerRegistry, connect
 from services.kvstore.server import KVStoreServer
-from tests.conftest import free_port
 from tests.kvstore.helpers import BLOCK, key, open_transport, payload, running_server, settings
 
 BIG = 737_280  # SmolLM2-135M block
@@ -243,7 +243,7 @@ def test_whole_block_messages_on_several_streams_arrive_in_place(tmp_path, redis
 
 
 def test_sigterm_flushes_and_deregisters(tmp_path, redis_url, cluster_name):
-    port = free_port()
+    ports_file = tmp_path / "ports.json"  # the kvstore binds a free port and reports it here
     env = dict(
         os.environ,
         PDSERVE_REDIS_URL=redis_url,
@@ -254,9 +254,10 @@ def test_sigterm_flushes_and_deregisters(tmp_path, redis_url, cluster_name):
         PDSERVE_KVSTORE_BLOCK_SIZE_BYTES=str(BLOCK),
         PDSERVE_KVSTORE_SHM_DIR=str(tmp_path),
         PDSERVE_KVSTORE_HTTP_PORT="0",
+        PDSERVE_PORT_FILE=str(ports_file),
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.kvstore", "--grpc-port", str(port)],
+        [sys.executable, "-m", "services.kvstore", "--grpc-port", "0"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -265,10 +266,10 @@ def test_sigterm_flushes_and_deregisters(tmp_path, redis_url, cluster_name):
     registry = WorkerRegistry(client, layout, ttl_s=10)
     try:
         deadline = time.monotonic() + 20
-        while not registry.workers("kvstore"):
+        while not registry.workers("kvstore") or not (ports := port_file.read(ports_file)):
             assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
             time.sleep(0.05)
-        kv = GrpcTransport(f"127.0.0.1:{port}")
+        kv = GrpcTransport(f"127.0.0.1:{ports['grpc_port']}")
         kv.put_blocks([(key(1), payload(1))])
         kv.close()
         proc.send_signal(signal.SIGTERM)

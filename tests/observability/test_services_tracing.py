@@ -29,9 +29,9 @@ from pdserve._proto.pdserve.v1 import (
     prefill_pb2_grpc,
 )
 from pdserve.grpc_tracing import traced_channel
+from pdserve.port_file import FREE_PORT
 from pdserve.span_file import read_spans
 from pdserve.telemetry import Attr, Event, get_tracer
-from tests.conftest import free_port
 from tests.observability.test_telemetry import socket_closed_port
 from tests.serving.conftest import BLOCK_BYTES
 
@@ -88,9 +88,10 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(make_kvstore, make_prefill, make_decode):
-    kvstore = make_kvstore(http_port=free_port())
-    prefill = make_prefill(f"127.0.0.1:{kvstore.port}", http_port=free_port())
-    decode = make_decode(http_port=free_port())
+    # Each binds a free metrics port of its own (read back in metrics_ports).
+    kvstore = make_kvstore(http_port=FREE_PORT)
+    prefill = make_prefill(f"127.0.0.1:{kvstore.port}", http_port=FREE_PORT)
+    decode = make_decode(http_port=FREE_PORT)
     s = Stack(kvstore, prefill, decode)
     yield s
     s.close()
