@@ -194,11 +194,13 @@ class LlamaModel:
 
         linears = linears or _dense_linears(config, w)
         self.lm_head = linears[HEAD]
-        if config.tie_word_embeddings and isinstance(self.lm_head, (DenseLinear, Int8Linear)):
-            self._embed = self._tied_rows
-        else:
-            table = w("model.embed_tokens.weight")
-            self._embed = lambda ids: F.embedding(ids, table)
+        # None: the embedding rows are the tied head's. (Not a bound method kept on self: that
+        # cycle kept a dropped model's weights until the cyclic collector ran.)
+        self._embed_table = (
+            None
+            if config.tie_word_embeddings and isinstance(self.lm_head, (DenseLinear, Int8Linear))
+            else w("model.embed_tokens.weight")
+        )
         self.norm = w("model.norm.weight")
         self.layers = []
         for i in range(config.num_layers):
@@ -219,7 +221,9 @@ class LlamaModel:
         )
         self._decode_stack = _decode_stack(self, backend)
 
-    def _tied_rows(self, ids: torch.Tensor) -> torch.Tensor:
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._embed_table is not None:
+            return F.embedding(ids, self._embed_table)
         if isinstance(self.lm_head, Int8Linear):
             return self.lm_head.rows(ids, self.dtype)
         return F.embedding(ids, self.lm_head.weight)
