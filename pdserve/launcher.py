@@ -341,19 +341,20 @@ class Stack:
         )  # fmt: skip
 
     def _wait_redis(self, child: Child) -> None:
+        """Until the Redis answering on the port is this child: another Redis that took the
+        port first would answer too, while the child exits at once."""
         import redis
 
         client = redis.Redis.from_url(self.redis_url, socket_timeout=0.5)
         deadline = time.monotonic() + 15
         while True:
-            try:
-                client.ping()
-                return
-            except redis.RedisError:
-                self._check_alive(child)
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
+            with contextlib.suppress(redis.RedisError):
+                if client.info("server")["process_id"] == child.proc.pid:
+                    return
+            self._check_alive(child)
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
 
     def _check_alive(self, child: Child) -> None:
         if child.proc.poll() is None:

@@ -134,3 +134,21 @@ def test_redis_is_started_again_on_another_port_when_its_port_is_taken(tmp_path,
             assert redis.Redis.from_url(stack.redis_url).ping()
     finally:
         thief.give_back()
+
+
+@pytest.mark.slow
+def test_redis_is_started_again_when_another_redis_took_its_port(tmp_path, monkeypatch,
+                                                                  redis_server):  # fmt: skip
+    """Another Redis answering on the picked port is not the stack's: the launcher's own
+    exits at once (the port is in use) and is started again on another port."""
+    taken = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    picks = iter([taken])
+    real_pick = launcher.pick_port
+    monkeypatch.setattr(launcher, "pick_port", lambda: next(picks, None) or real_pick())
+    config = StackConfig(num_prefill=0, num_decode=1, default_ports=False, env=STACK_ENV,
+                         log_dir=tmp_path, cluster_name="ports")  # fmt: skip
+    with Stack(config) as stack:
+        assert not stack.redis_url.startswith(f"redis://{HOST}:{taken}/")
+        assert redis.Redis.from_url(stack.redis_url).info("server")["process_id"] == (
+            stack.child("redis").proc.pid
+        )
