@@ -134,12 +134,11 @@ class ModelRunner:
         return block.cpu().view(torch.uint8).numpy().tobytes()
 
     def write_block(self, block_id: int, payload: bytes) -> None:
-        shape = self.kv_pool[:, :, block_id].shape
-        expected = self.kv_pool[:, :, block_id].numel() * self.kv_pool.element_size()
+        block = self.kv_pool[:, :, block_id]
+        expected = block.numel() * self.kv_pool.element_size()
         if len(payload) != expected:
             raise ValueError(f"KV block payload must be {expected} bytes, got {len(payload)}")
-        raw = torch.frombuffer(payload, dtype=torch.uint8)  # a view: only read, copied once below
-        self.kv_pool[:, :, block_id] = raw.view(self.dtype).view(shape).to(self.device)
+        self._copy_in(block, payload)
 
     def read_blocks(self, block_ids: SequenceABC[int]) -> list[bytes]:
         return [self.read_block(b) for b in block_ids]
@@ -157,12 +156,21 @@ class ModelRunner:
 
     def write_layer(self, layer: int, block_ids: SequenceABC[int], payloads) -> None:
         """The inverse of `read_layer`: one layer's slice of each block, from bytes."""
-        shape = self.kv_pool[layer, :, 0].shape  # [2, block_size, KVH, D]
         for block_id, payload in zip(block_ids, payloads, strict=True):
             if len(payload) != self.layer_nbytes:
                 raise ValueError(f"a layer slice is {self.layer_nbytes} bytes, got {len(payload)}")
-            raw = torch.frombuffer(payload, dtype=torch.uint8).view(self.dtype).view(shape)
-            self.kv_pool[layer, :, block_id] = raw.to(self.device)
+            self._copy_in(self.kv_pool[layer, :, block_id], payload)
+
+    def _copy_in(self, target: torch.Tensor, payload) -> None:
+        """Copy bytes laid out as ``target`` (a view into the pool) into it. On a CPU numpy
+        reads any buffer, a kvstore's read-only segment or ``bytes`` included, without a copy
+        (torch.frombuffer wants a writable one and warns otherwise)."""
+        if self.device.type == "cpu":
+            pool_bytes = target.view(torch.uint8).numpy()
+            np.copyto(pool_bytes, np.frombuffer(payload, dtype=np.uint8).reshape(pool_bytes.shape))
+            return
+        data = bytearray(payload) if memoryview(payload).readonly else payload
+        target.copy_(torch.frombuffer(data, dtype=torch.uint8).view(self.dtype).view(target.shape))
 
     def write_layers(self, layers: range, block_ids: SequenceABC[int], data) -> None:
         """Layers `layers` of each block in one copy: `data` holds, block after block, those

@@ -13,6 +13,10 @@ from pdserve.engine.llm_engine import kv_block_nbytes
 from pdserve.engine.sampler import SampledToken
 from pdserve.engine.sampling_params import SamplingParams
 
+# Payloads are read-only bytes (a kvstore's segment, or a copy): the pool is written from them
+# without torch.frombuffer's warning about a buffer it could write.
+pytestmark = pytest.mark.filterwarnings("error:The given buffer is not writable:UserWarning")
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6)
 
 
