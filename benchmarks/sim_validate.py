@@ -50,10 +50,7 @@ from pdserve.workload import result  # noqa: E402
 from pdserve.workload.bench import replay, target_for  # noqa: E402
 from pdserve.workload.format import load, save  # noqa: E402
 from pdserve.workload.generate import Lengths, synthetic  # noqa: E402
-from services.decode.settings import (  # noqa: E402
-    DISAGGREGATED_MAX_NUM_BATCHED_TOKENS,
-    DecodeSettings,
-)
+from services.decode.settings import DecodeSettings, stack_decode_budget  # noqa: E402
 from services.router.settings import RouterSettings  # noqa: E402
 
 # mode: (prefill workers, CPU pinning). Disaggregated first: its stack also calibrates the handoff.
@@ -192,10 +189,9 @@ def rates_for(loads: list[float], profile_path: Path) -> list[float]:
 def simulate(workload, mode: str, profile_path: Path, slo: result.Slo, learned: dict) -> dict:
     """The run simulated from the state the live stack had learned when it started."""
     num_prefill = MODES[mode][0]
-    # pdserve up's decode worker beside a prefill worker takes its capped step budget
-    decode_budget = DISAGGREGATED_MAX_NUM_BATCHED_TOKENS if num_prefill else None
     config = SimConfig(num_prefill, 1, slo, prefill_tokens_per_s=learned["prefill_tokens_per_s"],
-                       decode_max_num_batched_tokens=decode_budget, **STACK_ROUTER)  # fmt: skip
+                       decode_max_num_batched_tokens=stack_decode_budget(num_prefill),
+                       **STACK_ROUTER)  # fmt: skip
     sim = Simulator(workload, config, load_profile(profile_path))
     sim.start_from({wid: StepCosts.from_state(tuple(state))
                     for wid, state in learned["step_costs"].items() if state is not None})  # fmt: skip

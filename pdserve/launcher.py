@@ -47,7 +47,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdserve import cpu_layout, port_file
 from pdserve.port_file import FREE_PORT
 from pdserve.tls import ClusterPki, ClusterSecurity, make_cluster_pki
-from services.decode.settings import DISAGGREGATED_MAX_NUM_BATCHED_TOKENS
+from services.decode.settings import stack_decode_budget
 
 _PR_SET_PDEATHSIG = 1
 HOST = "127.0.0.1"
@@ -251,8 +251,8 @@ class Stack:
         of the cores) and, for a decode worker beside prefill workers, its step budget."""
         p = f"PDSERVE_{role.upper()}_"
         defaults = {f"{p}NUM_THREADS": str(self.cpu_layout[name].num_threads)}
-        if role == "decode" and self.config.num_prefill:
-            defaults[f"{p}MAX_NUM_BATCHED_TOKENS"] = str(DISAGGREGATED_MAX_NUM_BATCHED_TOKENS)
+        if role == "decode" and (budget := stack_decode_budget(self.config.num_prefill)):
+            defaults[f"{p}MAX_NUM_BATCHED_TOKENS"] = str(budget)
         if role == "prefill" and self._cores_of_their_own(name):
             defaults[f"{p}HANDOFF_LAYER_GROUPS"] = str(SEPARATE_CORES_LAYER_GROUPS)
         chosen = {k: v for k, v in defaults.items() if k not in os.environ and k not in env}

@@ -716,11 +716,8 @@ class Simulator:
         kept now, as the engine holds a step's blocks from when it scheduled the step. (The
         stretch was sized to the free blocks when it started.)"""
         self._cut_stretch(rep, t)
-        stretch, bm = rep.stretch, rep.bm
-        room = stretch.num_steps
-        for seq in stretch.seqs:
-            if seq.num_computed_tokens + room > len(seq.block_table) * bm.block_size:
-                bm.grow(seq, room)
+        for seq in rep.stretch.seqs:
+            rep.bm.grow(seq, rep.stretch.num_steps)
 
     def _end_stretch(self, t: float, rep: _Replica, version: int) -> None:
         if version != rep.version:

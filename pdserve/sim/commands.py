@@ -329,15 +329,15 @@ def sim(
     import time
 
     from pdserve.sim.cluster import SimConfig, Simulator
-    from services.decode.settings import DISAGGREGATED_MAX_NUM_BATCHED_TOKENS
+    from services.decode.settings import stack_decode_budget
 
     try:
         requests = _workload(workload_spec, time_scale, length_scale, rate, max_requests,
                              max_prompt_tokens)  # fmt: skip
         cost = _cost_model(profile_path, gpu, model, tp, max_num_seqs, max_num_batched_tokens)
         extra = {"staleness_s": staleness_s} if staleness_s is not None else {}
-        if decode_max_num_batched_tokens is None and profile_path is not None and prefill:
-            decode_max_num_batched_tokens = DISAGGREGATED_MAX_NUM_BATCHED_TOKENS
+        if decode_max_num_batched_tokens is None and profile_path is not None:
+            decode_max_num_batched_tokens = stack_decode_budget(prefill)
         config = SimConfig(prefill, decode, results.Slo(slo_ttft_s, slo_tpot_s),
                            fast_forward=fast_forward, overlap_handoff=overlap_handoff,
                            decode_max_num_batched_tokens=decode_max_num_batched_tokens,

@@ -19,6 +19,12 @@ from pdserve.config import WorkerSettings
 DISAGGREGATED_MAX_NUM_BATCHED_TOKENS = 64
 
 
+def stack_decode_budget(num_prefill_workers: int) -> int | None:
+    """The token budget `pdserve up` gives a decode worker: the cap beside prefill workers,
+    None (the engine's own) in a colocated stack."""
+    return DISAGGREGATED_MAX_NUM_BATCHED_TOKENS if num_prefill_workers else None
+
+
 class DecodeSettings(WorkerSettings):
     """``python -m services.decode``: continuous batching fed by KV blocks from the kvstores."""
 

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.launcher import (
-    DISAGGREGATED_MAX_NUM_BATCHED_TOKENS,
-    SEPARATE_CORES_LAYER_GROUPS,
-    Stack,
-    StackConfig,
-)
+from pdserve.launcher import SEPARATE_CORES_LAYER_GROUPS, Stack, StackConfig
+from services.decode.settings import DISAGGREGATED_MAX_NUM_BATCHED_TOKENS
 
 CAP = "PDSERVE_DECODE_MAX_NUM_BATCHED_TOKENS"
 
